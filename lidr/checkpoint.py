@@ -1,0 +1,157 @@
+"""HF checkpoint folders, the one currency of lidr: load them into `Llama`, and write them back.
+
+    from lidr.checkpoint import load, save
+    model, tokenizer = load("Meta-Llama-3-8B-Instruct", device="cuda", dtype=torch.bfloat16)
+    save("out/M1", model.cfg, model.state_dict(), tokenizer_from="Meta-Llama-3-8B-Instruct")
+
+A folder holds config.json, model.safetensors (or model-0000i-of-0000n.safetensors shards with
+model.safetensors.index.json) and the tokenizer files. Loading builds the model on the meta
+device and fills it tensor by tensor, shard by shard, straight into the requested dtype and
+device: the weights exist once (an 8B model loads in about 16 GB of host memory in bf16).
+Every tensor is checked: a missing, unexpected or misshapen one, or a shard the index names but
+the folder lacks, stops the load with the file and tensor named. What `save` writes, transformers'
+`LlamaForCausalLM.from_pretrained` reads, and so does `load`.
+
+How this departs from transformers: no remote code, no hub, no quantized or pickled (.bin)
+weights; a checkpoint must be safetensors.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lidr.model import Llama, LlamaConfig, rope_inv_freq
+from lidr.tokenizer import Tokenizer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def read_config(folder: str | os.PathLike) -> LlamaConfig:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; is {folder} an HF checkpoint folder?")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return LlamaConfig.from_hf(hf, source=str(path))
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a folder: the shards its index names, or model.safetensors."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that are not in the folder: {', '.join(missing)}")
+        return [folder / n for n in names]
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    raise FileNotFoundError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+
+
+def load_model(folder, device="cpu", dtype=torch.float32) -> Llama:
+    cfg = read_config(folder)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied weight once
+    loaded = set()
+    for file in weight_files(folder):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = key.removeprefix("model.")
+                if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints carry
+                    continue
+                if cfg.tie_embeddings and name == "lm_head.weight":
+                    continue  # tied: the output matrix is the embedding
+                if name not in expected:
+                    raise ValueError(f"{file}: unexpected tensor {key!r} for this config")
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != expected[name]:
+                    raise ValueError(f"{file}: tensor {key!r} has shape {shape}, the config implies {expected[name]}")
+                _set_tensor(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
+                loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{folder}: checkpoint lacks tensor(s) {shown}")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+def load(folder, device="cpu", dtype=torch.float32, chat_format: str | None = None):
+    """(model, tokenizer) from an HF folder; the tokenizer must fit the model's embedding."""
+    tokenizer = Tokenizer.from_folder(folder, chat_format=chat_format)
+    cfg = read_config(folder)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"{Path(folder) / 'tokenizer.json'}: {tokenizer.vocab_size} tokens do not fit the model's "
+            f"embedding (embed_tokens.weight has {cfg.vocab_size} rows); tokenizer and weights do not match"
+        )
+    return load_model(folder, device, dtype), tokenizer
+
+
+def save(out_dir, cfg: LlamaConfig, state_dict: dict, tokenizer_from=None, max_shard_bytes=DEFAULT_SHARD_BYTES):
+    """Write an HF folder atomically: config.json, safetensors (sharded above max_shard_bytes), tokenizer files.
+
+    state_dict uses lidr's names (those of `Llama.state_dict()`); a tied lm_head is not written.
+    The folder appears complete or not at all: it is built beside out_dir and renamed into place.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {}
+    for name, t in state_dict.items():
+        if cfg.tie_embeddings and name == "lm_head.weight":
+            continue
+        hf_name = name if name == "lm_head.weight" else "model." + name
+        tensors[hf_name] = t.detach().to("cpu").contiguous()
+    shards, sizes = [[]], [0]
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            shards.append([])
+            sizes.append(0)
+        shards[-1].append(name)
+        sizes[-1] += nbytes
+    if len(shards) == 1:
+        save_file(tensors, tmp / SINGLE_FILE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: tensors[n] for n in names}, tmp / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, file))
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    dtype = next(iter(tensors.values())).dtype
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copy2(Path(tokenizer_from) / name, tmp / name)
+    old = out_dir.with_name(out_dir.name + f".old{os.getpid()}")
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,274 @@
+"""The Llama model: one implementation for Llama 3, 3.1, 3.2 and any HF `LlamaForCausalLM` config.
+
+    from lidr.checkpoint import load
+    model, tokenizer = load("path/to/hf_folder", device="cpu", dtype=torch.float32)
+    logits = model(tokens)                       # LongTensor [B, T] -> logits [B, T, vocab]
+
+Covers: grouped-query attention (n_kv_heads < n_heads), RoPE with θ from the config, Llama 3.1's
+`rope_scaling` of type "llama3", tied input/output embeddings (Llama 3.2 1B/3B, SmolLM2), RMSNorm,
+SwiGLU. Parameter names are HF's without the leading "model." (`layers.3.self_attn.q_proj.weight`),
+so a checkpoint maps onto the model with no renaming table.
+
+How this departs from the reference (transformers' LlamaForCausalLM):
+- RoPE uses HF's rotate-half layout directly (no q/k permutation when loading), and cos/sin are
+  computed from the positions in fp32 at every call instead of from a cached table: exact for any
+  position, and no 128k-row buffer for Llama 3.1.
+- Without explicit positions, a padded batch gets positions counted from each row's first real
+  token (left padding works as in `generate`); HF's plain forward counts from the first column.
+- Padding queries attend to themselves so that a fully padded row never turns into NaN; their
+  outputs are meaningless and must be ignored by the caller (the loss masks them).
+- No dropout, no attention/MLP biases, no `pretraining_tp`: configs that ask for them are refused.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional: used on CUDA for unpadded bf16/fp16 batches when the package is importable
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    dim: int  # hidden_size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int  # intermediate_size
+    head_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None  # Llama 3.1: {"rope_type": "llama3", "factor": 8.0, ...}
+    max_seq_len: int = 8192  # max_position_embeddings
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "LlamaConfig":
+        """Read an HF LlamaForCausalLM config dict (transformers 4 or 5 layout)."""
+        if hf.get("model_type", "llama") != "llama":
+            raise ValueError(f"{source}: model_type is {hf['model_type']!r}; lidr runs Llama models only")
+        for key, allowed in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if hf.get(key, allowed) != allowed:
+                raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (lidr expects {allowed!r})")
+        if hf.get("pretraining_tp", 1) != 1:
+            raise ValueError(f"{source}: pretraining_tp={hf['pretraining_tp']} is not supported")
+        # transformers 5 folds rope_theta and rope_scaling into one `rope_parameters` dict
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = rope if rope.get("rope_type", "default") != "default" else hf.get("rope_scaling")
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling.setdefault("rope_type", scaling.pop("type", None))
+            if scaling["rope_type"] == "default":
+                scaling = None
+            elif scaling["rope_type"] != "llama3":
+                raise ValueError(f"{source}: rope scaling {scaling['rope_type']!r} is not supported (only 'llama3')")
+        n_heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            ffn_dim=hf["intermediate_size"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_seq_len=hf.get("max_position_embeddings", 8192),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+
+    def to_hf(self, dtype: torch.dtype) -> dict:
+        """The config.json that transformers' LlamaForCausalLM (v4 and v5) reads."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "intermediate_size": self.ffn_dim,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+
+
+# -----------------------------------------------------------------------------
+# rotary position embedding
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """θ^(-2i/d) for i < d/2 in fp32 (as the reference computes it), with Llama 3.1's frequency-dependent rescaling when configured."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    s = cfg.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths (low frequencies) are slowed down by `factor`, short ones kept,
+    # and the band in between interpolated smoothly
+    smooth = (old_len / wavelen - low) / (high - low)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    in_band = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(in_band, interpolated, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape [B, T, head_dim] for integer positions [B, T], computed in fp32."""
+    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, H, T, D]: pairs (i, i + D/2) rotate together (HF's layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+# -----------------------------------------------------------------------------
+# blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # normalise in fp32, as the reference does for bf16 models
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # (a KV cache would append k, v here and return the cached keys and values)
+        if mask is None and flash_attn_func is not None and x.is_cuda and x.dtype != torch.float32:
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            return self.o_proj(y.reshape(B, T, -1))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def init_weights(self, std: float = 0.02):
+        """Random weights (tests, benchmarks) and the rope buffer after building on the meta device."""
+        self.inv_freq = rope_inv_freq(self.cfg).to(self.embed_tokens.weight.device)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def forward(self, tokens, positions=None, attention_mask=None, return_hidden=False):
+        """tokens [B, T] -> logits [B, T, vocab] (or the final normed hidden states [B, T, dim]).
+
+        attention_mask: optional [B, T], 1/True for real tokens and 0/False for padding (left or
+        right). positions: optional [B, T]; by default counted from each row's first real token.
+        """
+        B, T = tokens.shape
+        mask = None
+        if attention_mask is not None:
+            real = attention_mask.bool()
+            if positions is None:
+                positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            eye = torch.eye(T, dtype=torch.bool, device=tokens.device)
+            mask = (causal & real[:, None, :]) | eye  # [B, T(query), T(key)]
+            mask = mask[:, None]  # broadcast over heads
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied weight counts once
