@@ -52,7 +52,7 @@ def make_tiny_checkpoint(folder: Path, variant: str = "llama3", seed: int = 0, *
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**TINY, **VARIANTS[variant])).float()
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **VARIANTS[variant]})).float()
     model.save_pretrained(folder, **save_kwargs)
     shutil.copy(llama3_tokenizer_json(), folder / "tokenizer.json")
     (folder / "tokenizer_config.json").write_text(json.dumps({

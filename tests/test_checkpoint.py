@@ -1,0 +1,136 @@
+"""Loading and saving HF folders: sharded and single-file, round trips, and broken checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import make_tiny_checkpoint
+from safetensors.torch import load_file, save_file
+
+from lidr.checkpoint import INDEX_FILE, SINGLE_FILE, load, load_model, save
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A tiny Llama 3 saved by transformers, once as one file and once in several shards."""
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("ckpt")
+    single = make_tiny_checkpoint(root / "single", "llama3")
+    sharded = make_tiny_checkpoint(root / "sharded", "llama3", max_shard_size="8MB")
+    return single, sharded, LlamaForCausalLM.from_pretrained(single, dtype=torch.float32).eval()
+
+
+TOKENS = torch.randint(0, 128256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_single_and_sharded_folders_load_to_transformers_logits(reference):
+    single, sharded, ref = reference
+    assert (sharded / INDEX_FILE).is_file() and not (sharded / SINGLE_FILE).exists()
+    expected = ref(TOKENS).logits
+    for folder in (single, sharded):
+        model, tokenizer = load(folder)
+        assert torch.allclose(model(TOKENS), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+        assert tokenizer.chat_format == "llama3"
+
+
+@pytest.mark.parametrize("max_shard_bytes", [2**40, 3 * 2**20])
+@torch.no_grad()
+def test_save_load_round_trip_is_bit_identical_and_transformers_reads_it(reference, tmp_path, max_shard_bytes):
+    from transformers import LlamaForCausalLM
+
+    single, _, _ = reference
+    model = load_model(single)
+    out = tmp_path / "saved"
+    save(out, model.cfg, model.state_dict(), tokenizer_from=single, max_shard_bytes=max_shard_bytes)
+    assert (out / INDEX_FILE).is_file() == (max_shard_bytes < 2**40)
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    again = load_model(out)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    theirs = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.equal(theirs(TOKENS).logits, LlamaForCausalLM.from_pretrained(single).eval()(TOKENS).logits)
+
+
+def test_save_replaces_an_existing_folder_whole(reference, tmp_path):
+    single, _, _ = reference
+    model = load_model(single)
+    out = tmp_path / "saved"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older save")
+    save(out, model.cfg, model.state_dict())
+    assert not (out / "stale.txt").exists() and (out / SINGLE_FILE).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temporary folders left behind
+
+
+def test_load_in_bfloat16(reference):
+    single, _, _ = reference
+    model = load_model(single, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.inv_freq.dtype == torch.float32  # rope angles stay fp32
+
+
+# -----------------------------------------------------------------------------
+# broken checkpoints fail loudly, naming the file and the tensor
+
+
+@pytest.fixture
+def broken(reference, tmp_path):
+    single, sharded, _ = reference
+    return shutil.copytree(single, tmp_path / "single"), shutil.copytree(sharded, tmp_path / "sharded")
+
+
+def rewrite(folder, edit):
+    tensors = load_file(folder / SINGLE_FILE)
+    edit(tensors)
+    save_file(tensors, folder / SINGLE_FILE, metadata={"format": "pt"})
+
+
+def test_missing_tensor(broken):
+    folder, _ = broken
+    rewrite(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"lacks tensor\(s\) layers\.1\.mlp\.up_proj\.weight"):
+        load_model(folder)
+
+
+def test_misshapen_tensor(broken):
+    folder, _ = broken
+    rewrite(folder, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)}))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
+                                         r"has shape \(64, 64\), the config implies \(32, 64\)"):
+        load_model(folder)
+
+
+def test_unexpected_tensor(broken):
+    folder, _ = broken
+    rewrite(folder, lambda t: t.update({"model.layers.7.mlp.up_proj.weight": torch.zeros(1)}))
+    with pytest.raises(ValueError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.7\.mlp\.up_proj\.weight'"):
+        load_model(folder)
+
+
+def test_shard_listed_in_index_but_absent(broken):
+    _, folder = broken
+    shard = json.loads((folder / INDEX_FILE).read_text())["weight_map"]["model.norm.weight"]
+    (folder / shard).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{INDEX_FILE} names shard\(s\) that are not in the folder: {shard}"):
+        load_model(folder)
+
+
+def test_tokenizer_larger_than_embedding(broken):
+    folder, _ = broken
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = 1000
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tokenizer\.json: 128256 tokens do not fit .*embed_tokens\.weight has 1000 rows"):
+        load(folder)
+
+
+def test_unsupported_config_is_refused(broken):
+    folder, _ = broken
+    config = json.loads((folder / "config.json").read_text())
+    config["attention_bias"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: attention_bias=True is not supported"):
+        load_model(folder)
