@@ -1,0 +1,31 @@
+"""The languages lidr knows: ISO 639-1 code -> the English name that prompts use.
+
+    from lidr.languages import language_name
+    language_name("sw")   # "Swahili", as in "Please answer in Swahili."
+
+The table covers every language of the paper's data (AlpaGasus prompts, X-AlpacaEval, MGSM,
+translated GSM8K). A code outside it is an error that names the known codes.
+"""
+
+LANGUAGES = {
+    "en": "English",
+    "es": "Spanish",
+    "ru": "Russian",
+    "de": "German",
+    "fr": "French",
+    "it": "Italian",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "zh": "Chinese",
+    "th": "Thai",
+    "ar": "Arabic",
+    "bn": "Bengali",
+    "sw": "Swahili",
+    "te": "Telugu",
+}
+
+
+def language_name(code: str) -> str:
+    if code not in LANGUAGES:
+        raise ValueError(f"unknown language code {code!r}; known: {', '.join(sorted(LANGUAGES))}")
+    return LANGUAGES[code]
