@@ -1,0 +1,128 @@
+"""The translation parser and the LIDR pair builder on Llama-3-8B-Instruct's real outputs."""
+
+import json
+
+import pytest
+from conftest import shared_data
+
+from lidr.pairs import PairOptions, build_from_dir, build_pairs, read_translation_task_ids
+from lidr.translation import CLOSING_TAG, PREFILL, parse_translation, translation_prompt
+
+
+@pytest.fixture(scope="module")
+def real():
+    """English answers, their French self-translations (78 failed) and the translation-task ids."""
+    folder = shared_data("llama3-8b-instruct-m0")
+    english = [json.loads(line) for line in open(folder / "generate_en.jsonl")]
+    to_fr = [json.loads(line) for line in open(folder / "translate_en_to_fr.jsonl")]
+    french_prompts = [json.loads(line) for line in open(shared_data("alpagasus", "id_0_1000", "fr.jsonl"))]
+    task_ids = read_translation_task_ids(shared_data("alpagasus", "translation_task_ids.jsonl"))
+    return english, to_fr, french_prompts, task_ids
+
+
+def test_parser_reads_real_translations_and_flags_unclosed_ones(real):
+    _, to_fr, _, _ = real
+    done = [r["en2fr_reponse"] for r in to_fr if r["en2fr_reponse"] != "Translation Error"]
+    assert len(done) == 922
+    for text in done[:200]:
+        assert parse_translation(text + "\n" + CLOSING_TAG) == (text.strip(), None)
+        assert parse_translation(text) == (None, "no </translated> before the reply ended")
+    assert parse_translation("\n  " + CLOSING_TAG) == (None, "empty translation")
+
+
+def test_prompt_is_the_papers_template():
+    assert translation_prompt("Hola.", "fr") == (
+        "Please translate the following sentences into French. The input sentences are wrapped by <sentence> and "
+        "</sentence>:\n\n<sentence>\nHola.\n</sentence>\n\nThe translated result should be wrapped by <translated> "
+        "and </translated>."
+    )
+    assert PREFILL == "<translated>\n"
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def test_pairs_from_real_english_answers_and_french_self_translations(real, tmp_path):
+    english, to_fr, french_prompts, task_ids = real
+    ids = [r["id"] for r in english]
+    failed_fr = {r["id"] for r in to_fr if r["en2fr_reponse"] == "Translation Error"}
+    # the other side (M0's own French answers and their English back-translations) is not in the
+    # released data: stand-ins, with 5 back-translations failed and 3 French answers equal to the
+    # English-to-French translation (identical pairs, to be dropped)
+    failed_back = set(ids[100:105])
+    identical = [i for i in ids if i not in failed_fr and i not in task_ids][:3]
+    translations = {r["id"]: r["en2fr_reponse"] for r in to_fr}
+    y_fr = {i: translations[i] if i in identical else f"Réponse du modèle en français ({i})." for i in ids}
+    write_jsonl(tmp_path / "generate" / "en.jsonl", english)
+    write_jsonl(tmp_path / "generate" / "fr.jsonl",
+                [{"id": p["id"], "instruction": p["instruction"], "response": y_fr[p["id"]]} for p in french_prompts])
+    write_jsonl(tmp_path / "translate" / "en-fr.jsonl", [{"id": r["id"], "translation": r["en2fr_reponse"]} for r in to_fr])
+    write_jsonl(tmp_path / "translate" / "fr-en.jsonl", [
+        {"id": i, "translation": None if i in failed_back else f"The model's answer in French ({i}).",
+         "translation_error": "no </translated> before the reply ended" if i in failed_back else None}
+        for i in ids
+    ])
+
+    pairs, report = build_from_dir(tmp_path, ["fr"], translation_task_ids=task_ids)
+
+    non_dominant = {p["id"]: p for p in pairs if p["direction"] == "non_dominant"}
+    dominant = {p["id"]: p for p in pairs if p["direction"] == "dominant"}
+    tasks_here = task_ids & set(ids)
+    # failed translations are skipped, except for translation tasks, whose chosen is y_en itself
+    expected_ids = set(ids) - (failed_fr - tasks_here) - set(identical)
+    assert set(non_dominant) == expected_ids
+    assert set(dominant) == set(ids) - failed_back
+    english_by_id = {r["id"]: r["response"] for r in english}
+    french_prompt_by_id = {p["id"]: p["instruction"] for p in french_prompts}
+    for i, p in non_dominant.items():
+        assert p["prompt"] == french_prompt_by_id[i] and p["rejected"] == y_fr[i] and p["lang"] == "fr"
+        assert p["chosen"] == (english_by_id[i] if i in tasks_here else translations[i])
+    for i, p in dominant.items():
+        assert (p["chosen"], p["rejected"], p["lang"], p["source_lang"]) == (
+            english_by_id[i], f"The model's answer in French ({i}).", "en", "fr")
+        assert p["prompt"] == next(r["instruction"] for r in english if r["id"] == i)
+
+    counts = report["per_language"]["fr"]
+    assert counts["non_dominant"] == len(expected_ids) and counts["dominant"] == 1000 - 5
+    assert counts["skipped"] == {
+        "non_dominant:translation_failed": len(failed_fr - tasks_here),
+        "non_dominant:chosen_equals_rejected": 3,
+        "dominant:translation_failed": 5,
+    }
+    assert counts["translation_task_kept_english"] == len(tasks_here)
+    assert report["pairs"] == len(pairs) == len(expected_ids) + 995
+    assert len(failed_fr) == 78 and len(tasks_here) > 0
+
+
+def test_dominant_pairs_from_every_language_or_one_sampled():
+    ids = [f"q{i}" for i in range(50)]
+    langs = ["es", "de", "fr"]
+    prompts = {lang: {i: f"{lang} prompt {i}" for i in ids} for lang in ["en", *langs]}
+    answers = {lang: {i: f"{lang} answer {i}" for i in ids} for lang in ["en", *langs]}
+    en_to = {lang: {i: f"en answer {i} in {lang}" for i in ids} for lang in langs}
+    to_en = {lang: {i: f"{lang} answer {i} in en" for i in ids} for lang in langs}
+
+    every, report = build_pairs(prompts, answers, en_to, to_en, set(), langs)
+    assert sum(p["direction"] == "dominant" for p in every) == 150
+    assert {p["source_lang"] for p in every if p["direction"] == "dominant"} == set(langs)
+    assert report["dominant_pairs"] == "all"
+
+    one, report = build_pairs(prompts, answers, en_to, to_en, set(), langs, PairOptions(dominant_pairs="one", seed=3))
+    dominant = [p for p in one if p["direction"] == "dominant"]
+    assert len(dominant) == 50 and len({p["id"] for p in dominant}) == 50
+    assert len({p["source_lang"] for p in dominant}) == 3  # sampled, not always the last language
+    assert sum(p["direction"] == "non_dominant" for p in one) == 150
+
+
+def test_language_check_drops_an_off_target_chosen_answer():
+    prompts = {"en": {"a": "Say hi", "b": "Say bye"}, "fr": {"a": "Dis bonjour", "b": "Dis au revoir"}}
+    answers = {"en": {"a": "Hi!", "b": "Bye!"}, "fr": {"a": "Salut", "b": "Au revoir"}}
+    en_to = {"fr": {"a": "Bonjour tout le monde", "b": "Goodbye everyone"}}  # b: "translated" into English
+    to_en = {"fr": {"a": "Hello", "b": "Goodbye"}}
+    detect = {"Bonjour tout le monde": "fr", "Goodbye everyone": "en", "Hi!": "en", "Bye!": "en"}.get
+    pairs, report = build_pairs(prompts, answers, en_to, to_en, set(), ["fr"], PairOptions(check_language=True),
+                                detect=detect)
+    assert [(p["id"], p["direction"]) for p in pairs] == [("a", "non_dominant"), ("a", "dominant"), ("b", "dominant")]
+    assert report["per_language"]["fr"]["skipped"] == {"non_dominant:chosen_off_target": 1}
