@@ -49,16 +49,17 @@ class PairOptions:
     seed: int = 0
 
 
-def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, options=PairOptions(), detect=None):
+def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, options=PairOptions(), off_target=None):
     """(pairs, report) from per-language dicts keyed by prompt id.
 
     prompts[lang][id], answers[lang][id]: texts (answers missing for ids M_t did not answer);
     en_to[l][id]: y_en translated into l, to_en[l][id]: y_l translated into English; a failed
-    translation is None. detect(text) -> language code, needed with options.check_language.
+    translation is None. off_target(text, lang) -> True/False/None (undetermined) is the language
+    check of options.check_language (default: lidr.langid.is_off_target).
     """
     en = options.dominant
-    if options.check_language and detect is None:
-        from lidr.langid import detect_language as detect
+    if options.check_language and off_target is None:
+        from lidr.langid import is_off_target as off_target
     skipped = defaultdict(Counter)  # language -> reason -> count
     made = defaultdict(Counter)  # language -> direction -> count
     rng = random.Random(options.seed)
@@ -73,7 +74,7 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
             reason = "too_short"
         elif options.max_chars and max(len(chosen), len(rejected)) > options.max_chars:
             reason = "too_long"
-        elif options.check_language and detect(chosen) != pair["lang"]:
+        elif options.check_language and off_target(chosen, pair["lang"]):
             reason = "chosen_off_target"
         if reason:
             skipped[lang][f"{pair['direction']}:{reason}"] += 1

@@ -117,12 +117,13 @@ def test_dominant_pairs_from_every_language_or_one_sampled():
 
 
 def test_language_check_drops_an_off_target_chosen_answer():
-    prompts = {"en": {"a": "Say hi", "b": "Say bye"}, "fr": {"a": "Dis bonjour", "b": "Dis au revoir"}}
-    answers = {"en": {"a": "Hi!", "b": "Bye!"}, "fr": {"a": "Salut", "b": "Au revoir"}}
-    en_to = {"fr": {"a": "Bonjour tout le monde", "b": "Goodbye everyone"}}  # b: "translated" into English
-    to_en = {"fr": {"a": "Hello", "b": "Goodbye"}}
-    detect = {"Bonjour tout le monde": "fr", "Goodbye everyone": "en", "Hi!": "en", "Bye!": "en"}.get
-    pairs, report = build_pairs(prompts, answers, en_to, to_en, set(), ["fr"], PairOptions(check_language=True),
-                                detect=detect)
+    """Real language identification (py3langid): a "translation" left in English is caught."""
+    prompts = {"en": {"a": "Say hello", "b": "Say goodbye"}, "fr": {"a": "Dis bonjour", "b": "Dis au revoir"}}
+    answers = {"en": {"a": "Hello to everyone in the room!", "b": "Goodbye and see you tomorrow, friends!"},
+               "fr": {"a": "Salut", "b": "Au revoir"}}
+    en_to = {"fr": {"a": "Bonjour à tout le monde dans la salle !",
+                    "b": "Goodbye and see you tomorrow, my friends!"}}  # b never left English
+    to_en = {"fr": {"a": "Hi", "b": "Goodbye"}}
+    pairs, report = build_pairs(prompts, answers, en_to, to_en, set(), ["fr"], PairOptions(check_language=True))
     assert [(p["id"], p["direction"]) for p in pairs] == [("a", "non_dominant"), ("a", "dominant"), ("b", "dominant")]
     assert report["per_language"]["fr"]["skipped"] == {"non_dominant:chosen_off_target": 1}
