@@ -32,9 +32,12 @@ def test_rows_from_real_answers_and_translations():
     for r in kinds["code_switched"]:
         fr_lines = [x for x in en_to["fr"][r["id"]].split("\n") if x.strip()]
         en_lines = [x for x in answers["en"][r["id"]].split("\n") if x.strip()]
+        if r["response"] == en_to["fr"][r["id"]]:  # only the question was switched
+            assert r["prompt"] != prompts["fr"][r["id"]]
+            continue
         got = r["response"].split("\n")
-        if got != [x for x in en_to["fr"][r["id"]].split("\n") if x.strip()]:
-            assert len(got) == len(fr_lines) and all(g in (f, e) for g, f, e in zip(got, fr_lines, en_lines))
+        assert len(got) == len(fr_lines) and all(g in (f, e) for g, f, e in zip(got, fr_lines, en_lines))
+        assert got != fr_lines
     assert report["rows"] == len(rows)
 
 
