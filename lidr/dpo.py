@@ -1,0 +1,100 @@
+"""The DPO(+NLL) loss of LIDR as pure functions of log-probabilities (METHOD.md §1.5).
+
+    loss = −log σ(β·[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))])
+           + α · ( −log π(y_c|x) / |y_c| )
+
+    sum_logps, n_tokens = sequence_logps(logits, labels, loss_mask)        # log π(y|x), |y|
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+
+`dpo_loss` returns one loss per pair and the detached implicit rewards β·(log π − log π_ref); the
+NLL term α·(−log π(y_c|x)/|y_c|) is added by the trainer (lidr/train.py), because it needs |y_c|.
+Log-probabilities are gathered at the label positions in fp32, a chunk of positions at a time,
+so no fp32 copy of the full [B, T, vocab] logits is ever made; `hidden_sequence_logps` goes one
+step further for the trainer and never makes the full logits at all: it applies the output
+matrix to the response positions only, a chunk at a time, and recomputes each chunk's logits in
+the backward pass instead of keeping them.
+
+How this departs from the reference (torchtune's DPOLoss, LLaMA-Factory's sigmoid DPO with
+`pref_ftx`): no label smoothing, no other loss variants (IPO, hinge, ...); the NLL term is the
+per-sequence token mean of the chosen response, as LLaMA-Factory's `pref_ftx` is.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# positions per chunk when upcasting logits: 256 positions × 128k vocabulary × 4 bytes = 128 MiB
+CHUNK_POSITIONS = 256
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] in fp32: logits [..., V] (any float dtype), labels [...] -> [...]."""
+    logits = logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
+    """(Σ_t log π(labels[b, t]) over the masked positions, number of masked positions), both [B].
+
+    logits [B, T, V] predict labels [B, T] (already shifted: logits[:, t] scores labels[:, t]);
+    loss_mask [B, T] is True at response tokens, False at prompt tokens and padding. Labels under
+    a False mask may hold anything in [0, V).
+    """
+    per_token = torch.cat(
+        [
+            _maybe_checkpoint(token_logps, logits[:, i : i + CHUNK_POSITIONS], labels[:, i : i + CHUNK_POSITIONS])
+            for i in range(0, logits.shape[1], CHUNK_POSITIONS)
+        ],
+        dim=1,
+    )
+    mask = loss_mask.bool()
+    return (per_token * mask).sum(-1), mask.sum(-1)
+
+
+def hidden_sequence_logps(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels, loss_mask):
+    """`sequence_logps(hidden @ lm_head_weightᵀ, labels, loss_mask)` without the full logits.
+
+    hidden [B, T, dim] are the final normed hidden states (`model(tokens, return_hidden=True)`).
+    Only the masked positions go through the output matrix, CHUNK_POSITIONS rows at a time, and
+    a chunk's logits are recomputed in backward rather than stored.
+    """
+    mask = loss_mask.bool()
+    rows, cols = mask.nonzero(as_tuple=True)
+    picked_hidden, picked_labels = hidden[rows, cols], labels[rows, cols]  # [N, dim], [N]
+    per_token = torch.cat(
+        [
+            _maybe_checkpoint(
+                _linear_token_logps,
+                picked_hidden[i : i + CHUNK_POSITIONS],
+                lm_head_weight,
+                picked_labels[i : i + CHUNK_POSITIONS],
+            )
+            for i in range(0, len(rows), CHUNK_POSITIONS)
+        ]
+        or [hidden.new_zeros(0, dtype=torch.float32)]
+    )
+    sums = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, per_token)
+    return sums, mask.sum(-1)
+
+
+def _linear_token_logps(hidden, weight, labels):
+    return token_logps(F.linear(hidden, weight), labels)
+
+
+def _maybe_checkpoint(fn, *args):
+    """fn(*args), recomputed in backward (so its fp32 intermediates are not kept) when grads flow."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+    """Sigmoid DPO per pair: (losses, chosen_rewards, rejected_rewards), each [B]; rewards detached.
+
+    reward(y) = β·(log π(y|x) − log π_ref(y|x));  loss = −log σ(reward(y_c) − reward(y_r)).
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

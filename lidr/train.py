@@ -1,0 +1,505 @@
+"""The trainer: M_t and its preference pairs -> M_{t+1} with DPO + NLL (LIDR), or SFT (SDRRL).
+
+    python train_dpo.py --model M0 --data pairs.jsonl --out runs/M1                  # one process
+    torchrun --standalone --nproc_per_node=8 train_dpo.py --model M0 --data pairs.jsonl --out runs/M1
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 train_dpo.py ...  # OUT shared
+    python train_dpo.py --objective sft --model M0 --data sft.jsonl --out runs/M0-sft  # SDRRL rows
+
+Rows: {"prompt", "chosen", "rejected"} (DPO) or {"prompt", "response"} (SFT), optional "system",
+"id", "lang". The prompt becomes the checkpoint's chat format up to the assistant header; a
+response is its text followed by the end-of-turn token (`<|eot_id|>` for Llama 3, `<|im_end|>`
+for ChatML, the token a chat turn ends with and generation stops on), and only response tokens
+enter the loss. Chosen and rejected of a micro-batch go through one forward, right-padded, so
+causal attention needs no padding mask (real tokens never see the padding after them).
+
+One run, in order:
+1. Rows are read and tokenized; bad rows are dropped and counted (unreadable, missing or empty
+   fields, chosen == rejected, too long). A prompt that does not fit beside its longer response
+   in --max-len keeps its last tokens (the end of the question and the assistant header, as
+   TRL's default `keep_end`); a row whose response does not fit beside the assistant header
+   alone is dropped. Responses are never cut: a cut response would lose its end-of-turn token.
+2. The policy is built on the meta device, `fully_shard`-ed per block and then at the root, and
+   filled from the HF folder read once on rank 0 and broadcast. GPU: bf16 compute with fp32
+   master weights and fp32 gradient reduction (nccl); CPU: fp32 throughout (gloo). A plain
+   `python` launch makes a one-rank process group, so every launch runs the same code.
+3. Reference log-probs (DPO): the policy, still M_t, scores every pair once, each rank a slice;
+   the table is gathered and saved as OUT/reference_logps.pt and reused on resume. During
+   training only the policy is in memory.
+4. Training: AdamW, linear warmup then cosine decay to 0, gradient clipping, gradient
+   accumulation. loss per pair = −log σ(β·Δ) + α·(−log π(y_c|x)/|y_c|) (lidr/dpo.py), averaged
+   over the global batch (--batch-size pairs per rank per micro-batch × --grad-accum × ranks).
+   Each step appends a JSON line to OUT/log.jsonl (and prints it).
+5. Every --save-every steps and at the end: OUT/checkpoint (sharded model and optimizer state
+   through torch.distributed.checkpoint, scheduler, step, per-rank RNG) built in
+   OUT/checkpoint.tmp and renamed into place, so a crash leaves the previous checkpoint whole.
+   Rerunning the same command resumes from it. A NaN/inf loss or gradient norm stops the run
+   before the optimizer step and before any save.
+6. Export: OUT/model, an HF folder (lidr.checkpoint.save, gathered on rank 0) in the compute
+   dtype (bf16 on GPU, fp32 on CPU), and OUT/curves.png.
+
+How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx):
+- The paper's learning rate, epochs, batch and length are unpublished; the defaults here are
+  choices (lr 5e-7, 1 epoch, warmup 10%, β 0.1, α 1).
+- The last incomplete global batch of an epoch is dropped (every step has the same batch).
+- The SFT objective averages each sequence's token NLL, then the sequences (the same per-sequence
+  mean as the NLL term of DPO), rather than averaging over all tokens of the batch.
+- The reference is the policy before training in the same precision; no separate reference model.
+- OUT must be one filesystem seen by every node. The nccl/bf16/MFU paths have not been run on a
+  GPU yet; the CPU (gloo, fp32) paths are what the tests cover.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._composable import checkpoint as activation_checkpoint
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from lidr.checkpoint import load_model, read_config, save
+from lidr.dpo import dpo_loss, hidden_sequence_logps
+from lidr.jsonl import read_records, write_json_atomic
+from lidr.model import Llama, rope_inv_freq
+from lidr.tokenizer import Tokenizer
+
+END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+# dense bf16 peak of the GPUs MFU is reported for (matched against torch.cuda.get_device_name)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+RUN_KEYS = ("model", "data", "objective", "beta", "alpha", "lr", "weight_decay", "epochs", "batch_size",
+            "grad_accum", "max_len", "warmup_ratio", "grad_clip", "seed")
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Example:
+    line: int  # line of the row in the data file
+    prompt: list[int]
+    responses: list[list[int]]  # [chosen, rejected] for DPO, [response] for SFT
+
+
+def load_examples(path, tokenizer: Tokenizer, objective: str, max_len: int):
+    """(examples, counts): the usable rows tokenized, and how many rows went where."""
+    fields = ("chosen", "rejected") if objective == "dpo" else ("response",)
+    end_of_turn = tokenizer.tok.token_to_id(END_OF_TURN[tokenizer.chat_format])
+    header_len = len(tokenizer.encode_chat([])) - len(tokenizer.encode_chat([], add_generation_prompt=False))
+    rows, bad = read_records(path)
+    counts = Counter({"read": len(rows) + len(bad), "unreadable": len(bad)})
+    examples = []
+    for line, row in rows:
+        texts = [row.get(k) for k in ("prompt", *fields)]
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            counts["missing or empty field"] += 1
+            continue
+        if objective == "dpo" and row["chosen"].strip() == row["rejected"].strip():
+            counts["chosen == rejected"] += 1
+            continue
+        system = row.get("system")
+        messages = ([{"role": "system", "content": system}] if isinstance(system, str) and system else [])
+        prompt = tokenizer.encode_chat(messages + [{"role": "user", "content": row["prompt"]}])
+        responses = [tokenizer.encode(row[k]) + [end_of_turn] for k in fields]
+        room = max_len - max(map(len, responses))  # prompt tokens that fit
+        if room < header_len:
+            counts["too long"] += 1
+            continue
+        if len(prompt) > room:
+            prompt = prompt[-room:]
+            counts["prompt truncated"] += 1
+        examples.append(Example(line, prompt, responses))
+    counts["kept"] = len(examples)
+    return examples, counts
+
+
+def collate(examples: list[Example], pad_id: int, device):
+    """tokens, labels, loss_mask [R, T] for R = (responses per example) × len(examples), right-padded.
+
+    Rows are every example's first response (chosen), then every example's second (rejected).
+    labels[:, t] is tokens[:, t + 1]; loss_mask is True where that label is a response token.
+    """
+    seqs = [(ex.prompt, ex.responses[i]) for i in range(len(examples[0].responses)) for ex in examples]
+    width = max(len(p) + len(r) for p, r in seqs)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for row, (prompt, response) in enumerate(seqs):
+        ids = prompt + response
+        tokens[row, : len(ids)] = torch.tensor(ids)
+        loss_mask[row, len(prompt) - 1 : len(ids) - 1] = True  # positions whose next token is the response
+    labels = torch.cat([tokens[:, 1:], torch.full((len(seqs), 1), pad_id, dtype=torch.long)], dim=1)
+    return tokens.to(device), labels.to(device), loss_mask.to(device)
+
+
+def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n_examples, generator=generator).tolist()
+
+
+def micro_batch(step: int, micro: int, n_examples: int, args, rank: int, world: int) -> list[int]:
+    """Example indices for one rank's micro-batch: global step `step` (0-based) fixes the data position."""
+    global_batch = args.batch_size * args.grad_accum * world
+    steps_per_epoch = n_examples // global_batch
+    epoch, k = divmod(step, steps_per_epoch)
+    order = epoch_order(n_examples, args.seed, epoch)
+    start = k * global_batch + (rank * args.grad_accum + micro) * args.batch_size
+    return order[start : start + args.batch_size]
+
+
+# -----------------------------------------------------------------------------
+# process group and model
+
+
+def setup_distributed():
+    """(rank, world, device): torchrun's group, or a one-rank group for a plain `python` launch."""
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    else:
+        local_rank = 0
+        if cuda:
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build_model(folder, device, activation_checkpointing: bool) -> Llama:
+    """The policy, sharded: meta-device model, fully_shard per block then root, weights broadcast from rank 0."""
+    cfg = read_config(folder)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    # GPU: bf16 compute, fp32 master weights (what AdamW updates), fp32 gradient reduce-scatter
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.layers:
+        if activation_checkpointing:
+            activation_checkpoint(block)  # keeps only the block's input, recomputes the rest in backward
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    full = load_model(folder, "cpu", torch.float32).state_dict() if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if cfg.tie_embeddings:
+        assert model.lm_head.weight is model.embed_tokens.weight, "sharding untied the output embedding"
+    return model
+
+
+def forward_logps(model: Llama, tokens, labels, loss_mask):
+    """(Σ log π over each row's response tokens, response lengths), [R] each, fp32."""
+    hidden = model(tokens, return_hidden=True)  # right padding: plain causal attention is exact
+    return hidden_sequence_logps(hidden, model.lm_head.weight, labels, loss_mask)
+
+
+# -----------------------------------------------------------------------------
+# reference log-probs: one pass before training
+
+
+def reference_logps(model, examples, args, pad_id, device, rank, world, fingerprint, out: Path):
+    """[N, 2] (log π_ref(y_c|x), log π_ref(y_r|x)), loaded from OUT or computed once and saved there."""
+    path = out / "reference_logps.pt"
+    if path.exists():
+        saved = torch.load(path)
+        if saved["fingerprint"] != fingerprint:
+            raise SystemExit(f"{path} was computed for other data or another model; use a fresh --out")
+        return saved["logps"]
+    mine = list(range(rank, len(examples), world))
+    n_batches = math.ceil(math.ceil(len(examples) / world) / args.batch_size)  # equal on every rank
+    table = torch.zeros(len(examples), 2)
+    model.eval()
+    with torch.no_grad():
+        for b in range(n_batches):
+            idx = mine[b * args.batch_size : (b + 1) * args.batch_size] or mine[-1:]  # keep collectives in step
+            logps, _ = forward_logps(model, *collate([examples[i] for i in idx], pad_id, device))
+            table[idx] = logps.view(2, len(idx)).T.cpu()
+    model.reshard()  # the root stays unsharded after a forward with no backward
+    model.train()
+    table = table.to(device)
+    dist.all_reduce(table)  # each pair was scored by exactly one rank; the other ranks hold zeros there
+    table = table.cpu()
+    if rank == 0:
+        torch.save({"fingerprint": fingerprint, "logps": table}, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    return table
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, out: Path, rank: int):
+    """OUT/checkpoint, replaced atomically: built in checkpoint.tmp, renamed once complete."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=tmp)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer.pt")  # written last
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """OUT/checkpoint, or checkpoint.old when a crash came between the two renames of a save."""
+    for folder in (out / "checkpoint", out / "checkpoint.old"):
+        if (folder / "trainer.pt").is_file():
+            return folder
+    return None
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int) -> int:
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    trainer = torch.load(folder / "trainer.pt")
+    scheduler.load_state_dict(trainer["scheduler"])
+    rng_file = folder / f"rng_rank{rank}.pt"
+    if rng_file.is_file():  # absent when resuming with more ranks than saved
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return trainer["step"]
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warmup from 0 over warmup_steps, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_losses(model, examples, idx, reference, args, pad_id, device):
+    """Per-example losses and metric terms of one micro-batch (DPO + α·NLL, or NLL alone)."""
+    tokens, labels, loss_mask = collate([examples[i] for i in idx], pad_id, device)
+    logps, n_tokens = forward_logps(model, tokens, labels, loss_mask)
+    b = len(idx)
+    nll = -logps[:b] / n_tokens[:b]  # −log π(y_c|x) / |y_c|, per sequence
+    if args.objective == "sft":
+        return nll, {"nll": nll.detach()}, int(n_tokens.sum()), tokens.numel()
+    ref = reference[idx].to(device)
+    dpo, chosen_rewards, rejected_rewards = dpo_loss(logps[:b], logps[b:], ref[:, 0], ref[:, 1], args.beta)
+    metrics = {
+        "dpo": dpo.detach(), "nll": nll.detach(), "chosen_reward": chosen_rewards,
+        "rejected_reward": rejected_rewards, "margin": chosen_rewards - rejected_rewards,
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
+    }
+    return dpo + args.alpha * nll, metrics, int(n_tokens.sum()), tokens.numel()
+
+
+def flops_per_token(model: Llama, seq_len: int) -> float:
+    """Training FLOPs per token, forward + backward (nanoGPT / PaLM estimate; recompute not counted)."""
+    cfg = model.cfg
+    return 6 * model.num_params() + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def plot_curves(log_path: Path, png_path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    panels = [("loss", ["loss", "dpo", "nll"]), ("rewards", ["chosen_reward", "rejected_reward", "margin"]),
+              ("reward accuracy", ["reward_accuracy"]), ("grad norm", ["grad_norm"]), ("learning rate", ["lr"])]
+    panels = [(title, [k for k in keys if k in rows[0]]) for title, keys in panels]
+    panels = [(title, keys) for title, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (title, keys) in zip(axes, panels):
+        for k in keys:
+            ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train(args):
+    out = Path(args.out)
+    rank, world, device = setup_distributed()
+    try:
+        _train(args, out, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(args, out: Path, rank: int, world: int, device):
+    from tqdm import tqdm
+
+    torch.manual_seed(args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    run = {k: getattr(args, k) for k in RUN_KEYS}
+    run_file = out / "run.json"
+    if run_file.exists():
+        before = json.loads(run_file.read_text())
+        changed = {k: (before.get(k), v) for k, v in run.items() if before.get(k) != v}
+        if changed:
+            raise SystemExit(f"{out} holds a run with other settings {changed}; rerun the same command or use a fresh --out")
+    dist.barrier()
+    if rank == 0:
+        write_json_atomic(run_file, run)
+
+    tokenizer = Tokenizer.from_folder(args.model, chat_format=args.chat_format)
+    examples, counts = load_examples(args.data, tokenizer, args.objective, args.max_len)
+    global_batch = args.batch_size * args.grad_accum * world
+    steps_per_epoch = len(examples) // global_batch
+    total_steps = steps_per_epoch * args.epochs
+    if rank == 0:
+        dropped = ", ".join(f"{v} {k}" for k, v in counts.items() if k not in ("read", "kept", "prompt truncated"))
+        print(f"{args.data}: {counts['read']} rows read, {counts['kept']} kept "
+              f"(dropped: {dropped or 'none'}; {counts['prompt truncated']} prompts truncated)")
+        print(f"{world} rank(s) on {device.type}; global batch {global_batch} = {args.batch_size} × "
+              f"{args.grad_accum} accumulation × {world}; {total_steps} steps")
+    if total_steps == 0:
+        raise SystemExit(f"{len(examples)} usable rows do not fill one global batch of {global_batch}")
+
+    model = build_model(args.model, device, args.activation_checkpointing)
+    digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
+    fingerprint = {"data_sha256": digest, "model": str(Path(args.model).resolve()), "max_len": args.max_len}
+    reference = None
+    if args.objective == "dpo":
+        reference = reference_logps(model, examples, args, tokenizer.pad_id, device, rank, world, fingerprint, out)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    warmup_steps = max(1, round(args.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
+    start = 0
+    checkpoint_dir = latest_checkpoint(out)
+    if checkpoint_dir is not None:
+        start = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, rank)
+        if rank == 0:
+            print(f"resuming from {checkpoint_dir} at step {start}")
+    log_path = out / "log.jsonl"
+    if rank == 0:  # the steps after the checkpoint are redone: forget their lines
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start]
+        log_path.write_text("".join(line + "\n" for line in kept))
+
+    peak_flops = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
+    model.train()
+    for step in range(start, total_steps):
+        t0 = time.perf_counter()
+        sums = Counter()
+        n_tokens = n_positions = 0
+        for micro in range(args.grad_accum):
+            idx = micro_batch(step, micro, len(examples), args, rank, world)
+            losses, metrics, n_resp, n_pos = step_losses(model, examples, idx, reference, args, tokenizer.pad_id, device)
+            (losses.sum() / (args.batch_size * args.grad_accum)).backward()  # FSDP averages over ranks
+            sums["loss"] += float(losses.detach().sum())
+            for k, v in metrics.items():
+                sums[k] += float(v.sum())
+            n_tokens += n_resp
+            n_positions += n_pos
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] for k in keys] + [n_tokens, n_positions], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        record = {k: float(v) / global_batch for k, v in zip(keys, totals[:-2].tolist())}
+        if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+            raise SystemExit(
+                f"step {step + 1}: loss {record['loss']} / grad norm {grad_norm} is not finite; stopped before "
+                f"the optimizer step. The last good checkpoint ({latest_checkpoint(out)}) is untouched."
+            )
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        record = {"step": step + 1, **record, "grad_norm": grad_norm, "lr": lr,
+                  "tokens_per_s": float(totals[-1]) / seconds, "seconds": seconds}
+        if peak_flops is not None:
+            seq_len = float(totals[-1]) / (2 * global_batch if args.objective == "dpo" else global_batch)
+            record["mfu"] = flops_per_token(model, seq_len) * float(totals[-1]) / seconds / (peak_flops * world)
+        if rank == 0:
+            line = json.dumps(record)
+            with open(log_path, "a") as f:
+                f.write(line + "\n")
+            bar.write(line)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == total_steps:
+            save_checkpoint(model, optimizer, scheduler, step + 1, out, rank)
+    bar.close()
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        save(out / "model", model.cfg, {k: v.to(dtype) for k, v in full.items()}, tokenizer_from=args.model)
+        plot_curves(log_path, out / "curves.png")
+        print(f"wrote {out / 'model'} and {out / 'curves.png'}")
+    dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF folder of M_t (policy and reference)")
+    p.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected} (dpo) or {prompt, response} (sft)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint, reference log-probs, log, exported model")
+    p.add_argument("--objective", choices=("dpo", "sft"), default="dpo")
+    p.add_argument("--beta", type=float, default=0.1, help="β of DPO")
+    p.add_argument("--alpha", type=float, default=1.0, help="α, weight of the chosen response's NLL (pref_ftx)")
+    p.add_argument("--lr", type=float, default=5e-7)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4, help="pairs (or rows) per rank per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens of prompt + response")
+    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--chat-format", choices=("llama3", "chatml"), default=None, help="default: read from the folder")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    train(parse_args(argv))
