@@ -179,6 +179,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache = None  # lidr.sampler attaches a KVCache here while it generates
 
     def forward(self, x, cos, sin, mask):
         B, T, _ = x.shape
@@ -186,7 +187,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # (a KV cache would append k, v here and return the cached keys and values)
+        if self.kv_cache is not None:  # store this step's k, v; get back the keys and values to attend over
+            k, v = self.kv_cache.update(k, v)
         if mask is None and flash_attn_func is not None and x.is_cuda and x.dtype != torch.float32:
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
             return self.o_proj(y.reshape(B, T, -1))

@@ -1,0 +1,386 @@
+"""The sampler: batched, KV-cached generation from a `Llama`, the engine behind every lidr stage.
+
+    from lidr.sampler import SamplingParams, generate
+    params = SamplingParams(max_new_tokens=2400, repetition_penalty=1.1, stop_strings=("</translated>",))
+    outs = generate(model, tokenizer, [tokenizer.encode_chat(chat) for chat in chats], params, batch_size=16)
+    outs[0].text, outs[0].tokens, outs[0].finish_reason    # "stop_token" | "stop_string" | "length"
+
+    python generate.py --model DIR --prompts IN.jsonl --out OUT.jsonl       # the command line over it
+
+How it works. The batch is a fixed number of slots, each owning one row of a KV cache
+preallocated per layer as [batch, kv_heads, max_len, head_dim]. A waiting prompt is prefilled
+alone into a free slot (no padding: positions 0..T-1, plain causal attention). Then each step
+decodes one token for every slot at once: a slot writes its k, v at its own position and attends
+over its cache row under a mask of the positions it has filled. A finished row (stop token, stop
+string, max_new_tokens) hands its slot to the next waiting prompt; once no prompt waits and half
+the slots are idle, the batch is compacted to the live rows. The decode step has static shapes
+(fixed batch and cache; the attended length grows in buckets of LENGTH_BUCKET in eager mode and
+is the whole cache when compiled), so `compile=True` can torch.compile it. Sampled tokens stay on
+the device; the host reads them every SYNC_EVERY steps, or when a row reaches max_new_tokens, to
+find stops, so a finished row wastes at most SYNC_EVERY - 1 steps of its slot.
+
+Sampling follows vLLM's order and meaning: repetition penalty over the prompt and the generated
+tokens (a seen token's logit l becomes l / r if l > 0 else l * r), temperature (0 = greedy
+argmax), top-k, top-p (keep the smallest set of most likely tokens whose probability reaches p),
+then a draw from the row's own generator (seeded per request: `seed + i` for prompt i unless
+`seeds` says otherwise), so a request samples the same tokens alone or in any batch.
+
+How this departs from the reference (transformers' `generate`, vLLM):
+- Prompts are prefilled one at a time, unpadded, instead of as a padded batch: padding cannot
+  change an output, at the price of less parallel prefill (a small share of LIDR's long outputs).
+- A stop string ends the row at the token that completes it: `tokens` keeps that token, `text`
+  is cut before the stop string. A stop token is dropped from both. Prefilled assistant text is
+  part of the prompt and not of the completion.
+- The compiled path (`compile=True`) is for GPUs and has not been measured in this repository yet.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from lidr.model import Llama, rope_cos_sin
+
+SYNC_EVERY = 8  # decode steps between two reads of the sampled tokens by the host
+LENGTH_BUCKET = 256  # eager decode attends over the cache in multiples of this many positions
+FINISH_REASONS = ("stop_token", "stop_string", "length")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off; vLLM's meaning (prompt and output tokens)
+    seed: int = 0
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # generated ids, without the stop token
+    text: str  # decoded, cut before the stop string
+    finish_reason: str  # "stop_token" | "stop_string" | "length"
+
+
+# -----------------------------------------------------------------------------
+# the KV cache and the two forwards (prefill one prompt, decode one token per slot)
+
+
+@dataclass
+class CacheState:
+    """What every layer's cache must know about the running forward; set by the sampler."""
+
+    slot: int | None = None  # prefill: the slot that the prompt fills; None while decoding
+    positions: torch.Tensor | None = None  # decode: [batch] the position each slot writes
+    length: int = 0  # decode: how many cache positions are attended
+
+
+class KVCache:
+    """One layer's keys and values for every slot, [batch, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, state: CacheState, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+        self.state = state
+        self.k = torch.zeros(batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.rows = torch.arange(batch_size, device=device)
+
+    def update(self, k, v):
+        """Store k, v [b, kv_heads, T, head_dim]; return the keys and values to attend over."""
+        state = self.state
+        if state.slot is not None:  # prefill into an empty slot: the prompt attends over itself
+            T = k.shape[2]
+            self.k[state.slot, :, :T] = k[0]
+            self.v[state.slot, :, :T] = v[0]
+            return k, v
+        self.k[self.rows, :, state.positions] = k[:, :, 0]
+        self.v[self.rows, :, state.positions] = v[:, :, 0]
+        return self.k[:, :, : state.length], self.v[:, :, : state.length]
+
+    def keep(self, rows: torch.Tensor):
+        """Compact the batch to `rows` (slot indices)."""
+        self.k, self.v = self.k[rows], self.v[rows]
+        self.rows = torch.arange(len(rows), device=self.k.device)
+
+
+def last_logits(model: Llama, tokens, positions, mask):
+    """Logits [b, vocab] of the last position; the layers read and write their KV caches."""
+    x = model.embed_tokens(tokens)
+    cos, sin = rope_cos_sin(positions, model.inv_freq, x.dtype)
+    for layer in model.layers:
+        x = layer(x, cos, sin, mask)
+    return model.lm_head(model.norm(x[:, -1]))  # the vocabulary projection for one position only
+
+
+def decode_logits(model: Llama, tokens, positions, length: int):
+    """One token per slot: tokens, positions [batch] -> logits [batch, vocab]."""
+    filled = torch.arange(length, device=tokens.device) <= positions[:, None]  # [batch, length]
+    return last_logits(model, tokens[:, None], positions[:, None], filled[:, None, None, :])
+
+
+class Session:
+    """The caches of a model while it generates: attached on entry, detached (and freed) on exit."""
+
+    def __init__(self, model: Llama, batch_size: int, max_len: int):
+        cfg, weight = model.cfg, model.embed_tokens.weight
+        self.model, self.max_len = model, max_len
+        self.state = CacheState()
+        self.caches = [
+            KVCache(self.state, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, weight.dtype, weight.device)
+            for _ in model.layers
+        ]
+
+    def __enter__(self):
+        for layer, cache in zip(self.model.layers, self.caches):
+            layer.self_attn.kv_cache = cache
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def prefill(self, slot: int, prompt: torch.Tensor) -> torch.Tensor:
+        """Fill `slot` with a prompt [T]; logits [1, vocab] of its last token."""
+        self.state.slot = slot
+        try:
+            positions = torch.arange(len(prompt), device=prompt.device)[None]
+            return last_logits(self.model, prompt[None], positions, None)
+        finally:
+            self.state.slot = None
+
+    def decode(self, tokens, positions, length: int, step_fn=decode_logits) -> torch.Tensor:
+        self.state.positions, self.state.length = positions, length
+        return step_fn(self.model, tokens, positions, length)
+
+    def keep(self, rows: torch.Tensor):
+        for cache in self.caches:
+            cache.keep(rows)
+
+
+# -----------------------------------------------------------------------------
+# sampling: repetition penalty, temperature, top-k, top-p, a per-row draw
+
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+    """vLLM/transformers: a seen token's logit l becomes l / penalty if l > 0, else l * penalty."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_top_k_top_p(logits, top_k: int, top_p: float):
+    """Set to -inf every logit outside the top k, then outside the smallest set reaching probability top_p."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of the strictly more likely tokens
+        drop = mass_before >= top_p
+        drop[:, 0] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits, seen, params: SamplingParams, generators: list):
+    """Next tokens [b] from logits [b, vocab] (fp32 arithmetic); seen [b, vocab] marks prompt and output tokens."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    probs = logits.softmax(-1)
+    # the exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i;
+    # each row draws from its own generator so its tokens do not depend on the batch
+    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
+    return (probs / noise).argmax(-1)
+
+
+# -----------------------------------------------------------------------------
+# the generation loop
+
+
+def find_stop_string(text: str, stop_strings) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    found = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(found, default=-1)
+
+
+class Row:
+    """One request in a slot: its host-side tokens and counters."""
+
+    def __init__(self, index: int, prompt_len: int):
+        self.index, self.prompt_len = index, prompt_len
+        self.tokens: list[int] = []
+        self.count = 1  # tokens sampled so far, including those the host has not read yet
+        self.pending: list[int] = []  # sampled on the device, read at the last sync, not yet judged
+
+    @property
+    def position(self) -> int:  # where the latest sampled token is written by the next decode step
+        return self.prompt_len + self.count - 1
+
+
+def judge(row: Row, tokenizer, params: SamplingParams, stop_ids) -> Completion | None:
+    """Consume row.pending: the completion if the row has finished, else None."""
+    new, stopped = [], False
+    for token in row.pending:
+        if token in stop_ids:
+            stopped = True
+            break
+        new.append(token)
+    row.pending = []
+    start = len(row.tokens)
+    row.tokens.extend(new)
+    if params.stop_strings and new:
+        text = tokenizer.decode(row.tokens)
+        if find_stop_string(text, params.stop_strings) >= 0:
+            # the previous read found no stop string, so one of the new tokens completed it
+            end = len(row.tokens)
+            while end > start and find_stop_string(tokenizer.decode(row.tokens[: end - 1]), params.stop_strings) >= 0:
+                end -= 1
+            tokens = row.tokens[:end]
+            text = tokenizer.decode(tokens)
+            return Completion(tokens, text[: find_stop_string(text, params.stop_strings)], "stop_string")
+    if stopped:
+        return Completion(row.tokens, tokenizer.decode(row.tokens), "stop_token")
+    if len(row.tokens) >= params.max_new_tokens:
+        return Completion(row.tokens, tokenizer.decode(row.tokens), "length")
+    return None
+
+
+@torch.inference_mode()
+def generate(
+    model: Llama,
+    tokenizer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    batch_size: int = 16,
+    progress: bool = False,
+    seeds: list[int] | None = None,
+    on_finish=None,
+    compile: bool = False,
+) -> list[Completion]:
+    """One Completion per prompt (token ids), in input order.
+
+    seeds: one per prompt (default params.seed + i). on_finish(i, completion) is called as each
+    row finishes (rows finish out of order). compile: torch.compile the decode step (for GPUs).
+    """
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    if not prompts:
+        return []
+    seeds = [params.seed + i for i in range(len(prompts))] if seeds is None else seeds
+    device = model.embed_tokens.weight.device
+    stop_ids = frozenset(tokenizer.stop_ids)
+    batch_size = max(1, min(batch_size, len(prompts)))
+    max_len = max(map(len, prompts)) + params.max_new_tokens
+    vocab = model.cfg.vocab_size
+    step_fn = decode_logits
+    if compile:
+        step_fn = torch.compile(decode_logits, mode="reduce-overhead" if device.type == "cuda" else "default")
+
+    results: list[Completion | None] = [None] * len(prompts)
+    waiting = list(range(len(prompts)))[::-1]  # popped from the end: input order
+    rows: list[Row | None] = [None] * batch_size  # the request in each slot
+    generators = [torch.Generator(device) for _ in range(batch_size)]
+    tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # the latest sampled token per slot
+    positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+    live = torch.zeros(batch_size, dtype=torch.long, device=device)  # 1 for slots holding a running row
+    seen = torch.zeros(batch_size, vocab, dtype=torch.bool, device=device)  # for the repetition penalty
+    recent = torch.zeros(batch_size, SYNC_EVERY, dtype=torch.long, device=device)
+    bar = tqdm(total=len(prompts), disable=not progress, unit="prompt", dynamic_ncols=True)
+    start, n_generated = time.perf_counter(), 0
+
+    def finish(slot: int, completion: Completion):
+        nonlocal n_generated
+        row = rows[slot]
+        results[row.index] = completion
+        rows[slot] = None
+        n_generated += row.count
+        if on_finish is not None:
+            on_finish(row.index, completion)
+        bar.update(1)
+        bar.set_postfix_str(f"{n_generated / (time.perf_counter() - start):.1f} tok/s", refresh=False)
+
+    def fill(session: Session, slot: int):
+        """Prefill waiting prompts into an empty slot until one is still running (or none waits)."""
+        while rows[slot] is None and waiting:
+            index = waiting.pop()
+            prompt = torch.tensor(prompts[index], dtype=torch.long, device=device)
+            rows[slot] = Row(index, len(prompt))
+            generators[slot].manual_seed(seeds[index])
+            seen[slot] = False
+            seen[slot, prompt] = True
+            logits = session.prefill(slot, prompt)
+            first = sample(logits, seen[slot : slot + 1], params, generators[slot : slot + 1])
+            tokens[slot] = first[0]
+            seen[slot, first[0]] = True
+            positions[slot] = len(prompt)
+            rows[slot].pending = [int(first[0])]
+            done = judge(rows[slot], tokenizer, params, stop_ids)
+            if done is not None:
+                finish(slot, done)
+        live[slot] = rows[slot] is not None
+
+    with Session(model, batch_size, max_len) as session:
+        for slot in range(batch_size):
+            fill(session, slot)
+        step = 0
+        while any(rows):
+            running = [row for row in rows if row is not None]
+            length = max_len
+            if not compile:  # attend over the filled part of the cache, rounded up to a bucket
+                filled = max(row.position for row in running) + 1
+                length = min(max_len, -(-filled // LENGTH_BUCKET) * LENGTH_BUCKET)
+            logits = session.decode(tokens, positions, length, step_fn)
+            tokens = sample(logits, seen, params, generators)
+            seen[session.caches[0].rows, tokens] = True
+            recent[:, step] = tokens
+            positions = positions + live  # an idle slot rewrites its last position
+            for row in running:
+                row.count += 1
+            step += 1
+            if step < SYNC_EVERY and all(r.count < params.max_new_tokens for r in running):
+                continue
+            # the host reads the sampled tokens: stops, refills, compaction
+            sampled = recent[:, :step].tolist()
+            step = 0
+            for slot, row in enumerate(rows):
+                if row is None:
+                    continue
+                row.pending = sampled[slot]
+                done = judge(row, tokenizer, params, stop_ids)
+                if done is not None:
+                    finish(slot, done)
+                    fill(session, slot)
+            n_running = sum(row is not None for row in rows)
+            if not waiting and 0 < n_running <= len(rows) // 2:
+                keep = [slot for slot, row in enumerate(rows) if row is not None]
+                index = torch.tensor(keep, device=device)
+                session.keep(index)
+                rows = [rows[slot] for slot in keep]
+                generators = [generators[slot] for slot in keep]
+                tokens, positions, live, seen = tokens[index], positions[index], live[index], seen[index]
+                recent = recent[index]
+    bar.close()
+    return results

@@ -1,0 +1,307 @@
+"""The sampler against transformers (greedy generate, logits processors) and hand-computed answers."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_checkpoint
+
+from lidr.checkpoint import load
+from lidr.sampler import (
+    Completion,
+    SamplingParams,
+    Session,
+    apply_repetition_penalty,
+    filter_top_k_top_p,
+    generate,
+    sample,
+)
+
+QUESTIONS = [
+    "Hi",
+    "What is the capital of France? Answer in one word, please.",
+    "2+2",
+    "Tell me a story about a dragon who lived in a very long cave under the sea.",
+    "Why?",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    model, tokenizer = load(tiny_dir)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_dir):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def chat(tokenizer, text, prefill=""):
+    return tokenizer.encode_chat([{"role": "user", "content": text}], prefill=prefill)
+
+
+def with_stops(tokenizer, stop_ids):
+    """The same tokenizer with another stop set."""
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.stop_ids = frozenset(stop_ids)
+    return tokenizer
+
+
+def hf_greedy(hf_model, prompt, max_new_tokens, stop_ids, **kwargs):
+    """transformers' greedy generate for one unpadded prompt, cut before the first stop token."""
+    out = hf_model.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stop_ids), pad_token_id=0, **kwargs,
+    )[0, len(prompt):].tolist()
+    return next((out[:i] for i, t in enumerate(out) if t in stop_ids), out)
+
+
+# -----------------------------------------------------------------------------
+# the cache
+
+
+@pytest.mark.parametrize("variant", ["llama3", "llama31", "tied"])
+def test_cached_decode_equals_full_forward(tmp_path, variant):
+    """Every decode step's logits equal a full forward over the same prefix (two slots, ragged lengths)."""
+    model, _ = load(make_tiny_checkpoint(tmp_path / variant, variant))
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 1000, (n,)) for n in (7, 3)]
+    fed = torch.randint(0, 1000, (10, 2))  # the token each slot decodes at each step
+    with torch.inference_mode():  # the reference: a full forward over every prefix, one row at a time
+        full = [[model(torch.cat([p, fed[:i, slot]])[None])[0, -1] for i in range(11)]
+                for slot, p in enumerate(prompts)]
+
+    def relative_error(got, want):
+        return ((got - want).abs().max() / want.abs().max()).item()
+
+    with torch.inference_mode(), Session(model, batch_size=2, max_len=24) as session:
+        for slot, prompt in enumerate(prompts):
+            assert relative_error(session.prefill(slot, prompt)[0], full[slot][0]) <= 1e-5
+        for step in range(10):
+            positions = torch.tensor([len(p) + step for p in prompts])
+            logits = session.decode(fed[step], positions, length=24)
+            for slot in range(2):
+                assert relative_error(logits[slot], full[slot][step + 1]) <= 1e-5
+    assert all(layer.self_attn.kv_cache is None for layer in model.layers)  # detached after use
+
+
+# -----------------------------------------------------------------------------
+# greedy parity and batch invariance
+
+
+def test_greedy_matches_transformers(tiny, tiny_hf):
+    """Five prompts of different lengths through 2 slots (refills, compaction) = transformers alone."""
+    model, tokenizer = tiny
+    prompts = [chat(tokenizer, q) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    finished = []
+    outs = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=24), batch_size=2,
+                    on_finish=lambda i, c: finished.append((i, c)))
+    for prompt, out in zip(prompts, outs):
+        assert out.tokens == hf_greedy(tiny_hf, prompt, 24, tokenizer.stop_ids)
+        assert out.finish_reason == "length" and out.text == tokenizer.decode(out.tokens)
+    assert sorted(i for i, _ in finished) == list(range(len(prompts)))
+    assert all(outs[i] is c for i, c in finished)
+
+
+def test_greedy_matches_transformers_on_demo_model(demo_dir):
+    """SmolLM2-135M-Instruct, 64 new tokens, prompts of different lengths in one batch."""
+    from transformers import LlamaForCausalLM
+
+    model, tokenizer = load(demo_dir)
+    hf_model = LlamaForCausalLM.from_pretrained(demo_dir, dtype=torch.float32).eval()
+    questions = ["Tom has 26 apples. He buys 28 more. How many apples does he have?",
+                 "Give three tips for staying healthy.", "Quelle est la capitale de la France ?"]
+    prompts = [chat(tokenizer, q) for q in questions]
+    outs = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=64), batch_size=3)
+    for prompt, out in zip(prompts, outs):
+        expected = hf_greedy(hf_model, prompt, 64, tokenizer.stop_ids)
+        assert out.tokens == expected
+        assert out.finish_reason == ("length" if len(expected) == 64 else "stop_token")
+    assert any(out.finish_reason == "stop_token" for out in outs) or all(len(o.tokens) == 64 for o in outs)
+
+
+def test_batch_invariance(tiny):
+    """A prompt's output is the same alone and inside a batch, greedy and sampled (per-request seeds)."""
+    model, tokenizer = tiny
+    prompts = [chat(tokenizer, q) for q in QUESTIONS]
+    for params in (SamplingParams(max_new_tokens=20),
+                   SamplingParams(max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.9, seed=3)):
+        together = generate(model, tokenizer, prompts, params, batch_size=4)
+        alone = [generate(model, tokenizer, [p], params, seeds=[params.seed + i])[0] for i, p in enumerate(prompts)]
+        assert [o.tokens for o in together] == [o.tokens for o in alone]
+
+
+def test_refill_and_compaction_with_early_stops(tiny):
+    """Rows stopping at different steps free their slots; every row equals its own solo run."""
+    model, tokenizer = tiny
+    prompts = [chat(tokenizer, q) for q in QUESTIONS]
+    free = generate(model, with_stops(tokenizer, ()), prompts, SamplingParams(max_new_tokens=30), batch_size=5)
+    # stop on the 3rd token of prompt 0's output and the 12th of prompt 3's
+    stops = {free[0].tokens[2], free[3].tokens[11]}
+    stopping = with_stops(tokenizer, stops)
+    outs = generate(model, stopping, prompts, SamplingParams(max_new_tokens=30), batch_size=2)
+    for o, f in zip(outs, free):
+        cut = next((i for i, t in enumerate(f.tokens) if t in stops), None)
+        assert o.tokens == f.tokens[:cut]
+        assert o.finish_reason == ("length" if cut is None else "stop_token")
+    assert outs[0].finish_reason == "stop_token" and len(outs[0].tokens) <= 2
+
+
+# -----------------------------------------------------------------------------
+# repetition penalty, top-k, top-p, seeds
+
+
+def test_repetition_penalty_known_answer():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
+
+
+def test_repetition_penalty_matches_transformers(tiny, tiny_hf):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits, ids = torch.randn(3, 500), torch.randint(0, 500, (3, 40))
+    seen = torch.zeros(3, 500, dtype=torch.bool).scatter(1, ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.1)(ids, logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.1), expected, rtol=0, atol=0)
+    # end to end: the penalty covers prompt and generated tokens, as transformers' does
+    model, tokenizer = tiny
+    prompt = chat(tokenizer, QUESTIONS[1])  # its plain greedy answer repeats itself
+    penalized = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=30, repetition_penalty=1.3))[0]
+    plain = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=30))[0]
+    assert penalized.tokens == hf_greedy(tiny_hf, prompt, 30, tokenizer.stop_ids, repetition_penalty=1.3)
+    assert penalized.tokens != plain.tokens
+
+
+def test_top_k_top_p_known_answer():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda k, p: torch.isfinite(filter_top_k_top_p(logits, k, p))[0].tolist()  # noqa: E731
+    assert kept(2, 1.0) == [True, True, False, False]
+    assert kept(0, 0.75) == [True, True, False, False]  # 0.5 < 0.75 <= 0.5 + 0.3
+    assert kept(0, 0.85) == [True, True, True, False]
+    assert kept(0, 0.01) == [True, False, False, False]  # the most likely token always stays
+    assert kept(3, 0.85) == [True, True, True, False]
+    assert kept(0, 1.0) == [True, True, True, True]
+
+
+def test_top_k_top_p_match_transformers():
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000) * 3
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    for k in (1, 5, 50):
+        expected = TopKLogitsWarper(k)(ids, logits.clone())
+        assert torch.equal(torch.isfinite(filter_top_k_top_p(logits, k, 1.0)), torch.isfinite(expected))
+    for p in (0.1, 0.5, 0.9):
+        expected = TopPLogitsWarper(p)(ids, logits.clone())
+        assert torch.equal(torch.isfinite(filter_top_k_top_p(logits, 0, p)), torch.isfinite(expected))
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    """Draws from [.5, .3, .15, .05] with top_p=0.75 land on tokens 0 and 1 with odds .625 / .375."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    params = SamplingParams(temperature=1.0, top_p=0.75)
+    generator = torch.Generator().manual_seed(0)
+    seen = torch.zeros(1, 4, dtype=torch.bool)
+    draws = torch.tensor([sample(logits, seen, params, [generator]).item() for _ in range(4000)])
+    counts = torch.bincount(draws, minlength=4).tolist()
+    assert counts[2] == counts[3] == 0
+    assert abs(counts[0] / 4000 - 0.625) < 0.03
+    # temperature 2 flattens [.5, .3] to sqrt-proportional odds before top-p: .5^.5 / (.5^.5 + .3^.5 + .15^.5) ...
+    params = SamplingParams(temperature=2.0)
+    draws = torch.tensor([sample(logits, seen, params, [generator]).item() for _ in range(4000)])
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    probs = probs / probs.sum()
+    assert (torch.bincount(draws, minlength=4) / 4000 - probs).abs().max() < 0.03
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, tokenizer = tiny
+    prompts = [chat(tokenizer, q) for q in QUESTIONS[:3]]
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=7)
+    first = generate(model, tokenizer, prompts, params, batch_size=2)
+    again = generate(model, tokenizer, prompts, params, batch_size=3)
+    other = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=16, temperature=1.0, seed=8))
+    greedy = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=16))
+    assert [o.tokens for o in first] == [o.tokens for o in again]
+    assert [o.tokens for o in first] != [o.tokens for o in other]
+    assert [o.tokens for o in first] != [o.tokens for o in greedy]
+    # top_k=1 leaves one token to draw: sampling is then greedy
+    top1 = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=16, temperature=1.0, top_k=1))
+    assert [o.tokens for o in top1] == [o.tokens for o in greedy]
+
+
+# -----------------------------------------------------------------------------
+# stop strings, stop tokens, prefill, limits
+
+
+def test_stop_string_cuts_text_and_tokens(tiny):
+    model, tokenizer = tiny
+    tokenizer = with_stops(tokenizer, ())
+    prompt = chat(tokenizer, QUESTIONS[1])
+    free = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=30))[0]
+    # a stop string straddling a boundary between two generated tokens, where it first occurs
+    for i in range(3, 25):
+        head, tail = tokenizer.decode(free.tokens[:i]), tokenizer.decode(free.tokens[i : i + 2])
+        stop = head[-2:] + tail[:2]
+        start = len(head) - 2
+        if len(stop) == 4 and free.text.find(stop) == start:
+            break
+    else:
+        pytest.fail("the tiny model's output has no boundary to test")
+    out = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=30, stop_strings=("zzz-never", stop)))[0]
+    assert out.finish_reason == "stop_string"
+    assert out.text == free.text[:start]
+    # the tokens end with the one that completed the stop string
+    n = next(n for n in range(1, 31) if stop in tokenizer.decode(free.tokens[:n]))
+    assert out.tokens == free.tokens[:n]
+
+
+def test_stop_token_is_dropped(tiny):
+    model, tokenizer = tiny
+    prompt = chat(tokenizer, QUESTIONS[0])
+    free = generate(model, with_stops(tokenizer, ()), [prompt], SamplingParams(max_new_tokens=20))[0]
+    stop = free.tokens[6]
+    first = free.tokens.index(stop)
+    out = generate(model, with_stops(tokenizer, {stop}), [prompt], SamplingParams(max_new_tokens=20))[0]
+    assert out == Completion(free.tokens[:first], tokenizer.decode(free.tokens[:first]), "stop_token")
+
+
+def test_prefill_continues_the_assistant_turn(tiny, tiny_hf):
+    """A prompt ending inside the assistant turn: its continuation, without the prefill, equals transformers'."""
+    model, tokenizer = tiny
+    prompt = chat(tokenizer, QUESTIONS[1], prefill="<translated>\n")
+    assert tokenizer.decode(prompt).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n<translated>\n")
+    out = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=20))[0]
+    assert out.tokens == hf_greedy(tiny_hf, prompt, 20, tokenizer.stop_ids)
+    assert not out.text.startswith("<translated>")
+    # prefilling the model's own first 5 tokens yields the rest of its answer
+    plain = chat(tokenizer, QUESTIONS[1])
+    full = generate(model, tokenizer, [plain], SamplingParams(max_new_tokens=20))[0]
+    rest = generate(model, tokenizer, [plain + full.tokens[:5]], SamplingParams(max_new_tokens=15))[0]
+    assert rest.tokens == full.tokens[5:]
+
+
+def test_max_new_tokens_and_bad_input(tiny):
+    model, tokenizer = tiny
+    prompts = [chat(tokenizer, q) for q in QUESTIONS[:3]]
+    greedy = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=9))
+    for n in (1, 8, 9):  # around the host's read interval
+        outs = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=n), batch_size=2)
+        assert [o.tokens for o in outs] == [g.tokens[:n] for g in greedy]
+        assert all(o.finish_reason == "length" for o in outs)
+    assert generate(model, tokenizer, [], SamplingParams()) == []
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, tokenizer, [prompts[0], []], SamplingParams())
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
+                dict(repetition_penalty=0), dict(stop_strings="</translated>"), dict(stop_strings=("",))):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert math.isclose(SamplingParams().top_p, 1.0)
