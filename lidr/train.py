@@ -382,7 +382,7 @@ def _train(args, out: Path, rank: int, world: int, device):
     steps_per_epoch = len(examples) // global_batch
     total_steps = steps_per_epoch * args.epochs
     if rank == 0:
-        dropped = ", ".join(f"{v} {k}" for k, v in counts.items() if k not in ("read", "kept", "prompt truncated"))
+        dropped = ", ".join(f"{v} {k}" for k, v in counts.items() if v and k not in ("read", "kept", "prompt truncated"))
         print(f"{args.data}: {counts['read']} rows read, {counts['kept']} kept "
               f"(dropped: {dropped or 'none'}; {counts['prompt truncated']} prompts truncated)")
         print(f"{world} rank(s) on {device.type}; global batch {global_batch} = {args.batch_size} × "

@@ -1,0 +1,147 @@
+"""The DPO loss and the log-probabilities it reads, against closed-form values and plain log_softmax."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lidr.checkpoint import load
+from lidr.dpo import CHUNK_POSITIONS, dpo_loss, hidden_sequence_logps, sequence_logps
+from lidr.train import Example, collate, forward_logps
+
+
+def test_dpo_loss_matches_hand_computed_values():
+    policy_chosen = torch.tensor([-5.0, -10.0], requires_grad=True)
+    policy_rejected = torch.tensor([-7.0, -9.0])
+    ref_chosen, ref_rejected = torch.tensor([-6.0, -10.0]), torch.tensor([-6.0, -11.0])
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
+    # pair 0: rewards 0.1·(−5+6) = 0.1 and 0.1·(−7+6) = −0.1; loss = −log σ(0.2) = log(1 + e^−0.2)
+    # pair 1: rewards 0.1·0 = 0 and 0.1·(−9+11) = 0.2;       loss = −log σ(−0.2) = log(1 + e^0.2)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, 0.0], abs=1e-6)
+    assert rejected_rewards.tolist() == pytest.approx([-0.1, 0.2], abs=1e-6)
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-0.2)), math.log1p(math.exp(0.2))], abs=1e-6)
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+    # ∂loss/∂log π(y_c|x) = −β·σ(−β·Δ) with Δ the difference of log-ratios
+    losses.sum().backward()
+    sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    assert policy_chosen.grad.tolist() == pytest.approx([-0.1 * sigmoid(-0.2), -0.1 * sigmoid(0.2)], abs=1e-6)
+
+
+def test_dpo_loss_is_ln2_when_policy_equals_reference():
+    chosen, rejected = torch.randn(8) * 50, torch.randn(8) * 50
+    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, chosen.clone(), rejected.clone(), beta=0.1)
+    torch.testing.assert_close(losses, torch.full((8,), math.log(2)))
+    assert chosen_rewards.abs().max() == 0 and rejected_rewards.abs().max() == 0
+
+
+def _reference_logps(logits, labels, mask):
+    """Plain float64 log_softmax, gathered and summed over the mask."""
+    logps = F.log_softmax(logits.double(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    return (logps * mask).sum(-1), mask.sum(-1)
+
+
+def test_sequence_logps_matches_log_softmax_across_chunks():
+    torch.manual_seed(0)
+    B, T, V = 3, CHUNK_POSITIONS + 37, 50  # more positions than one chunk
+    logits = torch.randn(B, T, V) * 3
+    labels = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) < 0.6
+    sums, counts = sequence_logps(logits, labels, mask)
+    want_sums, want_counts = _reference_logps(logits, labels, mask)
+    assert sums.dtype == torch.float32
+    torch.testing.assert_close(sums.double(), want_sums, rtol=1e-6, atol=1e-4)
+    assert counts.tolist() == want_counts.tolist()
+    # bf16 logits: the sums are fp32 values of the bf16 logits, not of a bf16 log_softmax
+    sums16, _ = sequence_logps(logits.bfloat16(), labels, mask)
+    want16, _ = _reference_logps(logits.bfloat16(), labels, mask)
+    assert sums16.dtype == torch.float32
+    torch.testing.assert_close(sums16.double(), want16, rtol=1e-6, atol=1e-3)
+
+
+def test_masked_positions_contribute_nothing():
+    torch.manual_seed(0)
+    B, T, V = 2, 12, 30
+    logits = torch.randn(B, T, V, requires_grad=True)
+    labels = torch.randint(0, V, (B, T))
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, 5:9] = True
+    sums, _ = sequence_logps(logits, labels, mask)
+    sums.sum().backward()
+    assert logits.grad[~mask].abs().max() == 0 and logits.grad[mask].abs().max() > 0
+    scrambled = logits.detach().clone()
+    scrambled[~mask] = torch.randn_like(scrambled[~mask]) * 100
+    other_labels = torch.where(mask, labels, torch.randint(0, V, (B, T)))
+    torch.testing.assert_close(sequence_logps(scrambled, other_labels, mask)[0], sums.detach())
+
+
+def test_hidden_sequence_logps_equals_full_logits_path_with_gradients():
+    torch.manual_seed(0)
+    B, T, D, V = 2, CHUNK_POSITIONS + 20, 16, 40
+    hidden = torch.randn(B, T, D, requires_grad=True)
+    weight = torch.randn(V, D, requires_grad=True)
+    labels = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) < 0.9
+    sums, counts = hidden_sequence_logps(hidden, weight, labels, mask)
+    sums.sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    want, want_counts = sequence_logps(hidden @ weight.T, labels, mask)
+    want.sum().backward()
+    torch.testing.assert_close(sums, want)
+    assert counts.tolist() == want_counts.tolist()
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], weight.grad)
+
+
+# -----------------------------------------------------------------------------
+# on a model: the trainer's batches
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load(tiny_dir, dtype=torch.float32)
+
+
+def _examples(tokenizer):
+    def make(prompt, chosen, rejected):
+        eot = tokenizer.tok.token_to_id("<|eot_id|>")
+        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return Example(0, prompt_ids, [tokenizer.encode(chosen) + [eot], tokenizer.encode(rejected) + [eot]])
+
+    return [
+        make("What is two plus two?", "Four.", "Five, I think."),
+        make("Name a colour of the sky on a clear day, and explain why it looks that way.",
+             "Blue: air scatters short wavelengths of sunlight more than long ones.", "Green."),
+        make("Hi", "Hello! How can I help you today?", "Go away."),
+    ]
+
+
+def test_a_sequence_logp_does_not_depend_on_the_rest_of_the_batch(tiny):
+    model, tokenizer = tiny
+    examples = _examples(tokenizer)
+    with torch.no_grad():
+        alone, alone_counts = forward_logps(model, *collate(examples[:1], tokenizer.pad_id, "cpu"))
+        batched, batched_counts = forward_logps(model, *collate(examples, tokenizer.pad_id, "cpu"))
+    # rows: chosen of every example, then rejected of every example
+    torch.testing.assert_close(batched[[0, 3]], alone, rtol=0, atol=1e-5)
+    assert batched_counts[[0, 3]].tolist() == alone_counts.tolist()
+
+
+def test_prompt_and_padding_tokens_contribute_nothing(tiny):
+    model, tokenizer = tiny
+    example = _examples(tokenizer)[0]
+    tokens, labels, mask = collate([example], tokenizer.pad_id, "cpu")
+    # the mask selects exactly the response tokens (shifted by one), end-of-turn included
+    assert labels[0][mask[0]].tolist() == example.responses[0]
+    assert labels[1][mask[1]].tolist() == example.responses[1]
+    with torch.no_grad():
+        logits = model(tokens)
+        want = _reference_logps(logits, labels, mask)[0]
+        got, _ = forward_logps(model, tokens, labels, mask)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+        # more padding on the right changes nothing
+        padded = torch.cat([tokens, torch.full((2, 7), tokenizer.pad_id)], dim=1)
+        padded_labels = torch.cat([labels, torch.full((2, 7), tokenizer.pad_id)], dim=1)
+        padded_mask = torch.cat([mask, torch.zeros(2, 7, dtype=torch.bool)], dim=1)
+        torch.testing.assert_close(forward_logps(model, padded, padded_labels, padded_mask)[0], got, rtol=0, atol=1e-5)

@@ -1,0 +1,235 @@
+"""The trainer end to end on a tiny random Llama (CPU, fp32, gloo): sharding, resume, export, SFT, bad rows.
+
+References: a 1-process run (for 2 processes and for a killed-and-resumed run), transformers'
+LlamaForCausalLM (for the exported folder and for the first step's NLL), ln 2 (the first DPO loss).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lidr.train
+from lidr.checkpoint import load
+from lidr.tokenizer import Tokenizer
+from lidr.train import load_examples, main
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 5  # 20 pairs, global batch 4
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def pairs(n: int) -> list[dict]:
+    return [
+        {"id": f"p{i}", "prompt": f"Question {i}: what is {i} plus {i * 3}?" + " Please explain." * (i % 4),
+         "chosen": f"{i} plus {i * 3} is {i * 4}." + " Done." * (i % 3), "rejected": f"It is {i * 4 + 1}, I believe."}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", pairs(4 * STEPS))
+
+
+def train_args(model, data, out, *extra):
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--lr", "1e-3", "--warmup-ratio", "0.2",
+            "--save-every", "2", "--max-len", "96", *extra]
+
+
+def weights(out: Path) -> dict:
+    return load_file(out / "model" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def run_subprocess(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_dir, data, tmp_path_factory) -> Path:
+    """The reference run: one plain process, 2 pairs per micro-batch, 2 accumulated (global batch 4)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    main(train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2"))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def test_bad_rows_are_dropped_and_counted(tiny_dir, tmp_path):
+    good = pairs(3)
+    long_answer = {"prompt": "Say a lot.", "chosen": "word " * 200, "rejected": "no"}
+    long_prompt = {"prompt": "Read this: " + "blah " * 200 + "Now answer: yes or no?", "chosen": "Yes.", "rejected": "No."}
+    rows = [*good, "{not json", {"prompt": "p", "chosen": "c"}, {"prompt": "p", "chosen": "  ", "rejected": "r"},
+            {"prompt": "p", "chosen": "same", "rejected": "same "}, {"prompt": 3, "chosen": "c", "rejected": "r"},
+            long_answer, long_prompt, ["a list"]]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    tokenizer = Tokenizer.from_folder(tiny_dir)
+    examples, counts = load_examples(path, tokenizer, "dpo", max_len=64)
+    assert dict(counts) == {"read": 11, "unreadable": 2, "missing or empty field": 3, "chosen == rejected": 1,
+                            "too long": 1, "prompt truncated": 1, "kept": 4}
+    eot = tokenizer.tok.token_to_id("<|eot_id|>")
+    assert [e.line for e in examples] == [1, 2, 3, 10]
+    assert all(r[-1] == eot for e in examples for r in e.responses)
+    truncated = examples[-1]
+    assert len(truncated.prompt) + max(map(len, truncated.responses)) == 64
+    # the prompt keeps its end: the question's last words and the assistant header
+    assert tokenizer.decode(truncated.prompt).endswith("Now answer: yes or no?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_bad_rows_counts_are_printed(tiny_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "rows.jsonl", [*pairs(4), {"prompt": "p", "chosen": "x", "rejected": "x"}])
+    main(train_args(tiny_dir, path, tmp_path / "run", "--batch-size", "4"))
+    printed = capsys.readouterr().out
+    assert "5 rows read, 4 kept (dropped: 1 chosen == rejected" in printed
+
+
+# -----------------------------------------------------------------------------
+# DPO runs
+
+
+def test_first_step_is_ln2_and_the_nll_of_transformers(one_process, tiny_dir, data):
+    """Step 1: policy = reference, so the DPO loss is ln 2; the NLL term equals transformers' value."""
+    from transformers import LlamaForCausalLM
+
+    log = [json.loads(line) for line in (one_process / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))
+    assert log[0]["dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[0]["margin"] == 0 and log[0]["reward_accuracy"] == 0
+    assert log[-1]["reward_accuracy"] > 0.5 and log[-1]["dpo"] < log[0]["dpo"]  # it learns the pairs
+    # the NLL of step 1: the mean over the step's 4 chosen responses of their mean token NLL
+    tokenizer = Tokenizer.from_folder(tiny_dir)
+    examples, _ = load_examples(data, tokenizer, "dpo", max_len=96)
+    args = lidr.train.parse_args(train_args(tiny_dir, data, "unused", "--batch-size", "2", "--grad-accum", "2"))
+    step0 = [i for micro in range(2) for i in lidr.train.micro_batch(0, micro, len(examples), args, 0, 1)]
+    hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    nlls = []
+    for i in step0:
+        ex = examples[i]
+        ids = torch.tensor([ex.prompt + ex.responses[0]])
+        with torch.no_grad():
+            logps = torch.log_softmax(hf(ids).logits[0, :-1].double(), -1)
+        targets = ids[0, 1:]
+        n = len(ex.responses[0])
+        nlls.append(-logps[-n:].gather(-1, targets[-n:, None]).mean().item())
+    assert log[0]["nll"] == pytest.approx(sum(nlls) / len(nlls), abs=1e-5)
+    assert (one_process / "curves.png").stat().st_size > 0
+
+
+def test_two_processes_train_the_same_weights_as_one(one_process, tiny_dir, data, tmp_path):
+    out = tmp_path / "two"
+    proc = run_subprocess([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_dpo.py", *train_args(tiny_dir, data, out, "--batch-size", "2")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s) on cpu; global batch 4 = 2 × 1 accumulation × 2" in proc.stdout
+    assert_same_weights(weights(out), weights(one_process), atol=1e-5)
+
+
+KILL_AFTER_THIRD_STEP = """
+import os, runpy, signal, sys
+import torch
+step = torch.optim.AdamW.step
+calls = []
+def step_then_die(self, *args, **kwargs):
+    result = step(self, *args, **kwargs)
+    calls.append(1)
+    if len(calls) == 3:  # step 3 done, its checkpoint (every 2 steps) not yet written
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+torch.optim.AdamW.step = step_then_die
+sys.argv = ["train_dpo.py", *sys.argv[1:]]
+runpy.run_path("train_dpo.py", run_name="__main__")
+"""
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_weights(one_process, tiny_dir, data, tmp_path):
+    out = tmp_path / "killed"
+    args = train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2")
+    killed = run_subprocess([sys.executable, "-c", KILL_AFTER_THIRD_STEP, *args])
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert torch.load(out / "checkpoint" / "trainer.pt")["step"] == 2
+    assert not (out / "model").exists()
+    rerun = run_subprocess([sys.executable, "train_dpo.py", *args])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoint'} at step 2" in rerun.stdout
+    log = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, STEPS + 1))  # step 3's line from the killed run was dropped
+    assert_same_weights(weights(out), weights(one_process), atol=1e-6)
+
+
+def test_exported_folder_loads_in_lidr_and_transformers_with_identical_logits(one_process, tiny_dir):
+    from transformers import LlamaForCausalLM
+
+    trained, initial = weights(one_process), load_file(tiny_dir / "model.safetensors")
+    assert max((trained[k] - initial[k]).abs().max().item() for k in initial) > 1e-4  # it did train
+    model, tokenizer = load(one_process / "model", dtype=torch.float32)
+    hf = LlamaForCausalLM.from_pretrained(one_process / "model", dtype=torch.float32).eval()
+    tokens = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": "What is 2 plus 2?"}])])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=0, atol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, data, tmp_path, monkeypatch):
+    real_dpo_loss, calls = lidr.train.dpo_loss, []
+
+    def nan_at_step_3(*args, **kwargs):
+        losses, chosen, rejected = real_dpo_loss(*args, **kwargs)
+        calls.append(1)
+        return (losses * math.nan if len(calls) == 3 else losses), chosen, rejected
+
+    monkeypatch.setattr(lidr.train, "dpo_loss", nan_at_step_3)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match="step 3: loss nan .* not finite"):
+        main(train_args(tiny_dir, data, out, "--batch-size", "4"))
+    assert torch.load(out / "checkpoint" / "trainer.pt")["step"] == 2
+    assert not (out / "checkpoint.tmp").exists() and not (out / "model").exists()
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+# -----------------------------------------------------------------------------
+# SFT (SDRRL)
+
+
+def test_sft_objective_trains_on_responses(tiny_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    rows = [{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs(4)]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows * 3)  # 12 rows: 3 steps of 4
+    out = tmp_path / "sft"
+    main(train_args(tiny_dir, path, out, "--objective", "sft", "--batch-size", "4"))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert not (out / "reference_logps.pt").exists()
+    assert set(log[0]) >= {"loss", "nll"} and "dpo" not in log[0]
+    assert log[0]["loss"] == pytest.approx(log[0]["nll"])
+    assert log[-1]["nll"] < log[0]["nll"]
+    # step 1 holds 4 rows; 3 copies of 4 rows shuffled: compare with the mean over the rows it drew
+    tokenizer = Tokenizer.from_folder(tiny_dir)
+    examples, _ = load_examples(path, tokenizer, "sft", max_len=96)
+    args = lidr.train.parse_args(train_args(tiny_dir, path, out, "--objective", "sft", "--batch-size", "4"))
+    hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    nlls = []
+    for i in lidr.train.micro_batch(0, 0, len(examples), args, 0, 1):
+        ex = examples[i]
+        ids = torch.tensor([ex.prompt + ex.responses[0]])
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(hf(ids).logits[0, len(ex.prompt) - 1 : -1], ids[0, len(ex.prompt) :])
+        nlls.append(loss.item())
+    assert log[0]["nll"] == pytest.approx(sum(nlls) / 4, abs=1e-5)
