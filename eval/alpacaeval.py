@@ -1,0 +1,218 @@
+"""X-AlpacaEval: the 805 AlpacaEval instructions per language, judged against gpt-4-turbo's outputs.
+
+    # 1. the model's outputs (greedy, repetition penalty 1.1, 2,048 new tokens, as the paper)
+    python -m eval.alpacaeval generate --model runs/M1 --out runs/eval/M1 \\
+        --prompts ../shared/data/x-alpacaeval/prompts --langs en es ru de fr
+    # 2. pairwise judgements against the reference outputs, with an API judge ...
+    OPENAI_API_KEY=... python -m eval.alpacaeval judge --out runs/eval/M1 --langs en es ru de fr \\
+        --reference ../shared/data/x-alpacaeval/reference-gpt-4-turbo-2024-04-09 \\
+        --judge http --judge-model gpt-4-1106-preview
+    # ... or any local checkpoint as the judge, both orders of every pair
+    python -m eval.alpacaeval judge ... --judge local --judge-model models/Llama-3.1-70B-Instruct --both-orders
+
+Files, in the model's results folder {out}/x-alpacaeval/:
+- outputs/{lang}.jsonl: one row per instruction, appended as generated (a rerun resumes);
+  outputs/{lang}.json: alpaca_eval's model_outputs.json ({generator, dataset, id, instruction,
+  output}), written once a language is complete; outputs/summary.json: the outputs' off-target
+  rate and how many hit the token limit, per language.
+- judge-{judge}[-both]/{lang}.jsonl: one row per instruction {key (the id), preference = P(the
+  model's output beats the reference), orders (the judge's raw P(M better) per order)}, appended
+  as judged; judge-.../summary.json: win rate = 100 × mean preference ± standard error per
+  language (eval/report.py reads it).
+
+Inputs: prompts/{lang}.json, a JSON list of {id, instruction[, dataset]}; reference/{lang}.json and
+the outputs to judge are model_outputs.json lists; items are matched by id (as text). A row that
+lacks a field, an id without a reference or output, and an id whose instruction differs between
+the two files are dropped and counted.
+
+How this departs from the paper: the paper's judge is gpt-4-1106-preview through alpaca_eval's
+weighted annotator; here the judge prompt is lidr's own (eval/judge.py), the pair order is a fixed
+hash of the id instead of a random draw (or both orders, --both-orders), and a local checkpoint
+can judge. The system turn is the LIDR repository's "You are a helpful assistant." (--system).
+"""
+
+import argparse
+from pathlib import Path
+
+from lidr.jsonl import ResumableWriter, read_records, write_json_atomic
+from lidr.langid import detect_language
+from lidr.languages import language_name
+
+BENCHMARK = "x-alpacaeval"
+
+
+def read_items(path: Path, fields: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """{id (text): row} from an alpaca_eval-style JSON list, and the reasons rows were dropped."""
+    rows, bad = read_records(path)
+    items, dropped = {}, [f"{path}:{n}: {reason}" for n, reason in bad]
+    for n, row in rows:
+        missing = [f for f in ("id", *fields) if not isinstance(row.get(f), (str, int)) or row.get(f) == ""]
+        if missing:
+            dropped.append(f"{path}:{n}: missing or empty field(s) {', '.join(missing)}")
+        elif str(row["id"]) in items:
+            dropped.append(f"{path}:{n}: duplicate id {row['id']!r}")
+        else:
+            items[str(row["id"])] = row
+    return items, dropped
+
+
+def report_dropped(lang: str, what: str, dropped: list[str]):
+    if dropped:
+        print(f"{lang}: dropped {len(dropped)} {what} row(s); first: {dropped[0]}")
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out: Path, params, batch_size: int,
+                     system: str, generator: str, limit: int | None = None) -> dict:
+    from eval.common import chat, generate_resumable
+
+    summary = {"benchmark": BENCHMARK + "-outputs", "generator": generator, "languages": {}}
+    for lang in langs:
+        prompts, dropped = read_items(prompts_dir / f"{lang}.json", ("instruction",))
+        report_dropped(lang, "prompt", dropped)
+        chosen = list(prompts.values())[:limit] if limit else list(prompts.values())
+        items = [(str(p["id"]), tokenizer.encode_chat(chat(system, p["instruction"])), p) for p in chosen]
+
+        def make_row(key, prompt, completion):
+            return {"id": key, "dataset": prompt.get("dataset", ""), "instruction": prompt["instruction"],
+                    "output": completion.text.strip(), "finish_reason": completion.finish_reason,
+                    "n_tokens": len(completion.tokens)}
+
+        with ResumableWriter(out / f"{lang}.jsonl", key="id") as writer:
+            generated = generate_resumable(model, tokenizer, items, writer, params, batch_size, make_row)
+            by_id = {row["id"]: row for row in writer.rows}
+        rows = [by_id[key] for key, _, _ in items]
+        write_json_atomic(out / f"{lang}.json", [
+            {"generator": generator, "dataset": r["dataset"], "id": r["id"], "instruction": r["instruction"],
+             "output": r["output"]} for r in rows])
+        detected = [detect_language(r["output"])[0] for r in rows]
+        summary["languages"][lang] = {
+            "n": len(rows),
+            "off_target": sum(d is not None and d != lang for d in detected) / len(rows) if rows else None,
+            "undetermined_lang": sum(d is None for d in detected),
+            "truncated": sum(r["finish_reason"] == "length" for r in rows),
+            "dropped_prompts": len(dropped),
+        }
+        print(f"{lang}: {len(rows)} outputs ({generated} generated now) -> {out / f'{lang}.json'}")
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# judging
+
+
+def build_pairs(outputs_path: Path, reference_path: Path, lang: str) -> tuple[list[dict], dict]:
+    """Pairs {key, instruction, first: the model's output, second: the reference}, and drop counts."""
+    outputs, dropped_outputs = read_items(outputs_path, ("instruction", "output"))
+    references, dropped_references = read_items(reference_path, ("instruction", "output"))
+    report_dropped(lang, "output", dropped_outputs)
+    report_dropped(lang, "reference", dropped_references)
+    pairs, mismatched = [], []
+    for key, row in outputs.items():
+        reference = references.get(key)
+        if reference is None:
+            continue
+        if reference["instruction"].strip() != row["instruction"].strip():
+            mismatched.append(key)
+            continue
+        pairs.append({"key": key, "instruction": row["instruction"], "first": row["output"],
+                      "second": reference["output"]})
+    if mismatched:
+        print(f"{lang}: {len(mismatched)} id(s) whose instruction differs from the reference's were dropped, "
+              f"first: {mismatched[0]}")
+    counts = {"dropped_outputs": len(dropped_outputs), "dropped_references": len(dropped_references),
+              "no_reference": sum(key not in references for key in outputs),
+              "no_output": sum(key not in outputs for key in references),
+              "instruction_mismatch": len(mismatched)}
+    return pairs, counts
+
+
+def judge_outputs(judge, outputs_dir: Path, reference_dir: Path, langs: list[str], out: Path,
+                  both_orders: bool, judge_name: str, limit: int | None = None) -> dict:
+    from eval.judge import judge_resumable, summarize_preferences
+
+    summary = {"benchmark": BENCHMARK, "judge": judge_name, "both_orders": both_orders,
+               "reference": str(reference_dir), "languages": {}}
+    for lang in langs:
+        pairs, counts = build_pairs(outputs_dir / f"{lang}.json", reference_dir / f"{lang}.json", lang)
+        pairs = pairs[:limit] if limit else pairs
+        with ResumableWriter(out / f"{lang}.jsonl", key="key") as writer:
+            judge_resumable(judge, pairs, writer, both_orders, desc=f"judge {lang}")
+            wanted = {p["key"] for p in pairs}
+            rows = [r for r in writer.rows if r["key"] in wanted]
+        summary["languages"][lang] = {**summarize_preferences(rows), **counts}
+        s = summary["languages"][lang]
+        if s["win_rate"] is not None:
+            se = f" ± {s['se']:.2f}" if s["se"] is not None else ""
+            print(f"{lang}: win rate {s['win_rate']:.2f}{se} (n={s['n']}, no verdict {s['no_verdict']})")
+    rates = [s["win_rate"] for s in summary["languages"].values() if s["win_rate"] is not None]
+    summary["average"] = {"win_rate": sum(rates) / len(rates) if rates else None}
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    from eval.common import add_model_args, check_settings, load_model
+    from eval.judge import add_judge_args, judge_folder_name, make_judge
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="the model's outputs in alpaca_eval's model_outputs.json format")
+    add_model_args(gen, batch_size=32)
+    gen.add_argument("--prompts", required=True, help="folder of {lang}.json instruction lists")
+    gen.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. en es ru de fr")
+    gen.add_argument("--out", required=True, help="the model's results folder; writes {out}/x-alpacaeval/outputs/")
+    gen.add_argument("--generator", default=None, help="generator name in the outputs (default: the model folder's name)")
+    gen.add_argument("--max-new-tokens", type=int, default=2048, help="default: %(default)s (the paper's)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.1, help="default: %(default)s (the paper's)")
+    gen.add_argument("--limit", type=int, default=None, help="only the first N instructions per language")
+
+    jud = commands.add_parser("judge", help="pairwise judgements of the outputs against reference outputs")
+    jud.add_argument("--out", required=True, help="the model's results folder; writes {out}/x-alpacaeval/judge-*/")
+    jud.add_argument("--outputs", default=None,
+                     help="folder of {lang}.json model outputs to judge (default: {out}/x-alpacaeval/outputs)")
+    jud.add_argument("--reference", required=True, help="folder of {lang}.json reference outputs")
+    jud.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. en es ru de fr")
+    jud.add_argument("--limit", type=int, default=None, help="only the first N items per language")
+    add_judge_args(jud)
+    args = parser.parse_args(argv)
+
+    for lang in args.langs:
+        language_name(lang)
+    base = Path(args.out) / BENCHMARK
+    if args.command == "generate":
+        from lidr.sampler import SamplingParams
+
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
+                                repetition_penalty=args.repetition_penalty)
+        check_settings(base / "outputs", {"model": str(Path(args.model).resolve()), "system": args.system,
+                                          "max_new_tokens": args.max_new_tokens, "chat_format": args.chat_format,
+                                          "repetition_penalty": args.repetition_penalty, "dtype": args.dtype})
+        model, tokenizer = load_model(args)
+        generate_outputs(model, tokenizer, Path(args.prompts), args.langs, base / "outputs", params,
+                         args.batch_size, args.system, args.generator or Path(args.model).resolve().name, args.limit)
+    else:
+        outputs = Path(args.outputs) if args.outputs else base / "outputs"
+        for lang in args.langs:
+            for path in (outputs / f"{lang}.json", Path(args.reference) / f"{lang}.json"):
+                if not path.is_file():
+                    parser.error(f"{path}: no such file")
+        judge = make_judge(args)
+        try:
+            judge_outputs(judge, outputs, Path(args.reference), args.langs, base / judge_folder_name(args),
+                          args.both_orders, judge.name, args.limit)
+        finally:
+            judge.close()
+
+
+if __name__ == "__main__":
+    main()

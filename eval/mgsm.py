@@ -1,0 +1,223 @@
+"""MGSM (and the translated GSM8K test sets): accuracy of the last number, and the off-target rate.
+
+    python -m eval.mgsm --model runs/M1 --out runs/eval/M1 \\
+        --data ../shared/data/mgsm --langs en es ru de fr ja sw th zh bn te
+    python -m eval.mgsm --model runs/M1 --out runs/eval/M1 --name gsm8k \\
+        --data ../shared/data/gsm8k/test --langs en de es fr ru
+
+Every question is put to the model in the paper's prompt (below), inside the model's chat format,
+and answered greedily. The prediction is the last number of the answer; it is right when it equals
+the reference number. The off-target rate is the share of answers that language identification
+(lidr/langid.py) places in another language than the one asked for.
+
+Files: {out}/{name}/{lang}.jsonl holds one row per question (question, answer, prediction, right or
+wrong, detected language), appended as generated; a rerun skips the rows already there.
+{out}/{name}/summary.json holds accuracy and off-target rate per language, recomputed from every
+row at the end of each run; eval/report.py reads it.
+
+Input: a folder of {lang}.jsonl files, rows {query, response} (MGSM) or {instruction, final_answer}
+(translated GSM8K); a row missing them is dropped and counted.
+
+Reading the last number (`extract_last_number`): digits of any script (Bengali ১২, Thai ๑๒,
+Devanagari १२, full-width １２ — Unicode decimal digits; superscripts such as m² are not digits);
+thousands separators "," "." and spaces (also no-break, narrow no-break and thin spaces, only
+before a group of exactly three digits); decimal "," or "."; a leading minus ("-" or "−") when no
+letter or digit stands before it; trailing units and punctuation are ignored. One separator
+followed by exactly three digits, after a first group of one to three digits not starting with 0,
+is a thousands separator ("1,000" and "1.000" are 1000, "0,125" and "2.50" are decimals): GSM
+answers are almost always integers.
+
+How this departs from the paper and its repository:
+- The paper does not say how the last number is read, how many tokens an answer may have, nor
+  which language identifier gave its off-target rates: here the reading above, --max-new-tokens
+  512 and py3langid. Numbers written in words or in CJK numerals (十八) are not read.
+- Off-target: an answer with too few letters to identify counts as on target; the count of such
+  answers is reported beside the rate.
+- The system turn is the LIDR repository's "You are a helpful assistant." (--system).
+"""
+
+import argparse
+import re
+import unicodedata
+from pathlib import Path
+
+from lidr.jsonl import ResumableWriter, read_records, write_json_atomic
+from lidr.langid import detect_language
+from lidr.languages import language_name
+
+PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request in {language}. Please answer in {language}.\n\n### Instruction:\n{question}\n\n### Response:\n"
+)
+
+# -----------------------------------------------------------------------------
+# reading the last number of an answer
+
+SPACES = " \u00a0\u202f\u2009"  # space, no-break, narrow no-break, thin
+ARABIC_DECIMAL, ARABIC_THOUSANDS = "\u066b", "\u066c"
+NUMBER = re.compile(
+    r"(?P<sign>(?<!\w)[-\u2212])?"
+    r"(?P<body>\d+(?:(?:[.,\u066b\u066c]|[" + SPACES + r"](?=\d{3}(?!\d)))\d+)*)"
+)
+
+
+def to_ascii_digits(text: str) -> str:
+    return "".join(str(unicodedata.decimal(ch)) if ch.isdecimal() else ch for ch in text)
+
+
+def parse_number(body: str) -> float:
+    """The value of one matched number body ("1,000.5", "১২", "3,5", "1 000")."""
+    body = to_ascii_digits(body)
+    for space in SPACES:
+        body = body.replace(space, ARABIC_THOUSANDS)  # spaces only ever separate thousands
+    groups = re.split(r"[^0-9]", body)
+    seps = re.findall(r"[^0-9]", body)
+    if not seps:
+        return float(groups[0])
+    last, rest = seps[-1], seps[:-1]
+    if last == ARABIC_DECIMAL:
+        decimal = True
+    elif last == ARABIC_THOUSANDS:
+        decimal = False
+    elif rest:  # "1,000,000" (one kind: thousands) or "1,000.5" / "1.000,5" / "1 000,5" (the last is decimal)
+        decimal = any(sep != last for sep in rest)
+    else:
+        thousands = len(groups[1]) == 3 and len(groups[0]) <= 3 and not groups[0].startswith("0")
+        decimal = not thousands
+    if decimal:
+        return float("".join(groups[:-1]) + "." + groups[-1])
+    return float("".join(groups))
+
+
+def extract_last_number(text: str) -> float | None:
+    """The last number written in `text`, or None when it has none."""
+    matches = list(NUMBER.finditer(text))
+    if not matches:
+        return None
+    last = matches[-1]
+    value = parse_number(last.group("body"))
+    return -value if last.group("sign") else value
+
+
+def same_number(prediction: float | None, gold: float) -> bool:
+    return prediction is not None and abs(prediction - gold) <= 1e-6 * max(1.0, abs(gold))
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def read_questions(path: Path) -> tuple[list[dict], list[str]]:
+    """[{index, question, gold_text, gold}] from an MGSM or translated-GSM8K file, and the dropped rows' reasons."""
+    rows, bad = read_records(path)
+    questions, dropped = [], [f"{path}:{n}: {reason}" for n, reason in bad]
+    for n, row in rows:
+        question = row.get("query", row.get("instruction"))
+        gold_text = row.get("response", row.get("final_answer"))
+        if not isinstance(question, str) or not question.strip():
+            dropped.append(f"{path}:{n}: no question (field 'query' or 'instruction')")
+            continue
+        gold = extract_last_number(str(gold_text)) if gold_text is not None else None
+        if gold is None:
+            dropped.append(f"{path}:{n}: no reference number (field 'response' or 'final_answer'): {gold_text!r}")
+            continue
+        questions.append({"index": n, "question": question, "gold_text": str(gold_text), "gold": gold})
+    return questions, dropped
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+def score_answer(answer: str, gold: float, lang: str) -> dict:
+    prediction = extract_last_number(answer)
+    detected, _ = detect_language(answer)
+    return {
+        "prediction": prediction,
+        "correct": same_number(prediction, gold),
+        "detected_lang": detected,
+        "off_target": detected is not None and detected != lang,
+    }
+
+
+def summarize(rows: list[dict]) -> dict:
+    n = len(rows)
+    return {
+        "n": n,
+        "accuracy": sum(r["correct"] for r in rows) / n if n else None,
+        "off_target": sum(r["off_target"] for r in rows) / n if n else None,
+        "undetermined_lang": sum(r["detected_lang"] is None for r in rows),
+        "no_number": sum(r["prediction"] is None for r in rows),
+        "truncated": sum(r["finish_reason"] == "length" for r in rows),
+    }
+
+
+def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch_size: int,
+        system: str, limit: int | None = None) -> dict:
+    """Generate what is missing, score every row, and write {out}/summary.json; returns the summary."""
+    from eval.common import chat, generate_resumable
+
+    summary = {"benchmark": out.name, "data": str(data), "languages": {}, "dropped": {}}
+    for lang in langs:
+        questions, dropped = read_questions(data / f"{lang}.jsonl")
+        if dropped:
+            print(f"{lang}: dropped {len(dropped)} row(s), first: {dropped[0]}")
+            summary["dropped"][lang] = len(dropped)
+        questions = questions[:limit] if limit else questions
+        items = []
+        for q in questions:
+            user = PROMPT.format(language=language_name(lang), question=q["question"])
+            items.append((q["index"], tokenizer.encode_chat(chat(system, user)), q))
+
+        def make_row(index, q, completion, lang=lang):
+            answer = completion.text.strip()
+            return {"index": index, "lang": lang, "question": q["question"], "gold": q["gold_text"],
+                    "answer": answer, "finish_reason": completion.finish_reason,
+                    "n_tokens": len(completion.tokens), **score_answer(answer, q["gold"], lang)}
+
+        with ResumableWriter(out / f"{lang}.jsonl", key="index") as writer:
+            generated = generate_resumable(model, tokenizer, items, writer, params, batch_size, make_row)
+            wanted = {q["index"] for q in questions}
+            rows = [r for r in writer.rows if r["index"] in wanted]
+        summary["languages"][lang] = summarize(rows)
+        s = summary["languages"][lang]
+        print(f"{out.name} {lang}: accuracy {s['accuracy']:.3f}  off-target {s['off_target']:.3f}  "
+              f"(n={s['n']}, {generated} generated now)")
+    scored = [s for s in summary["languages"].values() if s["n"]]
+    summary["average"] = {
+        "accuracy": sum(s["accuracy"] for s in scored) / len(scored) if scored else None,
+        "off_target": sum(s["off_target"] for s in scored) / len(scored) if scored else None,
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def main(argv=None):
+    from eval.common import add_model_args, check_settings, load_model
+    from lidr.sampler import SamplingParams
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser, batch_size=32)
+    parser.add_argument("--data", required=True, help="folder of {lang}.jsonl question files")
+    parser.add_argument("--langs", nargs="+", required=True, help="language codes to evaluate, e.g. en es ru de fr")
+    parser.add_argument("--out", required=True, help="the model's results folder; writes {out}/{name}/")
+    parser.add_argument("--name", default="mgsm", help="benchmark name and subfolder (default: %(default)s; gsm8k for GSM8K)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="default: %(default)s")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N questions per language")
+    args = parser.parse_args(argv)
+
+    for lang in args.langs:
+        language_name(lang)
+        if not (Path(args.data) / f"{lang}.jsonl").is_file():
+            parser.error(f"{Path(args.data) / f'{lang}.jsonl'}: no such file")
+    out = Path(args.out) / args.name
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    check_settings(out, {"model": str(Path(args.model).resolve()), "system": args.system, "prompt": PROMPT,
+                         "max_new_tokens": args.max_new_tokens, "chat_format": args.chat_format,
+                         "dtype": args.dtype})
+    model, tokenizer = load_model(args)
+    run(model, tokenizer, Path(args.data), args.langs, out, params, args.batch_size, args.system, args.limit)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""Judges: the HTTP judge against a scripted local chat-completions server, the local-model judge
+against transformers' logits, both orders / random order, win rates, and the X-AlpacaEval and
+agreement commands end to end on small files."""
+
+import json
+import math
+import statistics
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from eval import agreement, alpacaeval
+from eval.judge import (
+    HttpJudge, JudgeError, LocalJudge, judge_both_orders, judge_messages, judge_random_order, order_is_swapped,
+    win_rate,
+)
+from lidr.jsonl import ResumableWriter
+
+TRIPLE = ("¿Cuál es la capital de Francia?", "La capital de Francia es París.", "Paris is the capital.")
+
+
+# -----------------------------------------------------------------------------
+# a scripted chat-completions server on 127.0.0.1
+
+
+def completion_body(top: list[tuple[str, float]], text: str | None = None) -> dict:
+    text = top[0][0] if text is None else text
+    return {"id": "x", "object": "chat.completion", "choices": [{
+        "index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": text},
+        "logprobs": {"content": [{"token": text, "logprob": top[0][1],
+                                  "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top]}]}}]}
+
+
+class ScriptedServer:
+    """Answers request i with script[i] = (status, headers, body bytes) or "drop" (close, no answer)."""
+
+    def __init__(self, script):
+        self.script, self.requests = list(script), []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.requests.append({"path": self.path, "headers": dict(self.headers), "json": json.loads(body)})
+                if not outer.script:
+                    raise AssertionError("the client sent more requests than scripted")
+                step = outer.script.pop(0)
+                if step == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                status, headers, payload = step
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def ok(body: dict):
+    return 200, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+
+def test_http_judge_retries_reads_logprobs_and_caches(tmp_path):
+    sleeps = []
+    answer = completion_body([("M", math.log(0.6)), ("m", math.log(0.25)), (" m", math.log(0.05)), ("x", -5.0)])
+    server = ScriptedServer([
+        (429, {"Retry-After": "7"}, b'{"error": {"message": "rate limited"}}'),
+        (500, {}, b"internal error"),
+        "drop",  # connection closed without an answer
+        ok(answer),
+    ])
+    with server as url:
+        judge = HttpJudge(url, "judge-model-x", api_key="sk-test", cache_path=tmp_path / "cache.jsonl",
+                          backoff=1.5, sleep=sleeps.append, workers=2)
+        [p] = judge.prefer_second([TRIPLE], progress=False)
+        # "m" and " m" are the same answer: p(m) = 0.25 + 0.05; P(M better) = 0.6 / (0.6 + 0.3)
+        assert p == pytest.approx(0.6 / 0.9)
+        # Retry-After wins over the backoff; then 1.5 * 2**1 and 1.5 * 2**2
+        assert sleeps == [7.0, 3.0, 6.0]
+        assert judge.calls == 4 and len(server.requests) == 4
+        # the same comparison again, in this judge and in a new one reading the cache file: no request
+        assert judge.prefer_second([TRIPLE], progress=False) == [p]
+        judge.close()
+        again = HttpJudge(url, "judge-model-x", cache_path=tmp_path / "cache.jsonl", sleep=sleeps.append)
+        assert again.prefer_second([TRIPLE], progress=False) == [p]
+        assert again.calls == 0 and len(server.requests) == 4
+        again.close()
+
+
+def run_script(script, tmp_path, **kwargs):
+    sleeps = []
+    with ScriptedServer(script) as url:
+        judge = HttpJudge(url, "judge-model-x", cache_path=tmp_path / "c.jsonl", sleep=sleeps.append, workers=1,
+                          **kwargs)
+        try:
+            return judge.prefer_second([TRIPLE], progress=False), sleeps, judge
+        finally:
+            judge.close()
+
+
+def test_http_judge_sends_the_chat_completions_request(tmp_path):
+    script = ScriptedServer([ok(completion_body([("m", math.log(0.9)), ("M", math.log(0.1))]))])
+    with script as url:
+        judge = HttpJudge(url, "gpt-judge", api_key="sk-abc", cache_path=None, sleep=lambda s: None)
+        [p] = judge.prefer_second([TRIPLE], progress=False)
+    assert p == pytest.approx(0.1 / 1.0)
+    [request] = script.requests
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == "Bearer sk-abc"
+    sent = request["json"]
+    assert sent["model"] == "gpt-judge" and sent["max_tokens"] == 1
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 5
+    assert sent["messages"] == judge_messages(*TRIPLE)
+    user = sent["messages"][-1]["content"]
+    assert all(text in user for text in TRIPLE)
+    assert user.index(TRIPLE[1]) < user.index(TRIPLE[2])  # output m before output M
+    assert "language" in user
+
+
+def test_http_judge_malformed_bodies_are_clear_errors(tmp_path):
+    with pytest.raises(JudgeError, match="malformed response body \\(not JSON\\)"):
+        run_script([(200, {}, b"<html>gateway</html>")], tmp_path)
+    no_logprobs = {"choices": [{"message": {"role": "assistant", "content": "m"}}]}
+    with pytest.raises(JudgeError, match="malformed response body.*logprobs"):
+        run_script([ok(no_logprobs)], tmp_path)
+
+
+def test_http_judge_gives_up_and_does_not_retry_client_errors(tmp_path):
+    with pytest.raises(JudgeError, match="gave up after 3 attempts; last error: HTTP 503"):
+        run_script([(503, {}, b"busy")] * 3, tmp_path, max_retries=2)
+    with pytest.raises(JudgeError, match="HTTP 401: bad key"):
+        run_script([(401, {}, b"bad key")], tmp_path)
+
+
+def test_http_judge_falls_back_to_the_answer_text(tmp_path):
+    # neither m nor M among the top log-probabilities: the sampled text decides
+    body = completion_body([("Output", -0.1), ("The", -3.0)], text="M")
+    [p], _, _ = run_script([ok(body)], tmp_path)
+    assert p == 1.0
+    body = completion_body([("Output", -0.1)], text="Output")
+    [p], _, _ = run_script([ok(body)], tmp_path / "other")
+    assert p is None
+
+
+# -----------------------------------------------------------------------------
+# the local judge against transformers' logits
+
+
+def test_local_judge_matches_transformers_and_gives_the_known_win_rate(tiny_dir):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from lidr.checkpoint import load
+
+    model, tokenizer = load(tiny_dir)
+    triples = [
+        ("Combien font 2 + 2 ?", "4", "Deux plus deux font quatre."),
+        ("Nenne drei Farben.", "Rot, Grün und Blau sind drei Farben, die man oft sieht.", "Rot."),
+        ("Write a haiku about rain.", "Rain taps the window", "Soft rain on the roof, grey sky, a quiet street."),
+    ]
+    hf = LlamaForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(tiny_dir)
+    m_id, M_id = hf_tok.convert_tokens_to_ids(["m", "M"])
+    expected = []
+    for triple in triples:
+        ids = hf_tok.apply_chat_template(judge_messages(*triple), add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1]
+        probs = torch.softmax(logits.double(), -1)
+        expected.append((probs[M_id] / (probs[m_id] + probs[M_id])).item())
+    judge = LocalJudge(model, tokenizer, batch_size=3)  # one left-padded batch of three lengths
+    got = judge.prefer_second(triples, progress=False)
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert len({round(p, 4) for p in got}) == 3  # the model does have preferences here
+
+    # win rate of "first" (the model's output) over "second" (the reference), random order per key
+    pairs = [{"key": f"id{i}", "instruction": t[0], "first": t[1], "second": t[2]} for i, t in enumerate(triples)]
+    results = judge_random_order(judge, pairs, progress=False)
+    by_hand = []
+    for pair, triple in zip(pairs, triples):
+        if order_is_swapped(pair["key"]):  # second shown as m, first as M: P(first better) = P(M better)
+            swapped_triple = (triple[0], triple[2], triple[1])
+            by_hand.append(judge.prefer_second([swapped_triple], progress=False)[0])
+        else:
+            by_hand.append(1 - expected[triples.index(triple)])
+    assert [r["preference"] for r in results] == pytest.approx(by_hand, abs=1e-5)
+    rate, se = win_rate([r["preference"] for r in results])
+    assert rate == pytest.approx(100 * statistics.mean(by_hand), abs=1e-3)
+    assert se == pytest.approx(100 * statistics.stdev(by_hand) / math.sqrt(3), abs=1e-3)
+
+
+def test_local_judge_skips_prompts_longer_than_the_context(tiny_dir):
+    from lidr.checkpoint import load
+
+    model, tokenizer = load(tiny_dir)  # max_position_embeddings 256
+    long_output = "word " * 400
+    short = ("Say hi.", "Hi!", "Hello.")
+    got = LocalJudge(model, tokenizer).prefer_second([short, ("Say hi.", long_output, "Hello.")], progress=False)
+    assert got[0] is not None and got[1] is None
+
+
+# -----------------------------------------------------------------------------
+# orders and statistics with a judge whose answers are known
+
+
+class LengthJudge:
+    """Prefers the longer output: P(M better) = 0.9 when M is longer, else 0.3 (a bias towards m)."""
+
+    name = "length"
+
+    def __init__(self):
+        self.calls = 0
+
+    def prefer_second(self, triples, progress=True):
+        self.calls += len(triples)
+        return [0.9 if len(M) > len(m) else 0.3 for _, m, M in triples]
+
+    def close(self):
+        pass
+
+
+def test_both_orders_and_random_order_by_hand():
+    pairs = [{"key": "a", "instruction": "q", "first": "long answer", "second": "short"},
+             {"key": "b", "instruction": "q", "first": "tiny", "second": "a longer answer"}]
+    both = judge_both_orders(LengthJudge(), pairs)
+    # pair a: first shown as m -> P(M=second better) = 0.3 -> first wins 0.7; swapped -> P(M=first) = 0.9
+    assert both[0]["preference"] == pytest.approx((0.7 + 0.9) / 2)
+    # pair b: first shown as m -> P(M better) = 0.9 -> first wins 0.1; swapped: M=first shorter -> 0.3
+    assert both[1]["preference"] == pytest.approx((0.1 + 0.3) / 2)
+    single = judge_random_order(LengthJudge(), pairs)
+    for pair, result in zip(pairs, single):
+        longer_first = len(pair["first"]) > len(pair["second"])
+        if order_is_swapped(pair["key"]):  # first is M
+            assert result["preference"] == (0.9 if longer_first else 0.3)
+        else:  # first is m
+            assert result["preference"] == pytest.approx(0.7 if longer_first else 0.1)
+
+
+def test_win_rate_and_standard_error():
+    rate, se = win_rate([1.0, 0.0, 0.5, 0.25])
+    assert rate == pytest.approx(43.75)
+    assert se == pytest.approx(100 * statistics.stdev([1.0, 0.0, 0.5, 0.25]) / 2)
+    assert win_rate([]) == (None, None)
+    assert win_rate([0.3]) == (pytest.approx(30.0), None)
+
+
+# -----------------------------------------------------------------------------
+# the commands on small files
+
+
+def write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False))
+
+
+def test_alpacaeval_judge_command_counts_drops_and_resumes(tmp_path):
+    outputs, reference = tmp_path / "outputs", tmp_path / "reference"
+    write_json(outputs / "de.json", [
+        {"generator": "M1", "dataset": "d", "id": "1", "instruction": "Nenne eine Farbe.", "output": "Rot ist eine Farbe."},
+        {"generator": "M1", "dataset": "d", "id": 2, "instruction": "Sag hallo.", "output": "Hallo"},
+        {"generator": "M1", "dataset": "d", "id": "3", "instruction": "Zähle bis drei.", "output": "eins zwei drei"},
+        {"generator": "M1", "dataset": "d", "id": "4", "instruction": "Anders formuliert?", "output": "x"},
+        {"generator": "M1", "dataset": "d", "id": "5", "instruction": "Ohne Antwort"},
+    ])
+    write_json(reference / "de.json", [
+        {"generator": "gpt-4", "dataset": "d", "id": "1", "instruction": "Nenne eine Farbe.", "output": "Blau."},
+        {"generator": "gpt-4", "dataset": "d", "id": "2", "instruction": "Sag hallo.", "output": "Hallo! Wie geht's?"},
+        {"generator": "gpt-4", "dataset": "d", "id": "3", "instruction": "Zähle bis drei.", "output": "1 2 3"},
+        {"generator": "gpt-4", "dataset": "d", "id": "4", "instruction": "Eine andere Frage", "output": "y"},
+        {"generator": "gpt-4", "dataset": "d", "id": "9", "instruction": "Nur hier", "output": "z"},
+    ])
+    judge = LengthJudge()
+    out = tmp_path / "judged"
+    summary = alpacaeval.judge_outputs(judge, outputs, reference, ["de"], out, both_orders=True, judge_name="length")
+    s = summary["languages"]["de"]
+    # ids 1 and 3: the model's output is longer -> (0.7 + 0.9) / 2 = 0.8; id 2: shorter -> (0.1 + 0.3) / 2 = 0.2
+    assert s["n"] == 3 and s["win_rate"] == pytest.approx(100 * (0.8 + 0.2 + 0.8) / 3)
+    assert s["se"] == pytest.approx(100 * statistics.stdev([0.8, 0.2, 0.8]) / math.sqrt(3))
+    assert s["hard_win_rate"] == pytest.approx(100 * 2 / 3)
+    assert (s["dropped_outputs"], s["instruction_mismatch"], s["no_output"], s["no_reference"]) == (1, 1, 1, 0)
+    assert json.loads((out / "summary.json").read_text())["languages"]["de"]["win_rate"] == s["win_rate"]
+    assert judge.calls == 6
+    # a rerun judges nothing again and gives the same summary
+    again = alpacaeval.judge_outputs(judge, outputs, reference, ["de"], out, both_orders=True, judge_name="length")
+    assert judge.calls == 6 and again["languages"]["de"] == s
+    # regenerated outputs under the same folder of judgements are refused, not mixed in
+    data = json.loads((outputs / "de.json").read_text())
+    data[0]["output"] = "Grün."
+    write_json(outputs / "de.json", data)
+    with pytest.raises(SystemExit, match="judged on other texts"):
+        alpacaeval.judge_outputs(judge, outputs, reference, ["de"], out, both_orders=True, judge_name="length")
+
+
+def test_alpacaeval_generate_writes_model_outputs_and_resumes(tiny_dir, tmp_path, monkeypatch):
+    import lidr.sampler
+    from lidr.checkpoint import load
+    from lidr.sampler import SamplingParams
+
+    model, tokenizer = load(tiny_dir)
+    prompts = tmp_path / "prompts"
+    write_json(prompts / "fr.json", [{"id": 1, "dataset": "helpful_base", "instruction": "Dis bonjour."},
+                                     {"id": 2, "dataset": "koala", "instruction": "Compte jusqu'à trois."},
+                                     {"id": 3, "instruction": ""}])
+    params = SamplingParams(max_new_tokens=6, repetition_penalty=1.1)
+    seen_prompts = []
+    real_generate = lidr.sampler.generate
+
+    def recording_generate(model, tokenizer, prompts, params, **kwargs):
+        seen_prompts.extend(prompts)
+        return real_generate(model, tokenizer, prompts, params, **kwargs)
+
+    monkeypatch.setattr(lidr.sampler, "generate", recording_generate)
+    out = tmp_path / "out"
+    summary = alpacaeval.generate_outputs(model, tokenizer, prompts, ["fr"], out, params, 2, "Sys.", "M0")
+    rows = json.loads((out / "fr.json").read_text())
+    assert [r["id"] for r in rows] == ["1", "2"]
+    assert all(set(r) == {"generator", "dataset", "id", "instruction", "output"} for r in rows)
+    assert rows[0]["generator"] == "M0" and rows[1]["dataset"] == "koala"
+    assert seen_prompts[0] == tokenizer.encode_chat([{"role": "system", "content": "Sys."},
+                                                     {"role": "user", "content": "Dis bonjour."}])
+    direct = real_generate(model, tokenizer, seen_prompts, params)
+    assert [r["output"] for r in rows] == [c.text.strip() for c in direct]
+    assert summary["languages"]["fr"]["dropped_prompts"] == 1 and summary["languages"]["fr"]["n"] == 2
+    # rerun: nothing left to generate
+    seen_prompts.clear()
+    alpacaeval.generate_outputs(model, tokenizer, prompts, ["fr"], out, params, 2, "Sys.", "M0")
+    assert seen_prompts == []
+    assert json.loads((out / "fr.json").read_text()) == rows
+
+
+def test_agreement_samples_per_language_and_counts(tmp_path):
+    rows = [{"id": i, "lang": "es", "prompt": f"p{i}", "chosen": "una respuesta larga", "rejected": "corta"}
+            for i in range(6)]
+    rows += [{"id": i, "lang": "en", "prompt": f"q{i}", "chosen": "short", "rejected": "a longer answer"}
+             for i in range(2)]
+    lines = [json.dumps(r) for r in rows] + ['{"lang": "es", "prompt": "x"}', "not json"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    judge = LengthJudge()
+    summary = agreement.run(judge, pairs, tmp_path / "agree", sample=4, seed=0, both_orders=True, judge_name="length")
+    es, en = summary["languages"]["es"], summary["languages"]["en"]
+    assert (es["n"], es["pairs_available"]) == (4, 6) and (en["n"], en["pairs_available"]) == (2, 2)
+    assert es["agreement"] == pytest.approx(80.0) and en["agreement"] == pytest.approx(20.0)
+    assert es["hard_agreement"] == 100.0 and en["hard_agreement"] == 0.0
+    assert summary["dropped_rows"] == 2
+    judged = [r["key"] for r in ResumableWriter(tmp_path / "agree" / "es.jsonl", key="key").rows]
+    assert len(judged) == 4 and set(judged) <= {str(n) for n in range(1, 7)}
