@@ -1,0 +1,152 @@
+"""generate.py: rows and fields against transformers' greedy output, bad input, resume after SIGKILL, torchrun."""
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lidr.checkpoint import load
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "generate.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+QUESTIONS = ["Hi", "What is 2+2?", "Name a color.", "Tell me a story about a dragon.", "Why is the sky blue?",
+             "Count to five.", "Say hello in French.", "What is the capital of Spain?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_dir):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def hf_reply(hf_model, tokenizer, text, max_new_tokens, repetition_penalty=1.1):
+    """transformers' greedy reply to one user turn, decoded as generate.py writes it."""
+    prompt = tokenizer.encode_chat([{"role": "user", "content": text}])
+    out = hf_model.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
+        max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+        eos_token_id=sorted(tokenizer.stop_ids), pad_token_id=0,
+    )[0, len(prompt):].tolist()
+    out = next((out[:i] for i, t in enumerate(out) if t in tokenizer.stop_ids), out)
+    return tokenizer.decode(out)
+
+
+def write_jsonl(path, rows_or_lines):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows_or_lines))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_prompt_mode_prints_the_reply(tiny_dir, tiny, tiny_hf, capsys):
+    _, tokenizer = tiny
+    cli.main(["--model", str(tiny_dir), "--prompt", "Tom has 26 apples.", "--max-new-tokens", "10"])
+    assert capsys.readouterr().out == hf_reply(tiny_hf, tokenizer, "Tom has 26 apples.", 10) + "\n"
+
+
+def test_rows_fields_order_and_bad_rows(tmp_path, tiny_dir, tiny, tiny_hf, capsys):
+    _, tokenizer = tiny
+    lines = [
+        {"id": "a", "instruction": QUESTIONS[0], "extra": 1},
+        "{not json",
+        {"id": "b", "instruction": QUESTIONS[1]},
+        {"id": "c", "prompt": "no instruction field"},
+        {"id": "d", "instruction": "   "},
+        ["a", "list"],
+        {"id": "e", "instruction": QUESTIONS[3]},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    cli.main(["--model", str(tiny_dir), "--prompts", str(src), "--out", str(out), "--max-new-tokens", "8", "--batch-size", "2"])
+    captured = capsys.readouterr()
+    for line, reason in [(2, "not JSON"), (4, "no string field 'instruction'"), (5, "empty 'instruction'"), (6, "not a JSON object")]:
+        assert f"in.jsonl:{line}: skipped: {reason}" in captured.err
+    assert "3 rows (3 generated now, 0 already there), 4 bad input rows skipped" in captured.out
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == ["a", "b", "e"]  # input order
+    assert rows[0]["extra"] == 1 and "input_line" not in rows[0]
+    for row in rows:
+        assert row["response"] == hf_reply(tiny_hf, tokenizer, row["instruction"], 8)
+        meta = row["response_meta"]
+        assert meta["max_new_tokens"] == 8 and meta["temperature"] == 0.0 and meta["repetition_penalty"] == 1.1
+        assert meta["finish_reason"] in ("length", "stop_token") and meta["new_tokens"] <= 8
+    # rerunning the finished command does nothing; other settings are refused
+    cli.main(["--model", str(tiny_dir), "--prompts", str(src), "--out", str(out), "--max-new-tokens", "8"])
+    assert "3 rows (0 generated now, 3 already there)" in capsys.readouterr().out
+    assert read_jsonl(out) == rows
+    with pytest.raises(SystemExit, match="other settings.*temperature: 0.0 -> 0.7"):
+        cli.main(["--model", str(tiny_dir), "--prompts", str(src), "--out", str(out), "--max-new-tokens", "8", "--temperature", "0.7"])
+
+
+def test_gold_response_field_is_refused_and_rows_without_id_are_keyed_by_line(tmp_path, tiny_dir):
+    src = tmp_path / "mgsm.json"  # a JSON list, MGSM-like: `query` and a gold `response`
+    src.write_text(json.dumps([{"query": q, "response": str(i)} for i, q in enumerate(QUESTIONS[:3])]))
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit, match=r"mgsm.json:1: the row already has a 'response' field.*--out-field"):
+        cli.main(["--model", str(tiny_dir), "--prompts", str(src), "--field", "query", "--out", str(out)])
+    assert not out.exists()
+    cli.main(["--model", str(tiny_dir), "--prompts", str(src), "--field", "query", "--out-field", "answer",
+              "--out", str(out), "--max-new-tokens", "4"])
+    rows = read_jsonl(out)
+    assert [(r["input_line"], r["response"]) for r in rows] == [(1, "0"), (2, "1"), (3, "2")]
+    assert all(isinstance(r["answer"], str) and r["answer_meta"]["new_tokens"] >= 1 for r in rows)
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dir):
+    rows = [{"id": f"q{i}", "instruction": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"} for i in range(12)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["--model", str(tiny_dir), "--prompts", str(src), "--max-new-tokens", "16", "--batch-size", "1"]
+    whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
+    cli.main([*args, "--out", str(whole)])
+
+    cmd = [sys.executable, str(ROOT / "generate.py"), *args, "--out", str(resumed)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = b""
+    while not any(int(n) >= 3 for n in re.findall(rb"(\d+)/12", progress)):  # wait for the progress bar
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, f"generate.py ended before it was killed: {progress.decode(errors='replace')}"
+        progress += chunk
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    partial = tmp_path / "resumed.jsonl.rank0.partial"
+    written = partial.read_text().splitlines()
+    assert 3 <= len(written) < 12 and not resumed.exists()  # killed mid-run
+    with open(partial, "a") as f:  # and as if mid-write: a torn last line
+        f.write('{"id": "q11", "instruction": "torn')
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    assert resumed.read_text() == whole.read_text()
+    assert [r["id"] for r in read_jsonl(resumed)] == [r["id"] for r in rows]  # each id once, in input order
+    assert not partial.exists()
+
+
+def test_torchrun_two_ranks_merge_in_input_order(tmp_path, tiny_dir):
+    rows = [{"query": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"} for i in range(7)]  # no ids: keyed by line
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["--model", str(tiny_dir), "--prompts", str(src), "--field", "query", "--max-new-tokens", "6", "--batch-size", "2"]
+    single, double = tmp_path / "single.jsonl", tmp_path / "double.jsonl"
+    cli.main([*args, "--out", str(single)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "generate.py"), *args, "--out", str(double)], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert double.read_text() == single.read_text()
+    assert [r["input_line"] for r in read_jsonl(double)] == list(range(1, 8))
+    assert not list(tmp_path.glob("*.partial"))
