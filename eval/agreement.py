@@ -2,7 +2,8 @@
 
     python -m eval.agreement --pairs runs/lidr/iter1/pairs.jsonl --out runs/eval/M0 --sample 200 \\
         --judge http --judge-model gpt-4-1106-preview
-    python -m eval.agreement --pairs ... --out ... --judge local --judge-model models/Llama-3.1-70B-Instruct --both-orders
+    python -m eval.agreement --pairs ... --out ... --both-orders \\
+        --judge local --judge-model models/Llama-3.1-70B-Instruct
 
 LIDR's preferences come from the language imbalance, not from a reward model, so some are wrong
 on purpose: the paper's GPT-4 judge preferred the chosen answer in 57-79% of pairs, depending on
@@ -32,15 +33,15 @@ FIELDS = ("prompt", "chosen", "rejected", "lang")
 def read_pairs(path: Path) -> tuple[dict[str, list[dict]], list[str]]:
     """{lang: [pair {key, instruction, first: chosen, second: rejected}]} and the dropped rows' reasons."""
     rows, bad = read_records(path)
-    by_lang, dropped = defaultdict(list), [f"{path}:{n}: {reason}" for n, reason in bad]
+    by_lang, dropped = defaultdict(list), [(n, f"{path}:{n}: {reason}") for n, reason in bad]
     for n, row in rows:
         missing = [f for f in FIELDS if not isinstance(row.get(f), str) or not row[f].strip()]
         if missing:
-            dropped.append(f"{path}:{n}: missing or empty field(s) {', '.join(missing)}")
+            dropped.append((n, f"{path}:{n}: missing or empty field(s) {', '.join(missing)}"))
             continue
         by_lang[row["lang"]].append({"key": str(n), "instruction": row["prompt"], "first": row["chosen"],
                                      "second": row["rejected"]})
-    return dict(by_lang), dropped
+    return dict(by_lang), [reason for _, reason in sorted(dropped)]
 
 
 def sample_pairs(pairs: list[dict], sample: int | None, seed: int) -> list[dict]:
@@ -82,7 +83,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", required=True, help="JSONL of preference pairs {prompt, chosen, rejected, lang}")
     parser.add_argument("--out", required=True, help="results folder; writes {out}/agreement/judge-*/")
-    parser.add_argument("--sample", type=int, default=100, help="pairs judged per language (default: %(default)s; 0: all)")
+    parser.add_argument("--sample", type=int, default=100,
+                        help="pairs judged per language (default: %(default)s; 0: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default: %(default)s)")
     parser.add_argument("--langs", nargs="+", default=None, help="languages to judge (default: every one in the file)")
     add_judge_args(parser)

@@ -44,16 +44,16 @@ BENCHMARK = "x-alpacaeval"
 def read_items(path: Path, fields: tuple[str, ...]) -> tuple[dict, list[str]]:
     """{id (text): row} from an alpaca_eval-style JSON list, and the reasons rows were dropped."""
     rows, bad = read_records(path)
-    items, dropped = {}, [f"{path}:{n}: {reason}" for n, reason in bad]
+    items, dropped = {}, [(n, f"{path}:{n}: {reason}") for n, reason in bad]
     for n, row in rows:
         missing = [f for f in ("id", *fields) if not isinstance(row.get(f), (str, int)) or row.get(f) == ""]
         if missing:
-            dropped.append(f"{path}:{n}: missing or empty field(s) {', '.join(missing)}")
+            dropped.append((n, f"{path}:{n}: missing or empty field(s) {', '.join(missing)}"))
         elif str(row["id"]) in items:
-            dropped.append(f"{path}:{n}: duplicate id {row['id']!r}")
+            dropped.append((n, f"{path}:{n}: duplicate id {row['id']!r}"))
         else:
             items[str(row["id"])] = row
-    return items, dropped
+    return items, [reason for _, reason in sorted(dropped)]
 
 
 def report_dropped(lang: str, what: str, dropped: list[str]):
@@ -171,7 +171,8 @@ def main(argv=None):
     gen.add_argument("--prompts", required=True, help="folder of {lang}.json instruction lists")
     gen.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. en es ru de fr")
     gen.add_argument("--out", required=True, help="the model's results folder; writes {out}/x-alpacaeval/outputs/")
-    gen.add_argument("--generator", default=None, help="generator name in the outputs (default: the model folder's name)")
+    gen.add_argument("--generator", default=None,
+                     help="generator name in the outputs (default: the model folder's name)")
     gen.add_argument("--max-new-tokens", type=int, default=2048, help="default: %(default)s (the paper's)")
     gen.add_argument("--repetition-penalty", type=float, default=1.1, help="default: %(default)s (the paper's)")
     gen.add_argument("--limit", type=int, default=None, help="only the first N instructions per language")

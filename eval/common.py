@@ -2,8 +2,9 @@
 
 `generate_resumable` is the loop behind MGSM and X-AlpacaEval generation: it skips the items an
 output file already holds, generates the rest with lidr's sampler, and appends each row the
-moment its completion finishes, so that a killed run loses only the rows still being generated. `check_settings` refuses to resume a results folder that was produced with other
-generation settings (another model, prompt or decoding), which would mix two runs in one number.
+moment its completion finishes, so that a killed run loses only the rows still being generated.
+`check_settings` refuses to resume a results folder that was produced with other generation
+settings (another model, prompt or decoding), which would mix two runs in one number.
 """
 
 import json

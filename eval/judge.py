@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import threading
 import time
 import urllib.error
@@ -51,20 +50,18 @@ from lidr.jsonl import ResumableWriter
 
 JUDGE_SYSTEM = "You are a fair and careful judge of the answers that AI assistants give to people's requests."
 
-JUDGE_PROMPT = """Two AI assistants answered the same instruction. Decide which output serves the person who wrote the instruction better.
-
-Weigh whether the output does what was asked, whether it is correct and useful, and whether it is clear. A longer output is not better for being longer. Language matters: unless the instruction asks for another language, a good output is written in the language of the instruction, and an output in a different language fails the instruction.
-
-[Instruction]
-{instruction}
-
-[Output m]
-{output_m}
-
-[Output M]
-{output_M}
-
-Reply with a single character and nothing else: m if Output m is better, M if Output M is better."""
+JUDGE_PROMPT = (
+    "Two AI assistants answered the same instruction. Decide which output serves the person who wrote "
+    "the instruction better.\n\n"
+    "Weigh whether the output does what was asked, whether it is correct and useful, and whether it is "
+    "clear. A longer output is not better for being longer. Language matters: unless the instruction "
+    "asks for another language, a good output is written in the language of the instruction, and an "
+    "output in a different language fails the instruction.\n\n"
+    "[Instruction]\n{instruction}\n\n"
+    "[Output m]\n{output_m}\n\n"
+    "[Output M]\n{output_M}\n\n"
+    "Reply with a single character and nothing else: m if Output m is better, M if Output M is better."
+)
 
 
 def judge_messages(instruction: str, output_m: str, output_M: str) -> list[dict]:
@@ -201,7 +198,8 @@ class LocalJudge:
         ids = {token: tokenizer.encode(token) for token in ("m", "M")}
         for token, token_ids in ids.items():
             if len(token_ids) != 1:
-                raise ValueError(f"{tokenizer.path}: the answer {token!r} is {len(token_ids)} tokens; the judge needs one")
+                raise ValueError(f"{tokenizer.path}: the answer {token!r} is {len(token_ids)} tokens; "
+                                 "the judge needs one")
         self.answer_ids = torch.tensor([ids["m"][0], ids["M"][0]], device=model.embed_tokens.weight.device)
 
     @torch.inference_mode()

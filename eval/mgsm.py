@@ -110,19 +110,19 @@ def same_number(prediction: float | None, gold: float) -> bool:
 def read_questions(path: Path) -> tuple[list[dict], list[str]]:
     """[{index, question, gold_text, gold}] from an MGSM or translated-GSM8K file, and the dropped rows' reasons."""
     rows, bad = read_records(path)
-    questions, dropped = [], [f"{path}:{n}: {reason}" for n, reason in bad]
+    questions, dropped = [], [(n, f"{path}:{n}: {reason}") for n, reason in bad]
     for n, row in rows:
         question = row.get("query", row.get("instruction"))
         gold_text = row.get("response", row.get("final_answer"))
         if not isinstance(question, str) or not question.strip():
-            dropped.append(f"{path}:{n}: no question (field 'query' or 'instruction')")
+            dropped.append((n, f"{path}:{n}: no question (field 'query' or 'instruction')"))
             continue
         gold = extract_last_number(str(gold_text)) if gold_text is not None else None
         if gold is None:
-            dropped.append(f"{path}:{n}: no reference number (field 'response' or 'final_answer'): {gold_text!r}")
+            dropped.append((n, f"{path}:{n}: no reference number (field 'response' or 'final_answer'): {gold_text!r}"))
             continue
         questions.append({"index": n, "question": question, "gold_text": str(gold_text), "gold": gold})
-    return questions, dropped
+    return questions, [reason for _, reason in sorted(dropped)]
 
 
 # -----------------------------------------------------------------------------
@@ -181,8 +181,9 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
             rows = [r for r in writer.rows if r["index"] in wanted]
         summary["languages"][lang] = summarize(rows)
         s = summary["languages"][lang]
-        print(f"{out.name} {lang}: accuracy {s['accuracy']:.3f}  off-target {s['off_target']:.3f}  "
-              f"(n={s['n']}, {generated} generated now)")
+        if s["n"]:
+            print(f"{out.name} {lang}: accuracy {s['accuracy']:.3f}  off-target {s['off_target']:.3f}  "
+                  f"(n={s['n']}, {generated} generated now)")
     scored = [s for s in summary["languages"].values() if s["n"]]
     summary["average"] = {
         "accuracy": sum(s["accuracy"] for s in scored) / len(scored) if scored else None,
@@ -201,7 +202,8 @@ def main(argv=None):
     parser.add_argument("--data", required=True, help="folder of {lang}.jsonl question files")
     parser.add_argument("--langs", nargs="+", required=True, help="language codes to evaluate, e.g. en es ru de fr")
     parser.add_argument("--out", required=True, help="the model's results folder; writes {out}/{name}/")
-    parser.add_argument("--name", default="mgsm", help="benchmark name and subfolder (default: %(default)s; gsm8k for GSM8K)")
+    parser.add_argument("--name", default="mgsm",
+                        help="benchmark name and subfolder (default: %(default)s; gsm8k for GSM8K)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="default: %(default)s")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions per language")
     args = parser.parse_args(argv)

@@ -125,7 +125,7 @@ def bar_chart(table: dict, path: Path):
     langs, rows = table["languages"], table["rows"]
     x = np.arange(len(langs))
     width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(langs) + 2), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(langs) + 2) + 2.5, 4.0))
     for i, (name, cells) in enumerate(rows.items()):
         values = [cells[lang]["value"] if lang in cells else np.nan for lang in langs]
         errors = [cells[lang].get("se") or 0.0 if lang in cells else 0.0 for lang in langs]
@@ -133,9 +133,9 @@ def bar_chart(table: dict, path: Path):
         ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=name, yerr=errors if any(errors) else None,
                capsize=2, hatch="//" if is_paper else None, alpha=0.5 if is_paper else 1.0)
     ax.set_xticks(x, langs)
-    ax.set_title(f"{table['section']}: {title}")
-    ax.set_ylabel(title)
-    ax.legend(fontsize=7)
+    ax.set_title(table["section"], fontsize=10)
+    ax.set_ylabel(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")

@@ -274,7 +274,8 @@ def write_json(path, obj):
 def test_alpacaeval_judge_command_counts_drops_and_resumes(tmp_path):
     outputs, reference = tmp_path / "outputs", tmp_path / "reference"
     write_json(outputs / "de.json", [
-        {"generator": "M1", "dataset": "d", "id": "1", "instruction": "Nenne eine Farbe.", "output": "Rot ist eine Farbe."},
+        {"generator": "M1", "dataset": "d", "id": "1", "instruction": "Nenne eine Farbe.",
+         "output": "Rot ist eine Farbe."},
         {"generator": "M1", "dataset": "d", "id": 2, "instruction": "Sag hallo.", "output": "Hallo"},
         {"generator": "M1", "dataset": "d", "id": "3", "instruction": "Zähle bis drei.", "output": "eins zwei drei"},
         {"generator": "M1", "dataset": "d", "id": "4", "instruction": "Anders formuliert?", "output": "x"},
