@@ -21,9 +21,10 @@ Files, in the model's results folder {out}/x-alpacaeval/:
   language (eval/report.py reads it).
 
 Inputs: prompts/{lang}.json, a JSON list of {id, instruction[, dataset]}; reference/{lang}.json and
-the outputs to judge are model_outputs.json lists; items are matched by id (as text). A row that
-lacks a field, an id without a reference or output, and an id whose instruction differs between
-the two files are dropped and counted.
+the outputs to judge are model_outputs.json lists. Items are matched by id (as text) when both
+files give every row one, else by instruction text as alpaca_eval does (the English reference
+file has no ids). A row that lacks a field, an item without a reference or output, and an id whose
+instruction differs between the two files are dropped and counted.
 
 How this departs from the paper: the paper's judge is gpt-4-1106-preview through alpaca_eval's
 weighted annotator; here the judge prompt is lidr's own (eval/judge.py), the pair order is a fixed
@@ -41,19 +42,24 @@ from lidr.languages import language_name
 BENCHMARK = "x-alpacaeval"
 
 
-def read_items(path: Path, fields: tuple[str, ...]) -> tuple[dict, list[str]]:
-    """{id (text): row} from an alpaca_eval-style JSON list, and the reasons rows were dropped."""
+def read_items(path: Path, fields: tuple[str, ...], key: str = "id") -> tuple[dict, list[str]]:
+    """{row[key] as stripped text: row} from an alpaca_eval-style JSON list, and why rows were dropped."""
     rows, bad = read_records(path)
     items, dropped = {}, [(n, f"{path}:{n}: {reason}") for n, reason in bad]
     for n, row in rows:
-        missing = [f for f in ("id", *fields) if not isinstance(row.get(f), (str, int)) or row.get(f) == ""]
+        missing = [f for f in (key, *fields) if not isinstance(row.get(f), (str, int)) or row.get(f) == ""]
         if missing:
             dropped.append((n, f"{path}:{n}: missing or empty field(s) {', '.join(missing)}"))
-        elif str(row["id"]) in items:
-            dropped.append((n, f"{path}:{n}: duplicate id {row['id']!r}"))
+        elif str(row[key]).strip() in items:
+            dropped.append((n, f"{path}:{n}: duplicate {key} {str(row[key])[:80]!r}"))
         else:
-            items[str(row["id"])] = row
+            items[str(row[key]).strip()] = row
     return items, [reason for _, reason in sorted(dropped)]
+
+
+def every_row_has_an_id(path: Path) -> bool:
+    rows, _ = read_records(path)
+    return all("id" in row for _, row in rows)
 
 
 def report_dropped(lang: str, what: str, dropped: list[str]):
@@ -107,26 +113,30 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
 
 def build_pairs(outputs_path: Path, reference_path: Path, lang: str) -> tuple[list[dict], dict]:
     """Pairs {key, instruction, first: the model's output, second: the reference}, and drop counts."""
-    outputs, dropped_outputs = read_items(outputs_path, ("instruction", "output"))
-    references, dropped_references = read_items(reference_path, ("instruction", "output"))
+    # alpaca_eval matches outputs to references by instruction; the translated sets carry ids (the
+    # English reference file has none), so match by id where both files have them
+    match_by = "id" if every_row_has_an_id(outputs_path) and every_row_has_an_id(reference_path) else "instruction"
+    outputs, dropped_outputs = read_items(outputs_path, ("instruction", "output"), match_by)
+    references, dropped_references = read_items(reference_path, ("instruction", "output"), match_by)
     report_dropped(lang, "output", dropped_outputs)
     report_dropped(lang, "reference", dropped_references)
     pairs, mismatched = [], []
-    for key, row in outputs.items():
-        reference = references.get(key)
+    for match, row in outputs.items():
+        reference = references.get(match)
         if reference is None:
             continue
         if reference["instruction"].strip() != row["instruction"].strip():
-            mismatched.append(key)
+            mismatched.append(match)
             continue
-        pairs.append({"key": key, "instruction": row["instruction"], "first": row["output"],
+        pairs.append({"key": str(row.get("id", match)), "instruction": row["instruction"], "first": row["output"],
                       "second": reference["output"]})
     if mismatched:
         print(f"{lang}: {len(mismatched)} id(s) whose instruction differs from the reference's were dropped, "
               f"first: {mismatched[0]}")
-    counts = {"dropped_outputs": len(dropped_outputs), "dropped_references": len(dropped_references),
-              "no_reference": sum(key not in references for key in outputs),
-              "no_output": sum(key not in outputs for key in references),
+    counts = {"matched_by": match_by, "dropped_outputs": len(dropped_outputs),
+              "dropped_references": len(dropped_references),
+              "no_reference": sum(match not in references for match in outputs),
+              "no_output": sum(match not in outputs for match in references),
               "instruction_mismatch": len(mismatched)}
     return pairs, counts
 

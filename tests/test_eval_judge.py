@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from conftest import shared_data
 
 from eval import agreement, alpacaeval
 from eval.judge import (
@@ -308,6 +309,32 @@ def test_alpacaeval_judge_command_counts_drops_and_resumes(tmp_path):
     write_json(outputs / "de.json", data)
     with pytest.raises(SystemExit, match="judged on other texts"):
         alpacaeval.judge_outputs(judge, outputs, reference, ["de"], out, both_orders=True, judge_name="length")
+
+
+def test_alpacaeval_matches_by_instruction_where_ids_are_missing(tmp_path):
+    outputs, reference = tmp_path / "outputs", tmp_path / "reference"
+    write_json(outputs / "en.json", [{"id": "1", "instruction": "Say hi.", "output": "Hi there, friend!"},
+                                     {"id": "2", "instruction": "Count to two.", "output": "1 2"}])
+    write_json(reference / "en.json", [{"instruction": "Count to two. ", "output": "One, two."},
+                                       {"instruction": "Say hi.", "output": "Hi."},
+                                       {"instruction": "Say hi.", "output": "duplicate"}])
+    pairs, counts = alpacaeval.build_pairs(outputs / "en.json", reference / "en.json", "en")
+    assert sorted((p["key"], p["first"], p["second"]) for p in pairs) == [
+        ("1", "Hi there, friend!", "Hi."), ("2", "1 2", "One, two.")]
+    assert counts["matched_by"] == "instruction" and counts["dropped_references"] == 1
+
+
+def test_every_shared_reference_matches_its_prompts(tmp_path):
+    prompts_dir = shared_data("x-alpacaeval", "prompts")
+    reference_dir = shared_data("x-alpacaeval", "reference-gpt-4-turbo-2024-04-09")
+    langs = sorted({p.stem for p in prompts_dir.glob("*.json")} & {p.stem for p in reference_dir.glob("*.json")})
+    assert len(langs) >= 7
+    for lang in langs:
+        prompts = json.loads((prompts_dir / f"{lang}.json").read_text())
+        write_json(tmp_path / f"{lang}.json", [{**p, "output": "x"} for p in prompts])
+        pairs, counts = alpacaeval.build_pairs(tmp_path / f"{lang}.json", reference_dir / f"{lang}.json", lang)
+        assert len(pairs) == 805, (lang, counts)
+        assert counts["matched_by"] == ("instruction" if lang == "en" else "id")
 
 
 def test_alpacaeval_generate_writes_model_outputs_and_resumes(tiny_dir, tmp_path, monkeypatch):
