@@ -16,7 +16,8 @@ two tokens, normalised to sum to one, as alpaca_eval's "weighted" annotators do:
   HTTP 429, 5xx, timeouts and dropped connections are retried with exponential backoff (a
   Retry-After header wins), other HTTP errors and malformed bodies stop the run with the URL and
   the body. Every answer is cached on disk under a hash of (judge model, messages): a rerun, or a
-  second language or model that repeats a comparison, never pays twice.
+  second language or model that repeats a comparison, never pays twice (one process at a time
+  per cache file: the file is appended to, not locked).
 - `LocalJudge` runs any lidr checkpoint: one forward pass per comparison, and the two logits of
   the answer tokens at the first reply position, P(M better) = σ(logit_M − logit_m). A prompt
   longer than the model's context gives no verdict (None).
@@ -33,6 +34,7 @@ draws each pair's order at random; here the draw is a hash, so reruns ask the sa
 
 import argparse
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -131,7 +133,7 @@ class HttpJudge:
                 if e.code != 429 and e.code < 500:
                     raise JudgeError(f"{self.url}: HTTP {e.code}: {text}") from None
                 last_error, wait = f"HTTP {e.code}: {text}", retry_after_seconds(e.headers)
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
                 last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             if attempt == self.max_retries:
                 raise JudgeError(f"{self.url}: gave up after {attempt + 1} attempts; last error: {last_error}")
