@@ -179,14 +179,16 @@ def test_local_judge_matches_transformers_and_gives_the_known_win_rate(tiny_dir)
     hf = LlamaForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(tiny_dir)
     m_id, M_id = hf_tok.convert_tokens_to_ids(["m", "M"])
-    expected = []
-    for triple in triples:
+
+    def hf_prefer_second(triple):
         ids = hf_tok.apply_chat_template(judge_messages(*triple), add_generation_prompt=True, tokenize=True,
                                          return_dict=False)
         with torch.no_grad():
             logits = hf(torch.tensor([ids])).logits[0, -1]
         probs = torch.softmax(logits.double(), -1)
-        expected.append((probs[M_id] / (probs[m_id] + probs[M_id])).item())
+        return (probs[M_id] / (probs[m_id] + probs[M_id])).item()
+
+    expected = [hf_prefer_second(triple) for triple in triples]
     judge = LocalJudge(model, tokenizer, batch_size=3)  # one left-padded batch of three lengths
     got = judge.prefer_second(triples, progress=False)
     assert got == pytest.approx(expected, abs=1e-5)
@@ -196,12 +198,12 @@ def test_local_judge_matches_transformers_and_gives_the_known_win_rate(tiny_dir)
     pairs = [{"key": f"id{i}", "instruction": t[0], "first": t[1], "second": t[2]} for i, t in enumerate(triples)]
     results = judge_random_order(judge, pairs, progress=False)
     by_hand = []
-    for pair, triple in zip(pairs, triples):
+    for pair, (instruction, first, second) in zip(pairs, triples):
         if order_is_swapped(pair["key"]):  # second shown as m, first as M: P(first better) = P(M better)
-            swapped_triple = (triple[0], triple[2], triple[1])
-            by_hand.append(judge.prefer_second([swapped_triple], progress=False)[0])
-        else:
-            by_hand.append(1 - expected[triples.index(triple)])
+            by_hand.append(hf_prefer_second((instruction, second, first)))
+        else:  # first shown as m
+            by_hand.append(1 - hf_prefer_second((instruction, first, second)))
+    assert any(order_is_swapped(p["key"]) for p in pairs) and not all(order_is_swapped(p["key"]) for p in pairs)
     assert [r["preference"] for r in results] == pytest.approx(by_hand, abs=1e-5)
     rate, se = win_rate([r["preference"] for r in results])
     assert rate == pytest.approx(100 * statistics.mean(by_hand), abs=1e-3)
