@@ -12,8 +12,9 @@ NLL term α·(−log π(y_c|x)/|y_c|) is added by the trainer (lidr/train.py), b
 Log-probabilities are gathered at the label positions in fp32, a chunk of positions at a time,
 so no fp32 copy of the full [B, T, vocab] logits is ever made; `hidden_sequence_logps` goes one
 step further for the trainer and never makes the full logits at all: it applies the output
-matrix to the response positions only, a chunk at a time, and recomputes each chunk's logits in
-the backward pass instead of keeping them.
+matrix to the response positions only, a chunk at a time, recomputes each chunk's logits in
+the backward pass instead of keeping them, and sums per sequence when rows hold several packed
+sequences.
 
 How this departs from the reference (torchtune's DPOLoss, LLaMA-Factory's sigmoid DPO with
 `pref_ftx`): no label smoothing, no other loss variants (IPO, hinge, ...); the NLL term is the
@@ -52,16 +53,19 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     return (per_token * mask).sum(-1), mask.sum(-1)
 
 
-def hidden_sequence_logps(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels, loss_mask):
-    """`sequence_logps(hidden @ lm_head_weightᵀ, labels, loss_mask)` without the full logits.
+def hidden_sequence_logps(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels, sequence_ids, n_sequences: int):
+    """Per-sequence (Σ log π, number of tokens), [n_sequences] each, from hidden states, without the full logits.
 
-    hidden [B, T, dim] are the final normed hidden states (`model(tokens, return_hidden=True)`).
-    Only the masked positions go through the output matrix, CHUNK_POSITIONS rows at a time, and
-    a chunk's logits are recomputed in backward rather than stored.
+    hidden [R, T, dim] are the final normed hidden states (`model(..., return_hidden=True)`), rows
+    that may hold several packed sequences; labels [R, T] the next tokens; sequence_ids [R, T] the
+    sequence a position's label is a response token of, −1 where it is not (prompt, padding).
+    Only those positions go through the output matrix, CHUNK_POSITIONS at a time, and a chunk's
+    logits are recomputed in backward rather than stored. With one sequence per row,
+    `sequence_ids = where(loss_mask, row, −1)`, this is
+    `sequence_logps(hidden @ lm_head_weightᵀ, labels, loss_mask)`.
     """
-    mask = loss_mask.bool()
-    rows, cols = mask.nonzero(as_tuple=True)
-    picked_hidden, picked_labels = hidden[rows, cols], labels[rows, cols]  # [N, dim], [N]
+    rows, cols = (sequence_ids >= 0).nonzero(as_tuple=True)
+    picked_hidden, picked_labels, picked_ids = hidden[rows, cols], labels[rows, cols], sequence_ids[rows, cols]
     per_token = torch.cat(
         [
             _maybe_checkpoint(
@@ -74,8 +78,9 @@ def hidden_sequence_logps(hidden: torch.Tensor, lm_head_weight: torch.Tensor, la
         ]
         or [hidden.new_zeros(0, dtype=torch.float32)]
     )
-    sums = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, per_token)
-    return sums, mask.sum(-1)
+    sums = torch.zeros(n_sequences, dtype=torch.float32, device=hidden.device).index_add(0, picked_ids, per_token)
+    counts = torch.zeros(n_sequences, dtype=torch.long, device=hidden.device).index_add(0, picked_ids, torch.ones_like(picked_ids))
+    return sums, counts
 
 
 def _linear_token_logps(hidden, weight, labels):

@@ -252,10 +252,14 @@ class Llama(nn.Module):
 
         attention_mask: optional [B, T], 1/True for real tokens and 0/False for padding (left or
         right). positions: optional [B, T]; by default counted from each row's first real token.
+        Packed sequences (the trainer): attention_mask [B, T(query), T(key)], True where a query may
+        attend a key, used as given, with explicit positions.
         """
         B, T = tokens.shape
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 3:
+            mask = attention_mask.bool()[:, None]  # broadcast over heads
+        elif attention_mask is not None:
             real = attention_mask.bool()
             if positions is None:
                 positions = (real.long().cumsum(-1) - 1).clamp(min=0)

@@ -9,8 +9,8 @@ Rows: {"prompt", "chosen", "rejected"} (DPO) or {"prompt", "response"} (SFT), op
 "id", "lang". The prompt becomes the checkpoint's chat format up to the assistant header; a
 response is its text followed by the end-of-turn token (`<|eot_id|>` for Llama 3, `<|im_end|>`
 for ChatML, the token a chat turn ends with and generation stops on), and only response tokens
-enter the loss. Chosen and rejected of a micro-batch go through one forward, right-padded, so
-causal attention needs no padding mask (real tokens never see the padding after them).
+enter the loss. Chosen and rejected of a micro-batch go through one forward, packed into rows of
+at most --max-len tokens with a block-diagonal causal mask (`pack`), not padded one per row.
 
 One run, in order:
 1. Rows are read and tokenized; bad rows are dropped and counted (unreadable, missing or empty
@@ -128,22 +128,58 @@ def load_examples(path, tokenizer: Tokenizer, objective: str, max_len: int):
     return examples, counts
 
 
-def collate(examples: list[Example], pad_id: int, device):
-    """tokens, labels, loss_mask [R, T] for R = (responses per example) × len(examples), right-padded.
+@dataclass
+class Packed:
+    """A micro-batch's sequences packed into rows, no attention across sequences, no prompt tokens in the loss."""
 
-    Rows are every example's first response (chosen), then every example's second (rejected).
-    labels[:, t] is tokens[:, t + 1]; loss_mask is True where that label is a response token.
+    tokens: torch.Tensor  # [R, W]
+    positions: torch.Tensor  # [R, W], from 0 at each sequence's start
+    attention_mask: torch.Tensor  # [R, W, W]: query and key in the same sequence, key not after query
+    labels: torch.Tensor  # [R, W]: the next token
+    sequence_ids: torch.Tensor  # [R, W]: the sequence whose response token the label is, −1 elsewhere
+    n_sequences: int
+
+
+def pack(examples: list[Example], pad_id: int, row_len: int, device) -> Packed:
+    """Pack the sequences prompt + response of a micro-batch into rows of at most row_len tokens.
+
+    Sequence i is example i's first response (chosen) for i < n, example i − n's second
+    (rejected) for n ≤ i < 2n. Sequences go longest first into the first row with room (first-fit
+    decreasing); rows are right-padded to the longest row. Packing instead of padding every
+    sequence to the longest: chosen and rejected often differ in length (a French translation
+    runs ~1.7× the tokens of its English original for SmolLM2), and padding would waste half the
+    positions.
     """
-    seqs = [(ex.prompt, ex.responses[i]) for i in range(len(examples[0].responses)) for ex in examples]
-    width = max(len(p) + len(r) for p, r in seqs)
-    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for row, (prompt, response) in enumerate(seqs):
-        ids = prompt + response
-        tokens[row, : len(ids)] = torch.tensor(ids)
-        loss_mask[row, len(prompt) - 1 : len(ids) - 1] = True  # positions whose next token is the response
-    labels = torch.cat([tokens[:, 1:], torch.full((len(seqs), 1), pad_id, dtype=torch.long)], dim=1)
-    return tokens.to(device), labels.to(device), loss_mask.to(device)
+    seqs = [(ex.prompt, ex.responses[k]) for k in range(len(examples[0].responses)) for ex in examples]
+    rows, room = [], []
+    for i in sorted(range(len(seqs)), key=lambda i: -sum(map(len, seqs[i]))):
+        n = sum(map(len, seqs[i]))
+        r = next((r for r in range(len(rows)) if room[r] >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(row_len)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= n
+    width = row_len - min(room)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)  # padding: one segment of its own
+    sequence_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            prompt, response = seqs[i]
+            n = len(prompt) + len(response)
+            tokens[r, start : start + n] = torch.tensor(prompt + response)
+            positions[r, start : start + n] = torch.arange(n)
+            segments[r, start : start + n] = i
+            sequence_ids[r, start + len(prompt) - 1 : start + n - 1] = i  # positions that predict the response
+            start += n
+    labels = torch.cat([tokens[:, 1:], torch.full((len(rows), 1), pad_id, dtype=torch.long)], dim=1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    attention_mask = (segments[:, :, None] == segments[:, None, :]) & causal  # the diagonal is always in
+    return Packed(*(t.to(device) for t in (tokens, positions, attention_mask, labels, sequence_ids)), len(seqs))
 
 
 def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
@@ -204,10 +240,10 @@ def build_model(folder, device, activation_checkpointing: bool) -> Llama:
     return model
 
 
-def forward_logps(model: Llama, tokens, labels, loss_mask):
-    """(Σ log π over each row's response tokens, response lengths), [R] each, fp32."""
-    hidden = model(tokens, return_hidden=True)  # right padding: plain causal attention is exact
-    return hidden_sequence_logps(hidden, model.lm_head.weight, labels, loss_mask)
+def forward_logps(model: Llama, batch: Packed):
+    """(Σ log π over each sequence's response tokens, response lengths), [n_sequences] each, fp32."""
+    hidden = model(batch.tokens, batch.positions, batch.attention_mask, return_hidden=True)
+    return hidden_sequence_logps(hidden, model.lm_head.weight, batch.labels, batch.sequence_ids, batch.n_sequences)
 
 
 # -----------------------------------------------------------------------------
@@ -229,7 +265,7 @@ def reference_logps(model, examples, args, pad_id, device, rank, world, fingerpr
     with torch.no_grad():
         for b in range(n_batches):
             idx = mine[b * args.batch_size : (b + 1) * args.batch_size] or mine[-1:]  # keep collectives in step
-            logps, _ = forward_logps(model, *collate([examples[i] for i in idx], pad_id, device))
+            logps, _ = forward_logps(model, pack([examples[i] for i in idx], pad_id, args.max_len, device))
             table[idx] = logps.view(2, len(idx)).T.cpu()
     model.reshard()  # the root stays unsharded after a forward with no backward
     model.train()
@@ -304,13 +340,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def step_losses(model, examples, idx, reference, args, pad_id, device):
-    """Per-example losses and metric terms of one micro-batch (DPO + α·NLL, or NLL alone)."""
-    tokens, labels, loss_mask = collate([examples[i] for i in idx], pad_id, device)
-    logps, n_tokens = forward_logps(model, tokens, labels, loss_mask)
+    """Per-example losses, metric terms and the number of real (unpadded) tokens of one micro-batch."""
+    batch = [examples[i] for i in idx]
+    logps, n_tokens = forward_logps(model, pack(batch, pad_id, args.max_len, device))
+    real_tokens = sum(len(ex.prompt) + len(r) for ex in batch for r in ex.responses)  # padding not counted
     b = len(idx)
     nll = -logps[:b] / n_tokens[:b]  # −log π(y_c|x) / |y_c|, per sequence
     if args.objective == "sft":
-        return nll, {"nll": nll.detach()}, int(n_tokens.sum()), tokens.numel()
+        return nll, {"nll": nll.detach()}, real_tokens
     ref = reference[idx].to(device)
     dpo, chosen_rewards, rejected_rewards = dpo_loss(logps[:b], logps[b:], ref[:, 0], ref[:, 1], args.beta)
     metrics = {
@@ -318,7 +355,7 @@ def step_losses(model, examples, idx, reference, args, pad_id, device):
         "rejected_reward": rejected_rewards, "margin": chosen_rewards - rejected_rewards,
         "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
     }
-    return dpo + args.alpha * nll, metrics, int(n_tokens.sum()), tokens.numel()
+    return dpo + args.alpha * nll, metrics, real_tokens
 
 
 def flops_per_token(model: Llama, seq_len: int) -> float:
@@ -421,22 +458,21 @@ def _train(args, out: Path, rank: int, world: int, device):
     for step in range(start, total_steps):
         t0 = time.perf_counter()
         sums = Counter()
-        n_tokens = n_positions = 0
+        n_real_tokens = 0
         for micro in range(args.grad_accum):
             idx = micro_batch(step, micro, len(examples), args, rank, world)
-            losses, metrics, n_resp, n_pos = step_losses(model, examples, idx, reference, args, tokenizer.pad_id, device)
+            losses, metrics, n_tokens = step_losses(model, examples, idx, reference, args, tokenizer.pad_id, device)
             (losses.sum() / (args.batch_size * args.grad_accum)).backward()  # FSDP averages over ranks
             sums["loss"] += float(losses.detach().sum())
             for k, v in metrics.items():
                 sums[k] += float(v.sum())
-            n_tokens += n_resp
-            n_positions += n_pos
+            n_real_tokens += n_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         keys = sorted(sums)
-        totals = torch.tensor([sums[k] for k in keys] + [n_tokens, n_positions], dtype=torch.float64, device=device)
+        totals = torch.tensor([sums[k] for k in keys] + [n_real_tokens], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
-        record = {k: float(v) / global_batch for k, v in zip(keys, totals[:-2].tolist())}
+        record = {k: float(v) / global_batch for k, v in zip(keys, totals[:-1].tolist())}
         if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
             raise SystemExit(
                 f"step {step + 1}: loss {record['loss']} / grad norm {grad_norm} is not finite; stopped before "

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lidr.checkpoint import load
 from lidr.dpo import CHUNK_POSITIONS, dpo_loss, hidden_sequence_logps, sequence_logps
-from lidr.train import Example, collate, forward_logps
+from lidr.train import Example, forward_logps, pack
 
 
 def test_dpo_loss_matches_hand_computed_values():
@@ -82,7 +82,8 @@ def test_hidden_sequence_logps_equals_full_logits_path_with_gradients():
     weight = torch.randn(V, D, requires_grad=True)
     labels = torch.randint(0, V, (B, T))
     mask = torch.rand(B, T) < 0.9
-    sums, counts = hidden_sequence_logps(hidden, weight, labels, mask)
+    sequence_ids = torch.where(mask, torch.arange(B)[:, None], -1)  # one sequence per row
+    sums, counts = hidden_sequence_logps(hidden, weight, labels, sequence_ids, B)
     sums.sum().backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -92,6 +93,13 @@ def test_hidden_sequence_logps_equals_full_logits_path_with_gradients():
     assert counts.tolist() == want_counts.tolist()
     torch.testing.assert_close(grads[0], hidden.grad)
     torch.testing.assert_close(grads[1], weight.grad)
+    # two sequences in one row: each sums its own positions
+    ids = torch.full((1, T), -1)
+    ids[0, 3:10], ids[0, 15:40] = 1, 0
+    sums, counts = hidden_sequence_logps(hidden[:1], weight, labels[:1], ids, 2)
+    full = torch.log_softmax((hidden[0] @ weight.T).double(), -1).gather(-1, labels[0, :, None]).squeeze(-1)
+    torch.testing.assert_close(sums.double(), torch.stack([full[15:40].sum(), full[3:10].sum()]).detach())
+    assert counts.tolist() == [25, 7]
 
 
 # -----------------------------------------------------------------------------
@@ -121,27 +129,37 @@ def test_a_sequence_logp_does_not_depend_on_the_rest_of_the_batch(tiny):
     model, tokenizer = tiny
     examples = _examples(tokenizer)
     with torch.no_grad():
-        alone, alone_counts = forward_logps(model, *collate(examples[:1], tokenizer.pad_id, "cpu"))
-        batched, batched_counts = forward_logps(model, *collate(examples, tokenizer.pad_id, "cpu"))
-    # rows: chosen of every example, then rejected of every example
+        alone, alone_counts = forward_logps(model, pack(examples[:1], tokenizer.pad_id, 1000, "cpu"))
+        packed = pack(examples, tokenizer.pad_id, 1000, "cpu")  # all six sequences share one row
+        assert packed.tokens.shape[0] == 1
+        batched, batched_counts = forward_logps(model, packed)
+        rows = pack(examples, tokenizer.pad_id, 64, "cpu")  # several rows, with padding
+        assert rows.tokens.shape[0] > 1 and (rows.tokens == tokenizer.pad_id).any()
+        in_rows, _ = forward_logps(model, rows)
+    # sequences: chosen of every example, then rejected of every example
     torch.testing.assert_close(batched[[0, 3]], alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(in_rows, batched, rtol=0, atol=1e-5)
     assert batched_counts[[0, 3]].tolist() == alone_counts.tolist()
 
 
-def test_prompt_and_padding_tokens_contribute_nothing(tiny):
+def test_only_response_tokens_count_and_packing_matches_a_plain_forward(tiny):
     model, tokenizer = tiny
-    example = _examples(tokenizer)[0]
-    tokens, labels, mask = collate([example], tokenizer.pad_id, "cpu")
-    # the mask selects exactly the response tokens (shifted by one), end-of-turn included
-    assert labels[0][mask[0]].tolist() == example.responses[0]
-    assert labels[1][mask[1]].tolist() == example.responses[1]
+    examples = _examples(tokenizer)
+    packed = pack(examples, tokenizer.pad_id, 1000, "cpu")
     with torch.no_grad():
-        logits = model(tokens)
-        want = _reference_logps(logits, labels, mask)[0]
-        got, _ = forward_logps(model, tokens, labels, mask)
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
-        # more padding on the right changes nothing
-        padded = torch.cat([tokens, torch.full((2, 7), tokenizer.pad_id)], dim=1)
-        padded_labels = torch.cat([labels, torch.full((2, 7), tokenizer.pad_id)], dim=1)
-        padded_mask = torch.cat([mask, torch.zeros(2, 7, dtype=torch.bool)], dim=1)
-        torch.testing.assert_close(forward_logps(model, padded, padded_labels, padded_mask)[0], got, rtol=0, atol=1e-5)
+        got, counts = forward_logps(model, packed)
+    for k in range(2):
+        for j, ex in enumerate(examples):
+            i = k * len(examples) + j
+            # the positions of sequence i predict exactly its response tokens, end-of-turn included
+            assert packed.labels[packed.sequence_ids == i].tolist() == ex.responses[k]
+            # and its log-prob is that of the sequence alone in a plain forward (no mask, no packing)
+            ids = torch.tensor([ex.prompt + ex.responses[k]])
+            with torch.no_grad():
+                logits = model(ids)
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[0, len(ex.prompt) - 1 : -1] = True
+            labels = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+            want = _reference_logps(logits, labels, mask)[0]
+            torch.testing.assert_close(got[i : i + 1].double(), want, rtol=0, atol=1e-4)
+            assert counts[i] == len(ex.responses[k])

@@ -39,12 +39,13 @@ def pairs(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", pairs(4 * STEPS))
+    bad = ["{not json", {"prompt": "p", "chosen": "same", "rejected": "same"}]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", [*pairs(4 * STEPS), *bad])
 
 
 def train_args(model, data, out, *extra):
     return ["--model", str(model), "--data", str(data), "--out", str(out), "--lr", "1e-3", "--warmup-ratio", "0.2",
-            "--save-every", "2", "--max-len", "96", *extra]
+            "--max-len", "96", *extra]
 
 
 def weights(out: Path) -> dict:
@@ -95,13 +96,6 @@ def test_bad_rows_are_dropped_and_counted(tiny_dir, tmp_path):
     assert tokenizer.decode(truncated.prompt).endswith("Now answer: yes or no?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-def test_bad_rows_counts_are_printed(tiny_dir, tmp_path, capsys):
-    path = write_jsonl(tmp_path / "rows.jsonl", [*pairs(4), {"prompt": "p", "chosen": "x", "rejected": "x"}])
-    main(train_args(tiny_dir, path, tmp_path / "run", "--batch-size", "4"))
-    printed = capsys.readouterr().out
-    assert "5 rows read, 4 kept (dropped: 1 chosen == rejected" in printed
-
-
 # -----------------------------------------------------------------------------
 # DPO runs
 
@@ -140,6 +134,7 @@ def test_two_processes_train_the_same_weights_as_one(one_process, tiny_dir, data
                            "train_dpo.py", *train_args(tiny_dir, data, out, "--batch-size", "2")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 rank(s) on cpu; global batch 4 = 2 × 1 accumulation × 2" in proc.stdout
+    assert "22 rows read, 20 kept (dropped: 1 unreadable, 1 chosen == rejected; 0 prompts truncated)" in proc.stdout
     assert_same_weights(weights(out), weights(one_process), atol=1e-5)
 
 
@@ -162,7 +157,7 @@ runpy.run_path("train_dpo.py", run_name="__main__")
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_weights(one_process, tiny_dir, data, tmp_path):
     out = tmp_path / "killed"
-    args = train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2")
+    args = train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2", "--save-every", "2")
     killed = run_subprocess([sys.executable, "-c", KILL_AFTER_THIRD_STEP, *args])
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert torch.load(out / "checkpoint" / "trainer.pt")["step"] == 2
@@ -198,7 +193,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, data, tmp_p
     monkeypatch.setattr(lidr.train, "dpo_loss", nan_at_step_3)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match="step 3: loss nan .* not finite"):
-        main(train_args(tiny_dir, data, out, "--batch-size", "4"))
+        main(train_args(tiny_dir, data, out, "--batch-size", "4", "--save-every", "2"))
     assert torch.load(out / "checkpoint" / "trainer.pt")["step"] == 2
     assert not (out / "checkpoint.tmp").exists() and not (out / "model").exists()
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
@@ -212,7 +207,7 @@ def test_sft_objective_trains_on_responses(tiny_dir, tmp_path):
     from transformers import LlamaForCausalLM
 
     rows = [{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs(4)]
-    path = write_jsonl(tmp_path / "sft.jsonl", rows * 3)  # 12 rows: 3 steps of 4
+    path = write_jsonl(tmp_path / "sft.jsonl", rows * 2)  # 8 rows: 2 steps of 4
     out = tmp_path / "sft"
     main(train_args(tiny_dir, path, out, "--objective", "sft", "--batch-size", "4"))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -220,7 +215,7 @@ def test_sft_objective_trains_on_responses(tiny_dir, tmp_path):
     assert set(log[0]) >= {"loss", "nll"} and "dpo" not in log[0]
     assert log[0]["loss"] == pytest.approx(log[0]["nll"])
     assert log[-1]["nll"] < log[0]["nll"]
-    # step 1 holds 4 rows; 3 copies of 4 rows shuffled: compare with the mean over the rows it drew
+    # step 1 holds 4 rows; 2 copies of 4 rows shuffled: compare with the mean over the rows it drew
     tokenizer = Tokenizer.from_folder(tiny_dir)
     examples, _ = load_examples(path, tokenizer, "sft", max_len=96)
     args = lidr.train.parse_args(train_args(tiny_dir, path, out, "--objective", "sft", "--batch-size", "4"))
