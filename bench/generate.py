@@ -1,0 +1,111 @@
+"""Generation speed: lidr's sampler against transformers' `generate`, side by side in one process.
+
+    python bench/generate.py                       # SmolLM2-135M demo model, fp32, CPU, batch 1 and 16
+    python bench/generate.py --batch-sizes 1 --repeats 3
+
+Same model, same prompts (the first AlpaGasus English instructions in the chat format), greedy,
+128 new tokens with stop tokens ignored on both sides so both generate exactly as many tokens.
+Reports tokens/s for each and the ratio; the time includes prefill. It also measures the machine's
+limit for batch-1 decoding: every weight is read once per token, so the limit is the measured read
+bandwidth of a large fp32 matrix-vector product over the model's weight bytes, and lidr's batch-1
+speed is printed as a percentage of it. Runs alternate between the two sides and the best of
+--repeats is kept, so that load from other processes hurts both alike; check `uptime` first.
+"""
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lidr.checkpoint import load  # noqa: E402
+from lidr.demo_model import DEFAULT_DIR, ensure  # noqa: E402
+from lidr.sampler import SamplingParams, generate  # noqa: E402
+
+DEFAULT_PROMPTS = ROOT.parent / "shared" / "data" / "alpagasus" / "id_0_1000" / "en.jsonl"
+
+
+def matvec_bandwidth(n: int = 8192, repeats: int = 20) -> float:
+    """Bytes/s of an fp32 [n, n] @ [n] product (256 MiB of matrix: far beyond the caches)."""
+    matrix, vector = torch.randn(n, n), torch.randn(n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matrix @ vector
+        best = min(best, time.perf_counter() - start)
+    return matrix.numel() * matrix.element_size() / best
+
+
+def run_lidr(model, tokenizer, prompts, new_tokens):
+    params = SamplingParams(max_new_tokens=new_tokens)
+    outs = generate(model, tokenizer, prompts, params, batch_size=len(prompts))
+    return [o.tokens for o in outs]
+
+
+def run_transformers(hf_model, tokenizer, prompts, new_tokens):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = hf_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_id)
+    return out[:, width:].tolist()
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF folder (default: the SmolLM2 demo model)")
+    parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    from transformers import LlamaForCausalLM
+
+    folder = args.model or ensure(ROOT / DEFAULT_DIR)
+    model, tokenizer = load(folder)
+    hf_model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    no_stops = copy.copy(tokenizer)
+    no_stops.stop_ids = frozenset()
+    instructions = [json.loads(line)["instruction"] for line in Path(args.prompts).read_text().splitlines()]
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": text}]) for text in instructions[: max(args.batch_sizes)]]
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = matvec_bandwidth()
+    limit = bandwidth / weight_bytes
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {folder}: {weight_bytes / 1e6:.0f} MB of weights")
+    print(f"matvec read bandwidth {bandwidth / 1e9:.1f} GB/s -> batch-1 limit {limit:.1f} tok/s")
+
+    with torch.inference_mode():
+        run_lidr(model, no_stops, prompts[:2], 4)  # warm up both sides
+        run_transformers(hf_model, tokenizer, prompts[:2], 4)
+        for batch in args.batch_sizes:
+            batch_prompts, n_tokens = prompts[:batch], batch * args.new_tokens
+            best = {"lidr": float("inf"), "transformers": float("inf")}
+            for _ in range(args.repeats):
+                seconds, ours = timed(run_lidr, model, no_stops, batch_prompts, args.new_tokens)
+                best["lidr"] = min(best["lidr"], seconds)
+                seconds, theirs = timed(run_transformers, hf_model, tokenizer, batch_prompts, args.new_tokens)
+                best["transformers"] = min(best["transformers"], seconds)
+            lidr_tps, hf_tps = n_tokens / best["lidr"], n_tokens / best["transformers"]
+            same = sum(a == b for a, b in zip(ours, theirs))
+            line = (f"batch {batch:3d}: lidr {lidr_tps:7.1f} tok/s   transformers {hf_tps:7.1f} tok/s   "
+                    f"ratio {lidr_tps / hf_tps:.2f}x   rows token-identical {same}/{batch}")
+            if batch == 1:
+                line += f"   lidr = {100 * lidr_tps / limit:.0f}% of the limit ({lidr_tps * weight_bytes / 1e9:.1f} GB/s)"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
