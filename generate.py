@@ -145,9 +145,9 @@ def merge(out: Path, key: str, order: dict) -> list[dict]:
 
 def check_settings(out: Path, rows: list[dict], meta_field: str, settings: dict):
     for row in rows[:1]:
-        before = {k: row.get(meta_field, {}).get(k) for k in SETTINGS}
+        before = {k: row.get(meta_field, {}).get(k) for k in settings}
         if before != settings:
-            changed = ", ".join(f"{k}: {before[k]!r} -> {settings[k]!r}" for k in SETTINGS if before[k] != settings[k])
+            changed = ", ".join(f"{k}: {before[k]!r} -> {settings[k]!r}" for k in settings if before[k] != settings[k])
             raise SystemExit(f"{out}: its rows were generated with other settings ({changed}); use another --out")
 
 
@@ -163,10 +163,13 @@ def answer_one(args):
     print(completion.text)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.prompt is not None:
-        return answer_one(args)
+def run_rows(args, settings: dict, params: SamplingParams, encode_row, result_fields):
+    """The resumable, data-parallel loop over an input file (generate.py's and translate.py's).
+
+    args: prompts (input path), out, out_field, field, seed, batch_size, device, dtype, chat_format,
+    compile, model. encode_row(tokenizer, row) -> prompt ids; result_fields(completion) -> the
+    fields added to the row ({out_field: ...}); `<out_field>_meta` records settings and finish.
+    """
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
         dist.init_process_group("gloo", timeout=timedelta(days=1))  # only barriers travel between ranks
@@ -174,7 +177,6 @@ def main(argv=None):
     out, meta_field = Path(args.out), args.out_field + "_meta"
     rows, bad, key = read_prompts(args.prompts, args.field, args.out_field)
     order = {repr(row_key(key, line, row)): i for i, (line, row) in enumerate(rows)}
-    settings = {**{k: getattr(args, k) for k in SETTINGS}, "model": str(Path(args.model).resolve())}
 
     if rank == 0:
         for line, reason in bad[:20]:
@@ -191,17 +193,17 @@ def main(argv=None):
     if todo:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device)
         model, tokenizer = load_model(args, device)
-        prompts = [encode(tokenizer, row[args.field], args.system) for _, row in todo]
+        prompts = [encode_row(tokenizer, row) for _, row in todo]
         with ResumableWriter(out.with_name(f"{out.name}.rank{rank}.partial"), key) as writer:
 
             def write(i, completion):
                 line, row = todo[i]
                 extra = {"input_line": line} if key == "input_line" else {}
                 meta = {**settings, "finish_reason": completion.finish_reason, "new_tokens": len(completion.tokens)}
-                writer.write({**row, **extra, args.out_field: completion.text, meta_field: meta})
+                writer.write({**row, **extra, **result_fields(completion), meta_field: meta})
 
             seeds = [args.seed + line for line, _ in todo]
-            generate(model, tokenizer, prompts, sampling_params(args), batch_size=args.batch_size,
+            generate(model, tokenizer, prompts, params, batch_size=args.batch_size,
                      progress=rank == 0, seeds=seeds, on_finish=write, compile=args.compile)
     barrier()
     if rank == 0:
@@ -213,6 +215,15 @@ def main(argv=None):
         )
     if world > 1:
         dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.prompt is not None:
+        return answer_one(args)
+    settings = {**{k: getattr(args, k) for k in SETTINGS}, "model": str(Path(args.model).resolve())}
+    run_rows(args, settings, sampling_params(args), lambda tokenizer, row: encode(tokenizer, row[args.field], args.system),
+             lambda completion: {args.out_field: completion.text})
 
 
 if __name__ == "__main__":

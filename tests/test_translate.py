@@ -1,0 +1,63 @@
+"""translate.py: the paper's prompt in each chat format, failures marked and counted, resumable."""
+
+import json
+
+from tokenizers import Tokenizer as HFTokenizer
+
+import translate
+from lidr.sampler import Completion
+from lidr.tokenizer import Tokenizer
+
+PAPER_PROMPT = (
+    "Please translate the following sentences into French. The input sentences are wrapped by <sentence> and "
+    "</sentence>:\n\n<sentence>\nThe cat sleeps.\n</sentence>\n\nThe translated result should be wrapped by "
+    "<translated> and </translated>."
+)
+
+
+def test_prompt_tokens_in_llama3_format(tiny_dir):
+    ids = translate.translation_prompt_ids(Tokenizer.from_folder(tiny_dir), "The cat sleeps.", "fr")
+    by_hand = (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{PAPER_PROMPT}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n<translated>\n")
+    assert ids == HFTokenizer.from_file(str(tiny_dir / "tokenizer.json")).encode(by_hand, add_special_tokens=False).ids
+
+
+def test_prompt_tokens_in_chatml_format(demo_dir):
+    tokenizer = Tokenizer.from_folder(demo_dir)
+    ids = translate.translation_prompt_ids(tokenizer, "The cat sleeps.", "fr")
+    by_hand = (f"<|im_start|>system\n{tokenizer.default_system}<|im_end|>\n<|im_start|>user\n{PAPER_PROMPT}<|im_end|>\n"
+               "<|im_start|>assistant\n<translated>\n")
+    assert tokenizer.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert ids == HFTokenizer.from_file(str(demo_dir / "tokenizer.json")).encode(by_hand, add_special_tokens=False).ids
+
+
+def test_reply_fields():
+    fields = translate.result_fields("translation")
+    closed = Completion(tokens=[1, 2], text="Le chat dort.\n", finish_reason="stop_string")
+    assert fields(closed) == {"translation": "Le chat dort.", "translation_error": None}
+    cut = Completion(tokens=[1, 2], text="Le chat dort et", finish_reason="length")
+    assert fields(cut) == {"translation": None, "translation_error": "no </translated> before the reply ended"}
+    ended = Completion(tokens=[1], text="  ", finish_reason="stop_string")
+    assert fields(ended) == {"translation": None, "translation_error": "empty translation"}
+
+
+def test_unclosed_replies_are_marked_failed_and_a_rerun_adds_nothing(tiny_dir, tmp_path, capsys):
+    source = tmp_path / "en.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "response": "The cat sleeps."}, {"id": "b", "response": ""}, {"id": "c", "response": "Hello."},
+    ]))
+    out = tmp_path / "en-fr.jsonl"
+    argv = ["--model", str(tiny_dir), "--in", str(source), "--to", "fr", "--out", str(out), "--max-new-tokens", "6"]
+    translate.main(argv)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # random weights never write </translated>: every reply ends at the token limit and is a failure
+    assert [(r["id"], r["translation"], r["translation_error"]) for r in rows] == [
+        ("a", None, "no </translated> before the reply ended"), ("c", None, "no </translated> before the reply ended")]
+    assert {r["translation_meta"]["finish_reason"] for r in rows} == {"length"}
+    assert rows[0]["translation_meta"]["to"] == "fr"
+    printed = capsys.readouterr()
+    assert "2 failed translations" in printed.out and "en.jsonl:2: skipped: empty 'response'" in printed.err
+    before = out.read_text()
+    translate.main(argv)
+    assert out.read_text() == before
+    assert "0 generated now, 2 already there" in capsys.readouterr().out
