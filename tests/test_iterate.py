@@ -1,0 +1,58 @@
+"""iterate.py end to end on the demo model (a few prompts, a few steps), killed mid-stage and resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from lidr.checkpoint import load_model
+from lidr.problems import write_sets
+
+
+def test_iteration_end_to_end_and_resume_after_sigkill(demo_dir, tmp_path):
+    write_sets(tmp_path / "problems", n_train=3, n_eval=1, langs=("en", "fr"))
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "iterate.py"), "--model", str(demo_dir), "--work", str(work),
+           "--prompts", str(tmp_path / "problems" / "train"), "--langs", "fr", "--max-new-tokens", "24",
+           "--translate-max-new-tokens", "40", "--batch-size", "3",
+           "--", "--batch-size", "2", "--max-len", "256", "--lr", "1e-5", "--save-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    seen = b""
+    while b"translate fr -> en" not in seen:  # the second translation job has started: kill mid-stage
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        assert chunk, f"iterate.py ended before it was killed:\n{seen.decode(errors='replace')}"
+        seen += chunk
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    iteration = work / "iter1"
+    assert (iteration / "done" / "generate").exists() and not (iteration / "done" / "translate").exists()
+    generated = {p.name: p.read_bytes() for p in (iteration / "generate").glob("*.jsonl")}
+    first_translation = (iteration / "translate" / "en-fr.jsonl").read_bytes()
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "[iter 1/1] generate: done earlier, skipped" in rerun.stdout
+    assert "0 generated now, 3 already there" in rerun.stdout  # en -> fr was finished: nothing redone
+    assert {p.name: p.read_bytes() for p in (iteration / "generate").glob("*.jsonl")} == generated
+    assert (iteration / "translate" / "en-fr.jsonl").read_bytes() == first_translation
+    for stage in ("generate", "translate", "pairs", "train"):
+        assert (iteration / "done" / stage).exists()
+
+    report = json.loads((iteration / "pairs_report.json").read_text())
+    pairs = [json.loads(line) for line in (iteration / "pairs.jsonl").read_text().splitlines()]
+    assert report["pairs"] == len(pairs) > 0
+    assert {p["direction"] for p in pairs} <= {"non_dominant", "dominant"}
+    log = [json.loads(line) for line in (iteration / "train" / "log.jsonl").read_text().splitlines()]
+    assert log and all(row["loss"] == row["loss"] for row in log)  # trained, and no NaN
+    trained = load_model(iteration / "train" / "model")
+    assert trained.cfg.n_layers == 30
+
+    # a third run has nothing left to do
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert all(f"{s}: done earlier, skipped" in again.stdout for s in ("generate", "translate", "pairs", "train"))
