@@ -15,9 +15,9 @@ at most --max-len tokens with a block-diagonal causal mask (`pack`), not padded 
 One run, in order:
 1. Rows are read and tokenized; bad rows are dropped and counted (unreadable, missing or empty
    fields, chosen == rejected, too long). A prompt that does not fit beside its longer response
-   in --max-len keeps its last tokens (the end of the question and the assistant header, as
-   TRL's default `keep_end`); a row whose response does not fit beside the assistant header
-   alone is dropped. Responses are never cut: a cut response would lose its end-of-turn token.
+   in --max-len keeps its last tokens (the end of the question and the assistant header the
+   reply follows); a row whose response does not fit beside the assistant header alone is
+   dropped. Responses are never cut: a cut response would lose its end-of-turn token.
 2. The policy is built on the meta device, `fully_shard`-ed per block and then at the root, and
    filled from the HF folder read once on rank 0 and broadcast. GPU: bf16 compute with fp32
    master weights and fp32 gradient reduction (nccl); CPU: fp32 throughout (gloo). A plain
@@ -44,6 +44,8 @@ How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx
 - The SFT objective averages each sequence's token NLL, then the sequences (the same per-sequence
   mean as the NLL term of DPO), rather than averaging over all tokens of the batch.
 - The reference is the policy before training in the same precision; no separate reference model.
+- Packed rows carry a dense [rows, W, W] mask, so attention runs SDPA's masked kernels over the
+  whole row (on GPU not flash-attn; a variable-length kernel would skip the masked blocks).
 - OUT must be one filesystem seen by every node. The nccl/bf16/MFU paths have not been run on a
   GPU yet; the CPU (gloo, fp32) paths are what the tests cover.
 """
