@@ -503,6 +503,7 @@ def _train(args, out: Path, rank: int, world: int, device):
             save_checkpoint(model, optimizer, scheduler, step + 1, out, rank)
     bar.close()
 
+    del optimizer, scheduler  # free AdamW's state (twice the weights) before gathering the full weights
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
