@@ -99,9 +99,11 @@ def main():
                 seconds, theirs = timed(run_transformers, hf_model, tokenizer, batch_prompts, args.new_tokens)
                 best["transformers"] = min(best["transformers"], seconds)
             lidr_tps, hf_tps = n_tokens / best["lidr"], n_tokens / best["transformers"]
-            same = sum(a == b for a, b in zip(ours, theirs))
+            # transformers' min_new_tokens bans the stop tokens, so compare up to lidr's first stop
+            cut = [next((i for i, t in enumerate(row) if t in tokenizer.stop_ids), len(row)) for row in ours]
+            same = sum(a[:n] == b[:n] for a, b, n in zip(ours, theirs, cut))
             line = (f"batch {batch:3d}: lidr {lidr_tps:7.1f} tok/s   transformers {hf_tps:7.1f} tok/s   "
-                    f"ratio {lidr_tps / hf_tps:.2f}x   rows token-identical {same}/{batch}")
+                    f"ratio {lidr_tps / hf_tps:.2f}x   rows token-identical up to the first stop {same}/{batch}")
             if batch == 1:
                 line += f"   lidr = {100 * lidr_tps / limit:.0f}% of the limit ({lidr_tps * weight_bytes / 1e9:.1f} GB/s)"
             print(line, flush=True)

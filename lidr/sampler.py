@@ -44,7 +44,7 @@ from tqdm import tqdm
 from lidr.model import Llama, rope_cos_sin
 
 SYNC_EVERY = 8  # decode steps between two reads of the sampled tokens by the host
-LENGTH_BUCKET = 256  # eager decode attends over the cache in multiples of this many positions
+LENGTH_BUCKET = 64  # eager decode attends over the cache in multiples of this many positions
 FINISH_REASONS = ("stop_token", "stop_string", "length")
 
 
