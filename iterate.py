@@ -63,7 +63,7 @@ def stage(folder: Path, name: str, label: str, run):
     print(f"[{label}] {name}: finished in {time.time() - start:.0f}s", flush=True)
 
 
-def run_iteration(t: int, model: Path, prompts: Path, args, train_args: list[str]) -> Path:
+def run_iteration(t: int, model: Path, prompts: Path, args) -> Path:
     """Iteration t from model M_{t-1} (a folder); returns the folder of the trained model."""
     folder = Path(args.work) / f"iter{t}"
     label = f"iter {t}/{args.iterations}"
@@ -103,7 +103,7 @@ def run_iteration(t: int, model: Path, prompts: Path, args, train_args: list[str
 
     def train():
         launch("train_dpo.py", ["--model", model, "--data", folder / "pairs.jsonl", "--out", folder / "train",
-                                *train_args], nproc)
+                                *args.train_args], nproc)
 
     stage(folder, "generate", label, generate)
     stage(folder, "translate", label, translate)
@@ -112,7 +112,8 @@ def run_iteration(t: int, model: Path, prompts: Path, args, train_args: list[str
     return folder / "train" / "model"
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The flags; everything after `--` is kept in args.train_args for train_dpo.py."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF folder of M0")
     parser.add_argument("--work", required=True, help="work folder: iter1/, iter2/, ... are kept here")
@@ -131,13 +132,18 @@ def main(argv=None):
     parser.add_argument("--check-language", action="store_true", help="drop pairs whose chosen is off-target")
     parser.add_argument("--translation-task-ids", help="JSONL of prompt ids that are translation requests")
     argv = sys.argv[1:] if argv is None else argv
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.train_args = argv[split + 1:]
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     prompt_dirs = [Path(p) for p in args.prompts.split(",")]
     model = Path(args.model)
     for t in range(1, args.iterations + 1):
-        model = run_iteration(t, model, prompt_dirs[min(t, len(prompt_dirs)) - 1], args, train_args)
+        model = run_iteration(t, model, prompt_dirs[min(t, len(prompt_dirs)) - 1], args)
         print(f"[iter {t}/{args.iterations}] M{t} -> {model}", flush=True)
     return model
 
