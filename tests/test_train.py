@@ -60,7 +60,7 @@ def assert_same_weights(a: dict, b: dict, atol: float):
 
 def run_subprocess(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run(args, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
 
 
 @pytest.fixture(scope="module")
