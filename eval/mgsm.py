@@ -153,8 +153,11 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch_size: int,
-        system: str, limit: int | None = None) -> dict:
-    """Generate what is missing, score every row, and write {out}/summary.json; returns the summary."""
+        system: str, limit: int | None = None, template: str = PROMPT) -> dict:
+    """Generate what is missing, score every row, and write {out}/summary.json; returns the summary.
+
+    template: the user turn, with {question} and optionally {language} (default: the paper's PROMPT).
+    """
     from eval.common import chat, generate_resumable
 
     summary = {"benchmark": out.name, "data": str(data), "languages": {}, "dropped": {}}
@@ -166,7 +169,7 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
         questions = questions[:limit] if limit else questions
         items = []
         for q in questions:
-            user = PROMPT.format(language=language_name(lang), question=q["question"])
+            user = template.format(language=language_name(lang), question=q["question"])
             items.append((q["index"], tokenizer.encode_chat(chat(system, user)), q))
 
         def make_row(index, q, completion, lang=lang):
