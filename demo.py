@@ -42,10 +42,10 @@ from lidr.sampler import SamplingParams
 SIZES = {
     # training prompts per iteration and language, held-out problems per language, token limits,
     # trainer flags
-    "default": dict(n_train=24, n_eval=30, max_new_tokens=64, translate_max_new_tokens=96,
-                    train=["--epochs", "2", "--batch-size", "4", "--lr", "5e-6", "--beta", "0.1", "--alpha", "1.0"]),
-    "quick": dict(n_train=4, n_eval=4, max_new_tokens=48, translate_max_new_tokens=64,
-                  train=["--epochs", "1", "--batch-size", "2", "--lr", "2e-6", "--beta", "0.1", "--alpha", "1.0"]),
+    "default": dict(n_train=16, n_eval=30, max_new_tokens=64, translate_max_new_tokens=128,
+                    train=["--epochs", "1", "--batch-size", "4", "--lr", "1e-5", "--beta", "0.1", "--alpha", "1.0"]),
+    "quick": dict(n_train=4, n_eval=4, max_new_tokens=32, translate_max_new_tokens=48,
+                  train=["--epochs", "1", "--batch-size", "2", "--lr", "1e-5", "--beta", "0.1", "--alpha", "1.0"]),
 }
 LANGS = ["es", "fr", "de", "ru"]
 SYSTEM = "You are a helpful assistant."
@@ -67,7 +67,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every stage")
     parser.add_argument("--work", default=None, help="work folder (default: runs/demo, or runs/demo-quick)")
-    parser.add_argument("--nproc", type=int, default=2, help="processes per stage (torchrun; default: %(default)s)")
+    parser.add_argument("--train-nproc", type=int, default=2,
+                        help="training processes (torchrun, FSDP over gloo; default: %(default)s); generation runs "
+                             "in this process")
     args = parser.parse_args(argv)
     size = SIZES["quick" if args.quick else "default"]
     work = Path(args.work or ("runs/demo-quick" if args.quick else "runs/demo"))
@@ -85,7 +87,8 @@ def main(argv=None):
     for t in (1, 2):
         iteration_args = iterate.parse_args([
             "--model", str(models[f"M{t - 1}"]), "--work", str(work), "--prompts", str(work / f"problems{t}" / "train"),
-            "--langs", ",".join(LANGS), "--iterations", "2", "--nproc", str(args.nproc), "--system", SYSTEM,
+            "--langs", ",".join(LANGS), "--iterations", "2", "--nproc", "1", "--train-nproc", str(args.train_nproc),
+            "--system", SYSTEM,
             "--max-new-tokens", str(size["max_new_tokens"]),
             "--translate-max-new-tokens", str(size["translate_max_new_tokens"]), "--batch-size", "16",
             "--", *size["train"],

@@ -16,8 +16,8 @@ given when there are fewer folders than iterations.
 
 A finished stage leaves WORK/iter{t}/done/{stage} and is skipped on a rerun; an interrupted
 stage resumes (generate.py, translate.py and train_dpo.py pick up their own partial outputs).
-With --nproc N > 1 every model stage runs under torchrun (data-parallel generation, FSDP
-training). Everything after `--` goes to train_dpo.py unchanged (e.g. -- --lr 1e-6 --epochs 2).
+With --nproc N > 1 generation and translation run under torchrun (data parallel), and so does
+training (FSDP) unless --train-nproc says otherwise; with 1 they run inside this process. Everything after `--` goes to train_dpo.py unchanged (e.g. -- --lr 1e-6 --epochs 2).
 
 How this departs from the paper: the paper ran generation and translation with vLLM and
 training with LLaMA-Factory; here each is lidr's own script. Pairs keep every language's
@@ -25,6 +25,7 @@ dominant pairs by default (see lidr.pairs).
 """
 
 import argparse
+import importlib
 import shlex
 import subprocess
 import sys
@@ -36,13 +37,16 @@ from lidr.pairs import PairOptions, build_from_dir, read_translation_task_ids, w
 ROOT = Path(__file__).resolve().parent
 
 
-def launch(script: str, args: list[str], nproc: int):
-    """Run one of lidr's scripts, under torchrun when nproc > 1; a failure stops the iteration."""
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    else:
-        cmd = [sys.executable]
-    cmd += [str(ROOT / script), *map(str, args)]
+def launch(script: str, args: list, nproc: int):
+    """Run one of lidr's scripts: under torchrun when nproc > 1, else its main() in this process
+    (no interpreter start or torch import per call). A failure stops the iteration."""
+    args = [str(a) for a in args]
+    if nproc == 1:
+        print(f"  $ python {script} {shlex.join(args)}", flush=True)
+        importlib.import_module(Path(script).stem).main(args)
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *args]
     print("  $ " + shlex.join(cmd), flush=True)
     result = subprocess.run(cmd)
     if result.returncode != 0:
@@ -89,6 +93,7 @@ def run_iteration(t: int, model: Path, prompts: Path, args) -> Path:
                                     "--field", "response", "--to", dst,
                                     "--out", folder / "translate" / f"{src}-{dst}.jsonl",
                                     "--max-new-tokens", args.translate_max_new_tokens,
+                                    "--repetition-penalty", args.repetition_penalty,
                                     "--batch-size", args.batch_size], nproc)
 
     def pairs():
@@ -103,7 +108,7 @@ def run_iteration(t: int, model: Path, prompts: Path, args) -> Path:
 
     def train():
         launch("train_dpo.py", ["--model", model, "--data", folder / "pairs.jsonl", "--out", folder / "train",
-                                *args.train_args], nproc)
+                                *args.train_args], args.train_nproc or nproc)
 
     stage(folder, "generate", label, generate)
     stage(folder, "translate", label, translate)
@@ -122,11 +127,15 @@ def parse_args(argv=None):
     parser.add_argument("--langs", required=True, help="non-dominant languages, comma-separated")
     parser.add_argument("--dominant", default="en")
     parser.add_argument("--iterations", type=int, default=1)
-    parser.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun when > 1)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes for generation and translation (torchrun when > 1, else in this process)")
+    parser.add_argument("--train-nproc", type=int, default=None, help="processes for training (default: --nproc)")
     parser.add_argument("--system", default="You are a helpful assistant.", help="system prompt for generation")
     parser.add_argument("--max-new-tokens", type=int, default=2400, help="answer length limit (paper: 2,400)")
     parser.add_argument("--translate-max-new-tokens", type=int, default=4096, help="translation limit (paper: 4,096)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.1, help="paper: 1.1, vLLM's meaning")
+    parser.add_argument("--repetition-penalty", type=float, default=1.1,
+                        help="for answers and translations (paper: 1.1, vLLM's meaning; without it greedy "
+                             "translation can loop on the pre-filled <translated> tag)")
     parser.add_argument("--batch-size", type=int, default=16, help="generation batch per process")
     parser.add_argument("--dominant-pairs", choices=("all", "one"), default="all")
     parser.add_argument("--check-language", action="store_true", help="drop pairs whose chosen is off-target")

@@ -10,14 +10,16 @@ end of the turn, or --max-new-tokens). The output row is the input row plus
 - `translation`: the text before </translated>, or null when the translation failed;
 - `translation_error`: null, or why it failed ("no </translated> before the reply ended", "empty
   translation"): a failed translation is kept, marked and counted, never passed on as text;
+- `translation_reply`: the model's reply as generated (after the prefill), to audit failures;
 - `translation_meta`: the settings (target language included), finish reason and token count.
 Rows whose field is missing or empty are reported with their line numbers, skipped and counted.
 Resuming, torchrun and input order work exactly as in generate.py, whose loop this reuses.
 
 How this departs from the paper: the paper's repository writes "Translation Error" in place of a
 failed translation; here the field is null and the reason is recorded. Its decoding settings for
-translation are greedy with at most 4,096 new tokens; the repetition penalty is a flag (default
-off: a translation repeats its source's words by design).
+translation are greedy with at most 4,096 new tokens; the repetition penalty defaults to its
+generation setting, 1.1 (vLLM's meaning): without it, greedy decoding of small models can loop on
+the pre-filled <translated> tag until the token limit (seen with SmolLM2-135M).
 """
 
 import argparse
@@ -44,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--out-field", default="translation", help="field for the translation (default: %(default)s)")
     parser.add_argument("--system", default=None, help="system prompt (default: none, or the chat template's own)")
     parser.add_argument("--max-new-tokens", type=int, default=4096, help="default: %(default)s (the paper's)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.1, help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat-format", choices=["llama3", "chatml"], default=None, help="default: read from the folder")
@@ -65,7 +67,7 @@ def result_fields(out_field: str):
         # the sampler cuts the stop string off the text: put the closing tag back when it was seen
         reply = completion.text + (CLOSING_TAG if completion.finish_reason == "stop_string" else "")
         translation, error = parse_translation(reply)
-        return {out_field: translation, out_field + "_error": error}
+        return {out_field: translation, out_field + "_error": error, out_field + "_reply": completion.text}
 
     return fields
 

@@ -34,11 +34,13 @@ def test_prompt_tokens_in_chatml_format(demo_dir):
 def test_reply_fields():
     fields = translate.result_fields("translation")
     closed = Completion(tokens=[1, 2], text="Le chat dort.\n", finish_reason="stop_string")
-    assert fields(closed) == {"translation": "Le chat dort.", "translation_error": None}
+    assert fields(closed) == {"translation": "Le chat dort.", "translation_error": None,
+                              "translation_reply": "Le chat dort.\n"}
     cut = Completion(tokens=[1, 2], text="Le chat dort et", finish_reason="length")
-    assert fields(cut) == {"translation": None, "translation_error": "no </translated> before the reply ended"}
+    assert fields(cut) == {"translation": None, "translation_error": "no </translated> before the reply ended",
+                           "translation_reply": "Le chat dort et"}
     ended = Completion(tokens=[1], text="  ", finish_reason="stop_string")
-    assert fields(ended) == {"translation": None, "translation_error": "empty translation"}
+    assert fields(ended) == {"translation": None, "translation_error": "empty translation", "translation_reply": "  "}
 
 
 def test_unclosed_replies_are_marked_failed_and_a_rerun_adds_nothing(tiny_dir, tmp_path, capsys):
