@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lidr.checkpoint import load
+from lidr.checkpoint import default_dtype, load
 from lidr.jsonl import ResumableWriter, read_complete_lines, read_records, write_text_atomic
 from lidr.sampler import SamplingParams, generate
+from lidr.tokenizer import chat_messages
 
 SETTINGS = ("model", "system", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
@@ -77,13 +78,12 @@ def sampling_params(args) -> SamplingParams:
 
 
 def load_model(args, device):
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     return load(args.model, device=device, dtype=dtype, chat_format=args.chat_format)
 
 
 def encode(tokenizer, text: str, system: str | None) -> list[int]:
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": text}]
-    return tokenizer.encode_chat(messages)
+    return tokenizer.encode_chat(chat_messages(text, system))
 
 
 # -----------------------------------------------------------------------------

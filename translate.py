@@ -33,7 +33,8 @@ from generate import run_rows
 from lidr.jsonl import read_complete_lines
 from lidr.languages import LANGUAGES
 from lidr.sampler import SamplingParams
-from lidr.translation import CLOSING_TAG, PREFILL, parse_translation, translation_messages
+from lidr.tokenizer import chat_messages
+from lidr.translation import CLOSING_TAG, PREFILL, parse_translation, translation_prompt
 
 
 def parse_args(argv=None):
@@ -58,8 +59,7 @@ def parse_args(argv=None):
 
 def translation_prompt_ids(tokenizer, text: str, to: str, system: str | None = None) -> list[int]:
     """The paper's translation request in the model's chat format, the reply pre-filled with <translated>."""
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + translation_messages(text, to)
-    return tokenizer.encode_chat(messages, prefill=PREFILL)
+    return tokenizer.encode_chat(chat_messages(translation_prompt(text, to), system), prefill=PREFILL)
 
 
 def result_fields(out_field: str):

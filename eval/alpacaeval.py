@@ -73,14 +73,15 @@ def report_dropped(lang: str, what: str, dropped: list[str]):
 
 def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out: Path, params, batch_size: int,
                      system: str, generator: str, limit: int | None = None) -> dict:
-    from eval.common import chat, generate_resumable
+    from eval.common import generate_resumable
+    from lidr.tokenizer import chat_messages
 
     summary = {"benchmark": BENCHMARK + "-outputs", "generator": generator, "languages": {}}
     for lang in langs:
         prompts, dropped = read_items(prompts_dir / f"{lang}.json", ("instruction",))
         report_dropped(lang, "prompt", dropped)
         chosen = list(prompts.values())[:limit] if limit else list(prompts.values())
-        items = [(str(p["id"]), tokenizer.encode_chat(chat(system, p["instruction"])), p) for p in chosen]
+        items = [(str(p["id"]), tokenizer.encode_chat(chat_messages(p["instruction"], system)), p) for p in chosen]
 
         def make_row(key, prompt, completion):
             return {"id": key, "dataset": prompt.get("dataset", ""), "instruction": prompt["instruction"],

@@ -32,14 +32,10 @@ def add_model_args(parser, batch_size: int):
 
 
 def load_model(args):
-    from lidr.checkpoint import load
+    from lidr.checkpoint import default_dtype, load
 
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
     return load(args.model, device=args.device, dtype=dtype, chat_format=args.chat_format)
-
-
-def chat(system: str, user: str) -> list[dict]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
 def check_settings(folder: Path, settings: dict):

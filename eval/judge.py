@@ -354,13 +354,12 @@ def make_judge(args):
     if args.judge == "http":
         return HttpJudge(args.base_url, args.judge_model, os.environ.get(args.api_key_env), cache_path=args.cache,
                          max_retries=args.max_retries, workers=args.workers)
-    from lidr.checkpoint import load
+    from lidr.checkpoint import default_dtype, load
 
     folder = Path(args.judge_model)
     if not folder.is_dir():
         raise SystemExit(f"--judge local needs --judge-model to be a checkpoint folder; {folder} is not one")
-    dtype = torch.bfloat16 if args.judge_device.startswith("cuda") else torch.float32
-    model, tokenizer = load(folder, device=args.judge_device, dtype=dtype)
+    model, tokenizer = load(folder, device=args.judge_device, dtype=default_dtype(args.judge_device))
     return LocalJudge(model, tokenizer, batch_size=args.judge_batch_size, name=folder.name)
 
 

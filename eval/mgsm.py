@@ -158,7 +158,8 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
 
     template: the user turn, with {question} and optionally {language} (default: the paper's PROMPT).
     """
-    from eval.common import chat, generate_resumable
+    from eval.common import generate_resumable
+    from lidr.tokenizer import chat_messages
 
     summary = {"benchmark": out.name, "data": str(data), "languages": {}, "dropped": {}}
     for lang in langs:
@@ -170,7 +171,7 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
         items = []
         for q in questions:
             user = template.format(language=language_name(lang), question=q["question"])
-            items.append((q["index"], tokenizer.encode_chat(chat(system, user)), q))
+            items.append((q["index"], tokenizer.encode_chat(chat_messages(user, system)), q))
 
         def make_row(index, q, completion, lang=lang):
             answer = completion.text.strip()

@@ -35,6 +35,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
+def default_dtype(device) -> torch.dtype:
+    """bf16 on a GPU, fp32 elsewhere (CPU tests and demos)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def read_config(folder: str | os.PathLike) -> LlamaConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():

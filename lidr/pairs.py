@@ -28,6 +28,7 @@ How this departs from the reference repository:
 """
 
 import argparse
+import json
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -184,8 +185,6 @@ def build_from_dir(folder, langs, options=PairOptions(), translation_task_ids=fr
 
 
 def write_pairs(pairs, report, out_jsonl, out_report):
-    import json
-
     write_text_atomic(out_jsonl, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     write_json_atomic(out_report, report)
 

@@ -111,6 +111,11 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt, prefill))
 
 
+def chat_messages(user: str, system: str | None = None) -> list[dict]:
+    """One user turn, after a system turn when `system` is non-empty (None or "": the template's own)."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
 def detect_chat_format(template: str, tok: HFTokenizer, path: Path) -> str:
     if "<|start_header_id|>" in template or (not template and tok.token_to_id("<|start_header_id|>") is not None):
         return "llama3"

@@ -74,11 +74,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lidr.checkpoint import load_model, read_config, save
+from lidr.checkpoint import default_dtype, load_model, read_config, save
 from lidr.dpo import dpo_loss, hidden_sequence_logps
 from lidr.jsonl import read_records, write_json_atomic
 from lidr.model import Llama, rope_inv_freq
-from lidr.tokenizer import Tokenizer
+from lidr.tokenizer import Tokenizer, chat_messages
 
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
 # dense bf16 peak of the GPUs MFU is reported for (matched against torch.cuda.get_device_name)
@@ -115,8 +115,7 @@ def load_examples(path, tokenizer: Tokenizer, objective: str, max_len: int):
             counts["chosen == rejected"] += 1
             continue
         system = row.get("system")
-        messages = ([{"role": "system", "content": system}] if isinstance(system, str) and system else [])
-        prompt = tokenizer.encode_chat(messages + [{"role": "user", "content": row["prompt"]}])
+        prompt = tokenizer.encode_chat(chat_messages(row["prompt"], system if isinstance(system, str) else None))
         responses = [tokenizer.encode(row[k]) + [end_of_turn] for k in fields]
         room = max_len - max(map(len, responses))  # prompt tokens that fit
         if room < header_len:
@@ -506,7 +505,7 @@ def _train(args, out: Path, rank: int, world: int, device):
     del optimizer, scheduler  # free AdamW's state (twice the weights) before gathering the full weights
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = default_dtype(device)
         save(out / "model", model.cfg, {k: v.to(dtype) for k, v in full.items()}, tokenizer_from=args.model)
         plot_curves(log_path, out / "curves.png")
         print(f"wrote {out / 'model'} and {out / 'curves.png'}")

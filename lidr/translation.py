@@ -29,10 +29,6 @@ def translation_prompt(text: str, target_lang: str) -> str:
     )
 
 
-def translation_messages(text: str, target_lang: str) -> list[dict]:
-    return [{"role": "user", "content": translation_prompt(text, target_lang)}]
-
-
 def parse_translation(reply: str) -> tuple[str | None, str | None]:
     """(translation, None) or (None, reason) from the reply that follows the "<translated>\\n" prefill."""
     end = reply.find(CLOSING_TAG)
