@@ -40,7 +40,7 @@ from lidr.jsonl import ResumableWriter, read_complete_lines, read_records, write
 from lidr.sampler import SamplingParams, generate
 from lidr.tokenizer import chat_messages
 
-SETTINGS = ("model", "system", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+SETTINGS = ("model", "system", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
 
 
 def parse_args(argv=None):
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--repetition-penalty", type=float, default=1.1, help="vLLM's meaning (default: %(default)s, the paper's)")
     parser.add_argument("--seed", type=int, default=0, help="row i samples with seed + its input line")
+    parser.add_argument("--stop", action="append", default=[], metavar="STRING",
+                        help="end a reply where this string appears, cut before it (repeatable)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--chat-format", choices=["llama3", "chatml"], default=None, help="default: read from the folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -73,7 +75,7 @@ def parse_args(argv=None):
 def sampling_params(args) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop_strings=tuple(args.stop),
     )
 
 

@@ -149,10 +149,10 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [B, H, T, D]: pairs (i, i + D/2) rotate together (HF's layout)."""
+    """Rotate-half RoPE on x [B, T, heads, D]: pairs (i, i + D/2) rotate together (HF's layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
 # -----------------------------------------------------------------------------
@@ -166,9 +166,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # normalise in fp32, as the reference does for bf16 models
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # bf16/fp16: normalise in fp32 and scale after rounding back, as the reference does
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -179,14 +180,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.kv_cache = None  # lidr.sampler attaches a KVCache here while it generates
+        self.kv_cache = None  # lidr.sampler attaches a KVCache here while it generates,
+        self.qkv_proj = None  # and on CPU one fused q/k/v projection (see lidr.sampler.PackedLinear)
 
     def forward(self, x, cos, sin, mask):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_proj is not None:  # one product, and q and k rotated together
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, D)
+            q, k = apply_rope(qkv[:, :, : H + KV], cos, sin).split((H, KV), dim=2)
+            v = qkv[:, :, H + KV :]
+        else:
+            q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
+            k = apply_rope(self.k_proj(x).view(B, T, KV, D), cos, sin)
+            v = self.v_proj(x).view(B, T, KV, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if self.kv_cache is not None:  # store this step's k, v; get back the keys and values to attend over
             k, v = self.kv_cache.update(k, v)
         if mask is None and flash_attn_func is not None and x.is_cuda and x.dtype != torch.float32:
@@ -204,9 +212,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up_proj = None  # lidr.sampler attaches a fused gate/up projection here on CPU
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):

@@ -62,6 +62,15 @@ def test_prompt_mode_prints_the_reply(tiny_dir, tiny, tiny_hf, capsys):
     assert capsys.readouterr().out == hf_reply(tiny_hf, tokenizer, "Tom has 26 apples.", 10) + "\n"
 
 
+def test_stop_string_cuts_the_reply(tiny_dir, tiny, tiny_hf, capsys):
+    _, tokenizer = tiny
+    reply = hf_reply(tiny_hf, tokenizer, "Tom has 26 apples.", 10)
+    stop = reply[len(reply) // 2 :][:3]  # a piece of the reply's second half
+    assert stop.strip()
+    cli.main(["--model", str(tiny_dir), "--prompt", "Tom has 26 apples.", "--max-new-tokens", "10", "--stop", stop])
+    assert capsys.readouterr().out == reply[: reply.index(stop)] + "\n"
+
+
 def test_rows_fields_order_and_bad_rows(tmp_path, tiny_dir, tiny, tiny_hf, capsys):
     _, tokenizer = tiny
     lines = [

@@ -64,10 +64,13 @@ def hf_greedy(hf_model, prompt, max_new_tokens, stop_ids, **kwargs):
 # the cache
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("variant", ["llama3", "llama31", "tied"])
-def test_cached_decode_equals_full_forward(tmp_path, variant):
-    """Every decode step's logits equal a full forward over the same prefix (two slots, ragged lengths)."""
+def test_cached_decode_equals_full_forward(tmp_path, variant, pack):
+    """Every decode step's logits equal a full forward over the same prefix (two slots, ragged lengths),
+    with the CPU's packed and fused projections and without; the model is whole again afterwards."""
     model, _ = load(make_tiny_checkpoint(tmp_path / variant, variant))
+    o_proj = model.layers[0].self_attn.o_proj
     torch.manual_seed(0)
     prompts = [torch.randint(0, 1000, (n,)) for n in (7, 3)]
     fed = torch.randint(0, 1000, (10, 2))  # the token each slot decodes at each step
@@ -78,7 +81,8 @@ def test_cached_decode_equals_full_forward(tmp_path, variant):
     def relative_error(got, want):
         return ((got - want).abs().max() / want.abs().max()).item()
 
-    with torch.inference_mode(), Session(model, batch_size=2, max_len=24) as session:
+    with torch.inference_mode(), Session(model, batch_size=2, max_len=24, pack=pack) as session:
+        assert (model.layers[0].self_attn.qkv_proj is not None) == pack
         for slot, prompt in enumerate(prompts):
             assert relative_error(session.prefill(slot, prompt)[0], full[slot][0]) <= 1e-5
         for step in range(10):
@@ -87,6 +91,8 @@ def test_cached_decode_equals_full_forward(tmp_path, variant):
             for slot in range(2):
                 assert relative_error(logits[slot], full[slot][step + 1]) <= 1e-5
     assert all(layer.self_attn.kv_cache is None for layer in model.layers)  # detached after use
+    assert all(layer.self_attn.qkv_proj is None and layer.mlp.gate_up_proj is None for layer in model.layers)
+    assert model.layers[0].self_attn.o_proj is o_proj and isinstance(model.layers[-1].mlp.down_proj, torch.nn.Linear)
 
 
 # -----------------------------------------------------------------------------
