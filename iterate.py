@@ -97,7 +97,8 @@ def run_iteration(t: int, model: Path, prompts: Path, args) -> Path:
                                     "--batch-size", args.batch_size], nproc)
 
     def pairs():
-        options = PairOptions(dominant=en, dominant_pairs=args.dominant_pairs, check_language=args.check_language)
+        options = PairOptions(dominant=en, dominant_pairs=args.dominant_pairs, check_language=args.check_language,
+                              check_numbers=args.check_numbers)
         task_ids = read_translation_task_ids(args.translation_task_ids)
         made, report = build_from_dir(folder, langs, options, task_ids)
         write_pairs(made, report, folder / "pairs.jsonl", folder / "pairs_report.json")
@@ -139,6 +140,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16, help="generation batch per process")
     parser.add_argument("--dominant-pairs", choices=("all", "one"), default="all")
     parser.add_argument("--check-language", action="store_true", help="drop pairs whose chosen is off-target")
+    parser.add_argument("--check-numbers", action="store_true",
+                        help="drop pairs whose translated side does not carry its source's numbers, in order")
     parser.add_argument("--translation-task-ids", help="JSONL of prompt ids that are translation requests")
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)

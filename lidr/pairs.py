@@ -24,12 +24,15 @@ How this departs from the reference repository:
   bias towards the last language); the report says which.
 - Pairs whose chosen equals rejected are dropped (the repository keeps them; they carry no signal
   and a zero DPO gradient). Optional: language identification of the chosen answer
-  (--check-language) and length limits in characters.
+  (--check-language), a fidelity check for arithmetic answers (--check-numbers: the translated
+  side of a pair must carry its source's numbers, in order; a small model's translations often
+  do not) and length limits in characters.
 """
 
 import argparse
 import json
 import random
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,12 @@ from pathlib import Path
 from lidr.jsonl import read_records, write_json_atomic, write_text_atomic
 
 DIRECTIONS = ("non_dominant", "dominant")
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def numbers(text: str) -> list[str]:
+    """The numbers written in a text, in order, digits only ("1,200" and "1.200" are both "1200")."""
+    return [re.sub(r"[.,]", "", n) for n in NUMBER.findall(text)]
 
 
 @dataclass
@@ -45,6 +54,7 @@ class PairOptions:
     dominant_pairs: str = "all"  # "all": every language's dominant pairs; "one": one sampled language per id
     drop_identical: bool = True
     check_language: bool = False  # drop pairs whose chosen answer is not in the prompt's language
+    check_numbers: bool = False  # drop pairs whose translation does not carry its source's numbers, in order
     min_chars: int = 1
     max_chars: int = 0  # 0: no upper limit
     seed: int = 0
@@ -66,10 +76,12 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
     rng = random.Random(options.seed)
     pairs = []
 
-    def keep(pair, lang):
+    def keep(pair, lang, source=None, translation=None):
         chosen, rejected = pair["chosen"], pair["rejected"]
         reason = None
-        if options.drop_identical and chosen.strip() == rejected.strip():
+        if options.check_numbers and source is not None and numbers(source) != numbers(translation):
+            reason = "translation_changed_numbers"
+        elif options.drop_identical and chosen.strip() == rejected.strip():
             reason = "chosen_equals_rejected"
         elif min(len(chosen), len(rejected)) < options.min_chars:
             reason = "too_short"
@@ -102,7 +114,8 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
             else:
                 made[lang]["translation_task_kept_english"] += is_translation_task
                 keep(dict(id=id_, lang=lang, direction="non_dominant", source_lang=lang,
-                          prompt=prompts[lang][id_], chosen=chosen, rejected=y_l), lang)
+                          prompt=prompts[lang][id_], chosen=chosen, rejected=y_l), lang,
+                     *(() if is_translation_task else (y_en, chosen)))
             if lang not in dominant_langs:
                 continue
             y_l_en = to_en[lang].get(id_)
@@ -110,7 +123,7 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
                 skipped[lang]["dominant:translation_failed"] += 1
             else:
                 keep(dict(id=id_, lang=en, direction="dominant", source_lang=lang,
-                          prompt=prompts[en][id_], chosen=y_en, rejected=y_l_en), lang)
+                          prompt=prompts[en][id_], chosen=y_en, rejected=y_l_en), lang, y_l, y_l_en)
 
     report = {
         "dominant": en,
@@ -198,6 +211,8 @@ def main():
                         help="all: every language's dominant pairs; one: one language sampled per id")
     parser.add_argument("--keep-identical", action="store_true", help="keep pairs whose chosen equals rejected")
     parser.add_argument("--check-language", action="store_true", help="drop pairs whose chosen is off-target (langid)")
+    parser.add_argument("--check-numbers", action="store_true",
+                        help="drop pairs whose translated side does not carry its source's numbers, in order")
     parser.add_argument("--min-chars", type=int, default=1)
     parser.add_argument("--max-chars", type=int, default=0, help="0 = no limit")
     parser.add_argument("--translation-task-ids", help="JSONL with the ids of prompts that are translation requests")
@@ -205,7 +220,7 @@ def main():
     parser.add_argument("--out", help="pairs JSONL (default: DIR/pairs.jsonl; the report goes beside it)")
     args = parser.parse_args()
     options = PairOptions(args.dominant, args.dominant_pairs, not args.keep_identical, args.check_language,
-                          args.min_chars, args.max_chars, args.seed)
+                          args.check_numbers, args.min_chars, args.max_chars, args.seed)
     langs = args.langs.split(",")
     pairs, report = build_from_dir(args.dir, langs, options, read_translation_task_ids(args.translation_task_ids))
     out = Path(args.out or Path(args.dir) / "pairs.jsonl")

@@ -127,3 +127,22 @@ def test_language_check_drops_an_off_target_chosen_answer():
     pairs, report = build_pairs(prompts, answers, en_to, to_en, set(), ["fr"], PairOptions(check_language=True))
     assert [(p["id"], p["direction"]) for p in pairs] == [("a", "non_dominant"), ("a", "dominant"), ("b", "dominant")]
     assert report["per_language"]["fr"]["skipped"] == {"non_dominant:chosen_off_target": 1}
+
+
+def test_number_check_drops_translations_that_change_the_numbers():
+    """--check-numbers: the translated side of each pair must carry its source's numbers, in order."""
+    prompts = {"en": {i: f"Q{i}" for i in "abc"}, "de": {i: f"F{i}" for i in "abc"}}
+    answers = {"en": {"a": "6 + 8 = 14. The answer is 14.", "b": "It is 1,200 apples.", "c": "9 - 2 = 7"},
+               "de": {"a": "Es sind 13.", "b": "Keine Ahnung.", "c": "Sieben: 9 - 2 = 7"}}
+    en_to = {"de": {"a": "6 + 8 = 14. Die Antwort ist 14.",  # faithful
+                    "b": "Es sind 1.200 Äpfel.",  # the same number, German separator
+                    "c": "9 - 2 = 5"}}  # a number changed
+    to_en = {"de": {"a": "It is 31.",  # changed: 13 -> 31
+                    "b": "No idea.", "c": "Seven: 9 - 2 = 7"}}
+    pairs, report = build_pairs(prompts, answers, en_to, to_en, set(), ["de"], PairOptions(check_numbers=True))
+    assert [(p["id"], p["direction"]) for p in pairs] == [("a", "non_dominant"), ("b", "non_dominant"),
+                                                          ("b", "dominant"), ("c", "dominant")]
+    assert report["per_language"]["de"]["skipped"] == {"dominant:translation_changed_numbers": 1,
+                                                       "non_dominant:translation_changed_numbers": 1}
+    unchecked, _ = build_pairs(prompts, answers, en_to, to_en, set(), ["de"])
+    assert len(unchecked) == 6
