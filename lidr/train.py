@@ -29,13 +29,15 @@ One run, in order:
    accumulation. loss per pair = −log σ(β·Δ) + α·(−log π(y_c|x)/|y_c|) (lidr/dpo.py), averaged
    over the global batch (--batch-size pairs per rank per micro-batch × --grad-accum × ranks).
    Each step appends a JSON line to OUT/log.jsonl (and prints it).
-5. Every --save-every steps and at the end: OUT/checkpoint (sharded model and optimizer state
+5. Every --save-every steps before the last: OUT/checkpoint (sharded model and optimizer state
    through torch.distributed.checkpoint, scheduler, step, per-rank RNG) built in
    OUT/checkpoint.tmp and renamed into place, so a crash leaves the previous checkpoint whole.
    Rerunning the same command resumes from it. A NaN/inf loss or gradient norm stops the run
    before the optimizer step and before any save.
-6. Export: OUT/model, an HF folder (lidr.checkpoint.save, gathered on rank 0) in the compute
-   dtype (bf16 on GPU, fp32 on CPU), and OUT/curves.png.
+6. Export, in place of a last checkpoint: OUT/model, an HF folder (lidr.checkpoint.save,
+   gathered on rank 0, built beside its place and renamed into it) in the compute dtype (bf16 on
+   GPU, fp32 on CPU), and OUT/curves.png. Once OUT/model exists, a rerun has nothing to do; a
+   crash before it resumes from the last checkpoint.
 
 How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx):
 - The paper's learning rate, epochs, batch and length are unpublished; the defaults here are
@@ -413,6 +415,10 @@ def _train(args, out: Path, rank: int, world: int, device):
     dist.barrier()
     if rank == 0:
         write_json_atomic(run_file, run)
+    if (out / "model" / "config.json").is_file():  # the export is written atomically: the run is complete
+        if rank == 0:
+            print(f"{out / 'model'} exists: this run finished earlier, nothing to do")
+        return
 
     tokenizer = Tokenizer.from_folder(args.model, chat_format=args.chat_format)
     examples, counts = load_examples(args.data, tokenizer, args.objective, args.max_len)
@@ -498,7 +504,7 @@ def _train(args, out: Path, rank: int, world: int, device):
             bar.write(line)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == total_steps:
+        if (step + 1) % args.save_every == 0 and step + 1 < total_steps:  # the end is saved by the export
             save_checkpoint(model, optimizer, scheduler, step + 1, out, rank)
     bar.close()
 

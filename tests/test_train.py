@@ -168,6 +168,9 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(one_process, tiny_di
     log = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert log == list(range(1, STEPS + 1))  # step 3's line from the killed run was dropped
     assert_same_weights(weights(out), weights(one_process), atol=1e-6)
+    again = run_subprocess([sys.executable, "train_dpo.py", *args])  # the export marks the run finished
+    assert again.returncode == 0 and "this run finished earlier, nothing to do" in again.stdout
+    assert len((out / "log.jsonl").read_text().splitlines()) == STEPS
 
 
 def test_exported_folder_loads_in_lidr_and_transformers_with_identical_logits(one_process, tiny_dir):
