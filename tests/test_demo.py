@@ -1,6 +1,7 @@
 """The README's main job at --quick size (the CI smoke test): every stage runs and the report is made."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,8 @@ def test_demo_quick_runs_every_stage(demo_dir, tmp_path):
         assert (work / f"iter{t}" / "train" / "model" / "model.safetensors").is_file()
     report = (work / "report" / "report.md").read_text()
     assert "| M0 |" in report and "| M2 |" in report
+    # what each iteration learned from; at step 1 the policy is the reference, so the DPO loss is ln 2
+    assert "| 2 | ru |" in report and re.search(r"- iteration 2: \d+ steps; DPO loss 0\.693 → ", report)
     charts = list((work / "report").glob("*.png"))
     assert charts and all(imread(p).shape[0] > 100 for p in charts)
     assert "| M0 |" in run.stdout  # the table is printed at the end
