@@ -175,7 +175,7 @@ class PackedLinear(nn.Module):
 class Session:
     """The caches of a model while it generates: attached on entry, detached (and freed) on exit.
 
-    On CPU (fp32 or bf16) every layer gets a fused q/k/v and a fused gate/up PackedLinear, its o
+    On CPU (fp32) every layer gets a fused q/k/v and a fused gate/up PackedLinear, its o
     and down projections and the output matrix are swapped for PackedLinear copies, all for the
     session's duration: generating on CPU holds the weights twice.
     """
@@ -183,8 +183,8 @@ class Session:
     def __init__(self, model: Llama, batch_size: int, max_len: int, pack: bool = True):
         cfg, weight = model.cfg, model.embed_tokens.weight
         self.model, self.max_len = model, max_len
-        cpu = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-        self.pack = pack and cpu and onednn_available()
+        # fp32 only: the dtype measured and tested here (oneDNN's bf16 kernels depend on the CPU)
+        self.pack = pack and weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available()
         self.output = PackedLinear([model.lm_head], batch_size) if self.pack else model.lm_head
         self.originals = []  # each layer's (o_proj, down_proj) while PackedLinear copies stand in
         self.state = CacheState()
