@@ -154,7 +154,7 @@ def onednn_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """Bias-free nn.Linear layers for CPU inference, their weights stacked into one output and reordered once into oneDNN's blocked layout.
+    """nn.Linear layers (bias-free) as one product for CPU inference, on a weight packed once for oneDNN.
 
     MKL's plain fp32 GEMM reaches a third of the machine's arithmetic rate on the 1- to 16-row
     products of decoding and half its memory bandwidth on one row; oneDNN's kernel over a weight
@@ -407,7 +407,7 @@ def generate(
                 finish(slot, done)
         live[slot] = rows[slot] is not None
 
-    with Session(model, batch_size, max_len, pack=not compile) as session:  # inductor packs its own
+    with Session(model, batch_size, max_len, pack=not compile) as session:  # inductor cannot lower packed weights
         for slot in range(batch_size):
             fill(session, slot)
         step = 0
