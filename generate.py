@@ -65,7 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--chat-format", choices=["llama3", "chatml"], default=None, help="default: read from the folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bfloat16 on CUDA, else float32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (CPU: ~10%% faster after ~40 s of compiling)")
     args = parser.parse_args(argv)
     if args.prompts and not args.out:
         parser.error("--prompts needs --out")

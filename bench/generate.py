@@ -1,15 +1,17 @@
 """Generation speed: lidr's sampler against transformers' `generate`, side by side in one process.
 
     python bench/generate.py                       # SmolLM2-135M demo model, fp32, CPU, batch 1 and 16
-    python bench/generate.py --batch-sizes 1 --repeats 3
+    python bench/generate.py --batch-sizes 1 --repeats 3 --no-compile
 
 Same model, same prompts (the first AlpaGasus English instructions in the chat format), greedy,
 128 new tokens with stop tokens ignored on both sides so both generate exactly as many tokens.
 Reports tokens/s for each and the ratio; the time includes prefill. It also measures the machine's
 limit for batch-1 decoding: every weight is read once per token, so the limit is the measured read
 bandwidth of a large fp32 matrix-vector product over the model's weight bytes, and lidr's batch-1
-speed is printed as a percentage of it. Runs alternate between the two sides and the best of
---repeats is kept, so that load from other processes hurts both alike; check `uptime` first.
+speed is printed as a percentage of it. lidr runs twice: eager (its default) and with the decode
+step compiled (`compile=True`; compiled once per batch size before the timed runs, and that
+compilation time is printed apart). Runs alternate between the sides and the best of --repeats
+is kept, so that load from other processes hurts all alike; check `uptime` first.
 """
 
 import argparse
@@ -42,9 +44,9 @@ def matvec_bandwidth(n: int = 8192, repeats: int = 20) -> float:
     return matrix.numel() * matrix.element_size() / best
 
 
-def run_lidr(model, tokenizer, prompts, new_tokens):
+def run_lidr(model, tokenizer, prompts, new_tokens, compile=False):
     params = SamplingParams(max_new_tokens=new_tokens)
-    outs = generate(model, tokenizer, prompts, params, batch_size=len(prompts))
+    outs = generate(model, tokenizer, prompts, params, batch_size=len(prompts), compile=compile)
     return [o.tokens for o in outs]
 
 
@@ -70,6 +72,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true", help="skip lidr's compiled decode step")
     args = parser.parse_args()
     from transformers import LlamaForCausalLM
 
@@ -92,21 +95,34 @@ def main():
         run_transformers(hf_model, tokenizer, prompts[:2], 4)
         for batch in args.batch_sizes:
             batch_prompts, n_tokens = prompts[:batch], batch * args.new_tokens
-            best = {"lidr": float("inf"), "transformers": float("inf")}
+            sides = {"lidr": False, "lidr compiled": True, "transformers": None}  # side -> compile
+            if args.no_compile:
+                del sides["lidr compiled"]
+            else:
+                seconds, _ = timed(run_lidr, model, no_stops, batch_prompts, args.new_tokens, True)
+                print(f"batch {batch:3d}: lidr compiled's first run (compiling the decode step) took {seconds:.1f} s", flush=True)
+            best, outputs = {side: float("inf") for side in sides}, {}
             for _ in range(args.repeats):
-                seconds, ours = timed(run_lidr, model, no_stops, batch_prompts, args.new_tokens)
-                best["lidr"] = min(best["lidr"], seconds)
-                seconds, theirs = timed(run_transformers, hf_model, tokenizer, batch_prompts, args.new_tokens)
-                best["transformers"] = min(best["transformers"], seconds)
-            lidr_tps, hf_tps = n_tokens / best["lidr"], n_tokens / best["transformers"]
+                for side, compile in sides.items():
+                    if side == "transformers":
+                        seconds, outputs[side] = timed(run_transformers, hf_model, tokenizer, batch_prompts, args.new_tokens)
+                    else:
+                        seconds, outputs[side] = timed(run_lidr, model, no_stops, batch_prompts, args.new_tokens, compile)
+                    best[side] = min(best[side], seconds)
+            speed = {side: n_tokens / seconds for side, seconds in best.items()}
+            hf_tps = speed.pop("transformers")
+            ours, theirs = outputs["lidr"], outputs["transformers"]
             # transformers' min_new_tokens bans the stop tokens, so compare up to lidr's first stop
             cut = [next((i for i, t in enumerate(row) if t in tokenizer.stop_ids), len(row)) for row in ours]
             same = sum(a[:n] == b[:n] for a, b, n in zip(ours, theirs, cut))
-            line = (f"batch {batch:3d}: lidr {lidr_tps:7.1f} tok/s   transformers {hf_tps:7.1f} tok/s   "
-                    f"ratio {lidr_tps / hf_tps:.2f}x   rows token-identical up to the first stop {same}/{batch}")
-            if batch == 1:
-                line += f"   lidr = {100 * lidr_tps / limit:.0f}% of the limit ({lidr_tps * weight_bytes / 1e9:.1f} GB/s)"
-            print(line, flush=True)
+            same_compiled = sum(a == b for a, b in zip(ours, outputs.get("lidr compiled", ours)))
+            print(f"batch {batch:3d}: transformers {hf_tps:7.1f} tok/s; lidr rows token-identical to transformers up to "
+                  f"the first stop {same}/{batch}, compiled rows identical to eager {same_compiled}/{batch}")
+            for side, tps in speed.items():
+                line = f"batch {batch:3d}: {side:13s} {tps:7.1f} tok/s   ratio to transformers {tps / hf_tps:.2f}x"
+                if batch == 1:
+                    line += f"   = {100 * tps / limit:.0f}% of the limit ({tps * weight_bytes / 1e9:.1f} GB/s)"
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

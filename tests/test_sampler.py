@@ -131,6 +131,17 @@ def test_greedy_matches_transformers_on_demo_model(demo_dir):
     assert any(out.finish_reason == "stop_token" for out in outs) or all(len(o.tokens) == 64 for o in outs)
 
 
+def test_compiled_decode_step_matches_eager(tiny):
+    """compile=True (inductor; on CPU the packed products as lidr::packed_linear) = the eager sampler."""
+    model, tokenizer = tiny
+    prompts = [chat(tokenizer, q) for q in QUESTIONS[:3]]
+    params = SamplingParams(max_new_tokens=12, repetition_penalty=1.1)
+    eager = generate(model, tokenizer, prompts, params, batch_size=2)
+    compiled = generate(model, tokenizer, prompts, params, batch_size=2, compile=True)
+    assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+    assert all(len(c.tokens) > 0 for c in eager)
+
+
 def test_batch_invariance(tiny):
     """A prompt's output is the same alone and inside a batch, greedy and sampled (per-request seeds)."""
     model, tokenizer = tiny
