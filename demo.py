@@ -41,6 +41,7 @@ from eval.report import write_report
 from lidr.checkpoint import load
 from lidr.demo_model import DEFAULT_DIR, ensure
 from lidr.jsonl import write_text_atomic
+from lidr.pairs import read_translations
 from lidr.problems import write_sets
 from lidr.sampler import SamplingParams
 
@@ -80,8 +81,8 @@ def iteration_summary(work: Path, iterations: list[int]) -> str:
         for lang, counts in report["per_language"].items():
             failed = []
             for name in (f"en-{lang}", f"{lang}-en"):
-                rows = [json.loads(line) for line in (folder / "translate" / f"{name}.jsonl").read_text().splitlines()]
-                failed.append(f"{sum(row['translation'] is None for row in rows)}/{len(rows)}")
+                translations = read_translations(folder / "translate" / f"{name}.jsonl")  # id -> None if it failed
+                failed.append(f"{sum(t is None for t in translations.values())}/{len(translations)}")
             lines.append(f"| {t} | {lang} | {failed[0]} | {failed[1]} | {counts['non_dominant']} | {counts['dominant']} |")
         log = [json.loads(line) for line in (folder / "train" / "log.jsonl").read_text().splitlines()]
         first, last = log[0], log[-1]

@@ -70,6 +70,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.prompts and not args.out:
         parser.error("--prompts needs --out")
+    if "" in args.stop:
+        parser.error("--stop needs a non-empty string")
     return args
 
 

@@ -17,7 +17,8 @@ given when there are fewer folders than iterations.
 A finished stage leaves WORK/iter{t}/done/{stage} and is skipped on a rerun; an interrupted
 stage resumes (generate.py, translate.py and train_dpo.py pick up their own partial outputs).
 With --nproc N > 1 generation and translation run under torchrun (data parallel), and so does
-training (FSDP) unless --train-nproc says otherwise; with 1 they run inside this process. Everything after `--` goes to train_dpo.py unchanged (e.g. -- --lr 1e-6 --epochs 2).
+training (FSDP) unless --train-nproc says otherwise; with 1 they run inside this process.
+Everything after `--` goes to train_dpo.py unchanged (e.g. -- --lr 1e-6 --epochs 2).
 
 How this departs from the paper: the paper ran generation and translation with vLLM and
 training with LLaMA-Factory; here each is lidr's own script. Pairs keep every language's

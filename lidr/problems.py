@@ -75,7 +75,7 @@ def write_problem(lang: str, person: dict, obj: dict, a: int, b: int, op: str) -
     raise ValueError(f"no templates for language {lang!r}; known: {', '.join(LANGS)}")
 
 
-MAX_NUMBER = 20  # SmolLM2-135M gets ~30% of these right in English, none in French; with
+MAX_NUMBER = 20  # SmolLM2-135M gets ~20% of these right in English, none in French; with
 # numbers up to 50 it gets none right in any language, and there is no imbalance to learn from
 
 

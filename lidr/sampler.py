@@ -212,6 +212,9 @@ class Session:
             for _ in model.layers
         ]
         self.batch_size = batch_size
+        # the row of a cache viewed as [-1, head_dim] where slot s, kv head h starts: (s * kv_heads + h) * max_len
+        # (compaction keeps slots 0..n-1, so the first n rows stay right)
+        self.row_starts = torch.arange(batch_size * cfg.n_kv_heads, device=weight.device).view(batch_size, -1) * max_len
 
     def __enter__(self):
         for layer, cache in zip(self.model.layers, self.caches):
@@ -250,11 +253,7 @@ class Session:
             self.state.slot = None
 
     def decode(self, tokens, positions, length: int, step_fn=decode_logits) -> torch.Tensor:
-        # where each slot's new k and v go, for every layer: row (slot * kv_heads + head) * max_len + position
-        kv_heads, max_len = self.model.cfg.n_kv_heads, self.max_len
-        heads = torch.arange(kv_heads, device=tokens.device)
-        slots = torch.arange(len(tokens), device=tokens.device)
-        self.state.writes = ((slots[:, None] * kv_heads + heads) * max_len + positions[:, None]).flatten()
+        self.state.writes = (self.row_starts[: len(tokens)] + positions[:, None]).flatten()  # for every layer
         self.state.length = length
         return step_fn(self.model, self.output, tokens, positions, length)
 

@@ -512,8 +512,8 @@ def _train(args, out: Path, rank: int, world: int, device):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         dtype = default_dtype(device)
+        plot_curves(log_path, out / "curves.png")  # before the export: once OUT/model exists a rerun stops
         save(out / "model", model.cfg, {k: v.to(dtype) for k, v in full.items()}, tokenizer_from=args.model)
-        plot_curves(log_path, out / "curves.png")
         print(f"wrote {out / 'model'} and {out / 'curves.png'}")
     dist.barrier()
 
