@@ -17,6 +17,9 @@ How this departs from the reference (transformers' LlamaForCausalLM):
   token (left padding works as in `generate`); HF's plain forward counts from the first column.
 - Padding queries attend to themselves so that a fully padded row never turns into NaN; their
   outputs are meaningless and must be ignored by the caller (the loss masks them).
+- Packed rows (the trainer) can attend through `Documents`, one causal SDPA call per packed
+  sequence, instead of a dense [B, T, T] mask: on CUDA that runs flash kernels and skips the
+  masked blocks; it computes exactly what the dense block-diagonal mask does (tests/test_attention.py).
 - No dropout, no attention/MLP biases, no `pretraining_tp`: configs that ask for them are refused.
 """
 
@@ -156,6 +159,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # -----------------------------------------------------------------------------
+# attention over packed rows
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Sequences packed side by side in each row: row b holds sequences of lengths[b][0], lengths[b][1], ...
+    tokens from column 0 on, then padding up to the row's width.
+
+    Attention stays inside a sequence (causal) and never crosses into another; the padding after
+    the last sequence attends causally among itself, as one more sequence (its outputs are
+    ignored). The same attention as the dense mask `same sequence & key not after query`.
+    """
+
+    lengths: tuple[tuple[int, ...], ...]
+
+
+def document_attention(q, k, v, documents: Documents, enable_gqa: bool) -> torch.Tensor:
+    """Causal attention within each packed sequence: q [B, H, T, D], k, v [B, KV, T, D] -> [B, H, T, D].
+
+    One SDPA call per sequence on views of the row (no mask, `is_causal`), so CUDA runs flash
+    kernels and nothing of size T² exists: what a variable-length kernel does, written with SDPA
+    so that it runs, with gradients, on every device and torch version.
+    """
+    T = q.shape[2]
+    rows = []
+    for b, lengths in enumerate(documents.lengths):
+        sizes = [n for n in (*lengths, T - sum(lengths)) if n > 0]
+        pieces = zip(*(t[b : b + 1].split(sizes, dim=2) for t in (q, k, v)))
+        rows.append(torch.cat([
+            F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=enable_gqa) for qs, ks, vs in pieces
+        ], dim=2))
+    return torch.cat(rows)
+
+
+# -----------------------------------------------------------------------------
 # blocks
 
 
@@ -195,12 +233,14 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if self.kv_cache is not None:  # store this step's k, v; get back the keys and values to attend over
             k, v = self.kv_cache.update(k, v)
+        gqa = self.n_kv_heads != self.n_heads
         if mask is None and flash_attn_func is not None and x.is_cuda and x.dtype != torch.float32:
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
             return self.o_proj(y.reshape(B, T, -1))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if isinstance(mask, Documents):
+            y = document_attention(q, k, v, mask, gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -263,12 +303,15 @@ class Llama(nn.Module):
 
         attention_mask: optional [B, T], 1/True for real tokens and 0/False for padding (left or
         right). positions: optional [B, T]; by default counted from each row's first real token.
-        Packed sequences (the trainer): attention_mask [B, T(query), T(key)], True where a query may
-        attend a key, used as given, with explicit positions.
+        Packed sequences (the trainer), with explicit positions: attention_mask a `Documents` (the
+        sequence lengths of each row), or [B, T(query), T(key)], True where a query may attend a
+        key, used as given.
         """
         B, T = tokens.shape
         mask = None
-        if attention_mask is not None and attention_mask.dim() == 3:
+        if isinstance(attention_mask, Documents):
+            mask = attention_mask
+        elif attention_mask is not None and attention_mask.dim() == 3:
             mask = attention_mask.bool()[:, None]  # broadcast over heads
         elif attention_mask is not None:
             real = attention_mask.bool()
