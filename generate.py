@@ -9,15 +9,23 @@ IN is JSONL or a JSON list of objects; `--field` names the prompt (AlpaGasus and
 `instruction`, MGSM: `query`). Each prompt becomes one user turn (after `--system`, if given) in
 the model's chat format. An output row is the input row plus `--out-field` (the reply) and
 `<out-field>_meta` (the settings that made it, the finish reason, the number of new tokens).
-Bad rows (not JSON, not an object, no such field, an empty prompt) are reported with their line
-numbers, skipped and counted.
+Bad rows (not JSON, not an object, no such field, an empty or whitespace-only prompt, a prompt
+too long for the model) are reported with their line numbers, skipped and counted; an input with
+no usable row is refused.
 
-Resuming: rerun the same command after a crash or Ctrl-C. Rows are keyed by `id` when every input
-row has a distinct one, otherwise by their line in IN (written as `input_line`). Each rank appends
-finished rows to `OUT.rank<r>.partial`, flushed row by row; at the start and at the end rank 0 merges
-the partial files into OUT in input order (one atomic rename) and deletes them. A torn last line is
-dropped and redone; a key already written is never written again. A rerun with other settings
-than the rows in OUT were made with is refused.
+Over-length input (the context is the model's max_position_embeddings): a prompt that fills the
+context by itself is a bad row (skipped, counted as "longer than the context"); every reply ends
+where the context does, so a row gets at most context − its prompt's tokens new tokens (finish
+reason "length"), and a --max-new-tokens past that is lowered, with a warning.
+
+Resuming: rerun the same command after a crash or Ctrl-C. Rows are keyed by `id` (compared as
+text) when every input row has a distinct one, otherwise by their line in IN (written as
+`input_line`). Each rank appends finished rows to `OUT.rank<r>.partial`, flushed row by row; at
+the start and at the end rank 0 merges the partial files into OUT in input order (one atomic
+rename) and deletes them. A torn last line is dropped and redone; a key already written is never
+written again. OUT.made-from.json records what OUT is made from (IN's path, size and sha256, the
+model folder, the settings): a rerun with another input, model or settings is refused, naming
+what changed, before anything is written, and so is an OUT that generate.py did not write.
 
 How this departs from the paper's setup (vLLM): the defaults are its generation settings (greedy,
 repetition penalty 1.1, at most 2,400 new tokens), with lidr's sampler (lidr/sampler.py) in place
@@ -25,6 +33,7 @@ of vLLM; torchrun runs one model per process (data parallel), no tensor parallel
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,12 +44,27 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lidr.checkpoint import default_dtype, load
-from lidr.jsonl import ResumableWriter, read_complete_lines, read_records, write_text_atomic
-from lidr.sampler import SamplingParams, generate
-from lidr.tokenizer import chat_messages
+from lidr.checkpoint import default_dtype, folder_identity, load, read_config
+from lidr.jsonl import (
+    ResumableWriter, check_output, file_identity, read_complete_lines, read_records, record_output, usable_records,
+    write_text_atomic,
+)
+from lidr.sampler import Completion, SamplingParams, generate
+from lidr.tokenizer import Tokenizer, chat_messages
 
 SETTINGS = ("model", "system", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+MADE_BY = "generate.py"
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (--batch-size, --max-new-tokens)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
 
 
 def parse_args(argv=None):
@@ -53,7 +77,8 @@ def parse_args(argv=None):
     parser.add_argument("--field", default="instruction", help="the input field holding the prompt (default: %(default)s)")
     parser.add_argument("--out-field", default="response", help="the output field for the reply (default: %(default)s)")
     parser.add_argument("--system", default=None, help="system prompt (default: none, or the chat template's own)")
-    parser.add_argument("--max-new-tokens", type=int, default=2400)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=2400,
+                        help="default: %(default)s; lowered, with a warning, to what the model's context leaves")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -61,7 +86,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="row i samples with seed + its input line")
     parser.add_argument("--stop", action="append", default=[], metavar="STRING",
                         help="end a reply where this string appears, cut before it (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--chat-format", choices=["llama3", "chatml"], default=None, help="default: read from the folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bfloat16 on CUDA, else float32")
@@ -70,6 +95,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.prompts and not args.out:
         parser.error("--prompts needs --out")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("--prompt is empty")
     if "" in args.stop:
         parser.error("--stop needs a non-empty string")
     return args
@@ -83,8 +110,20 @@ def sampling_params(args) -> SamplingParams:
 
 
 def load_model(args, device):
+    """(model, tokenizer); a folder that is not a usable checkpoint stops with the sentence naming it."""
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
-    return load(args.model, device=device, dtype=dtype, chat_format=args.chat_format)
+    try:
+        return load(args.model, device=device, dtype=dtype, chat_format=args.chat_format)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
+
+def load_tokenizer_and_context(args) -> tuple[Tokenizer, int]:
+    """The tokenizer and the model's context length, without the weights (to check prompts early)."""
+    try:
+        return Tokenizer.from_folder(args.model, chat_format=args.chat_format), read_config(args.model).max_seq_len
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def encode(tokenizer, text: str, system: str | None) -> list[int]:
@@ -97,7 +136,10 @@ def encode(tokenizer, text: str, system: str | None) -> list[int]:
 
 def read_prompts(path, field: str, out_field: str):
     """([(line, row)], [(line, reason)], key_name) for the rows that have a non-empty prompt."""
-    records, bad = read_records(path)
+    try:
+        records, bad = read_records(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     for meta_field in (out_field, out_field + "_meta"):
         clash = next((line for line, row in records if meta_field in row), None)
         if clash is not None:
@@ -114,13 +156,45 @@ def read_prompts(path, field: str, out_field: str):
             bad.append((line, f"empty {field!r}"))
         else:
             rows.append((line, row))
+    usable_records(path, rows, bad, f"row with a prompt in {field!r}")
     ids = [row.get("id") for _, row in rows]
-    key = "id" if None not in ids and len(set(map(repr, ids))) == len(ids) else "input_line"
+    key = "id" if None not in ids and len(set(map(str, ids))) == len(ids) else "input_line"
     return rows, sorted(bad), key
 
 
-def row_key(key: str, line: int, row: dict):
-    return row["id"] if key == "id" else line
+def row_key(key: str, line: int, row: dict) -> str:
+    """The row's key as text: its id (3 and "3" are one id) or its line."""
+    return str(row["id"] if key == "id" else line)
+
+
+# -----------------------------------------------------------------------------
+# over-length input: one policy for every stage that samples (generate, translate, eval)
+
+def too_long_reason(prompt_len: int, context: int) -> str | None:
+    """Why a prompt cannot be answered within the context, or None when it can."""
+    if prompt_len >= context:
+        return f"the prompt is {prompt_len} tokens, the model's context {context}: no room for a reply"
+    return None
+
+
+def params_within_context(params: SamplingParams, prompt_lens: list[int], context: int, flag="--max-new-tokens"):
+    """params with max_new_tokens lowered to the most any of these prompts has room for, with a warning."""
+    room = context - min(prompt_lens, default=0)
+    if params.max_new_tokens <= room:
+        return params
+    print(f"warning: {flag} {params.max_new_tokens} reaches past the model's context of {context} tokens; "
+          f"each reply ends where the context does (at most {room} new tokens here)", file=sys.stderr)
+    return dataclasses.replace(params, max_new_tokens=room)
+
+
+def cut_at_context(completion: Completion, prompt_len: int, context: int, tokenizer) -> Completion:
+    """The completion a generation bounded by the context gives: decoding is causal, so it is the
+    first context − prompt_len tokens of the unbounded one (the end-of-turn token needs a place too)."""
+    room = context - prompt_len
+    if len(completion.tokens) < room or (len(completion.tokens) == room and completion.finish_reason != "stop_token"):
+        return completion
+    tokens = completion.tokens[:room]
+    return Completion(tokens, tokenizer.decode(tokens), "length")
 
 
 # -----------------------------------------------------------------------------
@@ -139,21 +213,13 @@ def merge(out: Path, key: str, order: dict) -> list[dict]:
         for row in read_complete_lines(path):
             if key not in row:
                 raise SystemExit(f"{path}: a row has no {key!r}; was it written from another input file?")
-            rows.setdefault(repr(row[key]), row)
+            rows.setdefault(str(row[key]), row)
     if parts:
-        merged = sorted(rows.values(), key=lambda row: order.get(repr(row[key]), len(order)))
+        merged = sorted(rows.values(), key=lambda row: order.get(str(row[key]), len(order)))
         write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged))
         for path in parts:
             path.unlink()
     return list(rows.values())
-
-
-def check_settings(out: Path, rows: list[dict], meta_field: str, settings: dict):
-    for row in rows[:1]:
-        before = {k: row.get(meta_field, {}).get(k) for k in settings}
-        if before != settings:
-            changed = ", ".join(f"{k}: {before[k]!r} -> {settings[k]!r}" for k in settings if before[k] != settings[k])
-            raise SystemExit(f"{out}: its rows were generated with other settings ({changed}); use another --out")
 
 
 # -----------------------------------------------------------------------------
@@ -163,52 +229,77 @@ def check_settings(out: Path, rows: list[dict], meta_field: str, settings: dict)
 def answer_one(args):
     device = torch.device(args.device)
     model, tokenizer = load_model(args, device)
-    params = sampling_params(args)
-    completion = generate(model, tokenizer, [encode(tokenizer, args.prompt, args.system)], params, compile=args.compile)[0]
-    print(completion.text)
+    prompt, context = encode(tokenizer, args.prompt, args.system), model.cfg.max_seq_len
+    reason = too_long_reason(len(prompt), context)
+    if reason:
+        raise SystemExit(f"--prompt: {reason}")
+    params = params_within_context(sampling_params(args), [len(prompt)], context)
+    completion = generate(model, tokenizer, [prompt], params, compile=args.compile)[0]
+    print(cut_at_context(completion, len(prompt), context, tokenizer).text)
 
 
-def run_rows(args, settings: dict, params: SamplingParams, encode_row, result_fields):
+def run_rows(args, settings: dict, params: SamplingParams, encode_row, result_fields, made_by: str = MADE_BY):
     """The resumable, data-parallel loop over an input file (generate.py's and translate.py's).
 
     args: prompts (input path), out, out_field, field, seed, batch_size, device, dtype, chat_format,
     compile, model. encode_row(tokenizer, row) -> prompt ids; result_fields(completion) -> the
     fields added to the row ({out_field: ...}); `<out_field>_meta` records settings and finish.
+    Every rank reads and checks the input, the model folder and OUT before anything is written
+    (so every rank refuses alike); rank 0 then records what OUT is made from.
     """
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    out, meta_field = Path(args.out), args.out_field + "_meta"
+    rows, bad, key = read_prompts(args.prompts, args.field, args.out_field)
+    identity = {"inputs": {"prompts": file_identity(args.prompts)}, "model": folder_identity(args.model),
+                "settings": {**settings, "field": args.field, "out_field": args.out_field,
+                             "chat_format": args.chat_format, "dtype": args.dtype}}
+    check_output(out, made_by, identity, companions=partial_files(out))
+    tokenizer, context = load_tokenizer_and_context(args)
+    prompts, too_long = {}, 0
+    for line, row in rows:
+        ids = encode_row(tokenizer, row)
+        reason = too_long_reason(len(ids), context)
+        if reason:
+            bad.append((line, reason))
+            too_long += 1
+        else:
+            prompts[line] = ids
+    bad.sort()
+    rows = [(line, row) for line, row in rows if line in prompts]
+    usable_records(args.prompts, rows, bad, "prompt that fits the model's context")
+    order = {row_key(key, line, row): i for i, (line, row) in enumerate(rows)}
+
     if world > 1:
         dist.init_process_group("gloo", timeout=timedelta(days=1))  # only barriers travel between ranks
     barrier = dist.barrier if world > 1 else (lambda: None)
-    out, meta_field = Path(args.out), args.out_field + "_meta"
-    rows, bad, key = read_prompts(args.prompts, args.field, args.out_field)
-    order = {repr(row_key(key, line, row)): i for i, (line, row) in enumerate(rows)}
-
     if rank == 0:
+        record_output(out, made_by, identity)
         for line, reason in bad[:20]:
             print(f"{args.prompts}:{line}: skipped: {reason}", file=sys.stderr)
         if len(bad) > 20:
             print(f"... and {len(bad) - 20} more bad rows", file=sys.stderr)
         merge(out, key, order)  # what an interrupted run left in partial files
     barrier()
-    written = read_complete_lines(out) if out.exists() else []
-    check_settings(out, written, meta_field, settings)
-    done = {repr(row[key]) for row in written}
-    todo = [(line, row) for line, row in rows if repr(row_key(key, line, row)) not in done][rank::world]
+    written = read_complete_lines(out)
+    done = {str(row[key]) for row in written}
+    todo = [(line, row) for line, row in rows if row_key(key, line, row) not in done][rank::world]
 
     if todo:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device)
         model, tokenizer = load_model(args, device)
-        prompts = [encode_row(tokenizer, row) for _, row in todo]
+        todo_prompts = [prompts[line] for line, _ in todo]
+        params = params_within_context(params, list(map(len, todo_prompts)), context)
         with ResumableWriter(out.with_name(f"{out.name}.rank{rank}.partial"), key) as writer:
 
             def write(i, completion):
                 line, row = todo[i]
+                completion = cut_at_context(completion, len(todo_prompts[i]), context, tokenizer)
                 extra = {"input_line": line} if key == "input_line" else {}
                 meta = {**settings, "finish_reason": completion.finish_reason, "new_tokens": len(completion.tokens)}
                 writer.write({**row, **extra, **result_fields(completion), meta_field: meta})
 
             seeds = [args.seed + line for line, _ in todo]
-            generate(model, tokenizer, prompts, params, batch_size=args.batch_size,
+            generate(model, tokenizer, todo_prompts, params, batch_size=args.batch_size,
                      progress=rank == 0, seeds=seeds, on_finish=write, compile=args.compile)
     barrier()
     if rank == 0:
@@ -216,7 +307,8 @@ def run_rows(args, settings: dict, params: SamplingParams, encode_row, result_fi
         reasons = Counter(row.get(meta_field, {}).get("finish_reason") for row in merged)
         print(
             f"{out}: {len(merged)} rows ({len(rows) - len(done)} generated now, {len(done)} already there), "
-            f"{len(bad)} bad input rows skipped; finish reasons: {dict(reasons)}"
+            f"{len(bad)} bad input rows skipped ({too_long} longer than the model's context of {context} tokens); "
+            f"finish reasons: {dict(reasons)}"
         )
     if world > 1:
         dist.destroy_process_group()

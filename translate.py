@@ -12,8 +12,12 @@ end of the turn, or --max-new-tokens). The output row is the input row plus
   translation"): a failed translation is kept, marked and counted, never passed on as text;
 - `translation_reply`: the model's reply as generated (after the prefill), to audit failures;
 - `translation_meta`: the settings (target language included), finish reason and token count.
-Rows whose field is missing or empty are reported with their line numbers, skipped and counted.
-Resuming, torchrun and input order work exactly as in generate.py, whose loop this reuses.
+Rows whose field is missing or empty (or whitespace), or whose prompt is too long for the model's
+context, are reported with their line numbers, skipped and counted; an input with no usable row is
+refused. Over-length input, resuming, torchrun, input order and the record of what OUT is made from
+(OUT.made-from.json: a rerun with another input, model or settings is refused) work exactly as in
+generate.py, whose loop this reuses: a translation cut by the context has no </translated> and is
+a failed translation.
 
 How this departs from the paper: the paper's repository writes "Translation Error" in place of a
 failed translation; here the field is null and the reason is recorded. Its decoding settings for
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from generate import run_rows
+from generate import positive_int, run_rows
 from lidr.jsonl import read_complete_lines
 from lidr.languages import LANGUAGES
 from lidr.sampler import SamplingParams
@@ -46,9 +50,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="output JSONL")
     parser.add_argument("--out-field", default="translation", help="field for the translation (default: %(default)s)")
     parser.add_argument("--system", default=None, help="system prompt (default: none, or the chat template's own)")
-    parser.add_argument("--max-new-tokens", type=int, default=4096, help="default: %(default)s (the paper's)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=4096,
+                        help="default: %(default)s (the paper's); lowered, with a warning, to what the context leaves")
     parser.add_argument("--repetition-penalty", type=float, default=1.1, help="default: %(default)s")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat-format", choices=["llama3", "chatml"], default=None, help="default: read from the folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -80,7 +85,7 @@ def main(argv=None):
                 "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
     run_rows(args, settings, params, lambda tokenizer, row: translation_prompt_ids(tokenizer, row[args.field], args.to,
                                                                                   args.system),
-             result_fields(args.out_field))
+             result_fields(args.out_field), made_by="translate.py")
     out = Path(args.out)
     if int(os.environ.get("RANK", 0)) == 0 and out.exists():
         errors = Counter(row.get(args.out_field + "_error") for row in read_complete_lines(out))

@@ -15,6 +15,9 @@ Input: a JSONL of pairs {prompt, chosen, rejected, lang, ...} (what lidr/pairs.p
 prompt is the instruction text. Rows lacking one of these fields are dropped and counted.
 Files: {out}/agreement/judge-{judge}[-both]/{lang}.jsonl (one row per judged pair, keyed by its line
 number in the pairs file; a rerun resumes) and summary.json beside them (eval/report.py reads it).
+Each {lang}.jsonl records what it was made from ({lang}.jsonl.made-from.json: the pairs file's path,
+size and sha256, the judge, the sample settings); a rerun with another pairs file, judge or sample
+is refused before anything is written.
 
 How this departs from the paper: the paper does not say how many pairs it judged nor with which
 prompt; here --sample pairs per language (default 100) and lidr's judge prompt (eval/judge.py).
@@ -25,14 +28,17 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from lidr.jsonl import ResumableWriter, read_records, write_json_atomic
+from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 
 FIELDS = ("prompt", "chosen", "rejected", "lang")
 
 
 def read_pairs(path: Path) -> tuple[dict[str, list[dict]], list[str]]:
     """{lang: [pair {key, instruction, first: chosen, second: rejected}]} and the dropped rows' reasons."""
-    rows, bad = read_records(path)
+    try:
+        rows, bad = read_records(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     by_lang, dropped = defaultdict(list), [(n, f"{path}:{n}: {reason}") for n, reason in bad]
     for n, row in rows:
         missing = [f for f in FIELDS if not isinstance(row.get(f), str) or not row[f].strip()]
@@ -56,11 +62,18 @@ def run(judge, pairs_path: Path, out: Path, sample: int | None, seed: int, both_
     from eval.judge import judge_resumable, summarize_preferences
 
     by_lang, dropped = read_pairs(pairs_path)
+    if not by_lang:
+        raise SystemExit(f"{pairs_path}: holds no usable pair" + (f"; first dropped: {dropped[0]}" if dropped else ""))
     if dropped:
         print(f"dropped {len(dropped)} pair row(s); first: {dropped[0]}")
     summary = {"benchmark": "agreement", "judge": judge_name, "both_orders": both_orders, "pairs": str(pairs_path),
                "sample": sample, "seed": seed, "dropped_rows": len(dropped), "languages": {}}
-    for lang in langs or sorted(by_lang):
+    langs = langs or sorted(by_lang)
+    identity = {"inputs": {"pairs": file_identity(pairs_path)},
+                "judge": {"name": judge_name, "identity": getattr(judge, "identity", None)},
+                "settings": {"sample": sample, "seed": seed, "both_orders": both_orders}}
+    bind_outputs("eval.agreement", [(out / f"{lang}.jsonl", identity, ()) for lang in langs])
+    for lang in langs:
         available = by_lang.get(lang, [])
         pairs = sample_pairs(available, sample, seed)
         with ResumableWriter(out / f"{lang}.jsonl", key="key") as writer:
@@ -89,6 +102,10 @@ def main(argv=None):
     parser.add_argument("--langs", nargs="+", default=None, help="languages to judge (default: every one in the file)")
     add_judge_args(parser)
     args = parser.parse_args(argv)
+    if args.langs:
+        from eval.common import check_langs
+
+        check_langs(parser, args.langs)
 
     if not Path(args.pairs).is_file():
         parser.error(f"{args.pairs}: no such file")

@@ -19,12 +19,19 @@ Files, in the model's results folder {out}/x-alpacaeval/:
   model's output beats the reference), orders (the judge's raw P(M better) per order)}, appended
   as judged; judge-.../summary.json: win rate = 100 × mean preference ± standard error per
   language (eval/report.py reads it).
+- beside every {lang}.jsonl, {lang}.jsonl.made-from.json: what it was made from (input files by
+  resolved path, size and sha256; the model folder or the judge; the settings). A rerun with
+  another input, model, judge or setting is refused before anything is written, and so is an
+  output folder holding files this command did not write.
 
 Inputs: prompts/{lang}.json, a JSON list of {id, instruction[, dataset]}; reference/{lang}.json and
 the outputs to judge are model_outputs.json lists. Items are matched by id (as text) when both
 files give every row one, else by instruction text as alpaca_eval does (the English reference
 file has no ids). A row that lacks a field, an item without a reference or output, and an id whose
-instruction differs between the two files are dropped and counted.
+instruction differs between the two files are dropped and counted; a file with no usable row is
+refused. An instruction too long for the model's context is not answered and is counted
+("too_long"); an output ends where the context does (generate.py's policy). Items the judge gives
+no verdict on are left out of n and counted ("no_verdict"); a tie counts half in the hard win rate.
 
 How this departs from the paper: the paper's judge is gpt-4-1106-preview through alpaca_eval's
 weighted annotator; here the judge prompt is lidr's own (eval/judge.py), the pair order is a fixed
@@ -35,25 +42,30 @@ can judge. The system turn is the LIDR repository's "You are a helpful assistant
 import argparse
 from pathlib import Path
 
-from lidr.jsonl import ResumableWriter, read_records, write_json_atomic
+from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
-from lidr.languages import language_name
 
 BENCHMARK = "x-alpacaeval"
 
 
 def read_items(path: Path, fields: tuple[str, ...], key: str = "id") -> tuple[dict, list[str]]:
     """{row[key] as stripped text: row} from an alpaca_eval-style JSON list, and why rows were dropped."""
-    rows, bad = read_records(path)
+    try:
+        rows, bad = read_records(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     items, dropped = {}, [(n, f"{path}:{n}: {reason}") for n, reason in bad]
     for n, row in rows:
-        missing = [f for f in (key, *fields) if not isinstance(row.get(f), (str, int)) or row.get(f) == ""]
+        missing = [f for f in (key, *fields)
+                   if not isinstance(row.get(f), (str, int)) or isinstance(row.get(f), bool) or not str(row[f]).strip()]
         if missing:
             dropped.append((n, f"{path}:{n}: missing or empty field(s) {', '.join(missing)}"))
         elif str(row[key]).strip() in items:
             dropped.append((n, f"{path}:{n}: duplicate {key} {str(row[key])[:80]!r}"))
         else:
             items[str(row[key]).strip()] = row
+    if not items:
+        raise SystemExit(f"{path}: holds no usable row" + (f"; first dropped: {sorted(dropped)[0][1]}" if dropped else ""))
     return items, [reason for _, reason in sorted(dropped)]
 
 
@@ -72,13 +84,20 @@ def report_dropped(lang: str, what: str, dropped: list[str]):
 
 
 def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out: Path, params, batch_size: int,
-                     system: str, generator: str, limit: int | None = None) -> dict:
-    from eval.common import generate_resumable
+                     system: str, generator: str, limit: int | None = None, model_identity: dict | None = None) -> dict:
+    """model_identity: what the model is (eval.common.model_identity), recorded with each output."""
+    from eval.common import generate_resumable, sampling_settings
     from lidr.tokenizer import chat_messages
 
     summary = {"benchmark": BENCHMARK + "-outputs", "generator": generator, "languages": {}}
+    read = {lang: read_items(prompts_dir / f"{lang}.json", ("instruction",)) for lang in langs}
+    settings = {"system": system, "generator": generator, "sampling": sampling_settings(params)}
+    bind_outputs("eval.alpacaeval generate", [
+        (out / f"{lang}.jsonl", {"inputs": {"prompts": file_identity(prompts_dir / f"{lang}.json")},
+                                 "model": model_identity, "settings": settings}, [out / f"{lang}.json"])
+        for lang in langs])
     for lang in langs:
-        prompts, dropped = read_items(prompts_dir / f"{lang}.json", ("instruction",))
+        prompts, dropped = read[lang]
         report_dropped(lang, "prompt", dropped)
         chosen = list(prompts.values())[:limit] if limit else list(prompts.values())
         items = [(str(p["id"]), tokenizer.encode_chat(chat_messages(p["instruction"], system)), p) for p in chosen]
@@ -89,9 +108,9 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
                     "n_tokens": len(completion.tokens)}
 
         with ResumableWriter(out / f"{lang}.jsonl", key="id") as writer:
-            generated = generate_resumable(model, tokenizer, items, writer, params, batch_size, make_row)
-            by_id = {row["id"]: row for row in writer.rows}
-        rows = [by_id[key] for key, _, _ in items]
+            generated, too_long = generate_resumable(model, tokenizer, items, writer, params, batch_size, make_row)
+            by_id = {str(row["id"]): row for row in writer.rows}
+        rows = [by_id[key] for key, _, _ in items if key in by_id]
         write_json_atomic(out / f"{lang}.json", [
             {"generator": generator, "dataset": r["dataset"], "id": r["id"], "instruction": r["instruction"],
              "output": r["output"]} for r in rows])
@@ -102,8 +121,10 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
             "undetermined_lang": sum(d is None for d in detected),
             "truncated": sum(r["finish_reason"] == "length" for r in rows),
             "dropped_prompts": len(dropped),
+            "too_long": len(too_long),
         }
-        print(f"{lang}: {len(rows)} outputs ({generated} generated now) -> {out / f'{lang}.json'}")
+        print(f"{lang}: {len(rows)} outputs ({generated} generated now, {len(too_long)} instructions too long for "
+              f"the model's context) -> {out / f'{lang}.json'}")
     write_json_atomic(out / "summary.json", summary)
     return summary
 
@@ -148,8 +169,15 @@ def judge_outputs(judge, outputs_dir: Path, reference_dir: Path, langs: list[str
 
     summary = {"benchmark": BENCHMARK, "judge": judge_name, "both_orders": both_orders,
                "reference": str(reference_dir), "languages": {}}
+    built = {lang: build_pairs(outputs_dir / f"{lang}.json", reference_dir / f"{lang}.json", lang) for lang in langs}
+    bind_outputs("eval.alpacaeval judge", [
+        (out / f"{lang}.jsonl", {"inputs": {"outputs": file_identity(outputs_dir / f"{lang}.json"),
+                                            "reference": file_identity(reference_dir / f"{lang}.json")},
+                                 "judge": {"name": judge_name, "identity": getattr(judge, "identity", None)},
+                                 "settings": {"both_orders": both_orders}}, ())
+        for lang in langs])
     for lang in langs:
-        pairs, counts = build_pairs(outputs_dir / f"{lang}.json", reference_dir / f"{lang}.json", lang)
+        pairs, counts = built[lang]
         pairs = pairs[:limit] if limit else pairs
         with ResumableWriter(out / f"{lang}.jsonl", key="key") as writer:
             judge_resumable(judge, pairs, writer, both_orders, desc=f"judge {lang}")
@@ -171,8 +199,9 @@ def judge_outputs(judge, outputs_dir: Path, reference_dir: Path, langs: list[str
 
 
 def main(argv=None):
-    from eval.common import add_model_args, check_settings, load_model
+    from eval.common import add_model_args, check_langs, load_model, model_identity
     from eval.judge import add_judge_args, judge_folder_name, make_judge
+    from generate import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,9 +213,10 @@ def main(argv=None):
     gen.add_argument("--out", required=True, help="the model's results folder; writes {out}/x-alpacaeval/outputs/")
     gen.add_argument("--generator", default=None,
                      help="generator name in the outputs (default: the model folder's name)")
-    gen.add_argument("--max-new-tokens", type=int, default=2048, help="default: %(default)s (the paper's)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=2048,
+                     help="default: %(default)s (the paper's); lowered, with a warning, to what the context leaves")
     gen.add_argument("--repetition-penalty", type=float, default=1.1, help="default: %(default)s (the paper's)")
-    gen.add_argument("--limit", type=int, default=None, help="only the first N instructions per language")
+    gen.add_argument("--limit", type=positive_int, default=None, help="only the first N instructions per language")
 
     jud = commands.add_parser("judge", help="pairwise judgements of the outputs against reference outputs")
     jud.add_argument("--out", required=True, help="the model's results folder; writes {out}/x-alpacaeval/judge-*/")
@@ -194,24 +224,25 @@ def main(argv=None):
                      help="folder of {lang}.json model outputs to judge (default: {out}/x-alpacaeval/outputs)")
     jud.add_argument("--reference", required=True, help="folder of {lang}.json reference outputs")
     jud.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. en es ru de fr")
-    jud.add_argument("--limit", type=int, default=None, help="only the first N items per language")
+    jud.add_argument("--limit", type=positive_int, default=None, help="only the first N items per language")
     add_judge_args(jud)
     args = parser.parse_args(argv)
 
-    for lang in args.langs:
-        language_name(lang)
+    check_langs(parser, args.langs)
     base = Path(args.out) / BENCHMARK
     if args.command == "generate":
         from lidr.sampler import SamplingParams
 
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
                                 repetition_penalty=args.repetition_penalty)
-        check_settings(base / "outputs", {"model": str(Path(args.model).resolve()), "system": args.system,
-                                          "max_new_tokens": args.max_new_tokens, "chat_format": args.chat_format,
-                                          "repetition_penalty": args.repetition_penalty, "dtype": args.dtype})
+        for lang in args.langs:
+            if not (Path(args.prompts) / f"{lang}.json").is_file():
+                parser.error(f"{Path(args.prompts) / f'{lang}.json'}: no such file")
+        identity = model_identity(args)
         model, tokenizer = load_model(args)
         generate_outputs(model, tokenizer, Path(args.prompts), args.langs, base / "outputs", params,
-                         args.batch_size, args.system, args.generator or Path(args.model).resolve().name, args.limit)
+                         args.batch_size, args.system, args.generator or Path(args.model).resolve().name, args.limit,
+                         model_identity=identity)
     else:
         outputs = Path(args.outputs) if args.outputs else base / "outputs"
         for lang in args.langs:

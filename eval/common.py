@@ -3,16 +3,22 @@
 `generate_resumable` is the loop behind MGSM and X-AlpacaEval generation: it skips the items an
 output file already holds, generates the rest with lidr's sampler, and appends each row the
 moment its completion finishes, so that a killed run loses only the rows still being generated.
-`check_settings` refuses to resume a results folder that was produced with other generation
-settings (another model, prompt or decoding), which would mix two runs in one number.
+Over-length prompts follow generate.py's policy: a prompt that fills the model's context is not
+answered (counted as too long), and a reply ends where the context does.
+Every output file records what it was made from (lidr/jsonl.py `bind_outputs`): a rerun with
+another model, input file or settings is refused before anything is written, which would
+otherwise mix two runs in one number. `model_identity` is the model part of that record.
 """
 
-import json
+import dataclasses
 import re
 from pathlib import Path
 
 import torch
-from lidr.jsonl import write_json_atomic
+
+from generate import cut_at_context, params_within_context, positive_int, too_long_reason
+from lidr.checkpoint import folder_identity
+from lidr.languages import checked_languages
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SYSTEM = "You are a helpful assistant."  # the system turn of the LIDR repository's Llama 3 template
@@ -28,47 +34,60 @@ def add_model_args(parser, batch_size: int):
                         help="override the chat format read from the folder")
     parser.add_argument("--system", default=DEFAULT_SYSTEM,
                         help="system turn of every prompt; '' for none (default: %(default)r)")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="prompts per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                        help="prompts per batch (default: %(default)s)")
+
+
+def check_langs(parser, langs: list[str]):
+    """--langs: every code known, none twice; an argparse error otherwise."""
+    try:
+        checked_languages(langs)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def load_model(args):
+    """(model, tokenizer); a folder that is not a usable checkpoint stops with the sentence naming it."""
     from lidr.checkpoint import default_dtype, load
 
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
-    return load(args.model, device=args.device, dtype=dtype, chat_format=args.chat_format)
+    try:
+        return load(args.model, device=args.device, dtype=dtype, chat_format=args.chat_format)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
-def check_settings(folder: Path, settings: dict):
-    """Record the run's settings in folder/settings.json, or refuse to resume under different ones."""
-    path = Path(folder) / "settings.json"
-    if path.is_file():
-        recorded = json.loads(path.read_text())
-        changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-        if changed:
-            details = "; ".join(f"{k}: {recorded.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
-            raise SystemExit(f"{path}: these results were made with other settings ({details}); "
-                             f"use another --out folder or delete {folder}")
-    else:
-        write_json_atomic(path, settings)
+def model_identity(args) -> dict:
+    """The model part of an output's record: the folder (lidr.checkpoint.folder_identity), dtype, chat format."""
+    return {"folder": folder_identity(args.model), "dtype": args.dtype, "chat_format": args.chat_format}
 
 
-def generate_resumable(model, tokenizer, items, writer, params, batch_size: int, make_row) -> int:
-    """Generate for items [(key, prompt_ids, context)] not yet in `writer`; returns how many were generated.
+def sampling_settings(params) -> dict:
+    return dataclasses.asdict(params)
+
+
+def generate_resumable(model, tokenizer, items, writer, params, batch_size: int, make_row) -> tuple[int, list]:
+    """Generate for items [(key, prompt_ids, context)] not yet in `writer`: (how many were generated
+    now, the keys of the prompts too long for the model's context, which are not answered).
 
     make_row(key, context, completion) -> the row to append (it must carry `key` under writer.key);
-    each row is written the moment its completion finishes.
+    each row is written the moment its completion finishes, cut where the model's context ends.
     """
     from lidr.sampler import generate
 
-    todo = [item for item in items if item[0] not in writer.done]
+    context = model.cfg.max_seq_len
+    too_long = [key for key, ids, _ in items if too_long_reason(len(ids), context)]
+    skip = writer.done | {str(key) for key in too_long}
+    todo = [item for item in items if str(item[0]) not in skip]
+    params = params_within_context(params, [len(ids) for _, ids, _ in todo], context, flag="max_new_tokens")
 
     def on_finish(i, completion):
-        key, _, context = todo[i]
-        writer.write(make_row(key, context, completion))
+        key, ids, row_context = todo[i]
+        writer.write(make_row(key, row_context, cut_at_context(completion, len(ids), context, tokenizer)))
 
     generate(model, tokenizer, [ids for _, ids, _ in todo], params, batch_size=batch_size, progress=True,
              on_finish=on_finish)
-    return len(todo)
+    return len(todo), too_long
 
 
 def slug(name: str) -> str:

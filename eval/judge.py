@@ -13,9 +13,10 @@ two tokens, normalised to sum to one, as alpaca_eval's "weighted" annotators do:
 - `HttpJudge` asks an OpenAI-compatible chat-completions endpoint for one token with its top-5
   log-probabilities (every top token that reads `m` or `M` once stripped of spaces counts). When
   neither is among them, the answer text decides (1 or 0); anything else is no verdict (None).
-  HTTP 429, 5xx, timeouts and dropped connections are retried with exponential backoff (a
-  Retry-After header wins), other HTTP errors and malformed bodies stop the run with the URL and
-  the body. Every answer is cached on disk under a hash of (judge model, messages): a rerun, or a
+  HTTP 429, 5xx, timeouts (a server that accepts the connection and never answers: --timeout
+  seconds) and dropped connections are retried with exponential backoff (a Retry-After header
+  wins), then stop the run with the URL, the number of attempts and the last error; other HTTP
+  errors and malformed bodies stop it at once with the URL and the body. Every answer is cached on disk under a hash of (judge model, messages): a rerun, or a
   second language or model that repeats a comparison, never pays twice (one process at a time
   per cache file: the file is appended to, not locked).
 - `LocalJudge` runs any lidr checkpoint: one forward pass per comparison, and the two logits of
@@ -24,7 +25,9 @@ two tokens, normalised to sum to one, as alpaca_eval's "weighted" annotators do:
 
 `judge_both_orders` and `judge_random_order` turn a judge into P(first output of a pair beats
 the second) for a list of pairs: both orders averaged (cancels position bias, costs two calls),
-or one order per pair drawn from a hash of the pair's key (cancels it on average).
+or one order per pair drawn from a hash of the pair's key (cancels it on average). In the
+statistics, items with no verdict are left out of n and counted (no_verdict); the hard win rate
+counts a preference of exactly one half as half a win.
 `win_rate` is 100 × the mean preference with its standard error, 100 × sd / √n.
 
 How this departs from the paper and alpaca_eval: the prompt wording is lidr's own; it asks for
@@ -104,6 +107,7 @@ class HttpJudge:
         self.max_retries, self.backoff, self.max_backoff, self.sleep = max_retries, backoff, max_backoff, sleep
         self.workers = workers
         self.name = model
+        self.identity = {"url": self.url, "model": model}  # what an output judged by it records
         self.cache = ResumableWriter(cache_path, key="key") if cache_path else None
         self.cached = {row["key"]: row for row in self.cache.rows} if self.cache else {}
         self.lock = threading.Lock()
@@ -134,7 +138,9 @@ class HttpJudge:
                     raise JudgeError(f"{self.url}: HTTP {e.code}: {text}") from None
                 last_error, wait = f"HTTP {e.code}: {text}", retry_after_seconds(e.headers)
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                reason = getattr(e, "reason", e)
+                last_error = (f"no answer within {self.timeout:g} s" if isinstance(reason, TimeoutError)
+                              else f"{type(e).__name__}: {reason}")
             if attempt == self.max_retries:
                 raise JudgeError(f"{self.url}: gave up after {attempt + 1} attempts; last error: {last_error}")
             self.sleep(wait if wait is not None else min(self.max_backoff, self.backoff * 2**attempt))
@@ -195,8 +201,9 @@ class HttpJudge:
 class LocalJudge:
     """P(M better) from the next-token logits of the answer tokens `m` and `M`."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 4, name: str = "local"):
+    def __init__(self, model, tokenizer, batch_size: int = 4, name: str = "local", identity=None):
         self.model, self.tokenizer, self.batch_size, self.name = model, tokenizer, batch_size, name
+        self.identity = identity  # what an output judged by it records (lidr.checkpoint.folder_identity)
         ids = {token: tokenizer.encode(token) for token in ("m", "M")}
         for token, token_ids in ids.items():
             if len(token_ids) != 1:
@@ -275,30 +282,21 @@ def judge_both_orders(judge, pairs: list[dict], progress: bool = True) -> list[d
     return results
 
 
-def pair_digest(pair: dict) -> str:
-    return hashlib.sha256(json.dumps([pair["instruction"], pair["first"], pair["second"]]).encode()).hexdigest()[:16]
-
-
 def judge_resumable(judge, pairs: list[dict], writer: ResumableWriter, both_orders: bool, chunk_size: int = 64,
                     desc: str = "judge") -> int:
     """Judge the pairs [{key, instruction, first, second}] not yet in `writer` (keyed by "key"), a chunk at
-    a time, appending {key, digest, preference, orders}; returns how many were judged now.
+    a time, appending {key, preference, orders}; returns how many were judged now.
 
-    A row already written for the same key but other texts (the outputs were regenerated) stops the
-    run: its judgement would not be about these outputs.
+    The caller binds `writer`'s file to the texts judged (lidr.jsonl.bind_outputs): a rerun on
+    regenerated outputs is refused there, so every row here is about these texts.
     """
-    written = {row["key"]: row.get("digest") for row in writer.rows}
-    for pair in pairs:
-        if pair["key"] in written and written[pair["key"]] != pair_digest(pair):
-            raise SystemExit(f"{writer.path}: key {pair['key']!r} was judged on other texts; "
-                             f"delete {writer.path} to judge the current ones")
     judge_pairs = judge_both_orders if both_orders else judge_random_order
-    todo = [pair for pair in pairs if pair["key"] not in writer.done]
+    todo = [pair for pair in pairs if str(pair["key"]) not in writer.done]
     with tqdm(total=len(todo), desc=desc, unit="pair", dynamic_ncols=True) as bar:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
             for pair, result in zip(chunk, judge_pairs(judge, chunk, progress=False)):
-                writer.write({"key": pair["key"], "digest": pair_digest(pair), **result})
+                writer.write({"key": pair["key"], **result})
             bar.update(len(chunk))
     return len(todo)
 
@@ -315,11 +313,14 @@ def win_rate(preferences: list[float]) -> tuple[float | None, float | None]:
     return 100 * mean, 100 * math.sqrt(variance / n)
 
 
+TIE = 1e-9  # |preference - 1/2| within this is a tie (both orders averaged can round off 1/2)
+
+
 def summarize_preferences(rows: list[dict]) -> dict:
     """Win rate ± standard error over the rows with a verdict; hard wins count a tie as half."""
     preferences = [r["preference"] for r in rows if r["preference"] is not None]
     rate, se = win_rate(preferences)
-    hard = [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in preferences]
+    hard = [0.5 if abs(p - 0.5) <= TIE else float(p > 0.5) for p in preferences]
     return {"n": len(preferences), "win_rate": rate, "se": se,
             "hard_win_rate": 100 * sum(hard) / len(hard) if hard else None,
             "no_verdict": len(rows) - len(preferences)}
@@ -343,6 +344,8 @@ def add_judge_args(parser: argparse.ArgumentParser):
                        help="http: answer cache shared by every run (default: %(default)s)")
     group.add_argument("--workers", type=int, default=8, help="http: concurrent requests (default: %(default)s)")
     group.add_argument("--max-retries", type=int, default=8, help="http: retries per request (default: %(default)s)")
+    group.add_argument("--timeout", type=float, default=120.0,
+                       help="http: seconds to wait for an answer before retrying (default: %(default)s)")
     group.add_argument("--judge-device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="local: device (default: %(default)s)")
     group.add_argument("--judge-batch-size", type=int, default=4, help="local: comparisons per forward pass")
@@ -353,14 +356,18 @@ def add_judge_args(parser: argparse.ArgumentParser):
 def make_judge(args):
     if args.judge == "http":
         return HttpJudge(args.base_url, args.judge_model, os.environ.get(args.api_key_env), cache_path=args.cache,
-                         max_retries=args.max_retries, workers=args.workers)
-    from lidr.checkpoint import default_dtype, load
+                         timeout=args.timeout, max_retries=args.max_retries, workers=args.workers)
+    from lidr.checkpoint import default_dtype, folder_identity, load
 
     folder = Path(args.judge_model)
     if not folder.is_dir():
         raise SystemExit(f"--judge local needs --judge-model to be a checkpoint folder; {folder} is not one")
-    model, tokenizer = load(folder, device=args.judge_device, dtype=default_dtype(args.judge_device))
-    return LocalJudge(model, tokenizer, batch_size=args.judge_batch_size, name=folder.name)
+    identity = folder_identity(folder)
+    try:
+        model, tokenizer = load(folder, device=args.judge_device, dtype=default_dtype(args.judge_device))
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    return LocalJudge(model, tokenizer, batch_size=args.judge_batch_size, name=folder.name, identity=identity)
 
 
 def judge_folder_name(args) -> str:

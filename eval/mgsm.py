@@ -12,11 +12,16 @@ the reference number. The off-target rate is the share of answers that language 
 
 Files: {out}/{name}/{lang}.jsonl holds one row per question (question, answer, prediction, right or
 wrong, detected language), appended as generated; a rerun skips the rows already there.
-{out}/{name}/summary.json holds accuracy and off-target rate per language, recomputed from every
-row at the end of each run; eval/report.py reads it.
+{lang}.jsonl.made-from.json beside it records what it was made from (the data file's path, size
+and sha256, the model folder, the prompt and decoding settings): a rerun with another --data,
+--model or setting is refused before anything is written (--limit may grow: rows are keyed by
+question). {out}/{name}/summary.json holds accuracy and off-target rate per language,
+recomputed from every row at the end of each run; eval/report.py reads it.
 
 Input: a folder of {lang}.jsonl files, rows {query, response} (MGSM) or {instruction, final_answer}
-(translated GSM8K); a row missing them is dropped and counted.
+(translated GSM8K); a row missing them is dropped and counted; a file with no usable row is
+refused. A question too long for the model's context is not answered and is counted
+("too_long"); an answer ends where the context does (generate.py's policy).
 
 Reading the last number (`extract_last_number`): digits of any script (Bengali ১২, Thai ๑๒,
 Devanagari १२, full-width １２ — Unicode decimal digits; superscripts such as m² are not digits);
@@ -41,9 +46,9 @@ import re
 import unicodedata
 from pathlib import Path
 
-from lidr.jsonl import ResumableWriter, read_records, write_json_atomic
+from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
-from lidr.languages import language_name
+from lidr.languages import checked_languages, language_name
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -109,7 +114,10 @@ def same_number(prediction: float | None, gold: float) -> bool:
 
 def read_questions(path: Path) -> tuple[list[dict], list[str]]:
     """[{index, question, gold_text, gold}] from an MGSM or translated-GSM8K file, and the dropped rows' reasons."""
-    rows, bad = read_records(path)
+    try:
+        rows, bad = read_records(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     questions, dropped = [], [(n, f"{path}:{n}: {reason}") for n, reason in bad]
     for n, row in rows:
         question = row.get("query", row.get("instruction"))
@@ -153,17 +161,35 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch_size: int,
-        system: str, limit: int | None = None, template: str = PROMPT) -> dict:
+        system: str, limit: int | None = None, template: str = PROMPT, model_identity: dict | None = None) -> dict:
     """Generate what is missing, score every row, and write {out}/summary.json; returns the summary.
 
     template: the user turn, with {question} and optionally {language} (default: the paper's PROMPT).
+    model_identity: what the model under test is (eval.common.model_identity), recorded with each
+    output; None where the caller keeps one folder per model (the demo).
     """
-    from eval.common import generate_resumable
+    from eval.common import generate_resumable, sampling_settings
     from lidr.tokenizer import chat_messages
 
-    summary = {"benchmark": out.name, "data": str(data), "languages": {}, "dropped": {}}
+    try:
+        checked_languages(langs)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    summary = {"benchmark": out.name, "data": str(data), "languages": {}, "dropped": {}, "too_long": {}}
+    read = {}
     for lang in langs:
-        questions, dropped = read_questions(data / f"{lang}.jsonl")
+        path = data / f"{lang}.jsonl"
+        questions, dropped = read_questions(path)
+        if not questions:
+            raise SystemExit(f"{path}: holds no usable question" + (f"; first dropped: {dropped[0]}" if dropped else ""))
+        read[lang] = questions, dropped
+    settings = {"system": system, "template": template, "sampling": sampling_settings(params)}
+    bind_outputs("eval.mgsm", [
+        (out / f"{lang}.jsonl", {"inputs": {"data": file_identity(data / f"{lang}.jsonl")}, "model": model_identity,
+                                 "settings": settings}, ())
+        for lang in langs])
+    for lang in langs:
+        questions, dropped = read[lang]
         if dropped:
             print(f"{lang}: dropped {len(dropped)} row(s), first: {dropped[0]}")
             summary["dropped"][lang] = len(dropped)
@@ -180,11 +206,15 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
                     "n_tokens": len(completion.tokens), **score_answer(answer, q["gold"], lang)}
 
         with ResumableWriter(out / f"{lang}.jsonl", key="index") as writer:
-            generated = generate_resumable(model, tokenizer, items, writer, params, batch_size, make_row)
+            generated, too_long = generate_resumable(model, tokenizer, items, writer, params, batch_size, make_row)
             wanted = {q["index"] for q in questions}
             rows = [r for r in writer.rows if r["index"] in wanted]
         summary["languages"][lang] = summarize(rows)
+        summary["too_long"][lang] = len(too_long)
         s = summary["languages"][lang]
+        if too_long:
+            print(f"{lang}: {len(too_long)} question(s) too long for the model's context, not answered; "
+                  f"first: {data / f'{lang}.jsonl'}:{too_long[0]}")
         if s["n"]:
             print(f"{out.name} {lang}: accuracy {s['accuracy']:.3f}  off-target {s['off_target']:.3f}  "
                   f"(n={s['n']}, {generated} generated now)")
@@ -198,7 +228,8 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
 
 
 def main(argv=None):
-    from eval.common import add_model_args, check_settings, load_model
+    from eval.common import add_model_args, check_langs, load_model, model_identity
+    from generate import positive_int
     from lidr.sampler import SamplingParams
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,21 +239,21 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="the model's results folder; writes {out}/{name}/")
     parser.add_argument("--name", default="mgsm",
                         help="benchmark name and subfolder (default: %(default)s; gsm8k for GSM8K)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="default: %(default)s")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N questions per language")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512,
+                        help="default: %(default)s; lowered, with a warning, to what the model's context leaves")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N questions per language")
     args = parser.parse_args(argv)
 
+    check_langs(parser, args.langs)
     for lang in args.langs:
-        language_name(lang)
         if not (Path(args.data) / f"{lang}.jsonl").is_file():
             parser.error(f"{Path(args.data) / f'{lang}.jsonl'}: no such file")
     out = Path(args.out) / args.name
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
-    check_settings(out, {"model": str(Path(args.model).resolve()), "system": args.system, "prompt": PROMPT,
-                         "max_new_tokens": args.max_new_tokens, "chat_format": args.chat_format,
-                         "dtype": args.dtype})
+    identity = model_identity(args)
     model, tokenizer = load_model(args)
-    run(model, tokenizer, Path(args.data), args.langs, out, params, args.batch_size, args.system, args.limit)
+    run(model, tokenizer, Path(args.data), args.langs, out, params, args.batch_size, args.system, args.limit,
+        model_identity=identity)
 
 
 if __name__ == "__main__":

@@ -9,20 +9,23 @@ model.safetensors.index.json) and the tokenizer files. Loading builds the model 
 device and fills it tensor by tensor, shard by shard, straight into the requested dtype and
 device: the weights exist once (an 8B model loads in about 16 GB of host memory in bf16).
 Every tensor is checked: a missing, unexpected or misshapen one, or a shard the index names but
-the folder lacks, stops the load with the file and tensor named. What `save` writes, transformers'
+the folder lacks, stops the load with the file and tensor named; so do a config.json that lacks a
+key and a truncated or corrupt safetensors file. `folder_identity` says which checkpoint a stage's
+output was made from (see lidr/jsonl.py `check_output`). What `save` writes, transformers'
 `LlamaForCausalLM.from_pretrained` reads, and so does `load`.
 
 How this departs from transformers: no remote code, no hub, no quantized or pickled (.bin)
 weights; a checkpoint must be safetensors.
 """
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -42,13 +45,42 @@ def default_dtype(device) -> torch.dtype:
 
 def read_config(folder: str | os.PathLike) -> LlamaConfig:
     path = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such checkpoint folder")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; is {folder} an HF checkpoint folder?")
     try:
         hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return LlamaConfig.from_hf(hf, source=str(path))
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    try:
+        return LlamaConfig.from_hf(hf, source=str(path))
+    except KeyError as e:
+        raise ValueError(f"{path}: the config lacks the key {e.args[0]!r}") from None
+    except (TypeError, ZeroDivisionError) as e:  # e.g. "num_attention_heads": null or 0
+        raise ValueError(f"{path}: a value of the config is not usable ({e})") from None
+
+
+def folder_identity(folder: str | os.PathLike) -> dict:
+    """Which checkpoint a folder holds, cheaply: its resolved path, config and tokenizer files by
+    size and sha256, safetensors files by size and modification time (hashing 16 GB of weights on
+    every run would cost minutes). A folder that is not a checkpoint stops with one sentence."""
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise SystemExit(f"{folder}: no such model folder")
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"{folder / 'config.json'}: no config.json; is {folder} an HF checkpoint folder?")
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.name in ("config.json", INDEX_FILE, *TOKENIZER_FILES):
+            data = path.read_bytes()
+            files[path.name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        elif path.suffix == ".safetensors":
+            stat = path.stat()
+            files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": str(folder), "files": files}
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -56,7 +88,10 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     index = folder / INDEX_FILE
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names shard(s) that are not in the folder: {', '.join(missing)}")
@@ -72,6 +107,26 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
 
 
+def load_file_into(model: nn.Module, file: Path, cfg: LlamaConfig, expected: dict, device, dtype) -> set[str]:
+    """Set every tensor of one safetensors file on `model`, checked against `expected` shapes; their names."""
+    loaded = set()
+    with safe_open(file, framework="pt", device="cpu") as f:
+        for key in f.keys():
+            name = key.removeprefix("model.")
+            if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints carry
+                continue
+            if cfg.tie_embeddings and name == "lm_head.weight":
+                continue  # tied: the output matrix is the embedding
+            if name not in expected:
+                raise ValueError(f"{file}: unexpected tensor {key!r} for this config")
+            shape = tuple(f.get_slice(key).get_shape())
+            if shape != expected[name]:
+                raise ValueError(f"{file}: tensor {key!r} has shape {shape}, the config implies {expected[name]}")
+            _set_tensor(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
+            loaded.add(name)
+    return loaded
+
+
 def load_model(folder, device="cpu", dtype=torch.float32) -> Llama:
     cfg = read_config(folder)
     with torch.device("meta"):
@@ -79,20 +134,10 @@ def load_model(folder, device="cpu", dtype=torch.float32) -> Llama:
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied weight once
     loaded = set()
     for file in weight_files(folder):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = key.removeprefix("model.")
-                if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints carry
-                    continue
-                if cfg.tie_embeddings and name == "lm_head.weight":
-                    continue  # tied: the output matrix is the embedding
-                if name not in expected:
-                    raise ValueError(f"{file}: unexpected tensor {key!r} for this config")
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != expected[name]:
-                    raise ValueError(f"{file}: tensor {key!r} has shape {shape}, the config implies {expected[name]}")
-                _set_tensor(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
-                loaded.add(name)
+        try:
+            loaded |= load_file_into(model, file, cfg, expected, device, dtype)
+        except SafetensorError as e:  # a truncated or corrupt file
+            raise ValueError(f"{file}: not a readable safetensors file ({e}); was it copied whole?") from None
     missing = sorted(set(expected) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -1,16 +1,28 @@
-"""Reading inputs and writing outputs that survive a crash: every stage of lidr uses these.
+"""Reading inputs and writing outputs that survive a crash and know what they were made from.
 
 - `read_records(path)`: JSONL (one object a line) or a JSON list; bad rows come back with their
-  line numbers and a reason instead of stopping the run.
+  line numbers and a reason instead of stopping the run. `usable_records` refuses, in a sentence,
+  an input where no row is usable.
 - `ResumableWriter(path, key)`: appends one JSON line per finished row and flushes it. Reopening
-  the same path reads what is already there, drops a half-written last line (a crash mid-write),
-  and tells the caller which keys are done, so a rerun never redoes or duplicates a row.
+  the same path reads what is already there and tells the caller which keys are done (compared
+  as text: the id 3 and the id "3" are one key), so a rerun never redoes or duplicates a row. A
+  complete last row without its newline is a row; a torn last line (a crash mid-write) is cut off
+  and redone. Nothing is cut before the writer is opened, that is before the caller has decided
+  to go on.
+- Outputs bound to their inputs: `check_output(out, made_by, identity)` refuses, naming the file
+  and what changed, to resume or overwrite an output that another command wrote, or that was
+  made from other inputs (`file_identity`: resolved path, size, sha256), another model folder or
+  other settings; `record_output` writes that identity beside the output (OUT.made-from.json),
+  once the inputs have been read and checked. Every stage of lidr uses these two.
 - `write_json_atomic(path, obj)`: small reports and configs, replaced in one rename.
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
+
+RECORD_SUFFIX = ".made-from.json"
 
 
 def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
@@ -51,40 +63,85 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[
     return rows, bad
 
 
-def read_complete_lines(path: Path) -> list[dict]:
-    """The complete JSON lines of an output file; a torn last line is cut off the file."""
+def usable_records(path, rows: list, bad: list[tuple[int, str]], what: str = "row"):
+    """Stop with one sentence when an input holds no usable row: every row bad, or none at all."""
+    if rows:
+        return
+    if not bad:
+        raise SystemExit(f"{path}: holds no {what}")
+    line, reason = sorted(bad)[0]
+    raise SystemExit(f"{path}: none of its {len(bad)} row(s) is usable; the first, line {line}: {reason}")
+
+
+# -----------------------------------------------------------------------------
+# appending rows that survive a crash
+
+
+def read_output_rows(path: Path) -> tuple[list[dict], int | None]:
+    """(rows, torn_at) of a JSONL output file, read without changing it.
+
+    torn_at is the byte offset of a last line that does not parse (a crash mid-write), else None;
+    a last line that parses without its newline is a complete row. Any other line that is not a
+    JSON object stops with the file and line named: the file is not an output of lidr.
+    """
     if not path.exists():
-        return []
+        return [], None
+    if not path.is_file():
+        raise SystemExit(f"{path}: is not a file")
     data = path.read_bytes()
-    end = data.rfind(b"\n") + 1  # everything after the last newline was never finished
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    rows = []
-    for n, line in enumerate(data[:end].splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{n}: corrupt line inside an output file; remove it to resume") from None
-    return rows
+    lines = data.split(b"\n")
+    rows, offset, torn_at = [], 0, None
+    for n, line in enumerate(lines, 1):
+        last = n == len(lines)
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if not last:
+                    raise SystemExit(f"{path}:{n}: corrupt line inside an output file; remove it to resume") from None
+                row, torn_at = None, offset
+            if row is not None and not isinstance(row, dict):
+                raise SystemExit(f"{path}:{n}: not a JSON object; {path} is not a JSONL output of lidr")
+            if row is not None:
+                rows.append(row)
+        offset += len(line) + 1
+    return rows, torn_at
+
+
+def read_complete_lines(path: Path) -> list[dict]:
+    """The complete rows of an output file (a torn last line left out), without changing the file."""
+    return read_output_rows(Path(path))[0]
 
 
 class ResumableWriter:
-    """Append-only JSONL output keyed by `key`: `done` holds the keys already written."""
+    """Append-only JSONL output keyed by `key`: `done` holds the keys already written, as text."""
 
     def __init__(self, path: str | os.PathLike, key: str):
         self.path, self.key = Path(path), key
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows = read_complete_lines(self.path)
-        self.done = {row[key] for row in self.rows}
+        self.rows, torn_at = read_output_rows(self.path)
+        missing = next((n for n, row in enumerate(self.rows, 1) if key not in row), None)
+        if missing is not None:
+            raise SystemExit(f"{self.path}: row {missing} has no {key!r}; is this an output of this command?")
+        self.done = {str(row[key]) for row in self.rows}
+        if torn_at is not None:
+            with open(self.path, "r+b") as f:
+                f.truncate(torn_at)
+        needs_newline = False
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                needs_newline = f.read(1) != b"\n"
         self.file = open(self.path, "a", encoding="utf-8")
+        if needs_newline:  # a complete last row whose newline was never written
+            self.file.write("\n")
 
     def write(self, row: dict):
-        if row[self.key] in self.done:
+        if str(row[self.key]) in self.done:
             raise ValueError(f"{self.path}: {self.key}={row[self.key]!r} is already written")
         self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.file.flush()
-        self.done.add(row[self.key])
+        self.done.add(str(row[self.key]))
         self.rows.append(row)
 
     def close(self):
@@ -97,6 +154,86 @@ class ResumableWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# -----------------------------------------------------------------------------
+# outputs bound to their inputs
+
+
+def file_identity(path: str | os.PathLike) -> dict:
+    """{path (resolved), size, sha256} of an input file."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
+    data = path.read_bytes()
+    return {"path": str(path), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def record_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + RECORD_SUFFIX)
+
+
+def identity_changes(before, now, prefix: str = "") -> list[str]:
+    """'where: before -> now' for every leaf of two nested dicts that differs."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        changes = []
+        for k in sorted(set(before) | set(now), key=str):
+            changes += identity_changes(before.get(k), now.get(k), f"{prefix}{k}.")
+        return changes
+    if before == now:
+        return []
+
+    def short(value):
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    return [f"{prefix.rstrip('.')}: {short(before)} -> {short(now)}"]
+
+
+def check_output(out: str | os.PathLike, made_by: str, identity: dict, companions=()) -> bool:
+    """Refuse, in a sentence naming the file, to write `out` unless this command may: True when
+    `out` (or its record) exists from an earlier run of the same command on the same inputs,
+    False when nothing is there yet. Reads only; the record is written by `record_output`.
+
+    companions: other files that belong to `out` (partial files, a derived copy); they too must
+    not exist unless the record does.
+    """
+    out = Path(out)
+    record = record_path(out)
+    if not record.exists():
+        present = next((p for p in (out, *companions) if Path(p).exists()), None)
+        if present is not None:
+            raise SystemExit(f"{present}: exists and was not written by {made_by} (no {record.name} beside it); "
+                             f"it is left as it is: choose another output, or move the file away")
+        return False
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+        recorded_by, recorded_identity = recorded["made_by"], recorded["identity"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise SystemExit(f"{record}: not a record of what {out} was made from; move it and {out} away") from None
+    if recorded_by != made_by:
+        raise SystemExit(f"{out}: was written by {recorded_by}, not {made_by}; it is left as it is: "
+                         f"choose another output")
+    changes = identity_changes(recorded_identity, json.loads(json.dumps(identity)))
+    if changes:
+        raise SystemExit(f"{out}: was made from other inputs or other settings ({'; '.join(changes)}); "
+                         f"use another output, or delete {out} and {record.name} to start over")
+    return True
+
+
+def record_output(out: str | os.PathLike, made_by: str, identity: dict):
+    """Write what `out` is made from beside it (call after `check_output` and after the inputs were read)."""
+    write_json_atomic(record_path(out), {"made_by": made_by, "identity": identity})
+
+
+def bind_outputs(made_by: str, bindings: list[tuple]):
+    """check_output for every (out, identity, companions) first, then record_output for each: a
+    command that writes several outputs refuses before it has touched any of them."""
+    for out, identity, companions in bindings:
+        check_output(out, made_by, identity, companions)
+    for out, identity, _ in bindings:
+        record_output(out, made_by, identity)
 
 
 def write_json_atomic(path: str | os.PathLike, obj, indent: int = 2):

@@ -4,7 +4,8 @@
     language_name("sw")   # "Swahili", as in "Please answer in Swahili."
 
 The table covers every language of the paper's data (AlpaGasus prompts, X-AlpacaEval, MGSM,
-translated GSM8K). A code outside it is an error that names the known codes.
+translated GSM8K). A code outside it is an error that names the known codes; so is a list of
+languages that names one twice (`checked_languages`: --langs fr,fr would double every pair).
 """
 
 LANGUAGES = {
@@ -29,3 +30,14 @@ def language_name(code: str) -> str:
     if code not in LANGUAGES:
         raise ValueError(f"unknown language code {code!r}; known: {', '.join(sorted(LANGUAGES))}")
     return LANGUAGES[code]
+
+
+def checked_languages(codes) -> list[str]:
+    """The codes as a list, each known and none twice; a ValueError names the one that is not."""
+    codes = list(codes)
+    for code in codes:
+        language_name(code)
+    twice = sorted({code for code in codes if codes.count(code) > 1})
+    if twice:
+        raise ValueError(f"the languages {','.join(codes)} name {', '.join(twice)} more than once")
+    return codes

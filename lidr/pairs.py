@@ -15,7 +15,13 @@ Reads the stage outputs of one iteration folder (the layout `iterate.py` writes)
     translate/en-{l}.jsonl  rows {id, translation, translation_error} (y_en → l)
     translate/{l}-en.jsonl  rows {id, translation, translation_error} (y_l → en)
 and writes pairs.jsonl ({id, lang, direction, source_lang, prompt, chosen, rejected}) and
-pairs_report.json (every count, per language and reason).
+pairs_report.json (every count, per language and reason, and what the pairs were made from: each
+input file's resolved path, size and sha256, the options). Ids are compared as text (3 and "3"
+are one id); an empty or whitespace-only answer or translation is no answer; a language named
+twice in --langs, or the dominant one among them, is refused. An existing pairs file is written
+over only when lidr.pairs wrote it from the same inputs and options (pairs.jsonl.made-from.json):
+another command's file (`--out generate/en.jsonl`), a file of unknown origin, or other inputs
+are refused, naming the file and what changed.
 
 How this departs from the reference repository:
 - Its dominant (English) pairs come from the last language only (a file overwritten in a loop).
@@ -30,6 +36,7 @@ How this departs from the reference repository:
 """
 
 import argparse
+import hashlib
 import json
 import random
 import re
@@ -37,7 +44,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lidr.jsonl import read_records, write_json_atomic, write_text_atomic
+from lidr.jsonl import check_output, file_identity, read_records, record_output, write_json_atomic, write_text_atomic
+from lidr.languages import checked_languages
 
 DIRECTIONS = ("non_dominant", "dominant")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -69,6 +77,9 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
     check of options.check_language (default: lidr.langid.is_off_target).
     """
     en = options.dominant
+    langs = checked_languages(langs)
+    if en in langs:
+        raise ValueError(f"the dominant language {en!r} is among the languages {','.join(langs)}")
     if options.check_language and off_target is None:
         from lidr.langid import is_off_target as off_target
     skipped = defaultdict(Counter)  # language -> reason -> count
@@ -134,6 +145,8 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
         ),
         "prompts": len(prompts[en]),
         "pairs": len(pairs),
+        "made_from": {"settings": {"langs": list(langs), "options": vars(options),
+                                   "translation_task_ids": id_set_digest(translation_task_ids)}},
         "per_language": {
             lang: {**{d: made[lang][d] for d in DIRECTIONS},
                    "translation_task_kept_english": made[lang]["translation_task_kept_english"],
@@ -144,65 +157,109 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
     return pairs, report
 
 
+def id_set_digest(ids) -> dict:
+    """A set of ids as (count, sha256 of the sorted ids as text): what a report records of it."""
+    text = "\n".join(sorted(map(str, ids)))
+    return {"count": len(set(map(str, ids))), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
 # -----------------------------------------------------------------------------
 # reading one iteration's stage outputs
 
 
-def read_texts(path: Path, field: str) -> dict:
-    """id -> text from a stage output; rows without an id are an error naming the line."""
+def text_or_none(value) -> str | None:
+    """A usable text, or None: not a string, empty, or only whitespace."""
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def stage_rows(path: Path) -> list[tuple[int, dict, str]]:
+    """[(line, row, id as text)] of a stage output; a bad row, a row without an id or an id written
+    twice is an error naming the file and line."""
     rows, bad = read_records(path)
     if bad:
         raise ValueError(f"{path}:{bad[0][0]}: {bad[0][1]}")
-    texts = {}
+    seen, out = {}, []
     for line, row in rows:
         if "id" not in row:
             raise ValueError(f"{path}:{line}: row has no 'id'")
-        texts[row["id"]] = row.get(field)
-    return texts
+        key = str(row["id"])
+        if key in seen:
+            raise ValueError(f"{path}:{line}: id {key!r} again (first on line {seen[key]})")
+        seen[key] = line
+        out.append((line, row, key))
+    return out
+
+
+def read_texts(path: Path, field: str) -> dict:
+    """id (as text) -> text from a stage output, None where the field is missing, empty or whitespace."""
+    return {key: text_or_none(row.get(field)) for _, row, key in stage_rows(path)}
 
 
 def read_translations(path: Path) -> dict:
-    """id -> translation, None where it failed (lidr's translation_error or the reference's marker)."""
+    """id (as text) -> translation, None where it failed (lidr's translation_error, the reference's
+    marker, or an empty or whitespace-only text)."""
     from lidr.translation import REFERENCE_FAILURE_MARKER
 
-    rows, bad = read_records(path)
-    if bad:
-        raise ValueError(f"{path}:{bad[0][0]}: {bad[0][1]}")
     out = {}
-    for line, row in rows:
-        if "id" not in row or "translation" not in row:
+    for line, row, key in stage_rows(path):
+        if "translation" not in row:
             raise ValueError(f"{path}:{line}: row needs 'id' and 'translation'")
-        text = row["translation"]
-        failed = row.get("translation_error") or not text or text == REFERENCE_FAILURE_MARKER
-        out[row["id"]] = None if failed else text
+        text = text_or_none(row["translation"])
+        failed = row.get("translation_error") or text is None or text == REFERENCE_FAILURE_MARKER
+        out[key] = None if failed else text
     return out
 
 
 def read_translation_task_ids(path) -> set:
+    """The ids (as text) of the prompts that are translation requests; a row without an id is an error."""
     if path is None:
         return set()
-    rows, _ = read_records(path)
-    return {row["id"] for _, row in rows}
+    rows, bad = read_records(path)
+    if bad:
+        raise ValueError(f"{path}:{bad[0][0]}: {bad[0][1]}")
+    missing = next((line for line, row in rows if "id" not in row), None)
+    if missing is not None:
+        raise ValueError(f"{path}:{missing}: row has no 'id'")
+    return {str(row["id"]) for _, row in rows}
+
+
+def stage_files(folder: Path, langs, en: str) -> dict:
+    """name -> path of every stage output the pairs are built from."""
+    files = {f"generate/{lang}": folder / "generate" / f"{lang}.jsonl" for lang in (en, *langs)}
+    for lang in langs:
+        files[f"translate/{en}-{lang}"] = folder / "translate" / f"{en}-{lang}.jsonl"
+        files[f"translate/{lang}-{en}"] = folder / "translate" / f"{lang}-{en}.jsonl"
+    return files
 
 
 def build_from_dir(folder, langs, options=PairOptions(), translation_task_ids=frozenset(), field="response",
                    prompt_field="instruction"):
     folder = Path(folder)
     en = options.dominant
-    prompts = {lang: read_texts(folder / "generate" / f"{lang}.jsonl", prompt_field) for lang in (en, *langs)}
-    answers = {lang: {k: v for k, v in read_texts(folder / "generate" / f"{lang}.jsonl", field).items() if v}
+    langs = checked_languages(langs)
+    files = stage_files(folder, langs, en)
+    identities = {name: file_identity(path) for name, path in files.items()}  # before reading: a missing one is named
+    prompts = {lang: {k: v for k, v in read_texts(files[f"generate/{lang}"], prompt_field).items() if v}
                for lang in (en, *langs)}
-    en_to = {lang: read_translations(folder / "translate" / f"{en}-{lang}.jsonl") for lang in langs}
-    to_en = {lang: read_translations(folder / "translate" / f"{lang}-{en}.jsonl") for lang in langs}
-    return build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, options)
+    answers = {lang: {k: v for k, v in read_texts(files[f"generate/{lang}"], field).items() if v}
+               for lang in (en, *langs)}
+    en_to = {lang: read_translations(files[f"translate/{en}-{lang}"]) for lang in langs}
+    to_en = {lang: read_translations(files[f"translate/{lang}-{en}"]) for lang in langs}
+    pairs, report = build_pairs(prompts, answers, en_to, to_en, {str(i) for i in translation_task_ids}, langs, options)
+    report["made_from"]["inputs"] = identities
+    return pairs, report
 
 
 def write_pairs(pairs, report, out_jsonl, out_report):
+    """Write the pairs and their report, over an earlier pairs file only when lidr.pairs made it
+    from the same inputs and options (report["made_from"]); refuse, naming the file, otherwise."""
+    check_output(out_jsonl, "lidr.pairs", report["made_from"], companions=[out_report])
+    record_output(out_jsonl, "lidr.pairs", report["made_from"])
     write_text_atomic(out_jsonl, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     write_json_atomic(out_report, report)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")
     parser.add_argument("--langs", required=True, help="non-dominant languages, comma-separated (e.g. es,ru,de,fr)")
@@ -218,16 +275,23 @@ def main():
     parser.add_argument("--translation-task-ids", help="JSONL with the ids of prompts that are translation requests")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="pairs JSONL (default: DIR/pairs.jsonl; the report goes beside it)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     options = PairOptions(args.dominant, args.dominant_pairs, not args.keep_identical, args.check_language,
                           args.check_numbers, args.min_chars, args.max_chars, args.seed)
-    langs = args.langs.split(",")
-    pairs, report = build_from_dir(args.dir, langs, options, read_translation_task_ids(args.translation_task_ids))
     out = Path(args.out or Path(args.dir) / "pairs.jsonl")
+    try:
+        task_ids = read_translation_task_ids(args.translation_task_ids)
+        pairs, report = build_from_dir(args.dir, args.langs.split(","), options, task_ids)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    if args.translation_task_ids:
+        report["made_from"]["inputs"]["translation_task_ids"] = file_identity(args.translation_task_ids)
     write_pairs(pairs, report, out, out.with_name(out.stem + "_report.json"))
     print(f"{len(pairs)} pairs -> {out}")
     for lang, counts in report["per_language"].items():
         print(f"  {lang}: {counts}")
+    if not pairs:
+        raise SystemExit(f"{out.with_name(out.stem + '_report.json')}: no pairs were made; see the counts")
 
 
 if __name__ == "__main__":

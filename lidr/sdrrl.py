@@ -13,7 +13,11 @@ English answers and their self-translations, same folder layout as lidr.pairs) a
   question and answer have some lines (--code-switch-lines, per line) swapped for the English
   line at the same position. Lines are paired by position, so only texts with the same number
   of non-empty lines in both languages get a variant; the others are counted as unaligned.
-Failed translations are skipped and counted; every count goes to sdrrl_report.json.
+Failed translations are skipped and counted; every count goes to sdrrl_report.json. Inputs are read
+as lidr.pairs reads them (ids as text; an empty or whitespace-only answer or translation is none;
+a language named twice is refused), and an existing output is written over only when lidr.sdrrl
+made it from the same inputs and options (sdrrl.jsonl.made-from.json); otherwise the command
+refuses, naming the file and what changed.
 """
 
 import argparse
@@ -23,7 +27,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lidr.jsonl import write_json_atomic, write_text_atomic
+from lidr.jsonl import check_output, file_identity, record_output, write_json_atomic, write_text_atomic
+from lidr.languages import checked_languages
 from lidr.pairs import read_texts, read_translations
 
 
@@ -52,6 +57,9 @@ def code_switch(text: str, english: str, p: float, rng: random.Random) -> str | 
 def build_sdrrl_rows(prompts, answers, en_to, langs, options=SDRRLOptions()):
     """(rows, report) from per-language dicts keyed by id (the inputs of lidr.pairs.build_pairs)."""
     en = options.dominant
+    langs = checked_languages(langs)
+    if en in langs:
+        raise ValueError(f"the dominant language {en!r} is among the languages {','.join(langs)}")
     rng = random.Random(options.seed)
     rows, counts = [], defaultdict(Counter)
     for id_, y_en in answers[en].items():
@@ -74,20 +82,38 @@ def build_sdrrl_rows(prompts, answers, en_to, langs, options=SDRRLOptions()):
                 continue
             rows.append(dict(id=id_, lang=lang, kind="code_switched", prompt=prompt, response=response))
             counts[lang]["code_switched"] += 1
-    report = {"rows": len(rows), "options": vars(options), "per_language": {k: dict(v) for k, v in counts.items()}}
+    report = {"rows": len(rows), "options": vars(options), "per_language": {k: dict(v) for k, v in counts.items()},
+              "made_from": {"settings": {"langs": list(langs), "options": vars(options)}}}
     return rows, report
 
 
 def build_from_dir(folder, langs, options=SDRRLOptions(), field="response", prompt_field="instruction"):
     folder = Path(folder)
     en = options.dominant
-    prompts = {lang: read_texts(folder / "generate" / f"{lang}.jsonl", prompt_field) for lang in (en, *langs)}
-    answers = {en: {k: v for k, v in read_texts(folder / "generate" / f"{en}.jsonl", field).items() if v}}
-    en_to = {lang: read_translations(folder / "translate" / f"{en}-{lang}.jsonl") for lang in langs}
-    return build_sdrrl_rows(prompts, answers, en_to, langs, options)
+    langs = checked_languages(langs)
+    files = {f"generate/{lang}": folder / "generate" / f"{lang}.jsonl" for lang in (en, *langs)}
+    files.update({f"translate/{en}-{lang}": folder / "translate" / f"{en}-{lang}.jsonl" for lang in langs})
+    identities = {name: file_identity(path) for name, path in files.items()}
+    prompts = {lang: {k: v for k, v in read_texts(files[f"generate/{lang}"], prompt_field).items() if v}
+               for lang in (en, *langs)}
+    answers = {en: {k: v for k, v in read_texts(files[f"generate/{en}"], field).items() if v}}
+    en_to = {lang: read_translations(files[f"translate/{en}-{lang}"]) for lang in langs}
+    rows, report = build_sdrrl_rows(prompts, answers, en_to, langs, options)
+    report["made_from"]["inputs"] = identities
+    return rows, report
 
 
-def main():
+def write_rows(rows, report, out):
+    """The rows and their report (beside `out`), over an earlier output only when lidr.sdrrl made it
+    from the same inputs and options; refuse, naming the file, otherwise."""
+    out_report = out.with_name(out.stem + "_report.json")
+    check_output(out, "lidr.sdrrl", report["made_from"], companions=[out_report])
+    record_output(out, "lidr.sdrrl", report["made_from"])
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_json_atomic(out_report, report)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")
     parser.add_argument("--langs", required=True, help="target languages, comma-separated")
@@ -97,13 +123,17 @@ def main():
     parser.add_argument("--code-switch-lines", type=float, default=0.3, help="per-line chance of swapping to English")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="default: DIR/sdrrl.jsonl (report beside it)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     options = SDRRLOptions(args.dominant, not args.no_english, args.code_switch_rows, args.code_switch_lines, args.seed)
-    rows, report = build_from_dir(args.dir, args.langs.split(","), options)
+    try:
+        rows, report = build_from_dir(args.dir, args.langs.split(","), options)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     out = Path(args.out or Path(args.dir) / "sdrrl.jsonl")
-    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_json_atomic(out.with_name(out.stem + "_report.json"), report)
+    write_rows(rows, report, out)
     print(f"{len(rows)} SFT rows -> {out}: {report['per_language']}")
+    if not rows:
+        raise SystemExit(f"{out.with_name(out.stem + '_report.json')}: no rows were made; see the counts")
 
 
 if __name__ == "__main__":

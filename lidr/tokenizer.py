@@ -36,10 +36,7 @@ class Tokenizer:
         if chat_format not in CHAT_FORMATS:
             raise ValueError(f"unknown chat format {chat_format!r}; choose one of {CHAT_FORMATS}")
         self.path = Path(tokenizer_json)
-        try:
-            self.tok = HFTokenizer.from_file(str(self.path))
-        except Exception as e:  # the library raises a bare Exception on a malformed file
-            raise ValueError(f"{self.path}: cannot read tokenizer ({e})") from None
+        self.tok = read_tokenizer_json(self.path)
         self.chat_format = chat_format
         self.default_system = default_system
         if chat_format == "llama3":
@@ -61,11 +58,17 @@ class Tokenizer:
         config_path = folder / "tokenizer_config.json"
         template = ""
         if config_path.is_file():
-            template = json.loads(config_path.read_text()).get("chat_template") or ""
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path}: not a JSON object")
+            template = config.get("chat_template") or ""
             if isinstance(template, list):  # a list of named templates: take the default one
                 template = next((t["template"] for t in template if t.get("name") == "default"), "")
         if chat_format is None:
-            chat_format = detect_chat_format(template, HFTokenizer.from_file(str(path)), path)
+            chat_format = detect_chat_format(template, read_tokenizer_json(path), path)
         default_system = None
         if chat_format == "chatml":
             found = re.search(r"<\|im_start\|>system\n(.+?)<\|im_end\|>", template)
@@ -109,6 +112,13 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, prefill: str = "") -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt, prefill))
+
+
+def read_tokenizer_json(path: Path) -> HFTokenizer:
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception on a malformed file
+        raise ValueError(f"{path}: cannot read tokenizer ({e})") from None
 
 
 def chat_messages(user: str, system: str | None = None) -> list[dict]:
