@@ -48,7 +48,7 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[
             else:
                 bad.append((n, "not a JSON object"))
         return rows, bad
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 and friends sit inside JSON strings
         if not line.strip():
             continue
         try:
