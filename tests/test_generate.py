@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,123 @@ def test_torchrun_two_ranks_merge_in_input_order(tmp_path, tiny_dir):
     assert double.read_text() == single.read_text()
     assert [r["input_line"] for r in read_jsonl(double)] == list(range(1, 8))
     assert not list(tmp_path.glob("*.partial"))
+
+
+# -----------------------------------------------------------------------------
+# outputs bound to their inputs, files it did not write, user errors, over-length input
+
+
+def generate_args(tiny_dir, src, out, *extra):
+    return ["--model", str(tiny_dir), "--prompts", str(src), "--out", str(out), "--max-new-tokens", "4", *extra]
+
+
+def test_another_input_for_the_same_out_is_refused_before_anything_changes(tmp_path, tiny_dir, capsys, monkeypatch):
+    en = write_jsonl(tmp_path / "en.jsonl", [{"id": "a", "instruction": "Hi"}, {"id": "b", "instruction": "Bye"}])
+    fr = write_jsonl(tmp_path / "fr.jsonl", [{"id": "a", "instruction": "Salut"}, {"id": "b", "instruction": "Adieu"}])
+    out = tmp_path / "out.jsonl"
+    cli.main(generate_args(tiny_dir, en, out))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit, match=r"out\.jsonl: was made from other inputs.*inputs\.prompts\.path: "
+                                         r"'[^']*en\.jsonl' -> '[^']*fr\.jsonl'"):
+        cli.main(generate_args(tiny_dir, fr, out))
+    en.write_text(en.read_text().replace("Bye", "Goodbye"))  # the same file, edited
+    with pytest.raises(SystemExit, match=r"inputs\.prompts\.sha256"):
+        cli.main(generate_args(tiny_dir, en, out))
+    en.write_bytes(before["en.jsonl"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # the same files named relatively from elsewhere: the same run, nothing to do
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    cli.main(generate_args(Path(os.path.relpath(tiny_dir, tmp_path)), "en.jsonl", "out.jsonl"))
+    assert "2 rows (0 generated now, 2 already there)" in capsys.readouterr().out
+    assert out.read_bytes() == before["out.jsonl"]
+
+
+def test_files_it_did_not_write_are_refused_and_a_last_row_without_newline_is_kept(tmp_path, tiny_dir, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "instruction": q} for i, q in enumerate(QUESTIONS[:3])])
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text(json.dumps([{"id": 0, "response": "mine"}]))  # a JSON list file
+    for out in (listed, src):
+        before = out.read_bytes()
+        with pytest.raises(SystemExit, match=rf"{out.name}: exists and was not written by generate\.py"):
+            cli.main(generate_args(tiny_dir, src, out))
+        assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "listed.jsonl"]
+    out = tmp_path / "out.jsonl"
+    cli.main(generate_args(tiny_dir, src, out))
+    whole = out.read_bytes()
+    out.write_bytes(whole.rstrip(b"\n"))  # the last row's newline is lost
+    capsys.readouterr()
+    cli.main(generate_args(tiny_dir, src, out))
+    assert "3 rows (0 generated now, 3 already there)" in capsys.readouterr().out
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [json.loads(line) for line in
+                                                                          whole.decode().splitlines()]
+
+
+def test_user_errors_are_sentences_and_nothing_is_recorded(tmp_path, tiny_dir, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "instruction": "Hi"}, {"id": 2, "instruction": "Bye"}])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit, match=r"in\.jsonl: none of its 2 row\(s\) is usable; the first, line 1: "
+                                         r"no string field 'question' \(fields: id, instruction\)"):
+        cli.main(generate_args(tiny_dir, src, out, "--field", "question"))
+    with pytest.raises(SystemExit, match=r"nope\.jsonl: no such file"):
+        cli.main(generate_args(tiny_dir, tmp_path / "nope.jsonl", out))
+    with pytest.raises(SystemExit, match=r"no_model: no such model folder"):
+        cli.main(generate_args(tmp_path / "no_model", src, out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # validated before anything was recorded
+    for argv, message in [(["--prompt", "  \n"], "--prompt is empty"),
+                          (["--prompt", "Hi", "--batch-size", "0"], "--batch-size: 0 is not a positive number"),
+                          (["--prompt", "Hi", "--max-new-tokens", "0"], "--max-new-tokens: 0 is not a positive number")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["--model", str(tiny_dir), *argv])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    cli.main(generate_args(tiny_dir, src, out))  # the corrected command runs
+    assert [r["id"] for r in read_jsonl(out)] == [1, 2]
+
+
+def test_over_length_prompts_are_skipped_and_replies_end_at_the_context(tmp_path, tiny_dir, tiny, tiny_hf, capsys):
+    model, tokenizer = tiny
+    context = model.cfg.max_seq_len  # 256
+    long_prompt = "apple " * context
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "short", "instruction": "Hi"},
+                                              {"id": "long", "instruction": long_prompt}])
+    out = tmp_path / "out.jsonl"
+    cli.main(generate_args(tiny_dir, src, out, "--max-new-tokens", "1000", "--repetition-penalty", "1.0"))
+    captured = capsys.readouterr()
+    long_tokens = len(tokenizer.encode_chat([{"role": "user", "content": long_prompt}]))
+    assert f"in.jsonl:2: skipped: the prompt is {long_tokens} tokens, the model's context {context}" in captured.err
+    assert "1 bad input rows skipped (1 longer than the model's context of 256 tokens)" in captured.out
+    short_tokens = len(tokenizer.encode_chat([{"role": "user", "content": "Hi"}]))
+    assert "--max-new-tokens 1000 reaches past the model's context of 256 tokens" in captured.err
+    [row] = read_jsonl(out)
+    room = context - short_tokens
+    assert row["response"] == hf_reply(tiny_hf, tokenizer, "Hi", room, repetition_penalty=1.0)
+    assert row["response_meta"]["new_tokens"] <= room and row["response_meta"]["max_new_tokens"] == 1000
+
+
+def test_torchrun_two_ranks_killed_mid_run_resume_to_the_one_process_result(tmp_path, tiny_dir):
+    rows = [{"id": i, "instruction": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"} for i in range(16)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["--model", str(tiny_dir), "--prompts", str(src), "--max-new-tokens", "24", "--batch-size", "1"]
+    single, double = tmp_path / "single.jsonl", tmp_path / "double.jsonl"
+    cli.main([*args, "--out", str(single)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "generate.py"), *args, "--out", str(double)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    partials = [tmp_path / f"double.jsonl.rank{r}.partial" for r in (0, 1)]
+
+    def lines_written():
+        return [len(p.read_bytes().splitlines()) if p.exists() else 0 for p in partials]
+
+    deadline = time.time() + 300
+    while min(lines_written()) < 2:  # both ranks are writing
+        assert proc.poll() is None and time.time() < deadline, "torchrun ended before it was killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert sum(lines_written()) < len(rows) and not double.exists()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    assert double.read_text() == single.read_text()
+    assert not any(p.exists() for p in partials)
