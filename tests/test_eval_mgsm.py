@@ -2,9 +2,12 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
-from conftest import shared_data
+from conftest import ROOT, shared_data
+from test_generate import kill_at_progress
 
 import lidr.sampler
 from eval import mgsm
@@ -143,3 +146,63 @@ def test_mgsm_end_to_end_on_the_demo_model_resumes(demo_dir, tmp_path, monkeypat
     assert len(seen) == 1
     assert [json.loads(line) for line in path.read_text().splitlines()] == \
         [json.loads(line) for line in lines]
+
+
+# -----------------------------------------------------------------------------
+# the command: killed and resumed, another dataset refused, user errors
+
+
+def write_questions(folder, lang, questions):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{lang}.jsonl").write_text("".join(json.dumps({"query": q, "response": str(a)}) + "\n"
+                                                  for q, a in questions))
+
+
+def tiny_data(folder):
+    write_questions(folder, "en", [(f"Tom has {n} apples and buys {n + 2}. How many?", 2 * n + 2) for n in range(6)])
+    write_questions(folder, "fr", [(f"Tom a {n} pommes et en achète {n + 1}. Combien ?", 2 * n + 1) for n in range(3)])
+    return folder
+
+
+def test_mgsm_command_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, tmp_path):
+    data = tiny_data(tmp_path / "data")
+    args = ["--model", str(tiny_dir), "--data", str(data), "--langs", "en", "fr", "--max-new-tokens", "16",
+            "--batch-size", "1"]
+    mgsm.main([*args, "--out", str(tmp_path / "whole")])
+    cmd = [sys.executable, "-m", "eval.mgsm", *args, "--out", str(tmp_path / "resumed")]
+    kill_at_progress(cmd, 3, 6)
+    killed = tmp_path / "resumed" / "mgsm" / "en.jsonl"
+    assert 3 <= len(killed.read_text().splitlines()) < 6
+    with open(killed, "a") as f:  # killed mid-write: a torn last line
+        f.write('{"index": 6, "lang": "e')
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    for name in ("en.jsonl", "fr.jsonl", "summary.json"):
+        assert (tmp_path / "resumed" / "mgsm" / name).read_text() == (tmp_path / "whole" / "mgsm" / name).read_text()
+
+
+def test_mgsm_command_refuses_another_dataset_and_user_errors(tiny_dir, tmp_path, capsys):
+    data, other = tiny_data(tmp_path / "data"), tiny_data(tmp_path / "other")
+    write_questions(other, "en", [("What is 1 + 1?", 2)])
+    out = tmp_path / "M0"
+    argv = ["--model", str(tiny_dir), "--langs", "en", "--out", str(out), "--max-new-tokens", "4"]
+    mgsm.main([*argv, "--data", str(data)])
+    before = {p.name: p.read_bytes() for p in (out / "mgsm").iterdir()}
+    with pytest.raises(SystemExit, match=r"en\.jsonl: was made from other inputs.*inputs\.data\.path: "
+                                         r"'[^']*data/en\.jsonl' -> '[^']*other/en\.jsonl'"):
+        mgsm.main([*argv, "--data", str(other)])
+    with pytest.raises(SystemExit, match=r"settings\.sampling\.max_new_tokens: 4 -> 5"):
+        mgsm.main([*argv, "--data", str(data), "--max-new-tokens", "5"])
+    assert {p.name: p.read_bytes() for p in (out / "mgsm").iterdir()} == before
+    for extra, message in [(["--langs", "en", "en"], "name en more than once"),
+                           (["--langs", "xx"], "unknown language code 'xx'"),
+                           (["--batch-size", "0"], "--batch-size: 0 is not a positive number")]:
+        with pytest.raises(SystemExit) as exit_info:
+            mgsm.main([*argv, "--data", str(data), *extra])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    (data / "de.jsonl").write_text('{"query": "Ohne Antwort"}\n')
+    with pytest.raises(SystemExit, match=r"de\.jsonl: holds no usable question; first dropped: .*de\.jsonl:1: "
+                                         r"no reference number"):
+        mgsm.main([*argv[:2], "--langs", "de", *argv[4:], "--data", str(data)])
+    with pytest.raises(SystemExit, match=r"no_model: no such model folder"):
+        mgsm.main(["--model", str(tmp_path / "no_model"), *argv[2:], "--data", str(data)])
+    assert not (out / "mgsm" / "de.jsonl").exists()

@@ -57,6 +57,19 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def kill_at_progress(cmd: list[str], done: int, total: int):
+    """Run cmd and SIGKILL it once its progress bar reads at least done/total (fails if it ends first)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = b""
+    while not any(int(n) >= done for n in re.findall(rb"(\d+)/%d" % total, progress)):
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, f"{cmd[1]} ended before it was killed: {progress.decode(errors='replace')}"
+        progress += chunk
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
 def test_prompt_mode_prints_the_reply(tiny_dir, tiny, tiny_hf, capsys):
     _, tokenizer = tiny
     cli.main(["--model", str(tiny_dir), "--prompt", "Tom has 26 apples.", "--max-new-tokens", "10"])
@@ -131,15 +144,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dir):
     cli.main([*args, "--out", str(whole)])
 
     cmd = [sys.executable, str(ROOT / "generate.py"), *args, "--out", str(resumed)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    progress = b""
-    while not any(int(n) >= 3 for n in re.findall(rb"(\d+)/12", progress)):  # wait for the progress bar
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        assert chunk, f"generate.py ended before it was killed: {progress.decode(errors='replace')}"
-        progress += chunk
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_at_progress(cmd, 3, 12)
     partial = tmp_path / "resumed.jsonl.rank0.partial"
     written = partial.read_text().splitlines()
     assert 3 <= len(written) < 12 and not resumed.exists()  # killed mid-run

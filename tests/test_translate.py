@@ -1,7 +1,12 @@
 """translate.py: the paper's prompt in each chat format, failures marked and counted, resumable."""
 
 import json
+import subprocess
+import sys
 
+import pytest
+from conftest import ROOT
+from test_generate import kill_at_progress
 from tokenizers import Tokenizer as HFTokenizer
 
 import translate
@@ -63,3 +68,39 @@ def test_unclosed_replies_are_marked_failed_and_a_rerun_adds_nothing(tiny_dir, t
     translate.main(argv)
     assert out.read_text() == before
     assert "0 generated now, 2 already there" in capsys.readouterr().out
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_dir, tmp_path):
+    source = tmp_path / "en.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "response": f"Answer number {i}: the cat sleeps."}) + "\n"
+                              for i in range(10)))
+    args = ["--model", str(tiny_dir), "--in", str(source), "--to", "de", "--max-new-tokens", "12",
+            "--batch-size", "1"]
+    whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
+    translate.main([*args, "--out", str(whole)])
+    cmd = [sys.executable, str(ROOT / "translate.py"), *args, "--out", str(resumed)]
+    kill_at_progress(cmd, 3, 10)
+    partial = tmp_path / "resumed.jsonl.rank0.partial"
+    assert 3 <= len(partial.read_text().splitlines()) < 10 and not resumed.exists()
+    with open(partial, "a") as f:  # killed mid-write: a torn last line
+        f.write('{"id": 9, "respo')
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    assert resumed.read_text() == whole.read_text()
+    assert [json.loads(line)["id"] for line in resumed.read_text().splitlines()] == list(range(10))
+
+
+def test_a_field_no_row_has_and_another_target_are_refused(tiny_dir, tmp_path):
+    source = tmp_path / "en.jsonl"
+    source.write_text(json.dumps({"id": 1, "response": "Hello."}) + "\n")
+    out = tmp_path / "en-fr.jsonl"
+    argv = ["--model", str(tiny_dir), "--in", str(source), "--to", "fr", "--out", str(out), "--max-new-tokens", "4"]
+    with pytest.raises(SystemExit, match=r"en\.jsonl: none of its 1 row\(s\) is usable; the first, line 1: "
+                                         r"no string field 'answer'"):
+        translate.main([*argv, "--field", "answer"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["en.jsonl"]
+    translate.main(argv)
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match=r"en-fr\.jsonl: was made from other inputs or other settings "
+                                         r"\(settings\.to: 'fr' -> 'de'\)"):
+        translate.main([*argv[:5], "de", *argv[6:]])
+    assert out.read_bytes() == before
