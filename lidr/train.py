@@ -4,6 +4,7 @@
     torchrun --standalone --nproc_per_node=8 train_dpo.py --model M0 --data pairs.jsonl --out runs/M1
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 train_dpo.py ...  # OUT shared
     python train_dpo.py --objective sft --model M0 --data sft.jsonl --out runs/M0-sft  # SDRRL rows
+    python train_dpo.py --dtype bfloat16 ...   # bf16 compute, fp32 master weights (the GPU default, on CPU)
 
 Rows: {"prompt", "chosen", "rejected"} (DPO) or {"prompt", "response"} (SFT), optional "system",
 "id", "lang". The prompt becomes the checkpoint's chat format up to the assistant header; a
@@ -13,15 +14,22 @@ enter the loss. Chosen and rejected of a micro-batch go through one forward, pac
 at most --max-len tokens, no attention across sequences (`pack`), not padded one per row.
 
 One run, in order:
-1. Rows are read and tokenized; bad rows are dropped and counted (unreadable, missing or empty
-   fields, chosen == rejected, too long). A prompt that does not fit beside its longer response
-   in --max-len keeps its last tokens (the end of the question and the assistant header the
-   reply follows); a row whose response does not fit beside the assistant header alone is
-   dropped. Responses are never cut: a cut response would lose its end-of-turn token.
+1. Inputs are checked before anything is written: the model folder (config, weights, tokenizer)
+   and the data. Rows are read and tokenized; bad rows are dropped and counted per reason
+   (unreadable, missing or empty fields, chosen == rejected, too long; printed and written to
+   OUT/data_report.json). A prompt that does not fit beside its longer response in --max-len
+   keeps its last tokens (the end of the question and the assistant header the reply follows);
+   a row whose response does not fit beside the assistant header alone is dropped. Responses
+   are never cut: a cut response would lose its end-of-turn token. Then OUT/run.json records
+   the settings and the inputs' identity (resolved paths, the data's sha256, the model folder's
+   config hash and weight file sizes and times); a rerun on other inputs or settings is refused,
+   naming what changed, before anything in OUT is touched.
 2. The policy is built on the meta device, `fully_shard`-ed per block and then at the root, and
-   filled from the HF folder read once on rank 0 and broadcast. GPU: bf16 compute with fp32
-   master weights and fp32 gradient reduction (nccl); CPU: fp32 throughout (gloo). A plain
-   `python` launch makes a one-rank process group, so every launch runs the same code.
+   filled from the HF folder read once on rank 0 and broadcast. The shards are fp32 master
+   weights (AdamW's state is fp32 too); --dtype is the compute dtype that each forward gathers
+   them in (bfloat16 by default on GPU, float32 on CPU), gradients are reduce-scattered in fp32
+   (FSDP2's MixedPrecisionPolicy; nccl on GPU, gloo on CPU). A plain `python` launch makes a
+   one-rank process group, so every launch runs the same code.
 3. Reference log-probs (DPO): the policy, still M_t, scores every pair once, each rank a slice;
    the table is gathered and saved as OUT/reference_logps.pt and reused on resume. During
    training only the policy is in memory.
@@ -35,8 +43,8 @@ One run, in order:
    Rerunning the same command resumes from it. A NaN/inf loss or gradient norm stops the run
    before the optimizer step and before any save.
 6. Export, in place of a last checkpoint: OUT/model, an HF folder (lidr.checkpoint.save,
-   gathered on rank 0, built beside its place and renamed into it) in the compute dtype (bf16 on
-   GPU, fp32 on CPU), and OUT/curves.png. Once OUT/model exists, a rerun has nothing to do; a
+   gathered on rank 0, built beside its place and renamed into it) in the compute dtype, and
+   OUT/curves.png. Once OUT/model exists, a rerun has nothing to do; a
    crash before it resumes from the last checkpoint.
 
 How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx):
@@ -51,12 +59,11 @@ How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx
   masked kernel measured faster; both compute the same attention (tests/test_attention.py).
   Neither flex_attention (no backward on CPU, so not testable here) nor a varlen kernel
   (flash-attn or torch.nn.attention.varlen, CUDA only) is used.
-- OUT must be one filesystem seen by every node. The nccl/bf16/MFU paths have not been run on a
-  GPU yet; the CPU (gloo, fp32) paths are what the tests cover.
+- OUT must be one filesystem seen by every node. The nccl/MFU/per-sequence attention paths have
+  not been run on a GPU yet (bench/gpu.py runs them); the tests cover gloo in fp32 and bf16.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -79,16 +86,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lidr.checkpoint import default_dtype, load_model, read_config, save
+from lidr.checkpoint import default_dtype, folder_identity, load_model, read_config, save, weight_files
 from lidr.dpo import dpo_loss, hidden_sequence_logps
-from lidr.jsonl import read_records, write_json_atomic
+from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
 from lidr.model import Documents, Llama, rope_inv_freq
 from lidr.tokenizer import Tokenizer, chat_messages
 
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
 # dense bf16 peak of the GPUs MFU is reported for (matched against torch.cuda.get_device_name)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-RUN_KEYS = ("model", "data", "objective", "beta", "alpha", "lr", "weight_decay", "epochs", "batch_size",
+RUN_KEYS = ("objective", "dtype", "beta", "alpha", "lr", "weight_decay", "epochs", "batch_size",
             "grad_accum", "max_len", "warmup_ratio", "grad_clip", "seed")
 
 
@@ -244,23 +251,31 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def build_model(folder, device, activation_checkpointing: bool) -> Llama:
-    """The policy, sharded: meta-device model, fully_shard per block then root, weights broadcast from rank 0."""
-    cfg = read_config(folder)
-    with torch.device("meta"):
-        model = Llama(cfg)
-    # GPU: bf16 compute, fp32 master weights (what AdamW updates), fp32 gradient reduce-scatter
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+def shard_model(model: Llama, device, compute_dtype: torch.dtype, activation_checkpointing: bool) -> Llama:
+    """A meta-device model fully_shard-ed per block then at the root, its (empty) fp32 shards on `device`.
+
+    The shards are the fp32 master weights that AdamW updates (its state is fp32 too); each
+    forward gathers them in compute_dtype, and gradients are reduce-scattered in fp32.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.layers:
         if activation_checkpointing:
             activation_checkpoint(block)  # keeps only the block's input, recomputes the rest in backward
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     model.to_empty(device=device)
-    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+    return model
+
+
+def build_model(folder, device, compute_dtype: torch.dtype, activation_checkpointing: bool) -> Llama:
+    """The policy, sharded (`shard_model`), filled from the HF folder read on rank 0 and broadcast."""
+    with torch.device("meta"):
+        model = Llama(read_config(folder))
+    shard_model(model, device, compute_dtype, activation_checkpointing)
     full = load_model(folder, "cpu", torch.float32).state_dict() if dist.get_rank() == 0 else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    if cfg.tie_embeddings:
+    if model.cfg.tie_embeddings:
         assert model.lm_head.weight is model.embed_tokens.weight, "sharding untied the output embedding"
     return model
 
@@ -416,49 +431,75 @@ def plot_curves(log_path: Path, png_path: Path):
 def train(args):
     out = Path(args.out)
     rank, world, device = setup_distributed()
+    args.dtype = args.dtype or str(default_dtype(device)).removeprefix("torch.")
     try:
         _train(args, out, rank, world, device)
     finally:
         dist.destroy_process_group()
 
 
+def read_inputs(args, world: int):
+    """(tokenizer, examples, counts, identity): the model folder and data checked and read, or one sentence and exit.
+
+    identity names what the run is made from: the settings, the data file (resolved path, size,
+    sha256) and the model folder (resolved path, config and tokenizer hashes, weight file sizes
+    and modification times). Nothing is written here.
+    """
+    model_identity = folder_identity(args.model)  # a missing folder or config.json: one sentence
+    try:
+        read_config(args.model)
+        weight_files(args.model)
+        tokenizer = Tokenizer.from_folder(args.model, chat_format=args.chat_format)
+        examples, counts = load_examples(args.data, tokenizer, args.objective, args.max_len)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    global_batch = args.batch_size * args.grad_accum * world
+    if len(examples) < global_batch:
+        raise SystemExit(f"{args.data}: {len(examples)} usable rows of {counts['read']} ({format_counts(counts)}) "
+                         f"do not fill one global batch of {global_batch}")
+    settings = {k: getattr(args, k) for k in RUN_KEYS}
+    identity = {**settings, "model": model_identity, "data": file_identity(args.data)}
+    return tokenizer, examples, counts, identity
+
+
+def format_counts(counts: Counter) -> str:
+    dropped = ", ".join(f"{v} {k}" for k, v in counts.items() if v and k not in ("read", "kept", "prompt truncated"))
+    return f"dropped: {dropped or 'none'}; {counts['prompt truncated']} prompts truncated"
+
+
 def _train(args, out: Path, rank: int, world: int, device):
     from tqdm import tqdm
 
     torch.manual_seed(args.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    run = {k: getattr(args, k) for k in RUN_KEYS}
+    tokenizer, examples, counts, identity = read_inputs(args, world)
     run_file = out / "run.json"
-    if run_file.exists():
-        before = json.loads(run_file.read_text())
-        changed = {k: (before.get(k), v) for k, v in run.items() if before.get(k) != v}
-        if changed:
-            raise SystemExit(f"{out} holds a run with other settings {changed}; rerun the same command or use a fresh --out")
+    if run_file.exists():  # refused before anything in OUT is touched
+        changes = identity_changes(json.loads(run_file.read_text()), identity)
+        if changes:
+            raise SystemExit(f"{out} holds a run made from other inputs or settings ({'; '.join(changes)}); "
+                             f"rerun the same command or use a fresh --out")
+    global_batch = args.batch_size * args.grad_accum * world
+    total_steps = len(examples) // global_batch * args.epochs
     dist.barrier()
     if rank == 0:
-        write_json_atomic(run_file, run)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_file, identity)
+        write_json_atomic(out / "data_report.json", dict(counts))
+        for stale in out.glob("model.tmp*"):  # an export killed before its rename
+            shutil.rmtree(stale)
+        print(f"{args.data}: {counts['read']} rows read, {counts['kept']} kept ({format_counts(counts)}); "
+              f"counts in {out / 'data_report.json'}")
+        print(f"{world} rank(s) on {device.type}, {identity['dtype']} compute; global batch {global_batch} = "
+              f"{args.batch_size} × {args.grad_accum} accumulation × {world}; {total_steps} steps")
+    dist.barrier()
     if (out / "model" / "config.json").is_file():  # the export is written atomically: the run is complete
         if rank == 0:
             print(f"{out / 'model'} exists: this run finished earlier, nothing to do")
         return
 
-    tokenizer = Tokenizer.from_folder(args.model, chat_format=args.chat_format)
-    examples, counts = load_examples(args.data, tokenizer, args.objective, args.max_len)
-    global_batch = args.batch_size * args.grad_accum * world
-    steps_per_epoch = len(examples) // global_batch
-    total_steps = steps_per_epoch * args.epochs
-    if rank == 0:
-        dropped = ", ".join(f"{v} {k}" for k, v in counts.items() if v and k not in ("read", "kept", "prompt truncated"))
-        print(f"{args.data}: {counts['read']} rows read, {counts['kept']} kept "
-              f"(dropped: {dropped or 'none'}; {counts['prompt truncated']} prompts truncated)")
-        print(f"{world} rank(s) on {device.type}; global batch {global_batch} = {args.batch_size} × "
-              f"{args.grad_accum} accumulation × {world}; {total_steps} steps")
-    if total_steps == 0:
-        raise SystemExit(f"{len(examples)} usable rows do not fill one global batch of {global_batch}")
-
-    model = build_model(args.model, device, args.activation_checkpointing)
-    digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
-    fingerprint = {"data_sha256": digest, "model": str(Path(args.model).resolve()), "max_len": args.max_len}
+    compute_dtype = getattr(torch, identity["dtype"])
+    model = build_model(args.model, device, compute_dtype, args.activation_checkpointing)
+    fingerprint = {k: identity[k] for k in ("model", "data", "max_len", "dtype")}
     reference = None
     if args.objective == "dpo":
         reference = reference_logps(model, examples, args, tokenizer.pad_id, device, rank, world, fingerprint, out)
@@ -533,15 +574,21 @@ def _train(args, out: Path, rank: int, world: int, device):
     del optimizer, scheduler  # free AdamW's state (twice the weights) before gathering the full weights
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        dtype = default_dtype(device)
         plot_curves(log_path, out / "curves.png")  # before the export: once OUT/model exists a rerun stops
-        save(out / "model", model.cfg, {k: v.to(dtype) for k, v in full.items()}, tokenizer_from=args.model)
+        save(out / "model", model.cfg, {k: v.to(compute_dtype) for k, v in full.items()}, tokenizer_from=args.model)
         print(f"wrote {out / 'model'} and {out / 'curves.png'}")
     dist.barrier()
 
 
 # -----------------------------------------------------------------------------
 # command line
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse_args(argv=None):
@@ -556,13 +603,16 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up")
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4, help="pairs (or rows) per rank per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-len", type=int, default=2048, help="tokens of prompt + response")
-    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--epochs", type=positive_int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="pairs (or rows) per rank per micro-batch")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-len", type=positive_int, default=2048, help="tokens of prompt + response")
+    p.add_argument("--save-every", type=positive_int, default=100, help="steps between checkpoints")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--chat-format", choices=("llama3", "chatml"), default=None, help="default: read from the folder")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype of parameters and activations; master weights, optimizer state and gradient "
+                        "reduction stay float32 (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

@@ -133,7 +133,7 @@ def test_two_processes_train_the_same_weights_as_one(one_process, tiny_dir, data
     proc = run_subprocess([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_dpo.py", *train_args(tiny_dir, data, out, "--batch-size", "2")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 rank(s) on cpu; global batch 4 = 2 × 1 accumulation × 2" in proc.stdout
+    assert "2 rank(s) on cpu, float32 compute; global batch 4 = 2 × 1 accumulation × 2" in proc.stdout
     assert "22 rows read, 20 kept (dropped: 1 unreadable, 1 chosen == rejected; 0 prompts truncated)" in proc.stdout
     assert_same_weights(weights(out), weights(one_process), atol=1e-5)
 
@@ -171,6 +171,57 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(one_process, tiny_di
     again = run_subprocess([sys.executable, "train_dpo.py", *args])  # the export marks the run finished
     assert again.returncode == 0 and "this run finished earlier, nothing to do" in again.stdout
     assert len((out / "log.jsonl").read_text().splitlines()) == STEPS
+
+
+KILL_AFTER_CALL = """
+import os, runpy, signal, sys
+{target}
+real, calls = getattr(target, {name!r}), []
+def call_then_die(*args, **kwargs):
+    result = real(*args, **kwargs)
+    calls.append(args)
+    if {kill_when}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+setattr(target, {name!r}, call_then_die)
+sys.argv = ["train_dpo.py", *sys.argv[1:]]
+runpy.run_path("train_dpo.py", run_name="__main__")
+"""
+
+# where the run is killed (the function patched, after which call), the checkpoint step a rerun
+# resumes from, the folders in OUT after the kill; checkpoints are saved at steps 2 and 4
+KILL_POINTS = {
+    # step 4's sharded state written into checkpoint.tmp, its trainer.pt and renames not yet done
+    "checkpoint save: after the sharded state": (
+        dict(target="import torch.distributed.checkpoint as target", name="save", kill_when="len(calls) == 2"),
+        2, {"checkpoint", "checkpoint.tmp"}),
+    # step 4's save between its two renames: checkpoint -> checkpoint.old done, checkpoint.tmp -> checkpoint not
+    "checkpoint save: between the renames": (
+        dict(target="from pathlib import Path as target", name="rename", kill_when="args[0].name == 'checkpoint'"),
+        2, {"checkpoint.old", "checkpoint.tmp"}),
+    # the export's weights written into OUT/model.tmp<pid>, its config.json and rename not yet done
+    "export: after the weights": (
+        dict(target="import lidr.checkpoint as target", name="save_file", kill_when="len(calls) == 1"),
+        4, {"checkpoint", "model.tmp"}),
+}
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_sigkill_during_a_save_then_rerun_gives_the_uninterrupted_weights(point, one_process, tiny_dir, data, tmp_path):
+    where, resume_step, folders = KILL_POINTS[point]
+    out = tmp_path / "killed"
+    args = train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2", "--save-every", "2")
+    killed = run_subprocess([sys.executable, "-c", KILL_AFTER_CALL.format(**where), *args])
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert {p.name.rstrip("0123456789") for p in out.iterdir() if p.is_dir()} == folders  # killed where meant
+    previous = lidr.train.latest_checkpoint(out)  # the checkpoint before the kill, whole
+    assert torch.load(previous / "trainer.pt")["step"] == resume_step
+    rerun = run_subprocess([sys.executable, "train_dpo.py", *args])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from {previous} at step {resume_step}" in rerun.stdout
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == list(range(1, STEPS + 1))
+    assert_same_weights(weights(out), weights(one_process), atol=1e-6)
+    assert not list(out.glob("model.*")) and not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.old").exists()
 
 
 def test_exported_folder_loads_in_lidr_and_transformers_with_identical_logits(one_process, tiny_dir):
