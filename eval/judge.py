@@ -313,14 +313,11 @@ def win_rate(preferences: list[float]) -> tuple[float | None, float | None]:
     return 100 * mean, 100 * math.sqrt(variance / n)
 
 
-TIE = 1e-9  # |preference - 1/2| within this is a tie (both orders averaged can round off 1/2)
-
-
 def summarize_preferences(rows: list[dict]) -> dict:
     """Win rate ± standard error over the rows with a verdict; hard wins count a tie as half."""
     preferences = [r["preference"] for r in rows if r["preference"] is not None]
     rate, se = win_rate(preferences)
-    hard = [0.5 if abs(p - 0.5) <= TIE else float(p > 0.5) for p in preferences]
+    hard = [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in preferences]
     return {"n": len(preferences), "win_rate": rate, "se": se,
             "hard_win_rate": 100 * sum(hard) / len(hard) if hard else None,
             "no_verdict": len(rows) - len(preferences)}

@@ -2,15 +2,19 @@
 against transformers' logits, both orders / random order, win rates, and the X-AlpacaEval and
 agreement commands end to end on small files."""
 
+import hashlib
 import json
 import math
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from conftest import shared_data
+from conftest import ROOT, shared_data
 
 from eval import agreement, alpacaeval
 from eval.judge import (
@@ -393,3 +397,139 @@ def test_agreement_samples_per_language_and_counts(tmp_path):
     assert summary["dropped_rows"] == 2
     judged = [r["key"] for r in ResumableWriter(tmp_path / "agree" / "es.jsonl", key="key").rows]
     assert len(judged) == 4 and set(judged) <= {str(n) for n in range(1, 7)}
+
+
+# -----------------------------------------------------------------------------
+# a server that never answers, verdicts missing and tied, a judge run killed and resumed
+
+
+def test_http_judge_names_a_server_that_accepts_and_never_answers(tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held = []
+
+    def accept_and_hold():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_hold, daemon=True).start()
+    sleeps = []
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    judge = HttpJudge(url, "judge-model-x", timeout=0.2, max_retries=2, backoff=1.0, sleep=sleeps.append, workers=1)
+    try:
+        with pytest.raises(JudgeError, match=rf"{url}/chat/completions: gave up after 3 attempts; "
+                                             r"last error: no answer within 0\.2 s"):
+            judge.prefer_second([TRIPLE], progress=False)
+    finally:
+        listener.close()
+    assert judge.calls == 3 and len(held) == 3 and sleeps == [1.0, 2.0]
+
+
+class ScriptedJudge:
+    """P(M better) looked up by the outputs shown as (m, M); None where the table has no entry."""
+
+    name = "scripted"
+
+    def __init__(self, table):
+        self.table = table
+
+    def prefer_second(self, triples, progress=True):
+        return [self.table.get((m, M)) for _, m, M in triples]
+
+    def close(self):
+        pass
+
+
+def test_items_without_a_verdict_are_left_out_of_n_and_ties_count_half(tmp_path):
+    outputs, reference = tmp_path / "outputs", tmp_path / "reference"
+    texts = {"1": ("win", "ref1"), "2": ("tie", "ref2"), "3": ("lose", "ref3"), "4": ("none", "ref4")}
+    write_json(outputs / "es.json", [{"id": k, "instruction": f"q{k}", "output": o} for k, (o, _) in texts.items()])
+    write_json(reference / "es.json", [{"id": k, "instruction": f"q{k}", "output": r} for k, (_, r) in texts.items()])
+    # both orders: P(first better) = ((1 - P(M | first is m)) + P(M | first is M)) / 2
+    table = {("win", "ref1"): 0.2, ("ref1", "win"): 0.8, ("tie", "ref2"): 0.7, ("ref2", "tie"): 0.7,
+             ("lose", "ref3"): 0.9, ("ref3", "lose"): 0.1, ("none", "ref4"): None, ("ref4", "none"): 0.6}
+    summary = alpacaeval.judge_outputs(ScriptedJudge(table), outputs, reference, ["es"], tmp_path / "judged",
+                                       both_orders=True, judge_name="scripted")
+    s = summary["languages"]["es"]
+    preferences = [((1 - 0.2) + 0.8) / 2, ((1 - 0.7) + 0.7) / 2, ((1 - 0.9) + 0.1) / 2]  # 0.8, a tie, 0.1
+    assert preferences[1] == 0.5 and (s["n"], s["no_verdict"]) == (3, 1)
+    assert s["win_rate"] == pytest.approx(100 * statistics.mean(preferences))
+    assert s["se"] == pytest.approx(100 * statistics.stdev(preferences) / math.sqrt(3))
+    assert s["hard_win_rate"] == pytest.approx(100 * (1 + 0.5 + 0) / 3)
+
+
+class AnsweringServer:
+    """A chat-completions server whose answer is a fixed function of the request's messages; with
+    hold_after=k it answers k requests, then holds the next one without answering."""
+
+    def __init__(self, hold_after=None):
+        self.answered, self.hold_after = [], hold_after
+        self.holding, self.release = threading.Event(), threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                digest = hashlib.sha256(json.dumps(body["messages"]).encode()).digest()
+                if outer.hold_after is not None and len(outer.answered) >= outer.hold_after:
+                    outer.holding.set()
+                    outer.release.wait(30)
+                    return
+                p_M = 0.05 + 0.9 * digest[0] / 255
+                payload = json.dumps(completion_body([("M", math.log(p_M)), ("m", math.log(1 - p_M))])).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                outer.answered.append(digest)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_judge_command_killed_mid_run_pays_no_request_twice(tmp_path):
+    outputs, reference = tmp_path / "outputs", tmp_path / "reference"
+    write_json(outputs / "fr.json", [{"id": str(i), "instruction": f"Question {i} ?", "output": f"Réponse {i}"}
+                                     for i in range(4)])
+    write_json(reference / "fr.json", [{"id": str(i), "instruction": f"Question {i} ?", "output": f"Ref {i}."}
+                                       for i in range(4)])
+
+    def command(url, run):
+        return [sys.executable, "-m", "eval.alpacaeval", "judge", "--out", str(tmp_path / run), "--outputs",
+                str(outputs), "--reference", str(reference), "--langs", "fr", "--judge", "http", "--judge-model",
+                "judge-x", "--base-url", url, "--cache", str(tmp_path / f"{run}-cache.jsonl"), "--workers", "1",
+                "--both-orders"]
+
+    whole = AnsweringServer()
+    subprocess.run(command(whole.url, "whole"), cwd=ROOT, check=True, capture_output=True)
+    whole.close()
+    assert len(whole.answered) == 8  # 4 pairs, both orders
+
+    server = AnsweringServer(hold_after=5)
+    proc = subprocess.Popen(command(server.url, "resumed"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    assert server.holding.wait(120), "the judge never sent its sixth request"
+    proc.kill()  # killed with five answers received and a sixth request in flight
+    proc.wait()
+    server.hold_after = None
+    subprocess.run(command(server.url, "resumed"), cwd=ROOT, check=True, capture_output=True)
+    server.close()
+    assert len(server.answered) == 8 and len(set(server.answered)) == 8  # every comparison answered once
+    assert set(server.answered) == set(whole.answered)
+    judged = "x-alpacaeval/judge-judge-x-both"
+    for name in ("fr.jsonl", "summary.json"):
+        assert (tmp_path / "resumed" / judged / name).read_text() == (tmp_path / "whole" / judged / name).read_text()
