@@ -32,12 +32,15 @@ def language_name(code: str) -> str:
     return LANGUAGES[code]
 
 
-def checked_languages(codes) -> list[str]:
-    """The codes as a list, each known and none twice; a ValueError names the one that is not."""
+def checked_languages(codes, dominant: str | None = None) -> list[str]:
+    """The codes as a list, each known, none twice and none the dominant language (when given:
+    lidr.pairs and lidr.sdrrl pair it with each of them); a ValueError names the one that is not."""
     codes = list(codes)
     for code in codes:
         language_name(code)
     twice = sorted({code for code in codes if codes.count(code) > 1})
     if twice:
         raise ValueError(f"the languages {','.join(codes)} name {', '.join(twice)} more than once")
+    if dominant in codes:
+        raise ValueError(f"the dominant language {dominant!r} is among the languages {','.join(codes)}")
     return codes

@@ -77,9 +77,7 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
     check of options.check_language (default: lidr.langid.is_off_target).
     """
     en = options.dominant
-    langs = checked_languages(langs)
-    if en in langs:
-        raise ValueError(f"the dominant language {en!r} is among the languages {','.join(langs)}")
+    langs = checked_languages(langs, dominant=en)
     if options.check_language and off_target is None:
         from lidr.langid import is_off_target as off_target
     skipped = defaultdict(Counter)  # language -> reason -> count
@@ -236,7 +234,7 @@ def build_from_dir(folder, langs, options=PairOptions(), translation_task_ids=fr
                    prompt_field="instruction"):
     folder = Path(folder)
     en = options.dominant
-    langs = checked_languages(langs)
+    langs = checked_languages(langs, dominant=en)
     files = stage_files(folder, langs, en)
     identities = {name: file_identity(path) for name, path in files.items()}  # before reading: a missing one is named
     prompts = {lang: {k: v for k, v in read_texts(files[f"generate/{lang}"], prompt_field).items() if v}

@@ -57,9 +57,7 @@ def code_switch(text: str, english: str, p: float, rng: random.Random) -> str | 
 def build_sdrrl_rows(prompts, answers, en_to, langs, options=SDRRLOptions()):
     """(rows, report) from per-language dicts keyed by id (the inputs of lidr.pairs.build_pairs)."""
     en = options.dominant
-    langs = checked_languages(langs)
-    if en in langs:
-        raise ValueError(f"the dominant language {en!r} is among the languages {','.join(langs)}")
+    langs = checked_languages(langs, dominant=en)
     rng = random.Random(options.seed)
     rows, counts = [], defaultdict(Counter)
     for id_, y_en in answers[en].items():
@@ -90,7 +88,7 @@ def build_sdrrl_rows(prompts, answers, en_to, langs, options=SDRRLOptions()):
 def build_from_dir(folder, langs, options=SDRRLOptions(), field="response", prompt_field="instruction"):
     folder = Path(folder)
     en = options.dominant
-    langs = checked_languages(langs)
+    langs = checked_languages(langs, dominant=en)
     files = {f"generate/{lang}": folder / "generate" / f"{lang}.jsonl" for lang in (en, *langs)}
     files.update({f"translate/{en}-{lang}": folder / "translate" / f"{en}-{lang}.jsonl" for lang in langs})
     identities = {name: file_identity(path) for name, path in files.items()}

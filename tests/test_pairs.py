@@ -146,3 +146,57 @@ def test_number_check_drops_translations_that_change_the_numbers():
                                                        "non_dominant:translation_changed_numbers": 1}
     unchecked, _ = build_pairs(prompts, answers, en_to, to_en, set(), ["de"])
     assert len(unchecked) == 6
+
+
+# -----------------------------------------------------------------------------
+# the command on a small iteration folder: ids as text, empty answers, files it did not write
+
+
+def small_iteration(folder):
+    """en answers keyed by int ids, fr keyed by the same ids as strings; fr answer 3 is only spaces."""
+    write_jsonl(folder / "generate" / "en.jsonl", [{"id": i, "instruction": f"Q{i}", "response": f"A{i}"}
+                                                   for i in (1, 2, 3)])
+    write_jsonl(folder / "generate" / "fr.jsonl", [{"id": str(i), "instruction": f"Q{i} fr",
+                                                    "response": "   " if i == 3 else f"R{i}"} for i in (1, 2, 3)])
+    write_jsonl(folder / "translate" / "en-fr.jsonl", [{"id": i, "translation": f"A{i} fr", "translation_error": None}
+                                                       for i in (1, 2, 3)])
+    write_jsonl(folder / "translate" / "fr-en.jsonl", [
+        {"id": "1", "translation": "R1 en", "translation_error": None},
+        {"id": "2", "translation": " \n ", "translation_error": None}])  # whitespace: a failed translation
+    return folder
+
+
+def test_ids_compare_as_text_and_whitespace_is_no_answer(tmp_path):
+    pairs, report = build_from_dir(small_iteration(tmp_path), ["fr"])
+    assert sorted((p["id"], p["direction"], p["chosen"], p["rejected"]) for p in pairs) == [
+        ("1", "dominant", "A1", "R1 en"), ("1", "non_dominant", "A1 fr", "R1"), ("2", "non_dominant", "A2 fr", "R2")]
+    assert report["per_language"]["fr"]["skipped"] == {"dominant:translation_failed": 1, "no_answer_in_language": 1}
+    assert set(report["made_from"]["inputs"]) == {"generate/en", "generate/fr", "translate/en-fr", "translate/fr-en"}
+    with pytest.raises(ValueError, match="name fr more than once"):
+        build_from_dir(tmp_path, ["fr", "fr"])
+
+
+def test_pairs_command_never_writes_over_a_file_it_did_not_write(tmp_path, capsys):
+    from lidr.pairs import main
+
+    folder = small_iteration(tmp_path)
+    stage_file = folder / "generate" / "en.jsonl"
+    before = stage_file.read_bytes()
+    with pytest.raises(SystemExit, match=r"generate/en\.jsonl: exists and was not written by lidr\.pairs"):
+        main(["--dir", str(folder), "--langs", "fr", "--out", str(stage_file)])
+    assert stage_file.read_bytes() == before
+    with pytest.raises(SystemExit, match=r"the languages fr,fr name fr more than once"):
+        main(["--dir", str(folder), "--langs", "fr,fr"])
+    with pytest.raises(SystemExit, match=r"the dominant language 'en' is among the languages en,fr"):
+        main(["--dir", str(folder), "--langs", "en,fr"])
+    main(["--dir", str(folder), "--langs", "fr"])
+    written = (folder / "pairs.jsonl").read_bytes()
+    main(["--dir", str(folder), "--langs", "fr"])  # the same inputs and options: the same file
+    assert (folder / "pairs.jsonl").read_bytes() == written
+    with pytest.raises(SystemExit, match=r"pairs\.jsonl: was made from other inputs or other settings "
+                                         r"\(settings\.options\.check_numbers: False -> True\)"):
+        main(["--dir", str(folder), "--langs", "fr", "--check-numbers"])
+    write_jsonl(folder / "translate" / "fr-en.jsonl", [{"id": "1", "translation": "R1 in English"}])
+    with pytest.raises(SystemExit, match=r"inputs\.translate/fr-en\.sha256"):
+        main(["--dir", str(folder), "--langs", "fr"])
+    assert (folder / "pairs.jsonl").read_bytes() == written

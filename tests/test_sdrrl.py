@@ -46,3 +46,29 @@ def test_code_switch_needs_aligned_lines():
     assert code_switch("un\ndeux", "one", 1.0, rng) is None
     assert code_switch("un\ndeux", "one\ntwo", 1.0, rng) == "one\ntwo"
     assert code_switch("un\ndeux", "one\ntwo", 0.0, rng) is None  # nothing swapped: no variant
+
+
+def test_command_reads_ids_as_text_skips_whitespace_and_refuses_files_it_did_not_write(tmp_path):
+    import pytest
+    from test_pairs import small_iteration
+
+    from lidr.sdrrl import main
+
+    folder = small_iteration(tmp_path)
+    (folder / "translate" / "en-fr.jsonl").write_text(
+        "".join(json.dumps({"id": i, "translation": "  " if i == 2 else f"A{i} fr"}) + "\n" for i in (1, 2, 3)))
+    out = folder / "sdrrl.jsonl"
+    main(["--dir", str(folder), "--langs", "fr", "--code-switch-rows", "0"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["kind"], r["prompt"], r["response"]) for r in rows] == [
+        ("1", "english", "Q1", "A1"), ("1", "target", "Q1 fr", "A1 fr"), ("2", "english", "Q2", "A2"),
+        ("3", "english", "Q3", "A3"), ("3", "target", "Q3 fr", "A3 fr")]
+    report = json.loads((folder / "sdrrl_report.json").read_text())
+    assert report["per_language"]["fr"]["skipped:translation_failed"] == 1
+    with pytest.raises(SystemExit, match=r"sdrrl\.jsonl: was made from other inputs or other settings "
+                                         r"\(settings\.options\.seed: 0 -> 1\)"):
+        main(["--dir", str(folder), "--langs", "fr", "--code-switch-rows", "0", "--seed", "1"])
+    with pytest.raises(SystemExit, match=r"generate/fr\.jsonl: exists and was not written by lidr\.sdrrl"):
+        main(["--dir", str(folder), "--langs", "fr", "--out", str(folder / "generate" / "fr.jsonl")])
+    with pytest.raises(SystemExit, match=r"name fr more than once"):
+        main(["--dir", str(folder), "--langs", "fr,fr"])
