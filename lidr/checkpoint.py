@@ -150,8 +150,8 @@ def load_model(folder, device="cpu", dtype=torch.float32) -> Llama:
 
 def load(folder, device="cpu", dtype=torch.float32, chat_format: str | None = None):
     """(model, tokenizer) from an HF folder; the tokenizer must fit the model's embedding."""
-    tokenizer = Tokenizer.from_folder(folder, chat_format=chat_format)
     cfg = read_config(folder)
+    tokenizer = Tokenizer.from_folder(folder, chat_format=chat_format)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(
             f"{Path(folder) / 'tokenizer.json'}: {tokenizer.vocab_size} tokens do not fit the model's "

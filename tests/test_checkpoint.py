@@ -8,7 +8,7 @@ import torch
 from conftest import make_tiny_checkpoint
 from safetensors.torch import load_file, save_file
 
-from lidr.checkpoint import INDEX_FILE, SINGLE_FILE, load, load_model, save
+from lidr.checkpoint import INDEX_FILE, SINGLE_FILE, folder_identity, load, load_model, save
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,39 @@ def test_unsupported_config_is_refused(broken):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config\.json: attention_bias=True is not supported"):
         load_model(folder)
+
+
+def test_config_without_a_key_is_named(broken):
+    folder, _ = broken
+    config = json.loads((folder / "config.json").read_text())
+    del config["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: the config lacks the key 'hidden_size'"):
+        load(folder)
+
+
+def test_truncated_safetensors_file_is_named(broken):
+    folder, sharded = broken
+    for path in (folder / SINGLE_FILE, sorted(sharded.glob("model-*.safetensors"))[-1]):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])  # a copy that stopped half way
+        with pytest.raises(ValueError, match=rf"{path.name}: not a readable safetensors file .*copied whole"):
+            load_model(path.parent)
+
+
+def test_missing_folder_is_one_sentence(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no_such_model: no such checkpoint folder"):
+        load(tmp_path / "no_such_model")
+    with pytest.raises(SystemExit, match=r"no_such_model: no such model folder"):
+        folder_identity(tmp_path / "no_such_model")
+
+
+def test_folder_identity_follows_the_files_and_not_the_path_spelling(reference, tmp_path, monkeypatch):
+    single, _, _ = reference
+    copy = shutil.copytree(single, tmp_path / "copy")
+    identity = folder_identity(copy)
+    monkeypatch.chdir(tmp_path)
+    assert folder_identity("copy") == identity == folder_identity(tmp_path / "." / "copy")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    assert folder_identity(copy)["files"]["config.json"] != identity["files"]["config.json"]

@@ -103,3 +103,14 @@ def test_chat_format_detection_and_override(llama3_folder, tmp_path):
         assert Tokenizer.from_folder(llama3_folder).chat_format == "llama3"
     finally:
         (tmp_path / "saved_config.json").rename(llama3_folder / "tokenizer_config.json")
+
+
+def test_a_corrupt_tokenizer_json_is_named_also_while_detecting_the_format(llama3_folder, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text(llama3_folder.joinpath("tokenizer.json").read_text()[:5000])
+    with pytest.raises(ValueError, match=rf"{broken / 'tokenizer.json'}: cannot read tokenizer"):
+        Tokenizer.from_folder(broken)  # no template: the format is read from the vocabulary
+    (broken / "tokenizer_config.json").write_text('{"chat_template": ')
+    with pytest.raises(ValueError, match=rf"{broken / 'tokenizer_config.json'}: not valid JSON"):
+        Tokenizer.from_folder(broken)
