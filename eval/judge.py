@@ -328,6 +328,8 @@ def summarize_preferences(rows: list[dict]) -> dict:
 
 
 def add_judge_args(parser: argparse.ArgumentParser):
+    from generate import positive_int
+
     group = parser.add_argument_group("judge")
     group.add_argument("--judge", choices=("http", "local"), required=True,
                        help="http: an OpenAI-compatible endpoint; local: a lidr checkpoint folder")
@@ -339,13 +341,13 @@ def add_judge_args(parser: argparse.ArgumentParser):
                        help="http: environment variable that holds the API key (default: %(default)s)")
     group.add_argument("--cache", default="runs/judge_cache.jsonl",
                        help="http: answer cache shared by every run (default: %(default)s)")
-    group.add_argument("--workers", type=int, default=8, help="http: concurrent requests (default: %(default)s)")
+    group.add_argument("--workers", type=positive_int, default=8, help="http: concurrent requests (default: %(default)s)")
     group.add_argument("--max-retries", type=int, default=8, help="http: retries per request (default: %(default)s)")
     group.add_argument("--timeout", type=float, default=120.0,
                        help="http: seconds to wait for an answer before retrying (default: %(default)s)")
     group.add_argument("--judge-device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="local: device (default: %(default)s)")
-    group.add_argument("--judge-batch-size", type=int, default=4, help="local: comparisons per forward pass")
+    group.add_argument("--judge-batch-size", type=positive_int, default=4, help="local: comparisons per forward pass")
     group.add_argument("--both-orders", action="store_true",
                        help="judge every pair in both orders and average (twice the calls; cancels position bias)")
 

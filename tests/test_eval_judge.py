@@ -533,3 +533,31 @@ def test_judge_command_killed_mid_run_pays_no_request_twice(tmp_path):
     judged = "x-alpacaeval/judge-judge-x-both"
     for name in ("fr.jsonl", "summary.json"):
         assert (tmp_path / "resumed" / judged / name).read_text() == (tmp_path / "whole" / judged / name).read_text()
+
+
+def test_alpacaeval_generate_refuses_other_prompts_and_counts_over_length_instructions(tiny_dir, tmp_path):
+    from lidr.checkpoint import load
+    from lidr.sampler import SamplingParams
+
+    model, tokenizer = load(tiny_dir)  # a context of 256 tokens
+    prompts, other = tmp_path / "prompts", tmp_path / "other"
+    write_json(prompts / "de.json", [{"id": 1, "instruction": "Sag hallo."},
+                                     {"id": 2, "instruction": "Wort " * 300}])
+    write_json(other / "de.json", [{"id": 1, "instruction": "Sag tschüss."}])
+    out = tmp_path / "out"
+    params = SamplingParams(max_new_tokens=4)
+    summary = alpacaeval.generate_outputs(model, tokenizer, prompts, ["de"], out, params, 2, "Sys.", "M0")
+    assert summary["languages"]["de"]["too_long"] == 1 and summary["languages"]["de"]["n"] == 1
+    assert [r["id"] for r in json.loads((out / "de.json").read_text())] == ["1"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit, match=r"de\.jsonl: was made from other inputs.*inputs\.prompts\.path"):
+        alpacaeval.generate_outputs(model, tokenizer, other, ["de"], out, params, 2, "Sys.", "M0")
+    with pytest.raises(SystemExit, match=r"settings\.system: 'Sys\.' -> 'Other\.'"):
+        alpacaeval.generate_outputs(model, tokenizer, prompts, ["de"], out, params, 2, "Other.", "M0")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a model_outputs.json this command did not write is left alone
+    stray = tmp_path / "stray"
+    write_json(stray / "de.json", [{"id": 1, "output": "mine"}])
+    with pytest.raises(SystemExit, match=r"stray/de\.json: exists and was not written by eval\.alpacaeval generate"):
+        alpacaeval.generate_outputs(model, tokenizer, prompts, ["de"], stray, params, 2, "Sys.", "M0")
+    assert json.loads((stray / "de.json").read_text()) == [{"id": 1, "output": "mine"}]
