@@ -13,7 +13,9 @@
   and what changed, to resume or overwrite an output that another command wrote, or that was
   made from other inputs (`file_identity`: resolved path, size, sha256), another model folder or
   other settings; `record_output` writes that identity beside the output (OUT.made-from.json),
-  once the inputs have been read and checked. Every stage of lidr uses these two.
+  once the inputs have been read and checked; `bind_outputs` does both for several outputs.
+  Every stage of lidr that writes a resumable or derived output uses these, and nothing else
+  decides whether a rerun may go on.
 - `write_json_atomic(path, obj)`: small reports and configs, replaced in one rename.
 """
 
