@@ -606,7 +606,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=positive_int, default=1)
     p.add_argument("--batch-size", type=positive_int, default=4, help="pairs (or rows) per rank per micro-batch")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-len", type=positive_int, default=2048, help="tokens of prompt + response")
+    p.add_argument("--max-len", type=positive_int, default=2048,
+                   help="tokens of prompt + response; a longer prompt keeps its last tokens, a row whose response does "
+                        "not fit is dropped (both counted in OUT/data_report.json)")
     p.add_argument("--save-every", type=positive_int, default=100, help="steps between checkpoints")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--chat-format", choices=("llama3", "chatml"), default=None, help="default: read from the folder")
