@@ -2,6 +2,7 @@
 
     python bench/gpu.py              # on a machine with a CUDA GPU; prints one table
     python bench/gpu.py --quick      # fewer tokens, batch 1 only, a smaller training micro-batch
+    python bench/gpu.py --cpu-dry-run --quick   # no GPU: every section at tiny shapes on CPU (checks the script)
 
 Sections, each run on its own: an error is recorded as FAIL with its text and the next section runs.
 1. machine: device-to-device copy bandwidth (bytes read + written per second, a 2 GiB copy) and
@@ -28,12 +29,14 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,6 +53,21 @@ LLAMA32_1B = LlamaConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n
 TINY = LlamaConfig(vocab_size=1024, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, head_dim=32,
                    max_seq_len=512, bos_token_id=0, eos_token_id=1)
 ROW_LEN = 2048
+
+
+@dataclass
+class Setup:
+    """Where the sections run and on what shapes: a CUDA GPU and the real shapes, or (--cpu-dry-run) tiny ones."""
+
+    device: str
+    decode_cfg: LlamaConfig
+    train_cfg: LlamaConfig
+    copy_bytes: int
+    matmul_n: int
+
+
+GPU = Setup("cuda", LLAMA3_8B, LLAMA32_1B, copy_bytes=2 * 2**30, matmul_n=8192)
+CPU_DRY_RUN = Setup("cpu", TINY, TINY, copy_bytes=2**26, matmul_n=512)
 
 
 # -----------------------------------------------------------------------------
@@ -99,36 +117,41 @@ def free_memory():
         torch.cuda.reset_peak_memory_stats()
 
 
-def cuda_seconds(fn, repeats: int, warm_up: bool = True) -> float:
+def best_seconds(fn, repeats: int, warm_up: bool = True) -> float:
     """Best wall time of fn() over `repeats` runs (after one untimed run unless warm_up is False), synchronised."""
     if warm_up:
         fn()
     best = float("inf")
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 # -----------------------------------------------------------------------------
 # 1. the machine's limits
 
 
-def copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
+def copy_bandwidth(device, nbytes: int) -> float:
     """Bytes/s of a device-to-device copy, counting the bytes read and the bytes written."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    seconds = cuda_seconds(lambda: dst.copy_(src), repeats=10)
+    seconds = best_seconds(lambda: dst.copy_(src), repeats=10)
     return 2 * nbytes / seconds
 
 
-def matmul_peak(n: int = 8192) -> float:
+def matmul_peak(device, n: int) -> float:
     """FLOP/s of a bf16 [n, n] @ [n, n] product (2n³ FLOPs)."""
-    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-    seconds = cuda_seconds(lambda: a @ b, repeats=20)
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(2))
+    seconds = best_seconds(lambda: a @ b, repeats=20)
     return 2 * n**3 / seconds
 
 
@@ -136,15 +159,15 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
     return flops_per_token * tokens_per_s / peak
 
 
-def section_machine(table, limits: dict):
+def section_machine(table, setup: Setup, limits: dict):
     import transformers
 
-    table.add("machine", "device", f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-                                     f"transformers {transformers.__version__}")
-    limits["copy"] = copy_bandwidth()
+    name = torch.cuda.get_device_name() if setup.device == "cuda" else "CPU (dry run)"
+    table.add("machine", "device", f"{name}, torch {torch.__version__}, transformers {transformers.__version__}")
+    limits["copy"] = copy_bandwidth(setup.device, setup.copy_bytes)
     table.add("machine", "copy bandwidth (read + write)", f"{limits['copy'] / 1e9:.0f} GB/s")
-    limits["matmul"] = matmul_peak()
-    table.add("machine", "bf16 matmul peak (8192³)", f"{limits['matmul'] / 1e12:.0f} TFLOP/s")
+    limits["matmul"] = matmul_peak(setup.device, setup.matmul_n)
+    table.add("machine", f"bf16 matmul peak ({setup.matmul_n}³)", f"{limits['matmul'] / 1e12:.1f} TFLOP/s")
 
 
 # -----------------------------------------------------------------------------
@@ -237,21 +260,24 @@ def documents_agree_with_dense(device) -> tuple[float, float]:
     return (logps - dense_logps).abs().max().item(), grad_error
 
 
-def section_correctness(table):
+def section_correctness(table, setup: Setup):
+    device = setup.device
     cpu = tiny_model("cpu", torch.float32)
-    gpu = copy.deepcopy(cpu).to("cuda", torch.bfloat16)
-    gpu.inv_freq = rope_inv_freq(TINY).cuda()
+    bf16 = copy.deepcopy(cpu).to(device, torch.bfloat16)
+    bf16.inv_freq = rope_inv_freq(TINY).to(device)
     tokens = torch.tensor(random_prompts(2, 64, TINY.vocab_size))
     with torch.no_grad():
-        reference, ours = cpu(tokens), gpu(tokens.cuda()).float().cpu()
+        reference, ours = cpu(tokens), bf16(tokens.to(device)).float().cpu()
     error = ((ours - reference).abs().max() / reference.abs().max()).item()
-    table.check("correctness", "logits CUDA bf16 vs CPU fp32 (max rel. error < 2e-2)", f"{error:.2e}", error < 2e-2)
+    table.check("correctness", f"logits {device} bf16 vs CPU fp32 (max rel. error < 2e-2)", f"{error:.2e}", error < 2e-2)
 
-    logp_error, grad_error = documents_agree_with_dense("cuda")
-    table.check("correctness", "Documents vs dense mask, CUDA fp32: log-probs (< 1e-4)", f"{logp_error:.2e}", logp_error < 1e-4)
-    table.check("correctness", "Documents vs dense mask, CUDA fp32: gradients (rel. < 1e-4)", f"{grad_error:.2e}", grad_error < 1e-4)
+    logp_error, grad_error = documents_agree_with_dense(device)
+    table.check("correctness", f"Documents vs dense mask, {device} fp32: log-probs (< 1e-4)", f"{logp_error:.2e}",
+                logp_error < 1e-4)
+    table.check("correctness", f"Documents vs dense mask, {device} fp32: gradients (rel. < 1e-4)", f"{grad_error:.2e}",
+                grad_error < 1e-4)
 
-    runs = greedy_tokens_agree("cuda")
+    runs = greedy_tokens_agree(device)
     for name in ("compiled", "compiled (generate)"):
         same = sum(a == b for a, b in zip(runs["eager"], runs[name]))
         label = "compiled decode step" if name == "compiled" else "CUDA-graph decode (generate compile=True)"
@@ -272,8 +298,13 @@ def shared_weight_models(cfg: LlamaConfig, device, dtype):
                          num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
                          max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings)
     torch.manual_seed(0)
-    with torch.device(device):
-        hf = LlamaForCausalLM._from_config(hf_config, dtype=dtype).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in dtype on the device: 16 GB for 8B in bf16, no fp32 copy first
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(hf_config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     with torch.device("meta"):
         model = Llama(cfg)
     # lidr's names are HF's without "model."
@@ -282,14 +313,14 @@ def shared_weight_models(cfg: LlamaConfig, device, dtype):
     return model.eval(), hf
 
 
-def section_decode(table, limits: dict, quick: bool):
+def section_decode(table, setup: Setup, limits: dict, quick: bool):
     from lidr.sampler import SamplingParams, generate
 
-    cfg = LLAMA3_8B
-    model, hf = shared_weight_models(cfg, "cuda", torch.bfloat16)
+    cfg = setup.decode_cfg
+    model, hf = shared_weight_models(cfg, setup.device, torch.bfloat16)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     table.add("decode 8B", "weights (random bf16)", f"{weight_bytes / 1e9:.1f} GB")
-    tokens = torch.tensor(random_prompts(1, 32, cfg.vocab_size), device="cuda")
+    tokens = torch.tensor(random_prompts(1, 32, cfg.vocab_size), device=setup.device)
     with torch.no_grad():
         ours, theirs = model(tokens).float(), hf(tokens).logits.float()
     error = ((ours - theirs).abs().max() / theirs.abs().max()).item()
@@ -305,7 +336,7 @@ def section_decode(table, limits: dict, quick: bool):
             generate(model, NoStops(), prompts, params, batch_size=batch, compile=compile)
 
         def transformers_generate():
-            ids = torch.tensor(prompts, device="cuda")
+            ids = torch.tensor(prompts, device=setup.device)
             hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
                         min_new_tokens=new_tokens, pad_token_id=0)
 
@@ -315,7 +346,7 @@ def section_decode(table, limits: dict, quick: bool):
             start = time.perf_counter()
             fn()  # warm-up (compiles the decode step for this batch)
             warm = time.perf_counter() - start
-            seconds = cuda_seconds(fn, repeats=1 if quick else 2, warm_up=False)
+            seconds = best_seconds(fn, repeats=1 if quick else 2, warm_up=False)
             speeds[side] = batch * new_tokens / seconds
             line = f"{speeds[side]:.1f} tok/s (first run {warm:.0f} s)"
             if batch == 1:
@@ -345,7 +376,7 @@ def synthetic_pairs(n_pairs: int, vocab: int):
     return [Example(i, tokens(256), [tokens(768), tokens(768)]) for i in range(n_pairs)]
 
 
-def section_train_step(table, limits: dict, quick: bool):
+def section_train_step(table, setup: Setup, limits: dict, quick: bool):
     import torch.distributed as dist
 
     from lidr.dpo import dpo_loss
@@ -354,12 +385,12 @@ def section_train_step(table, limits: dict, quick: bool):
     _, _, device = setup_distributed()  # a one-rank nccl group, as a plain `python train_dpo.py` makes
     try:
         with torch.device("meta"):
-            model = Llama(LLAMA32_1B)
+            model = Llama(setup.train_cfg)
         shard_model(model, device, torch.bfloat16, activation_checkpointing=False)
         model.init_weights()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95))
         n_pairs = 4 if quick else 8
-        examples = synthetic_pairs(n_pairs, LLAMA32_1B.vocab_size)
+        examples = synthetic_pairs(n_pairs, setup.train_cfg.vocab_size)
         reference = torch.zeros(n_pairs, 2, device=device)
         n_tokens = sum(len(ex.prompt) + len(r) for ex in examples for r in ex.responses)
         table.add("train 1B", "micro-batch", f"{n_pairs} pairs = {2 * n_pairs} sequences of 1,024 tokens in rows of {ROW_LEN}")
@@ -374,15 +405,20 @@ def section_train_step(table, limits: dict, quick: bool):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            step()  # AdamW's state allocated
-            torch.cuda.reset_peak_memory_stats()
-            seconds = cuda_seconds(step, repeats=2 if quick else 4)
+            name = "dense mask" if dense else "sequence by sequence"
+            try:
+                step()  # AdamW's state allocated
+            except torch.cuda.OutOfMemoryError:  # a measurement, not a failure: what Documents avoids
+                optimizer.zero_grad(set_to_none=True)
+                table.add("train 1B", f"DPO step, {name}", "out of memory")
+                continue
+            free_memory()
+            seconds = best_seconds(step, repeats=2 if quick else 4)
             tokens_per_s = n_tokens / seconds
             utilisation = mfu(flops_per_token(model, 1024), tokens_per_s, limits["matmul"])
-            name = "dense mask" if dense else "sequence by sequence"
-            table.add("train 1B", f"DPO step, {name}",
-                      f"{tokens_per_s:,.0f} tok/s, MFU {100 * utilisation:.1f}%, peak memory "
-                      f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, {seconds * 1000:.0f} ms")
+            peak = torch.cuda.max_memory_allocated() / 2**30 if setup.device == "cuda" else math.nan
+            table.add("train 1B", f"DPO step, {name}", f"{tokens_per_s:,.0f} tok/s, MFU {100 * utilisation:.1f}%, "
+                                                      f"peak memory {peak:.1f} GiB, {seconds * 1000:.0f} ms")
             if not dense:
                 table.add("train 1B", "goal: MFU >= 40%", "met" if utilisation >= 0.4 else f"not met ({100 * utilisation:.1f}%)")
             if quick:
@@ -425,26 +461,27 @@ def run_torchrun(work: Path, nproc_cmd: list[str], timeout: int) -> tuple[subpro
     data.write_text("".join(json.dumps(r) + "\n" for r in tiny_pairs(8)))
     out = work / "run"
     cmd = [*nproc_cmd, "train_dpo.py", "--model", str(folder), "--data", str(data), "--out", str(out),
-           "--chat-format", "llama3", "--batch-size", "4", "--max-len", "64", "--lr", "1e-3"]
+           "--chat-format", "llama3", "--batch-size", "4", "--max-len", "64", "--lr", "1e-3", "--dtype", "bfloat16"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     return proc, out
 
 
-def section_torchrun(table):
+def section_torchrun(table, setup: Setup):
     from lidr.checkpoint import load
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     with tempfile.TemporaryDirectory() as tmp:
         proc, out = run_torchrun(Path(tmp), torchrun, timeout=240)
-        passed = proc.returncode == 0 and "1 rank(s) on cuda, bfloat16 compute" in proc.stdout
-        table.check("torchrun", "train_dpo.py, 1 rank, nccl, bf16: exit status", proc.returncode, passed)
+        passed = proc.returncode == 0 and f"1 rank(s) on {setup.device}, bfloat16 compute" in proc.stdout
+        backend = "nccl" if setup.device == "cuda" else "gloo"
+        table.check("torchrun", f"train_dpo.py, 1 rank, {backend}, bf16: exit status", proc.returncode, passed)
         if not passed:
             raise RuntimeError((proc.stdout + proc.stderr)[-600:])
         steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         table.add("torchrun", "steps logged (loss, tokens/s)", f"{len(steps)}: " + ", ".join(
             f"{s['loss']:.3f} @ {s['tokens_per_s']:.0f}" for s in steps))
-        model, _ = load(out / "model", device="cuda", dtype=torch.bfloat16)
+        model, _ = load(out / "model", device=setup.device, dtype=torch.bfloat16)
         exported = json.loads((out / "model" / "config.json").read_text())["torch_dtype"]
         finite = all(torch.isfinite(p).all() for p in model.parameters())
         table.check("torchrun", "exported folder: dtype, loads in lidr, finite", exported, exported == "bfloat16" and finite)
@@ -456,20 +493,23 @@ def section_torchrun(table):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens, batch 1 only, a smaller training step")
+    parser.add_argument("--cpu-dry-run", action="store_true",
+                        help="every section on CPU at tiny shapes: checks this script where there is no GPU, measures nothing")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    setup = CPU_DRY_RUN if args.cpu_dry_run else GPU
+    if setup.device == "cuda" and not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False); "
-              "nothing was measured", file=sys.stderr)
+              "nothing was measured (--cpu-dry-run checks the script on CPU)", file=sys.stderr)
         raise SystemExit(2)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 checks in fp32
     start = time.perf_counter()
     table, limits = Table(), {}
-    table.run("machine", section_machine, limits)
-    table.run("correctness", section_correctness)
+    table.run("machine", section_machine, setup, limits)
+    table.run("correctness", section_correctness, setup)
     if limits:
-        table.run("decode 8B", section_decode, limits, args.quick)
-        table.run("train 1B", section_train_step, limits, args.quick)
-    table.run("torchrun", section_torchrun)
+        table.run("decode 8B", section_decode, setup, limits, args.quick)
+        table.run("train 1B", section_train_step, setup, limits, args.quick)
+    table.run("torchrun", section_torchrun, setup)
     table.add("total", "wall time", f"{time.perf_counter() - start:.0f} s")
     table.print()
     if table.failed():
