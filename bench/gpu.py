@@ -1,4 +1,4 @@
-"""GPU check and benchmark in one call (about 6 minutes on one H100; --quick about 2): is lidr right on CUDA, and how fast.
+"""GPU check and benchmark in one call (meant to fit in 10 minutes on one H100; --quick in about 3): is lidr right on CUDA, and how fast.
 
     python bench/gpu.py              # on a machine with a CUDA GPU; prints one table
     python bench/gpu.py --quick      # fewer tokens, batch 1 only, a smaller training micro-batch
@@ -18,7 +18,9 @@ Sections, each run on its own: an error is recorded as FAIL with its text and th
 4. a DPO training step of a Llama-3.2-1B-shaped model in bf16 (FSDP2, one rank, fp32 master
    weights), micro-batch packed into rows of 2,048 tokens: tokens/s, MFU against the measured
    matmul peak, peak memory; attention sequence by sequence and through the dense mask.
-5. `torchrun --nproc_per_node=1 train_dpo.py` over nccl on a tiny model, end to end with export.
+5. attention alone (forward + backward) in that shape: lidr's per-sequence calls, the dense
+   mask, and flex_attention with a block mask (which lidr does not use), side by side.
+6. `torchrun --nproc_per_node=1 train_dpo.py` over nccl on a tiny model, end to end with export.
 
 Exit status: 0 when no section failed, 1 when one did (a wrong result or an error), 2 without CUDA.
 Speeds against the goals of issue 14 (batch-1 decode ≥ 75% of the copy bandwidth, training MFU
@@ -428,7 +430,57 @@ def section_train_step(table, setup: Setup, limits: dict, quick: bool):
 
 
 # -----------------------------------------------------------------------------
-# 5. torchrun train_dpo.py over nccl, end to end
+# 5. attention alone
+
+
+def section_attention(table, setup: Setup, quick: bool):
+    """Attention alone, forward + backward, over rows of 2,048 tokens in the training shape's heads, three ways.
+
+    lidr's `document_attention` (one SDPA call per sequence), SDPA over the dense block-diagonal
+    mask (the reference), and flex_attention compiled with a block mask (not used by lidr; here to
+    say whether it would be faster), for rows of 2 sequences of 1,024 tokens and of 8 of 256.
+    """
+    from lidr.model import Documents, document_attention
+
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        flex_attention = None
+    cfg, device, rows = setup.train_cfg, setup.device, 8
+    flex = torch.compile(flex_attention) if flex_attention is not None and device == "cuda" else None
+    for n_docs in (2,) if quick else (2, 8):
+        documents = Documents(((ROW_LEN // n_docs,) * n_docs,) * rows)
+        segments = torch.arange(ROW_LEN, device=device).div(ROW_LEN // n_docs, rounding_mode="floor").expand(rows, -1)
+        causal = torch.ones(ROW_LEN, ROW_LEN, dtype=torch.bool, device=device).tril()
+        dense_mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+        q = torch.randn(rows, cfg.n_heads, ROW_LEN, cfg.head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(rows, cfg.n_kv_heads, ROW_LEN, cfg.head_dim, device=device, dtype=torch.bfloat16,
+                            requires_grad=True) for _ in range(2))
+        ways = {"sequence by sequence (lidr)": lambda: document_attention(q, k, v, documents, True),
+                "dense mask (SDPA)": lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=dense_mask, enable_gqa=True)}
+        if flex is not None:
+            def same_document(b, h, q_idx, kv_idx):
+                return (segments[b, q_idx] == segments[b, kv_idx]) & (q_idx >= kv_idx)
+
+            block_mask = create_block_mask(same_document, rows, None, ROW_LEN, ROW_LEN, device=device)
+            ways["flex_attention, compiled"] = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+        with torch.no_grad():
+            reference = ways["dense mask (SDPA)"]().float()
+        for name, attend in ways.items():
+            try:
+                with torch.no_grad():
+                    error = (attend().float() - reference).abs().max().item()
+                seconds = best_seconds(lambda: attend().sum().backward(), repeats=3)
+                table.add("attention", f"{rows} rows of {n_docs} sequences: {name}",
+                          f"{seconds * 1000:.1f} ms forward + backward, max difference to the dense mask {error:.1e}")
+            except torch.cuda.OutOfMemoryError:
+                table.add("attention", f"{rows} rows of {n_docs} sequences: {name}", "out of memory")
+        del q, k, v, dense_mask
+
+
+# -----------------------------------------------------------------------------
+# 6. torchrun train_dpo.py over nccl, end to end
 
 
 def write_tiny_folder(folder: Path) -> Path:
@@ -509,6 +561,7 @@ def main():
     if limits:
         table.run("decode 8B", section_decode, setup, limits, args.quick)
         table.run("train 1B", section_train_step, setup, limits, args.quick)
+    table.run("attention", section_attention, setup, args.quick)
     table.run("torchrun", section_torchrun, setup)
     table.add("total", "wall time", f"{time.perf_counter() - start:.0f} s")
     table.print()
