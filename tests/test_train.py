@@ -133,7 +133,8 @@ def test_two_processes_train_the_same_weights_as_one(one_process, tiny_dir, data
     proc = run_subprocess([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_dpo.py", *train_args(tiny_dir, data, out, "--batch-size", "2")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 rank(s) on cpu, float32 compute; global batch 4 = 2 × 1 accumulation × 2" in proc.stdout
+    assert "2 rank(s) on cpu, float32 compute, packed rows attending through a dense mask; global batch 4 = 2 × 1 " \
+           "accumulation × 2" in proc.stdout
     assert "22 rows read, 20 kept (dropped: 1 unreadable, 1 chosen == rejected; 0 prompts truncated)" in proc.stdout
     assert_same_weights(weights(out), weights(one_process), atol=1e-5)
 
