@@ -489,8 +489,8 @@ def _train(args, out: Path, rank: int, world: int, device):
             shutil.rmtree(stale)
         print(f"{args.data}: {counts['read']} rows read, {counts['kept']} kept ({format_counts(counts)}); "
               f"counts in {out / 'data_report.json'}")
-        attention = "a dense mask" if dense_mask_default(device) else "sequence by sequence"
-        print(f"{world} rank(s) on {device.type}, {identity['dtype']} compute, packed rows attending through {attention}; "
+        attention = "through a dense mask" if dense_mask_default(device) else "sequence by sequence"
+        print(f"{world} rank(s) on {device.type}, {identity['dtype']} compute, packed rows attending {attention}; "
               f"global batch {global_batch} = {args.batch_size} × {args.grad_accum} accumulation × {world}; {total_steps} steps")
     dist.barrier()
     if (out / "model" / "config.json").is_file():  # the export is written atomically: the run is complete

@@ -3,11 +3,14 @@
 Reference: the dense-mask path of the same model and batch. Both must give the same hidden states
 at every position (padding included), the same per-sequence log-probs, and the same gradient for
 every parameter. The tiny model has grouped-query attention (4 heads, 2 kv heads); the micro-batch
-packs into rows of different fill, so the last row carries padding.
+packs into rows of different fill, so the last row carries padding. End to end, a training run
+attending sequence by sequence (the CUDA default) ends with the weights of the dense-mask run.
 """
 
 import torch
+from test_train import assert_same_weights, data, one_process, train_args, weights  # noqa: F401 (fixtures)
 
+import lidr.train
 from lidr.checkpoint import load_model
 from lidr.dpo import hidden_sequence_logps
 from lidr.model import Documents
@@ -72,3 +75,12 @@ def test_a_row_of_one_sequence_is_plain_causal_attention(tiny_dir):
     positions = torch.arange(17).expand(2, 17)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens, positions, Documents(((17,), (17,)))), model(tokens), rtol=0, atol=1e-5)
+
+
+def test_training_sequence_by_sequence_gives_the_weights_of_the_dense_mask(one_process, tiny_dir, data, tmp_path,  # noqa: F811
+                                                                           monkeypatch, capsys):
+    monkeypatch.setattr(lidr.train, "dense_mask_default", lambda device: False)
+    out = tmp_path / "documents"
+    lidr.train.main(train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2"))
+    assert "packed rows attending sequence by sequence" in capsys.readouterr().out
+    assert_same_weights(weights(out), weights(one_process), atol=1e-5)
