@@ -57,8 +57,9 @@ How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx
 - Packed rows attend sequence by sequence on CUDA (one causal SDPA call per sequence, flash
   kernels, no [rows, W, W] mask) and through a dense block-diagonal mask on CPU, where SDPA's
   masked kernel measured faster; both compute the same attention (tests/test_attention.py).
-  Neither flex_attention (no backward on CPU, so not testable here) nor a varlen kernel
-  (flash-attn or torch.nn.attention.varlen, CUDA only) is used.
+  Neither flex_attention (no backward on CPU, so its gradients cannot be tested there;
+  bench/gpu.py times it beside lidr's) nor a varlen kernel (flash-attn, torch.nn.attention.varlen:
+  CUDA only) is used.
 - OUT must be one filesystem seen by every node. The nccl/MFU/per-sequence attention paths have
   not been run on a GPU yet (bench/gpu.py runs them); the tests cover gloo in fp32 and bf16.
 """
