@@ -476,7 +476,6 @@ def section_attention(table, setup: Setup, quick: bool):
                           f"{seconds * 1000:.1f} ms forward + backward, max difference to the dense mask {error:.1e}")
             except torch.cuda.OutOfMemoryError:
                 table.add("attention", f"{rows} rows of {n_docs} sequences: {name}", "out of memory")
-        del q, k, v, dense_mask
 
 
 # -----------------------------------------------------------------------------
