@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lidr.checkpoint import default_dtype, folder_identity, load, read_config
+from lidr.checkpoint import check, default_dtype, folder_identity, load
 from lidr.jsonl import (
     ResumableWriter, check_output, file_identity, read_complete_lines, read_records, record_output, usable_records,
     write_text_atomic,
@@ -118,12 +118,14 @@ def load_model(args, device):
         raise SystemExit(str(e)) from None
 
 
-def load_tokenizer_and_context(args) -> tuple[Tokenizer, int]:
-    """The tokenizer and the model's context length, without the weights (to check prompts early)."""
+def check_model(args) -> tuple[Tokenizer, int]:
+    """The tokenizer and the model's context length, once config, tokenizer and weight headers are
+    checked (lidr.checkpoint.check), without reading the weights."""
     try:
-        return Tokenizer.from_folder(args.model, chat_format=args.chat_format), read_config(args.model).max_seq_len
+        cfg, tokenizer = check(args.model, chat_format=args.chat_format)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None
+    return tokenizer, cfg.max_seq_len
 
 
 def encode(tokenizer, text: str, system: str | None) -> list[int]:
@@ -254,7 +256,7 @@ def run_rows(args, settings: dict, params: SamplingParams, encode_row, result_fi
                 "settings": {**settings, "field": args.field, "out_field": args.out_field,
                              "chat_format": args.chat_format, "dtype": args.dtype}}
     check_output(out, made_by, identity, companions=partial_files(out))
-    tokenizer, context = load_tokenizer_and_context(args)
+    tokenizer, context = check_model(args)
     prompts, too_long = {}, 0
     for line, row in rows:
         ids = encode_row(tokenizer, row)

@@ -10,9 +10,10 @@ device and fills it tensor by tensor, shard by shard, straight into the requeste
 device: the weights exist once (an 8B model loads in about 16 GB of host memory in bf16).
 Every tensor is checked: a missing, unexpected or misshapen one, or a shard the index names but
 the folder lacks, stops the load with the file and tensor named; so do a config.json that lacks a
-key and a truncated or corrupt safetensors file. `folder_identity` says which checkpoint a stage's
-output was made from (see lidr/jsonl.py `check_output`). What `save` writes, transformers'
-`LlamaForCausalLM.from_pretrained` reads, and so does `load`.
+key and a truncated or corrupt safetensors file. `check` does all of these checks from the files'
+headers without reading the weights, for a stage to run before it records what its output is made
+from; `folder_identity` says which checkpoint that is (see lidr/jsonl.py `check_output`). What
+`save` writes, transformers' `LlamaForCausalLM.from_pretrained` reads, and so does `load`.
 
 How this departs from transformers: no remote code, no hub, no quantized or pickled (.bin)
 weights; a checkpoint must be safetensors.
@@ -107,49 +108,57 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
 
 
-def load_file_into(model: nn.Module, file: Path, cfg: LlamaConfig, expected: dict, device, dtype) -> set[str]:
-    """Set every tensor of one safetensors file on `model`, checked against `expected` shapes; their names."""
-    loaded = set()
-    with safe_open(file, framework="pt", device="cpu") as f:
-        for key in f.keys():
-            name = key.removeprefix("model.")
-            if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints carry
-                continue
-            if cfg.tie_embeddings and name == "lm_head.weight":
-                continue  # tied: the output matrix is the embedding
-            if name not in expected:
-                raise ValueError(f"{file}: unexpected tensor {key!r} for this config")
-            shape = tuple(f.get_slice(key).get_shape())
-            if shape != expected[name]:
-                raise ValueError(f"{file}: tensor {key!r} has shape {shape}, the config implies {expected[name]}")
-            _set_tensor(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
-            loaded.add(name)
-    return loaded
+def weight_plan(folder, cfg: LlamaConfig) -> dict[Path, list[tuple[str, str]]]:
+    """{file: [(key in the file, lidr's name)]} after checking every tensor's name and shape against
+    the config from the files' headers (no tensor data is read); an error names the file and tensor."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied weight once
+    plan, found = {}, set()
+    for file in weight_files(folder):
+        plan[file] = []
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = key.removeprefix("model.")
+                    if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints carry
+                        continue
+                    if cfg.tie_embeddings and name == "lm_head.weight":
+                        continue  # tied: the output matrix is the embedding
+                    if name not in expected:
+                        raise ValueError(f"{file}: unexpected tensor {key!r} for this config")
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != expected[name]:
+                        raise ValueError(f"{file}: tensor {key!r} has shape {shape}, the config implies {expected[name]}")
+                    plan[file].append((key, name))
+                    found.add(name)
+        except SafetensorError as e:  # a truncated or corrupt file
+            raise ValueError(f"{file}: not a readable safetensors file ({e}); was it copied whole?") from None
+    missing = sorted(set(expected) - found)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{folder}: checkpoint lacks tensor(s) {shown}")
+    return plan
 
 
 def load_model(folder, device="cpu", dtype=torch.float32) -> Llama:
     cfg = read_config(folder)
+    plan = weight_plan(folder, cfg)
     with torch.device("meta"):
         model = Llama(cfg)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied weight once
-    loaded = set()
-    for file in weight_files(folder):
-        try:
-            loaded |= load_file_into(model, file, cfg, expected, device, dtype)
-        except SafetensorError as e:  # a truncated or corrupt file
-            raise ValueError(f"{file}: not a readable safetensors file ({e}); was it copied whole?") from None
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"{folder}: checkpoint lacks tensor(s) {shown}")
+    for file, tensors in plan.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key, name in tensors:
+                _set_tensor(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)
     return model.eval()
 
 
-def load(folder, device="cpu", dtype=torch.float32, chat_format: str | None = None):
-    """(model, tokenizer) from an HF folder; the tokenizer must fit the model's embedding."""
+def check(folder, chat_format: str | None = None) -> tuple[LlamaConfig, Tokenizer]:
+    """(config, tokenizer) of a folder whose config, tokenizer and weight headers are all usable:
+    what a stage checks before it records that its output is made from this folder."""
     cfg = read_config(folder)
     tokenizer = Tokenizer.from_folder(folder, chat_format=chat_format)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -157,6 +166,13 @@ def load(folder, device="cpu", dtype=torch.float32, chat_format: str | None = No
             f"{Path(folder) / 'tokenizer.json'}: {tokenizer.vocab_size} tokens do not fit the model's "
             f"embedding (embed_tokens.weight has {cfg.vocab_size} rows); tokenizer and weights do not match"
         )
+    weight_plan(folder, cfg)
+    return cfg, tokenizer
+
+
+def load(folder, device="cpu", dtype=torch.float32, chat_format: str | None = None):
+    """(model, tokenizer) from an HF folder; the tokenizer must fit the model's embedding."""
+    _, tokenizer = check(folder, chat_format)
     return load_model(folder, device, dtype), tokenizer
 
 

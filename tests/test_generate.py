@@ -288,3 +288,20 @@ def test_torchrun_two_ranks_killed_mid_run_resume_to_the_one_process_result(tmp_
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     assert double.read_text() == single.read_text()
     assert not any(p.exists() for p in partials)
+
+
+def test_a_truncated_weight_file_is_named_before_anything_is_recorded(tmp_path, tiny_dir, capsys):
+    import shutil
+
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])  # a copy that stopped half way
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "instruction": "Hi"}])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit, match=r"model\.safetensors: not a readable safetensors file"):
+        cli.main(generate_args(model, src, out))
+    assert not out.exists() and not (tmp_path / "out.jsonl.made-from.json").exists()
+    weights.write_bytes(whole)  # copied again, whole: the corrected command runs
+    cli.main(generate_args(model, src, out))
+    assert [r["id"] for r in read_jsonl(out)] == [1]
