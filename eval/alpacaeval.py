@@ -65,7 +65,8 @@ def read_items(path: Path, fields: tuple[str, ...], key: str = "id") -> tuple[di
         else:
             items[str(row[key]).strip()] = row
     if not items:
-        raise SystemExit(f"{path}: holds no usable row" + (f"; first dropped: {sorted(dropped)[0][1]}" if dropped else ""))
+        first = f"; first dropped: {sorted(dropped)[0][1]}" if dropped else ""
+        raise SystemExit(f"{path}: holds no usable row{first}")
     return items, [reason for _, reason in sorted(dropped)]
 
 

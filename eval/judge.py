@@ -341,7 +341,8 @@ def add_judge_args(parser: argparse.ArgumentParser):
                        help="http: environment variable that holds the API key (default: %(default)s)")
     group.add_argument("--cache", default="runs/judge_cache.jsonl",
                        help="http: answer cache shared by every run (default: %(default)s)")
-    group.add_argument("--workers", type=positive_int, default=8, help="http: concurrent requests (default: %(default)s)")
+    group.add_argument("--workers", type=positive_int, default=8,
+                       help="http: concurrent requests (default: %(default)s)")
     group.add_argument("--max-retries", type=int, default=8, help="http: retries per request (default: %(default)s)")
     group.add_argument("--timeout", type=float, default=120.0,
                        help="http: seconds to wait for an answer before retrying (default: %(default)s)")

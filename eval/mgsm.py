@@ -181,7 +181,8 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
         path = data / f"{lang}.jsonl"
         questions, dropped = read_questions(path)
         if not questions:
-            raise SystemExit(f"{path}: holds no usable question" + (f"; first dropped: {dropped[0]}" if dropped else ""))
+            first = f"; first dropped: {dropped[0]}" if dropped else ""
+            raise SystemExit(f"{path}: holds no usable question{first}")
         read[lang] = questions, dropped
     settings = {"system": system, "template": template, "sampling": sampling_settings(params)}
     bind_outputs("eval.mgsm", [

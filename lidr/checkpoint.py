@@ -129,7 +129,8 @@ def weight_plan(folder, cfg: LlamaConfig) -> dict[Path, list[tuple[str, str]]]:
                         raise ValueError(f"{file}: unexpected tensor {key!r} for this config")
                     shape = tuple(f.get_slice(key).get_shape())
                     if shape != expected[name]:
-                        raise ValueError(f"{file}: tensor {key!r} has shape {shape}, the config implies {expected[name]}")
+                        raise ValueError(f"{file}: tensor {key!r} has shape {shape}, "
+                                         f"the config implies {expected[name]}")
                     plan[file].append((key, name))
                     found.add(name)
         except SafetensorError as e:  # a truncated or corrupt file

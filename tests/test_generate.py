@@ -234,7 +234,8 @@ def test_user_errors_are_sentences_and_nothing_is_recorded(tmp_path, tiny_dir, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # validated before anything was recorded
     for argv, message in [(["--prompt", "  \n"], "--prompt is empty"),
                           (["--prompt", "Hi", "--batch-size", "0"], "--batch-size: 0 is not a positive number"),
-                          (["--prompt", "Hi", "--max-new-tokens", "0"], "--max-new-tokens: 0 is not a positive number")]:
+                          (["--prompt", "Hi", "--max-new-tokens", "0"],
+                           "--max-new-tokens: 0 is not a positive number")]:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["--model", str(tiny_dir), *argv])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
