@@ -87,7 +87,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lidr.checkpoint import default_dtype, folder_identity, load_model, read_config, save, weight_files
+from lidr.checkpoint import check, default_dtype, folder_identity, load_model, read_config, save
 from lidr.dpo import dpo_loss, hidden_sequence_logps
 from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
 from lidr.model import Documents, Llama, rope_inv_freq
@@ -448,9 +448,7 @@ def read_inputs(args, world: int):
     """
     model_identity = folder_identity(args.model)  # a missing folder or config.json: one sentence
     try:
-        read_config(args.model)
-        weight_files(args.model)
-        tokenizer = Tokenizer.from_folder(args.model, chat_format=args.chat_format)
+        _, tokenizer = check(args.model, args.chat_format)  # config, tokenizer, every weight file's header
         examples, counts = load_examples(args.data, tokenizer, args.objective, args.max_len)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None

@@ -2,6 +2,7 @@
 flags that cannot work refused by argparse, rows over --max-len counted in OUT/data_report.json."""
 
 import json
+import shutil
 
 import pytest
 from test_train import pairs, write_jsonl
@@ -74,3 +75,12 @@ def test_rows_over_max_len_are_counted_in_the_data_report(tiny_dir, tmp_path, ca
     assert report == {"read": 6, "unreadable": 0, "too long": 1, "prompt truncated": 1, "kept": 5}
     printed = capsys.readouterr().out
     assert "6 rows read, 5 kept (dropped: 1 too long; 1 prompts truncated)" in printed
+
+
+def test_a_truncated_weight_file_is_named_before_anything_is_recorded(tiny_dir, data, tmp_path):
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SystemExit, match=r"model.safetensors"):
+        main(args_for(model, data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
