@@ -159,7 +159,8 @@ def write_questions(folder, lang, questions):
 
 
 def tiny_data(folder):
-    write_questions(folder, "en", [(f"Tom has {n} apples and buys {n + 2}. How many?", 2 * n + 2) for n in range(6)])
+    write_questions(folder, "en", [(f"Tom has {n} apples and buys {n + 2}. How many?", 2 * n + 2)
+                                   for n in range(30)])
     write_questions(folder, "fr", [(f"Tom a {n} pommes et en achète {n + 1}. Combien ?", 2 * n + 1) for n in range(3)])
     return folder
 
@@ -170,11 +171,11 @@ def test_mgsm_command_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, t
             "--batch-size", "1"]
     mgsm.main([*args, "--out", str(tmp_path / "whole")])
     cmd = [sys.executable, "-m", "eval.mgsm", *args, "--out", str(tmp_path / "resumed")]
-    kill_at_progress(cmd, 3, 6)
+    kill_at_progress(cmd, 3, 30)
     killed = tmp_path / "resumed" / "mgsm" / "en.jsonl"
-    assert 3 <= len(killed.read_text().splitlines()) < 6
+    assert 3 <= len(killed.read_text().splitlines()) < 30
     with open(killed, "a") as f:  # killed mid-write: a torn last line
-        f.write('{"index": 6, "lang": "e')
+        f.write('{"index": 30, "lang": "e')
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     for name in ("en.jsonl", "fr.jsonl", "summary.json"):
         assert (tmp_path / "resumed" / "mgsm" / name).read_text() == (tmp_path / "whole" / "mgsm" / name).read_text()

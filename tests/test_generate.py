@@ -264,7 +264,7 @@ def test_over_length_prompts_are_skipped_and_replies_end_at_the_context(tmp_path
 
 
 def test_torchrun_two_ranks_killed_mid_run_resume_to_the_one_process_result(tmp_path, tiny_dir):
-    rows = [{"id": i, "instruction": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"} for i in range(16)]
+    rows = [{"id": i, "instruction": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"} for i in range(24)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     args = ["--model", str(tiny_dir), "--prompts", str(src), "--max-new-tokens", "24", "--batch-size", "1"]
     single, double = tmp_path / "single.jsonl", tmp_path / "double.jsonl"

@@ -73,20 +73,20 @@ def test_unclosed_replies_are_marked_failed_and_a_rerun_adds_nothing(tiny_dir, t
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_dir, tmp_path):
     source = tmp_path / "en.jsonl"
     source.write_text("".join(json.dumps({"id": i, "response": f"Answer number {i}: the cat sleeps."}) + "\n"
-                              for i in range(10)))
+                              for i in range(30)))
     args = ["--model", str(tiny_dir), "--in", str(source), "--to", "de", "--max-new-tokens", "12",
             "--batch-size", "1"]
     whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
     translate.main([*args, "--out", str(whole)])
     cmd = [sys.executable, str(ROOT / "translate.py"), *args, "--out", str(resumed)]
-    kill_at_progress(cmd, 3, 10)
+    kill_at_progress(cmd, 3, 30)
     partial = tmp_path / "resumed.jsonl.rank0.partial"
-    assert 3 <= len(partial.read_text().splitlines()) < 10 and not resumed.exists()
+    assert 3 <= len(partial.read_text().splitlines()) < 30 and not resumed.exists()
     with open(partial, "a") as f:  # killed mid-write: a torn last line
-        f.write('{"id": 9, "respo')
+        f.write('{"id": 29, "respo')
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     assert resumed.read_text() == whole.read_text()
-    assert [json.loads(line)["id"] for line in resumed.read_text().splitlines()] == list(range(10))
+    assert [json.loads(line)["id"] for line in resumed.read_text().splitlines()] == list(range(30))
 
 
 def test_a_field_no_row_has_and_another_target_are_refused(tiny_dir, tmp_path):
