@@ -1,0 +1,300 @@
+"""A controlled world where LIDR's premise holds by construction: a corpus, a tokenizer and an M0 from scratch.
+
+    python -m lidr.world --out runs/world/data --seed 0          # corpus, splits, tokenizer, M0's random init
+    python train_dpo.py --objective sft --model runs/world/data/init --data runs/world/data/corpus.jsonl \\
+        --out runs/world/m0 --lr 3e-3 --batch-size 32 --epochs 1 --max-len 256   # pretraining -> M0
+    python demo.py                                                # all of it, then LIDR, SDRRL and the controls
+
+LIDR needs two things of M0 (docs in README, "The controlled world"): it is better in the
+dominant language than in the others, and it translates its own answers faithfully. No real model
+that does both runs on a CPU here, so this module builds a small world where both are true and
+every dial can be turned:
+
+- The task: one-step arithmetic word problems ("Tom has 7 apples. He buys 5 more. How many apples
+  does he have now?", lidr/problems.py), the same draw written in en, es, fr, de and ru (parallel
+  ids). An answer shows its work and ends in a checkable number, in the question's language:
+  "Tom has 7 apples and buys 5 more: 7 + 5 = 12. The answer is 12."
+- The corpus (chat rows {system, prompt, response} for `train_dpo.py --objective sft`):
+  * solved problems: plenty in English (--n-english), few in each other language (--n-other), and
+    those few are noisy: a share (--other-error-rate) misreads the verb and applies the wrong
+    operation ("buys 5 more: 7 - 5 = 2"). This is the imbalance, by construction: M0 learns
+    English arithmetic well and, in the other languages, a habit of confusing gains and losses.
+  * translations of answers between English and each language, in the paper's exact prompt
+    (lidr/translation.py) with the reply written as "<translated>\\n...\\n</translated>"
+    (--n-translation per direction and language). Sources are correct or wrong answers alike
+    (--translation-source-error-rate), so M0 learns to copy the numbers it reads, not to redo the
+    sum: faithful self-translation. --broken-translation replaces every number of each target by
+    a random one (the tag still closes, the language is right): the control where the premise's
+    second half fails.
+- Splits, all from one --seed: held-out evaluation problems (--n-eval per language, distinct
+  draws), each LIDR iteration's prompts (--n-prompts per iteration, distinct, disjoint from the
+  evaluation), and the pretraining problems (drawn with repetition, never an evaluation or
+  iteration draw).
+- The tokenizer: byte-level BPE trained with `tokenizers` on the corpus, Llama 3's chat special
+  tokens, every newline its own pre-token (so a pre-filled "<translated>\\n" tokenizes the same
+  in a prompt as in a training reply). M0's init: a small Llama (`lidr.model`, tied embeddings,
+  GQA) with random weights, saved as an HF folder with that tokenizer.
+
+Files written in OUT: corpus.jsonl, corpus_report.json, eval/{lang}.jsonl ({id, query, response}),
+prompts{t}/{lang}.jsonl ({id, instruction}), gold{t}/{lang}.jsonl (gold answers for the SFT
+ceiling: {id, prompt, response}), tokenizer/ and init/ (the HF folder of M0 before pretraining).
+
+How this departs from the paper: everything here is synthetic and tiny by design; the imbalance
+is planted (scarce, noisy non-English data) rather than found, so that the mechanism can be seen
+and switched off. LIDR itself runs unchanged on it (iterate.py).
+"""
+
+import argparse
+import json
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lidr.jsonl import write_json_atomic, write_text_atomic
+from lidr.problems import OBJECTS, PEOPLE, ru_count, write_problem
+from lidr.translation import CLOSING_TAG, PREFILL, translation_prompt
+
+LANGS = ("en", "es", "fr", "de", "ru")
+SYSTEM = "You are a helpful assistant."
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@dataclass
+class WorldSettings:
+    seed: int = 0
+    max_number: int = 12  # operands in 2..max_number (subtraction: the result is at least 1)
+    n_english: int = 8000  # solved English problems in the corpus
+    n_other: int = 300  # solved problems per other language
+    other_error_rate: float = 0.6  # share of those that apply the wrong operation
+    n_translation: int = 400  # translated answers per direction (en->l and l->en) per language
+    translation_source_error_rate: float = 0.3  # share of translated answers that are wrong answers
+    broken_translation: bool = False  # the control: translation targets carry random numbers
+    n_eval: int = 200  # held-out problems per language
+    n_prompts: int = 200  # LIDR prompts per iteration and language
+    iterations: int = 2
+    vocab_size: int = 1024
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 384
+    tie_embeddings: bool = False  # tied, DPO's push on a rejected number token moves its input embedding too
+
+
+# -----------------------------------------------------------------------------
+# problems and answers
+
+
+def draw(rng: random.Random, max_number: int) -> tuple:
+    """(person, object, a, b, op): one problem, the same in every language."""
+    op = rng.choice("+-")
+    a = rng.randint(2, max_number)
+    b = rng.randint(2, max_number) if op == "+" else rng.randint(1, a - 1)
+    return rng.randrange(len(PEOPLE)), rng.randrange(len(OBJECTS)), a, b, op
+
+
+def solve(a: int, b: int, op: str) -> int:
+    return a + b if op == "+" else a - b
+
+
+def write_answer(lang: str, problem: tuple, wrong_operation: bool = False) -> str:
+    """The worked answer to `problem` in `lang`; with wrong_operation the verb is misread (+ for -, - for +)."""
+    person, obj, a, b, op = problem
+    name, pron = PEOPLE[person][lang]
+    used = {"+": "-", "-": "+"}[op] if wrong_operation else op
+    work = f"{a} {used} {b} = {solve(a, b, used)}"
+    result = solve(a, b, used)
+    if lang == "en":
+        act = f"buys {b} more" if op == "+" else f"gives {b} to a friend"
+        return f"{name} has {a} {OBJECTS[obj]['en']} and {act}: {work}. The answer is {result}."
+    if lang == "es":
+        noun = OBJECTS[obj]["es"][0]
+        act = f"compra {b} más" if op == "+" else f"le da {b} a un amigo"
+        return f"{name} tiene {a} {noun} y {act}: {work}. La respuesta es {result}."
+    if lang == "fr":
+        act = f"en achète {b} de plus" if op == "+" else f"en donne {b} à un ami"
+        return f"{name} a {a} {OBJECTS[obj]['fr']} et {act} : {work}. La réponse est {result}."
+    if lang == "de":
+        act = f"kauft {b} dazu" if op == "+" else f"gibt einem Freund {b} davon"
+        return f"{name} hat {a} {OBJECTS[obj]['de']} und {act}: {work}. Die Antwort ist {result}."
+    if lang == "ru":
+        act = f"покупает ещё {b}" if op == "+" else f"отдаёт другу {b}"
+        return f"У {pron} есть {a} {ru_count(a, OBJECTS[obj]['ru'])}, {name} {act}: {work}. Ответ: {result}."
+    raise ValueError(f"no answer template for language {lang!r}; known: {', '.join(LANGS)}")
+
+
+def write_question(lang: str, problem: tuple) -> str:
+    person, obj, a, b, op = problem
+    return write_problem(lang, PEOPLE[person], OBJECTS[obj], a, b, op)
+
+
+def scramble_numbers(text: str, rng: random.Random, max_number: int) -> str:
+    """Every number of `text` replaced by a random one: a fluent, well-formed, unfaithful translation."""
+    import re
+
+    return re.sub(r"\d+", lambda _: str(rng.randint(1, 2 * max_number)), text)
+
+
+def distinct_draws(n: int, rng: random.Random, max_number: int, exclude: set) -> list[tuple]:
+    space = len(PEOPLE) * len(OBJECTS) * (max_number - 1) * (max_number - 1) * 3 // 2
+    if n + len(exclude) > space // 2:
+        raise ValueError(f"{n} distinct problems with numbers up to {max_number} is too many for the templates")
+    draws = []
+    while len(draws) < n:
+        d = draw(rng, max_number)
+        if d not in exclude:
+            exclude.add(d)
+            draws.append(d)
+    return draws
+
+
+# -----------------------------------------------------------------------------
+# the corpus and the splits
+
+
+def chat_row(kind: str, lang: str, prompt: str, response: str, **extra) -> dict:
+    return {"kind": kind, "lang": lang, "system": SYSTEM, "prompt": prompt, "response": response, **extra}
+
+
+def translation_reply(text: str) -> str:
+    """The reply the model should give to a translation prompt: the pre-filled tag, the text, the closing tag."""
+    return f"{PREFILL}{text}\n{CLOSING_TAG}"
+
+
+def build(out, settings: WorldSettings, langs=LANGS) -> dict:
+    """Write the corpus, the splits, the tokenizer and M0's random init into `out`; returns the report."""
+    out = Path(out)
+    rng = random.Random(settings.seed)
+    scramble_rng = random.Random(settings.seed + 1)  # its own stream: a broken world differs in nothing else
+    n = settings.max_number
+    taken: set = set()
+    eval_draws = distinct_draws(settings.n_eval, rng, n, taken)
+    prompt_draws = [distinct_draws(settings.n_prompts, rng, n, taken) for _ in range(settings.iterations)]
+    held = set(taken)
+
+    def pretraining_draw():
+        while True:
+            d = draw(rng, n)
+            if d not in held:
+                return d
+
+    en, others = langs[0], langs[1:]
+    rows = []
+    for _ in range(settings.n_english):
+        d = pretraining_draw()
+        rows.append(chat_row("solve", en, write_question(en, d), write_answer(en, d)))
+    for lang in others:
+        for _ in range(settings.n_other):
+            d = pretraining_draw()
+            wrong = rng.random() < settings.other_error_rate
+            rows.append(chat_row("solve", lang, write_question(lang, d), write_answer(lang, d, wrong), wrong=wrong))
+        for src, dst in ((en, lang), (lang, en)):
+            for _ in range(settings.n_translation):
+                d = pretraining_draw()
+                wrong = rng.random() < settings.translation_source_error_rate
+                target = write_answer(dst, d, wrong)
+                if settings.broken_translation:
+                    target = scramble_numbers(target, scramble_rng, n)
+                rows.append(chat_row("translate", f"{src}-{dst}", translation_prompt(write_answer(src, d, wrong), dst),
+                                     translation_reply(target)))
+    rng.shuffle(rows)
+    write_text_atomic(out / "corpus.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    for lang in langs:
+        eval_rows = [{"id": f"eval-{i}", "query": write_question(lang, d), "response": str(solve(*d[2:]))}
+                     for i, d in enumerate(eval_draws)]
+        write_jsonl(out / "eval" / f"{lang}.jsonl", eval_rows)
+        for t, draws in enumerate(prompt_draws, 1):
+            ids = [f"iter{t}-{i}" for i in range(len(draws))]
+            write_jsonl(out / f"prompts{t}" / f"{lang}.jsonl",
+                        [{"id": i, "instruction": write_question(lang, d)} for i, d in zip(ids, draws)])
+            write_jsonl(out / f"gold{t}" / f"{lang}.jsonl",
+                        [{"id": i, "lang": lang, "system": SYSTEM, "prompt": write_question(lang, d),
+                          "response": write_answer(lang, d)} for i, d in zip(ids, draws)])
+
+    tokenizer_dir = train_tokenizer([r["prompt"] + "\n" + r["response"] for r in rows], out / "tokenizer",
+                                    settings.vocab_size)
+    init_model(tokenizer_dir, out / "init", settings)
+    kinds = Counter(f"{r['kind']} {r['lang']}" for r in rows)
+    report = {"settings": asdict(settings), "rows": len(rows), "per_kind": dict(sorted(kinds.items())),
+              "wrong_solutions": dict(Counter(r["lang"] for r in rows if r.get("wrong")))}
+    write_json_atomic(out / "corpus_report.json", report)
+    return report
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and M0's initialisation
+
+
+def train_tokenizer(texts: list[str], out: Path, vocab_size: int) -> Path:
+    """Byte-level BPE over `texts` plus Llama 3's chat special tokens, written as an HF tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    # a newline is always its own pre-token: "\n\n" at the end of a prompt and "\n" + "\n" inside a
+    # pre-filled reply tokenize alike, so a training reply and a generation prompt agree
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": LLAMA3_CHAT_TEMPLATE, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "pad_token": "<|end_of_text|>", "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512,
+    }, indent=2))
+    return out
+
+
+def init_model(tokenizer_dir: Path, out: Path, settings: WorldSettings) -> Path:
+    """M0 before pretraining: a small Llama with random weights (seeded), as an HF folder."""
+    from lidr.checkpoint import save
+    from lidr.model import Llama, LlamaConfig
+    from lidr.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(tokenizer_dir)
+    vocab = tokenizer.vocab_size
+    cfg = LlamaConfig(vocab_size=vocab, dim=settings.dim, n_layers=settings.n_layers, n_heads=settings.n_heads,
+                      n_kv_heads=settings.n_kv_heads, ffn_dim=settings.ffn_dim, head_dim=settings.dim // settings.n_heads,
+                      rope_theta=10000.0, max_seq_len=512, tie_embeddings=settings.tie_embeddings, bos_token_id=tokenizer.bos_id,
+                      eos_token_id=sorted(tokenizer.stop_ids))
+    torch.manual_seed(settings.seed)
+    model = Llama(cfg)
+    model.init_weights(std=0.02)
+    save(out, cfg, model.state_dict(), tokenizer_from=tokenizer_dir)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for the corpus, splits, tokenizer and init")
+    defaults = WorldSettings()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=f"default: {value}")
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    print(json.dumps(build(out, WorldSettings(**args)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
