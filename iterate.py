@@ -11,6 +11,9 @@ in training, as the reference:
 2. translate   translate/en-{l}.jsonl     y_en into each l, and translate/{l}-en.jsonl, y_l into English
 3. pairs       pairs.jsonl + report       lidr.pairs (both directions, failures skipped and counted)
 4. train       train/                     train_dpo.py (DPO + NLL); M_{t+1} is train/model
+With --method sdrrl (the related SDRRL, lidr/sdrrl.py) translation goes only from English, stage
+3 writes sdrrl.jsonl (supervised rows: English answers and their self-translations) and stage 4
+trains on it with --objective sft. --swap-pairs (a control, not the method) reverses every pair.
 Iteration t reads PROMPTS' t-th folder ({lang}.jsonl with {id, instruction}), or the last one
 given when there are fewer folders than iterations.
 
@@ -33,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from lidr import sdrrl
 from lidr.pairs import PairOptions, build_from_dir, read_translation_task_ids, write_pairs
 
 ROOT = Path(__file__).resolve().parent
@@ -77,8 +81,8 @@ def run_iteration(t: int, model: Path, prompts: Path, args) -> Path:
     nproc = args.nproc
     gen_flags = ["--max-new-tokens", args.max_new_tokens, "--repetition-penalty", args.repetition_penalty,
                  "--batch-size", args.batch_size, "--field", "instruction"]
-    if args.system:
-        gen_flags += ["--system", args.system]
+    system = ["--system", args.system] if args.system else []  # the paper's, for answers and translations
+    gen_flags += system
 
     def generate():
         for i, lang in enumerate([en, *langs], 1):
@@ -86,8 +90,8 @@ def run_iteration(t: int, model: Path, prompts: Path, args) -> Path:
             launch("generate.py", ["--model", model, "--prompts", prompts / f"{lang}.jsonl",
                                    "--out", folder / "generate" / f"{lang}.jsonl", *gen_flags], nproc)
 
-    def translate():
-        jobs = [(en, lang) for lang in langs] + [(lang, en) for lang in langs]
+    def translate():  # SDRRL needs only y_en -> l
+        jobs = [(en, lang) for lang in langs] + ([(lang, en) for lang in langs] if args.method == "lidr" else [])
         for i, (src, dst) in enumerate(jobs, 1):
             print(f"[{label}] translate {src} -> {dst} ({i}/{len(jobs)})", flush=True)
             launch("translate.py", ["--model", model, "--in", folder / "generate" / f"{src}.jsonl",
@@ -95,26 +99,41 @@ def run_iteration(t: int, model: Path, prompts: Path, args) -> Path:
                                     "--out", folder / "translate" / f"{src}-{dst}.jsonl",
                                     "--max-new-tokens", args.translate_max_new_tokens,
                                     "--repetition-penalty", args.repetition_penalty,
-                                    "--batch-size", args.batch_size], nproc)
+                                    "--batch-size", args.batch_size, *system], nproc)
 
     def pairs():
         options = PairOptions(dominant=en, dominant_pairs=args.dominant_pairs, check_language=args.check_language,
                               check_numbers=args.check_numbers)
         task_ids = read_translation_task_ids(args.translation_task_ids)
         made, report = build_from_dir(folder, langs, options, task_ids)
+        if args.swap_pairs:  # the control: every preference reversed
+            made = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in made]
+            report["swapped"] = True
         write_pairs(made, report, folder / "pairs.jsonl", folder / "pairs_report.json")
         for lang, counts in report["per_language"].items():
             print(f"  {lang}: {counts}", flush=True)
         if not made:
             raise SystemExit(f"{folder / 'pairs_report.json'}: no pairs were made; see the report")
 
+    def sdrrl_rows():
+        rows, report = sdrrl.build_from_dir(folder, langs, sdrrl.SDRRLOptions(dominant=en))
+        sdrrl.write_rows(rows, report, folder / "sdrrl.jsonl")
+        for lang, counts in report["per_language"].items():
+            print(f"  {lang}: {counts}", flush=True)
+        if not rows:
+            raise SystemExit(f"{folder / 'sdrrl_report.json'}: no SFT rows were made; see the report")
+
     def train():
-        launch("train_dpo.py", ["--model", model, "--data", folder / "pairs.jsonl", "--out", folder / "train",
+        data, objective = (folder / "pairs.jsonl", []) if args.method == "lidr" else (folder / "sdrrl.jsonl", ["--objective", "sft"])
+        launch("train_dpo.py", ["--model", model, "--data", data, "--out", folder / "train", *objective,
                                 *args.train_args], args.train_nproc or nproc)
 
     stage(folder, "generate", label, generate)
     stage(folder, "translate", label, translate)
-    stage(folder, "pairs", label, pairs)
+    if args.method == "lidr":
+        stage(folder, "pairs", label, pairs)
+    else:
+        stage(folder, "sdrrl", label, sdrrl_rows)
     stage(folder, "train", label, train)
     return folder / "train" / "model"
 
@@ -128,11 +147,14 @@ def parse_args(argv=None):
                         help="comma-separated folders of {lang}.jsonl prompt files, one per iteration")
     parser.add_argument("--langs", required=True, help="non-dominant languages, comma-separated")
     parser.add_argument("--dominant", default="en")
+    parser.add_argument("--method", choices=("lidr", "sdrrl"), default="lidr",
+                        help="lidr: preference pairs and DPO + NLL (default); sdrrl: self-distilled SFT rows "
+                             "(lidr/sdrrl.py) and train_dpo.py --objective sft")
     parser.add_argument("--iterations", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes for generation and translation (torchrun when > 1, else in this process)")
     parser.add_argument("--train-nproc", type=int, default=None, help="processes for training (default: --nproc)")
-    parser.add_argument("--system", default="You are a helpful assistant.", help="system prompt for generation")
+    parser.add_argument("--system", default="You are a helpful assistant.", help="system prompt for answers and translations (default: the paper's, %(default)r)")
     parser.add_argument("--max-new-tokens", type=int, default=2400, help="answer length limit (paper: 2,400)")
     parser.add_argument("--translate-max-new-tokens", type=int, default=4096, help="translation limit (paper: 4,096)")
     parser.add_argument("--repetition-penalty", type=float, default=1.1,
@@ -143,6 +165,8 @@ def parse_args(argv=None):
     parser.add_argument("--check-language", action="store_true", help="drop pairs whose chosen is off-target")
     parser.add_argument("--check-numbers", action="store_true",
                         help="drop pairs whose translated side does not carry its source's numbers, in order")
+    parser.add_argument("--swap-pairs", action="store_true",
+                        help="a control, not the method: every pair's chosen and rejected exchanged before training")
     parser.add_argument("--translation-task-ids", help="JSONL of prompt ids that are translation requests")
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
