@@ -124,7 +124,9 @@ def run_iteration(t: int, model: Path, prompts: Path, args) -> Path:
             raise SystemExit(f"{folder / 'sdrrl_report.json'}: no SFT rows were made; see the report")
 
     def train():
-        data, objective = (folder / "pairs.jsonl", []) if args.method == "lidr" else (folder / "sdrrl.jsonl", ["--objective", "sft"])
+        data, objective = folder / "pairs.jsonl", []
+        if args.method == "sdrrl":
+            data, objective = folder / "sdrrl.jsonl", ["--objective", "sft"]
         launch("train_dpo.py", ["--model", model, "--data", data, "--out", folder / "train", *objective,
                                 *args.train_args], args.train_nproc or nproc)
 
@@ -154,7 +156,8 @@ def parse_args(argv=None):
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes for generation and translation (torchrun when > 1, else in this process)")
     parser.add_argument("--train-nproc", type=int, default=None, help="processes for training (default: --nproc)")
-    parser.add_argument("--system", default="You are a helpful assistant.", help="system prompt for answers and translations (default: the paper's, %(default)r)")
+    parser.add_argument("--system", default="You are a helpful assistant.",
+                        help="system prompt for answers and translations (default: the paper's, %(default)r)")
     parser.add_argument("--max-new-tokens", type=int, default=2400, help="answer length limit (paper: 2,400)")
     parser.add_argument("--translate-max-new-tokens", type=int, default=4096, help="translation limit (paper: 4,096)")
     parser.add_argument("--repetition-penalty", type=float, default=1.1,

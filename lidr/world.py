@@ -47,6 +47,7 @@ and switched off. LIDR itself runs unchanged on it (iterate.py).
 import argparse
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,10 +72,10 @@ LLAMA3_CHAT_TEMPLATE = (
 class WorldSettings:
     seed: int = 0
     max_number: int = 12  # operands in 2..max_number (subtraction: the result is at least 1)
-    n_english: int = 8000  # solved English problems in the corpus
+    n_english: int = 6000  # solved English problems in the corpus
     n_other: int = 300  # solved problems per other language
     other_error_rate: float = 0.6  # share of those that apply the wrong operation
-    n_translation: int = 400  # translated answers per direction (en->l and l->en) per language
+    n_translation: int = 600  # translated answers per direction (en->l and l->en) per language
     translation_source_error_rate: float = 0.3  # share of translated answers that are wrong answers
     broken_translation: bool = False  # the control: translation targets carry random numbers
     n_eval: int = 200  # held-out problems per language
@@ -138,8 +139,6 @@ def write_question(lang: str, problem: tuple) -> str:
 
 def scramble_numbers(text: str, rng: random.Random, max_number: int) -> str:
     """Every number of `text` replaced by a random one: a fluent, well-formed, unfaithful translation."""
-    import re
-
     return re.sub(r"\d+", lambda _: str(rng.randint(1, 2 * max_number)), text)
 
 
@@ -271,8 +270,9 @@ def init_model(tokenizer_dir: Path, out: Path, settings: WorldSettings) -> Path:
     tokenizer = Tokenizer.from_folder(tokenizer_dir)
     vocab = tokenizer.vocab_size
     cfg = LlamaConfig(vocab_size=vocab, dim=settings.dim, n_layers=settings.n_layers, n_heads=settings.n_heads,
-                      n_kv_heads=settings.n_kv_heads, ffn_dim=settings.ffn_dim, head_dim=settings.dim // settings.n_heads,
-                      rope_theta=10000.0, max_seq_len=512, tie_embeddings=settings.tie_embeddings, bos_token_id=tokenizer.bos_id,
+                      n_kv_heads=settings.n_kv_heads, ffn_dim=settings.ffn_dim,
+                      head_dim=settings.dim // settings.n_heads, rope_theta=10000.0, max_seq_len=512,
+                      tie_embeddings=settings.tie_embeddings, bos_token_id=tokenizer.bos_id,
                       eos_token_id=sorted(tokenizer.stop_ids))
     torch.manual_seed(settings.seed)
     model = Llama(cfg)
