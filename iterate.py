@@ -103,7 +103,7 @@ def run_iteration(t: int, model: Path, prompts: Path, args) -> Path:
 
     def pairs():
         options = PairOptions(dominant=en, dominant_pairs=args.dominant_pairs, check_language=args.check_language,
-                              check_numbers=args.check_numbers)
+                              check_numbers=args.check_numbers, drop_same_answer=args.drop_same_answer)
         task_ids = read_translation_task_ids(args.translation_task_ids)
         made, report = build_from_dir(folder, langs, options, task_ids)
         if args.swap_pairs:  # the control: every preference reversed
@@ -168,6 +168,8 @@ def parse_args(argv=None):
     parser.add_argument("--check-language", action="store_true", help="drop pairs whose chosen is off-target")
     parser.add_argument("--check-numbers", action="store_true",
                         help="drop pairs whose translated side does not carry its source's numbers, in order")
+    parser.add_argument("--drop-same-answer", action="store_true",
+                        help="drop pairs whose chosen and rejected end in the same number (see lidr/pairs.py)")
     parser.add_argument("--swap-pairs", action="store_true",
                         help="a control, not the method: every pair's chosen and rejected exchanged before training")
     parser.add_argument("--translation-task-ids", help="JSONL of prompt ids that are translation requests")

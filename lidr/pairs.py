@@ -32,7 +32,10 @@ How this departs from the reference repository:
   and a zero DPO gradient). Optional: language identification of the chosen answer
   (--check-language), a fidelity check for arithmetic answers (--check-numbers: the translated
   side of a pair must carry its source's numbers, in order; a small model's translations often
-  do not) and length limits in characters.
+  do not), for answers that end in a checkable number --drop-same-answer (chosen and rejected end
+  in the same number: the pair prefers one right answer over another, or one wrong answer over
+  another, and DPO would push down the rejected one's correct steps with it; the controlled world
+  measures this, bench/RESULTS.md) and length limits in characters.
 """
 
 import argparse
@@ -63,6 +66,7 @@ class PairOptions:
     drop_identical: bool = True
     check_language: bool = False  # drop pairs whose chosen answer is not in the prompt's language
     check_numbers: bool = False  # drop pairs whose translation does not carry its source's numbers, in order
+    drop_same_answer: bool = False  # drop pairs whose chosen and rejected end in the same number
     min_chars: int = 1
     max_chars: int = 0  # 0: no upper limit
     seed: int = 0
@@ -92,6 +96,8 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
             reason = "translation_changed_numbers"
         elif options.drop_identical and chosen.strip() == rejected.strip():
             reason = "chosen_equals_rejected"
+        elif options.drop_same_answer and numbers(chosen)[-1:] == numbers(rejected)[-1:]:
+            reason = "same_final_number"
         elif min(len(chosen), len(rejected)) < options.min_chars:
             reason = "too_short"
         elif options.max_chars and max(len(chosen), len(rejected)) > options.max_chars:
@@ -268,14 +274,18 @@ def main(argv=None):
     parser.add_argument("--check-language", action="store_true", help="drop pairs whose chosen is off-target (langid)")
     parser.add_argument("--check-numbers", action="store_true",
                         help="drop pairs whose translated side does not carry its source's numbers, in order")
+    parser.add_argument("--drop-same-answer", action="store_true",
+                        help="drop pairs whose chosen and rejected end in the same number (checkable answers)")
     parser.add_argument("--min-chars", type=int, default=1)
     parser.add_argument("--max-chars", type=int, default=0, help="0 = no limit")
     parser.add_argument("--translation-task-ids", help="JSONL with the ids of prompts that are translation requests")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="pairs JSONL (default: DIR/pairs.jsonl; the report goes beside it)")
     args = parser.parse_args(argv)
-    options = PairOptions(args.dominant, args.dominant_pairs, not args.keep_identical, args.check_language,
-                          args.check_numbers, args.min_chars, args.max_chars, args.seed)
+    options = PairOptions(dominant=args.dominant, dominant_pairs=args.dominant_pairs,
+                          drop_identical=not args.keep_identical, check_language=args.check_language,
+                          check_numbers=args.check_numbers, drop_same_answer=args.drop_same_answer,
+                          min_chars=args.min_chars, max_chars=args.max_chars, seed=args.seed)
     out = Path(args.out or Path(args.dir) / "pairs.jsonl")
     try:
         task_ids = read_translation_task_ids(args.translation_task_ids)

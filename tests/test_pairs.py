@@ -148,6 +148,24 @@ def test_number_check_drops_translations_that_change_the_numbers():
     assert len(unchecked) == 6
 
 
+
+def test_same_answer_filter_drops_pairs_that_end_in_the_same_number():
+    """--drop-same-answer: chosen and rejected ending in the same number carry no right-vs-wrong signal."""
+    prompts = {"en": {i: f"Q{i}" for i in "ab"}, "fr": {i: f"F{i}" for i in "ab"}}
+    answers = {"en": {"a": "7 - 5 = 2. The answer is 2.", "b": "3 + 4 = 7. The answer is 7."},
+               "fr": {"a": "Thomas a 7 pommes : 7 + 5 = 12. La réponse est 12.",  # wrong: the pair is kept
+                      "b": "Anne a 3 livres : 3 + 4 = 7. La réponse est 7."}}  # right: the same final number
+    en_to = {"fr": {"a": "Thomas a 7 crayons : 7 - 5 = 2. La réponse est 2.",
+                    "b": "Anne a 3 billes : 3 + 4 = 7. La réponse est 7."}}
+    to_en = {"fr": {"a": "Tom has 7 apples: 7 + 5 = 12. The answer is 12.",
+                    "b": "Anna has 3 books: 3 + 4 = 7. The answer is 7."}}
+    pairs, report = build_pairs(prompts, answers, en_to, to_en, set(), ["fr"], PairOptions(drop_same_answer=True))
+    assert [(p["id"], p["direction"]) for p in pairs] == [("a", "non_dominant"), ("a", "dominant")]
+    assert report["per_language"]["fr"]["skipped"] == {"dominant:same_final_number": 1,
+                                                       "non_dominant:same_final_number": 1}
+    unfiltered, _ = build_pairs(prompts, answers, en_to, to_en, set(), ["fr"])
+    assert len(unfiltered) == 4
+
 # -----------------------------------------------------------------------------
 # the command on a small iteration folder: ids as text, empty answers, files it did not write
 
