@@ -79,10 +79,11 @@ MAX_NUMBER = 20  # SmolLM2-135M gets ~20% of these right in English, none in Fre
 # numbers up to 50 it gets none right in any language, and there is no imbalance to learn from
 
 
-def draw(rng: random.Random):
+def draw(rng: random.Random, max_number: int = MAX_NUMBER) -> tuple:
+    """(person, object, a, b, op): one problem, the same in every language (a difference is at least 1)."""
     op = rng.choice("+-")
-    a = rng.randint(2, MAX_NUMBER)
-    b = rng.randint(2, MAX_NUMBER) if op == "+" else rng.randint(1, a - 1)
+    a = rng.randint(2, max_number)
+    b = rng.randint(2, max_number) if op == "+" else rng.randint(1, a - 1)
     return rng.randrange(len(PEOPLE)), rng.randrange(len(OBJECTS)), a, b, op
 
 

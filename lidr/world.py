@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from lidr.jsonl import write_json_atomic, write_text_atomic
-from lidr.problems import OBJECTS, PEOPLE, ru_count, write_problem
+from lidr.problems import OBJECTS, PEOPLE, draw, ru_count, write_problem
 from lidr.translation import CLOSING_TAG, PREFILL, translation_prompt
 
 LANGS = ("en", "es", "fr", "de", "ru")
@@ -94,14 +94,6 @@ class WorldSettings:
 # problems and answers
 
 
-def draw(rng: random.Random, max_number: int) -> tuple:
-    """(person, object, a, b, op): one problem, the same in every language."""
-    op = rng.choice("+-")
-    a = rng.randint(2, max_number)
-    b = rng.randint(2, max_number) if op == "+" else rng.randint(1, a - 1)
-    return rng.randrange(len(PEOPLE)), rng.randrange(len(OBJECTS)), a, b, op
-
-
 def solve(a: int, b: int, op: str) -> int:
     return a + b if op == "+" else a - b
 
@@ -111,8 +103,8 @@ def write_answer(lang: str, problem: tuple, wrong_operation: bool = False) -> st
     person, obj, a, b, op = problem
     name, pron = PEOPLE[person][lang]
     used = {"+": "-", "-": "+"}[op] if wrong_operation else op
-    work = f"{a} {used} {b} = {solve(a, b, used)}"
     result = solve(a, b, used)
+    work = f"{a} {used} {b} = {result}"
     if lang == "en":
         act = f"buys {b} more" if op == "+" else f"gives {b} to a friend"
         return f"{name} has {a} {OBJECTS[obj]['en']} and {act}: {work}. The answer is {result}."
