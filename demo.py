@@ -30,8 +30,12 @@ AlpaGasus prompts; 200 prompts per language and iteration instead of 1,000; shor
 (lr 1e-4, 2 epochs, bench/RESULTS.md says what else was tried), and the NLL weight is α = 4
 instead of the paper's 1: DPO pushes down every token of a rejected answer, correct sub-steps
 included ("12 - 1 = 11" inside an answer that subtracted where it should have added), and at α = 1
-that costs M1 4.5 points of English arithmetic; at α = 4, 1.5. The paper's other settings (greedy,
-no repetition penalty in translation, β 0.1, the translation prompt, the pair rules) are unchanged.
+that costs M1 4.5 points of English arithmetic; at α = 4, 1.5. β = 1 instead of 0.1 and LIDR's
+pairs checked for faithful arithmetic (--check-numbers): after iteration 1, M1's self-translations
+keep the numbers but flip "-" to "+" in up to 40% of answers, and its remaining errors are
+one-sided (one operation per language), so at β = 0.1 iteration 2 learned a sign for every problem
+instead of reading the verb (bench/RESULTS.md has the evidence). The paper's other settings
+(greedy, no repetition penalty in translation, the translation prompt, the pair rules) are unchanged.
 """
 
 import argparse
@@ -49,7 +53,7 @@ from eval.mgsm import run as run_mgsm
 from eval.report import write_report
 from lidr.checkpoint import load
 from lidr.jsonl import write_json_atomic, write_text_atomic
-from lidr.pairs import numbers, read_texts, read_translations
+from lidr.pairs import arithmetic, read_texts, read_translations
 from lidr.sampler import SamplingParams
 from lidr.world import SYSTEM, WorldSettings, build
 
@@ -60,11 +64,11 @@ ALL_LANGS = ["en", *LANGS]
 WORLD = {
     "default": dict(settings=WorldSettings(), max_new_tokens=48, translate_max_new_tokens=64,
                     pretrain=["--lr", "3e-3", "--batch-size", "32", "--epochs", "2", "--warmup-ratio", "0.05"],
-                    train=["--lr", "1e-4", "--batch-size", "16", "--epochs", "2", "--beta", "0.1", "--alpha", "4"]),
+                    train=["--lr", "1e-4", "--batch-size", "16", "--epochs", "2", "--beta", "1", "--alpha", "4"]),
     "quick": dict(settings=WorldSettings(n_english=1500, n_other=60, n_translation=150, n_eval=8, n_prompts=8),
                   max_new_tokens=48, translate_max_new_tokens=64,
                   pretrain=["--lr", "3e-3", "--batch-size", "32", "--epochs", "2", "--warmup-ratio", "0.05"],
-                  train=["--lr", "1e-4", "--batch-size", "4", "--epochs", "1", "--beta", "0.1", "--alpha", "4"]),
+                  train=["--lr", "1e-4", "--batch-size", "4", "--epochs", "1", "--beta", "1", "--alpha", "4"]),
 }
 COMMON_TRAIN = ["--max-len", "256", "--save-every", "100000"]
 
@@ -137,14 +141,14 @@ def make_world(folder: Path, settings: WorldSettings) -> Path:
 
 def translation_fidelity(iteration: Path) -> dict:
     """Per y_en -> l file of an iteration: share of M_t's translations that close the tag, and that also
-    carry every number of their source, in order."""
+    carry every number of their source and every sign between two numbers, in order (lidr.pairs.arithmetic)."""
     sources = read_texts(iteration / "generate" / "en.jsonl", "response")
     fidelity = {}
     for lang in LANGS:
         translations = read_translations(iteration / "translate" / f"en-{lang}.jsonl")
         n = len(translations)
         closed = [i for i, text in translations.items() if text is not None]
-        faithful = [i for i in closed if numbers(translations[i]) == numbers(sources.get(i) or "")]
+        faithful = [i for i in closed if arithmetic(translations[i]) == arithmetic(sources.get(i) or "")]
         fidelity[lang] = {"n": n, "closed": len(closed) / n if n else 0.0, "faithful": len(faithful) / n if n else 0.0}
     return fidelity
 
@@ -153,7 +157,7 @@ def learning_summary(runs: dict[str, Path]) -> tuple[str, dict]:
     """Markdown and JSON: self-translation fidelity, pairs and training, per run and iteration."""
     lines = ["## What each iteration learned from", "",
              "Fidelity: share of M_t's translations y_en→l that close `</translated>` / that also keep every "
-             "number of y_en in order. Pairs: non-dominant / dominant, after failed translations and chosen == "
+             "number of y_en and every sign between two numbers, in order. Pairs: non-dominant / dominant, after failed translations and chosen == "
              "rejected were dropped.", "",
              "| run | iteration | language | closed | faithful | pairs or SFT rows |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -224,7 +228,9 @@ def run_world(args, size: dict, work: Path):
             evaluate(model, name, world / "eval", results, size["max_new_tokens"], "{question}")
 
     add({"M0": pretrain(world, work / "m0", size["pretrain"], args.train_nproc)})
-    lidr = run_lidr("LIDR", models["M0"], prompts, work / "lidr", tokens, train, args.train_nproc)
+    # LIDR's pairs keep only translations that carry their source's numbers and signs (see the docstring)
+    lidr = run_lidr("LIDR", models["M0"], prompts, work / "lidr", [*tokens, "--check-numbers"], train,
+                    args.train_nproc)
     add({"M1": lidr[0], "M2": lidr[1]})
     copy_first_generation(work / "lidr", work / "sdrrl")
     sdrrl = run_lidr("SDRRL", models["M0"], prompts, work / "sdrrl", [*tokens, "--method", "sdrrl"], train,
@@ -234,11 +240,12 @@ def run_world(args, size: dict, work: Path):
     if args.controls:
         broken_world = make_world(work / "world-broken", replace(settings, broken_translation=True))
         add({"broken-M0": pretrain(broken_world, work / "m0-broken", size["pretrain"], args.train_nproc)})
+        # the paper's unfiltered pairs: --check-numbers would drop every one (no translation keeps a number)
         broken = run_lidr("broken translation", models["broken-M0"], prompts, work / "broken", tokens, train,
                           args.train_nproc)
         add({"broken-M1": broken[0], "broken-M2": broken[1]})
         copy_first_generation(work / "lidr", work / "swapped")
-        swapped = run_lidr("swapped pairs", models["M0"], prompts, work / "swapped", [*tokens, "--swap-pairs"], train,
+        swapped = run_lidr("swapped pairs", models["M0"], prompts, work / "swapped", [*tokens, "--check-numbers", "--swap-pairs"], train,
                            args.train_nproc)
         add({"swapped-M1": swapped[0], "swapped-M2": swapped[1]})
         add({"gold-SFT": gold_sft(world, models["M0"], work / "gold", train, args.train_nproc)})

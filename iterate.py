@@ -167,7 +167,7 @@ def parse_args(argv=None):
     parser.add_argument("--dominant-pairs", choices=("all", "one"), default="all")
     parser.add_argument("--check-language", action="store_true", help="drop pairs whose chosen is off-target")
     parser.add_argument("--check-numbers", action="store_true",
-                        help="drop pairs whose translated side does not carry its source's numbers, in order")
+                        help="drop pairs whose translated side changes its source's numbers or the signs between them")
     parser.add_argument("--drop-same-answer", action="store_true",
                         help="drop pairs whose chosen and rejected end in the same number (see lidr/pairs.py)")
     parser.add_argument("--swap-pairs", action="store_true",

@@ -31,8 +31,9 @@ How this departs from the reference repository:
 - Pairs whose chosen equals rejected are dropped (the repository keeps them; they carry no signal
   and a zero DPO gradient). Optional: language identification of the chosen answer
   (--check-language), a fidelity check for arithmetic answers (--check-numbers: the translated
-  side of a pair must carry its source's numbers, in order; a small model's translations often
-  do not), for answers that end in a checkable number --drop-same-answer (chosen and rejected end
+  side of a pair must carry its source's numbers, and the arithmetic signs written between two of
+  them, in order; a small model's translations often do not, and a translation that keeps
+  "9 - 8 = 1"'s numbers but writes "9 + 8 = 1" teaches the wrong sum), for answers that end in a checkable number --drop-same-answer (chosen and rejected end
   in the same number: the pair prefers one right answer over another, or one wrong answer over
   another, and DPO would push down the rejected one's correct steps with it; the controlled world
   measures this, bench/RESULTS.md) and length limits in characters.
@@ -59,13 +60,22 @@ def numbers(text: str) -> list[str]:
     return [re.sub(r"[.,]", "", n) for n in NUMBER.findall(text)]
 
 
+ARITHMETIC = re.compile(rf"{NUMBER.pattern}|(?<=\d)\s*[-+−×*/÷=]\s*(?=\d)")
+
+
+def arithmetic(text: str) -> list[str]:
+    """The numbers of a text and the signs written between two numbers ("9 - 8 = 1" -> 9 - 8 = 1),
+    in order: what a faithful translation of a worked answer must carry unchanged."""
+    return [re.sub(r"[.,]", "", t) if t[0].isdigit() else t.strip() for t in ARITHMETIC.findall(text)]
+
+
 @dataclass
 class PairOptions:
     dominant: str = "en"
     dominant_pairs: str = "all"  # "all": every language's dominant pairs; "one": one sampled language per id
     drop_identical: bool = True
     check_language: bool = False  # drop pairs whose chosen answer is not in the prompt's language
-    check_numbers: bool = False  # drop pairs whose translation does not carry its source's numbers, in order
+    check_numbers: bool = False  # drop pairs whose translation changes its source's numbers or signs (arithmetic())
     drop_same_answer: bool = False  # drop pairs whose chosen and rejected end in the same number
     min_chars: int = 1
     max_chars: int = 0  # 0: no upper limit
@@ -92,7 +102,7 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
     def keep(pair, lang, source=None, translation=None):
         chosen, rejected = pair["chosen"], pair["rejected"]
         reason = None
-        if options.check_numbers and source is not None and numbers(source) != numbers(translation):
+        if options.check_numbers and source is not None and arithmetic(source) != arithmetic(translation):
             reason = "translation_changed_numbers"
         elif options.drop_identical and chosen.strip() == rejected.strip():
             reason = "chosen_equals_rejected"
@@ -273,7 +283,7 @@ def main(argv=None):
     parser.add_argument("--keep-identical", action="store_true", help="keep pairs whose chosen equals rejected")
     parser.add_argument("--check-language", action="store_true", help="drop pairs whose chosen is off-target (langid)")
     parser.add_argument("--check-numbers", action="store_true",
-                        help="drop pairs whose translated side does not carry its source's numbers, in order")
+                        help="drop pairs whose translated side changes its source's numbers or the signs between them")
     parser.add_argument("--drop-same-answer", action="store_true",
                         help="drop pairs whose chosen and rejected end in the same number (checkable answers)")
     parser.add_argument("--min-chars", type=int, default=1)

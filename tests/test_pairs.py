@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import shared_data
 
-from lidr.pairs import PairOptions, build_from_dir, build_pairs, read_translation_task_ids
+from lidr.pairs import PairOptions, arithmetic, build_from_dir, build_pairs, read_translation_task_ids
 from lidr.translation import CLOSING_TAG, PREFILL, parse_translation, translation_prompt
 
 
@@ -146,6 +146,22 @@ def test_number_check_drops_translations_that_change_the_numbers():
                                                        "non_dominant:translation_changed_numbers": 1}
     unchecked, _ = build_pairs(prompts, answers, en_to, to_en, set(), ["de"])
     assert len(unchecked) == 6
+
+
+def test_number_check_drops_translations_that_change_a_sign():
+    """A translation that keeps every number of "9 - 8 = 1" but writes "9 + 8 = 1" is not faithful (the
+    controlled world's M1 did this to 40% of its translations); a hyphen inside words is no sign."""
+    assert arithmetic("Anna gives 8: 9 - 8 = 1. The answer is 1.") == ["8", "9", "-", "8", "=", "1", "1"]
+    assert arithmetic("a well-known 1,200 × 3 = 3.600") == ["1200", "×", "3", "=", "3600"]
+    prompts = {"en": {"a": "Qa", "b": "Qb"}, "es": {"a": "Fa", "b": "Fb"}}
+    answers = {"en": {"a": "9 - 8 = 1. The answer is 1.", "b": "9 + 8 = 17. The answer is 17."},
+               "es": {"a": "9 + 8 = 17. La respuesta es 17.", "b": "9 - 8 = 1. La respuesta es 1."}}
+    en_to = {"es": {"a": "9 + 8 = 1. La respuesta es 1.",  # sign flipped, numbers kept
+                    "b": "9 + 8 = 17. La respuesta es 17."}}
+    to_en = {"es": {"a": "9 + 8 = 17. The answer is 17.", "b": "9 - 8 = 1. The answer is 1."}}
+    pairs, report = build_pairs(prompts, answers, en_to, to_en, set(), ["es"], PairOptions(check_numbers=True))
+    assert [(p["id"], p["direction"]) for p in pairs] == [("a", "dominant"), ("b", "non_dominant"), ("b", "dominant")]
+    assert report["per_language"]["es"]["skipped"] == {"non_dominant:translation_changed_numbers": 1}
 
 
 
