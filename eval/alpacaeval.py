@@ -219,7 +219,8 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="the model's outputs in alpaca_eval's model_outputs.json format")
-    add_engine_flags(gen, batch_size=settings.EVAL_BATCH_SIZE, model_help="HF checkpoint folder of the model under test")
+    add_engine_flags(gen, batch_size=settings.EVAL_BATCH_SIZE,
+                     model_help="HF checkpoint folder of the model under test")
     add_decoding_flags(gen, settings.ALPACAEVAL, sampling=False)
     gen.add_argument("--prompts", required=True, help="folder of {lang}.json instruction lists")
     gen.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. en es ru de fr")

@@ -243,7 +243,8 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_flags(parser, batch_size=settings.EVAL_BATCH_SIZE, model_help="HF checkpoint folder of the model under test")
+    add_engine_flags(parser, batch_size=settings.EVAL_BATCH_SIZE,
+                     model_help="HF checkpoint folder of the model under test")
     add_decoding_flags(parser, settings.MGSM, sampling=False)
     parser.add_argument("--data", required=True, help="folder of {lang}.jsonl question files")
     parser.add_argument("--langs", nargs="+", required=True, help="language codes to evaluate, e.g. en es ru de fr")

@@ -518,7 +518,8 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
               f"counts in {out / 'data_report.json'}")
         attention = "through a dense mask" if dense_mask_default(device) else "sequence by sequence"
         print(f"{world} rank(s) on {device.type}, {identity['dtype']} compute, packed rows attending {attention}; "
-              f"global batch {global_batch} = {options.batch_size} × {options.grad_accum} accumulation × {world}; {total_steps} steps")
+              f"global batch {global_batch} = {options.batch_size} × {options.grad_accum} accumulation × {world}; "
+              f"{total_steps} steps")
     dist.barrier()
     if (out / "model" / "config.json").is_file():  # the export is written atomically: the run is complete
         if rank == 0:
@@ -533,7 +534,8 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
         reference = saved_reference_logps(out / "reference_logps.pt", fingerprint, rank=rank, compute=lambda: (
             reference_logps(model, examples, tokenizer.pad_id, options, ranks)))
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay,
+                                  betas=(0.9, 0.95))
     warmup_steps = max(1, round(options.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
     start = 0

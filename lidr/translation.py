@@ -1,7 +1,7 @@
 """Self-translation (LIDR step 3): the paper's prompt, the stage over a file, and reading the translation out.
 
     from lidr.translation import translate_file
-    translate_file(Engine("runs/M0"), "runs/lidr/iter1/generate/en.jsonl", "runs/lidr/iter1/translate/en-fr.jsonl", "fr")
+    translate_file(Engine("runs/M0"), "iter1/generate/en.jsonl", "iter1/translate/en-fr.jsonl", "fr")
     python translate.py --model M0 --in IN.jsonl --field response --to fr --out OUT.jsonl   # the command line
 
 The model M_t translates its own answers (LIDR step 3): y_en into every other language, and each
