@@ -7,9 +7,10 @@
 
 Every question is put to the model in the paper's prompt (below), inside the model's chat format,
 after the system turn, and answered as the repository's MGSM script decodes: greedily, with the
-repetition penalty 1.1, at most 2,048 new tokens (lidr/settings.py MGSM). The prediction is the last number of the answer; it is right when it equals
-the reference number. The off-target rate is the share of answers that language identification
-(lidr/langid.py) places in another language than the one asked for.
+repetition penalty 1.1, at most 2,048 new tokens (lidr/settings.py MGSM). The prediction is the
+last number of the answer; it is right when it equals the reference number. The off-target rate
+is the share of answers that language identification (lidr/langid.py) places in another language
+than the one asked for.
 
 Files: {out}/{name}/{lang}.jsonl holds one row per question (question, answer, prediction, right or
 wrong, detected language), in the data's order; while generating, rows are appended to
