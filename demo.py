@@ -11,8 +11,9 @@ Llama trained here from scratch with lidr's own trainer, solves arithmetic word 
 English and badly in es/fr/de/ru (its scarce, noisy non-English data taught it to confuse gains and
 losses), and it translates its own answers faithfully. Then, unchanged:
 1. M0 is evaluated on held-out problems (eval/mgsm.py: greedy, last number of the answer)
-2. LIDR (iterate.py): two iterations of generate -> self-translate -> pairs -> DPO + NLL -> M1, M2
-3. SDRRL (iterate.py --method sdrrl): the same prompts, self-translated English answers as SFT rows
+2. LIDR (lidr/iterate.py, the functions behind iterate.py): two iterations of generate ->
+   self-translate -> pairs -> DPO + NLL -> M1, M2
+3. SDRRL (method "sdrrl"): the same prompts, self-translated English answers as SFT rows
 4. with --controls: broken translation (an M0 pretrained on translations whose numbers are random,
    then LIDR as in 2), swapped pairs (LIDR with chosen and rejected exchanged), and the ceiling
    (SFT of M0 on the gold answers of the same prompts in every language)
@@ -48,29 +49,34 @@ from pathlib import Path
 
 import torch
 
-import iterate
 from eval.mgsm import run as run_mgsm
 from eval.report import write_report
+from lidr import settings
 from lidr.checkpoint import load
+from lidr.iterate import Recipe, train_stage
+from lidr.iterate import run as run_iterations
 from lidr.jsonl import write_json_atomic, write_text_atomic
 from lidr.pairs import arithmetic, read_texts, read_translations
 from lidr.sampler import SamplingParams
+from lidr.settings import Training
 from lidr.world import SYSTEM, WorldSettings, build
 
 LANGS = ["es", "fr", "de", "ru"]
 ALL_LANGS = ["en", *LANGS]
+BATCH_SIZE = 64  # prompts decoded together: the world's model is tiny
 
-# the world's sizes, and the flags of its two training jobs (pretraining M0; one LIDR/SDRRL step)
+# the world's sizes, its generation limits (answers <= 48 tokens, translations <= 64, no repetition
+# penalty) and its two training jobs (pretraining M0; one LIDR/SDRRL step), overriding the paper's
+PRETRAIN = Training(objective="sft", lr=3e-3, batch_size=32, epochs=2, warmup_ratio=0.05, max_len=256,
+                    save_every=100000)
+LIDR_STEP = Training(lr=1e-4, batch_size=16, epochs=2, beta=1.0, alpha=4, max_len=256, save_every=100000)
 WORLD = {
     "default": dict(settings=WorldSettings(), max_new_tokens=48, translate_max_new_tokens=64,
-                    pretrain=["--lr", "3e-3", "--batch-size", "32", "--epochs", "2", "--warmup-ratio", "0.05"],
-                    train=["--lr", "1e-4", "--batch-size", "16", "--epochs", "2", "--beta", "1", "--alpha", "4"]),
+                    pretrain=PRETRAIN, train=LIDR_STEP),
     "quick": dict(settings=WorldSettings(n_english=1500, n_other=60, n_translation=150, n_eval=8, n_prompts=8),
                   max_new_tokens=48, translate_max_new_tokens=64,
-                  pretrain=["--lr", "3e-3", "--batch-size", "32", "--epochs", "2", "--warmup-ratio", "0.05"],
-                  train=["--lr", "1e-4", "--batch-size", "4", "--epochs", "1", "--beta", "1", "--alpha", "4"]),
+                  pretrain=PRETRAIN, train=replace(LIDR_STEP, batch_size=4, epochs=1)),
 }
-COMMON_TRAIN = ["--max-len", "256", "--save-every", "100000"]
 
 
 # -----------------------------------------------------------------------------
@@ -90,19 +96,21 @@ def evaluate(model_dir: Path, name: str, problems: Path, out: Path, max_new_toke
                     system=SYSTEM, template=template)
 
 
-def run_lidr(name: str, m0: Path, prompts: list[Path], work: Path, flags: list[str], train: list[str],
-             train_nproc: int) -> list[Path]:
-    """iterate.py's iterations from m0 (one prompt folder each) in work; returns [M1, M2, ...]."""
-    args = iterate.parse_args(["--model", str(m0), "--work", str(work), "--prompts", ",".join(map(str, prompts)),
-                               "--langs", ",".join(LANGS), "--iterations", str(len(prompts)), "--nproc", "1",
-                               "--train-nproc", str(train_nproc), "--system", SYSTEM, "--batch-size", "64", *flags,
-                               "--", *train])
-    models, model = [], m0
-    for t, folder in enumerate(prompts, 1):
-        print(f"== {name}: iteration {t}", flush=True)
-        model = iterate.run_iteration(t, model, folder, args)
-        models.append(model)
-    return models
+def recipe(max_new_tokens: int, translate_max_new_tokens: int, repetition_penalty: float,
+           training: Training) -> Recipe:
+    """LIDR over LANGS with the demo's own decoding limits and penalty in place of the paper's."""
+    return Recipe(langs=tuple(LANGS), training=training,
+                  answers=replace(settings.ANSWERS, system=SYSTEM, max_new_tokens=max_new_tokens,
+                                  repetition_penalty=repetition_penalty),
+                  translation=replace(settings.TRANSLATION, system=SYSTEM, max_new_tokens=translate_max_new_tokens,
+                                      repetition_penalty=repetition_penalty))
+
+
+def run_lidr(name: str, m0: Path, prompts: list[Path], work: Path, how: Recipe, train_nproc: int) -> list[Path]:
+    """lidr.iterate's iterations from m0 (one prompt folder each) in work, generation in this process;
+    returns [M1, M2, ...]."""
+    print(f"== {name}: {len(prompts)} iterations", flush=True)
+    return run_iterations(m0, prompts, work, how, batch_size=BATCH_SIZE, train_nproc=train_nproc)
 
 
 def copy_first_generation(source: Path, target: Path):
@@ -119,11 +127,10 @@ def copy_first_generation(source: Path, target: Path):
 # the controlled world
 
 
-def pretrain(world: Path, out: Path, flags: list[str], train_nproc: int) -> Path:
-    """M0: lidr's trainer (--objective sft) from the world's random init over its corpus."""
+def pretrain(world: Path, out: Path, options: Training, train_nproc: int) -> Path:
+    """M0: lidr's trainer (the SFT objective) from the world's random init over its corpus."""
     print(f"== pretraining {out}", flush=True)
-    iterate.launch("train_dpo.py", ["--objective", "sft", "--model", world / "init", "--data", world / "corpus.jsonl",
-                                    "--out", out, *flags, *COMMON_TRAIN], train_nproc)
+    train_stage(world / "init", world / "corpus.jsonl", out, options, train_nproc)
     return out / "model"
 
 
@@ -214,11 +221,9 @@ def plot_learning(data: dict, path: Path):
 
 
 def run_world(args, size: dict, work: Path):
-    settings = replace(size["settings"], seed=args.seed)
-    tokens = ["--max-new-tokens", str(size["max_new_tokens"]), "--translate-max-new-tokens",
-              str(size["translate_max_new_tokens"]), "--repetition-penalty", "1.0"]
-    train = [*size["train"], *COMMON_TRAIN]
-    world = make_world(work / "world", settings)
+    world_settings = replace(size["settings"], seed=args.seed)
+    lidr_recipe = recipe(size["max_new_tokens"], size["translate_max_new_tokens"], 1.0, size["train"])
+    world = make_world(work / "world", world_settings)
     prompts = [world / f"prompts{t}" for t in (1, 2)]
     results, models = work / "eval", {}
 
@@ -229,32 +234,32 @@ def run_world(args, size: dict, work: Path):
 
     add({"M0": pretrain(world, work / "m0", size["pretrain"], args.train_nproc)})
     # LIDR's pairs keep only translations that carry their source's numbers and signs (see the docstring)
-    lidr = run_lidr("LIDR", models["M0"], prompts, work / "lidr", [*tokens, "--check-numbers"], train,
-                    args.train_nproc)
+    checked = replace(lidr_recipe, pairs=replace(lidr_recipe.pairs, check_numbers=True))
+    lidr = run_lidr("LIDR", models["M0"], prompts, work / "lidr", checked, args.train_nproc)
     add({"M1": lidr[0], "M2": lidr[1]})
     copy_first_generation(work / "lidr", work / "sdrrl")
-    sdrrl = run_lidr("SDRRL", models["M0"], prompts, work / "sdrrl", [*tokens, "--method", "sdrrl"], train,
+    sdrrl = run_lidr("SDRRL", models["M0"], prompts, work / "sdrrl", replace(lidr_recipe, method="sdrrl"),
                      args.train_nproc)
     add({"SDRRL-1": sdrrl[0], "SDRRL-2": sdrrl[1]})
     runs = {"LIDR": work / "lidr", "SDRRL": work / "sdrrl"}
     if args.controls:
-        broken_world = make_world(work / "world-broken", replace(settings, broken_translation=True))
+        broken_world = make_world(work / "world-broken", replace(world_settings, broken_translation=True))
         add({"broken-M0": pretrain(broken_world, work / "m0-broken", size["pretrain"], args.train_nproc)})
-        # the paper's unfiltered pairs: --check-numbers would drop every one (no translation keeps a number)
-        broken = run_lidr("broken translation", models["broken-M0"], prompts, work / "broken", tokens, train,
+        # the paper's unfiltered pairs: the check would drop every one (no broken translation keeps a number)
+        broken = run_lidr("broken translation", models["broken-M0"], prompts, work / "broken", lidr_recipe,
                           args.train_nproc)
         add({"broken-M1": broken[0], "broken-M2": broken[1]})
         copy_first_generation(work / "lidr", work / "swapped")
-        swapped = run_lidr("swapped pairs", models["M0"], prompts, work / "swapped", [*tokens, "--check-numbers", "--swap-pairs"], train,
-                           args.train_nproc)
+        swapped = run_lidr("swapped pairs", models["M0"], prompts, work / "swapped",
+                           replace(checked, swap_pairs=True), args.train_nproc)
         add({"swapped-M1": swapped[0], "swapped-M2": swapped[1]})
-        add({"gold-SFT": gold_sft(world, models["M0"], work / "gold", train, args.train_nproc)})
+        add({"gold-SFT": gold_sft(world, models["M0"], work / "gold", size["train"], args.train_nproc)})
         runs.update({"broken": work / "broken", "swapped": work / "swapped"})
     learned, data = learning_summary(runs)
-    finish_report(models, results, work, learned, extra={"settings": vars(settings), "iterations": data})
+    finish_report(models, results, work, learned, extra={"settings": vars(world_settings), "iterations": data})
 
 
-def gold_sft(world: Path, m0: Path, out: Path, train: list[str], train_nproc: int) -> Path:
+def gold_sft(world: Path, m0: Path, out: Path, options: Training, train_nproc: int) -> Path:
     """The ceiling: M0 fine-tuned on the gold answers of both iterations' prompts, in every language."""
     data = out / "gold.jsonl"
     if not data.exists():
@@ -262,8 +267,7 @@ def gold_sft(world: Path, m0: Path, out: Path, train: list[str], train_nproc: in
                 for line in (world / f"gold{t}" / f"{lang}.jsonl").read_text().splitlines()]
         write_text_atomic(data, "\n".join(rows) + "\n")
     print("== gold-SFT ceiling", flush=True)
-    iterate.launch("train_dpo.py", ["--objective", "sft", "--model", m0, "--data", data, "--out", out / "train",
-                                    *train], train_nproc)
+    train_stage(m0, data, out / "train", replace(options, objective="sft"), train_nproc)
     return out / "train" / "model"
 
 
@@ -285,11 +289,11 @@ def finish_report(models: dict, results: Path, work: Path, learned: str, extra: 
 # SmolLM2-135M-Instruct, the earlier demo
 
 SMOLLM2 = {
-    # training prompts per iteration and language, held-out problems per language, token limits, trainer flags
+    # training prompts per iteration and language, held-out problems per language, token limits, trainer
     "default": dict(n_train=16, n_eval=30, max_new_tokens=96, translate_max_new_tokens=144,
-                    train=["--epochs", "1", "--batch-size", "4", "--lr", "1e-5", "--beta", "0.1", "--alpha", "1.0"]),
+                    train=Training(epochs=1, batch_size=4, lr=1e-5, beta=0.1, alpha=1.0)),
     "quick": dict(n_train=4, n_eval=4, max_new_tokens=32, translate_max_new_tokens=48,
-                  train=["--epochs", "1", "--batch-size", "2", "--lr", "1e-5", "--beta", "0.1", "--alpha", "1.0"]),
+                  train=Training(epochs=1, batch_size=2, lr=1e-5, beta=0.1, alpha=1.0)),
 }
 
 
@@ -305,9 +309,9 @@ def run_smollm2(args, size: dict, work: Path):
     for t in (1, 2):  # fresh training prompts per iteration, the same held-out set
         write_sets(work / f"problems{t}", size["n_train"], size["n_eval"], train_seed=t, eval_seed=100)
     prompts = [work / f"problems{t}" / "train" for t in (1, 2)]
-    flags = ["--max-new-tokens", str(size["max_new_tokens"]), "--translate-max-new-tokens",
-             str(size["translate_max_new_tokens"]), "--repetition-penalty", "1.1"]
-    lidr = run_lidr("LIDR", m0, prompts, work, flags, size["train"], args.train_nproc)
+    # the repetition penalty 1.1 in translation too: greedy SmolLM2 loops on the pre-filled tag without it
+    how = recipe(size["max_new_tokens"], size["translate_max_new_tokens"], 1.1, size["train"])
+    lidr = run_lidr("LIDR", m0, prompts, work, how, args.train_nproc)
     models = {"M0": m0, "M1": lidr[0], "M2": lidr[1]}
     for name, model in models.items():
         evaluate(model, name, work / "problems1" / "eval", work / "eval", size["max_new_tokens"], "{question}")

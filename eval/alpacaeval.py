@@ -30,7 +30,7 @@ files give every row one, else by instruction text as alpaca_eval does (the Engl
 file has no ids). A row that lacks a field, an item without a reference or output, and an id whose
 instruction differs between the two files are dropped and counted; a file with no usable row is
 refused. An instruction too long for the model's context is not answered and is counted
-("too_long"); an output ends where the context does (generate.py's policy). Items the judge gives
+("too_long"); an output ends where the context does (lidr/rows.py's policy, every stage's). Items the judge gives
 no verdict on are left out of n and counted ("no_verdict"); a tie counts half in the hard win rate.
 
 How this departs from the paper: the paper's judge is gpt-4-1106-preview through alpaca_eval's
@@ -40,12 +40,18 @@ can judge. The system turn is the LIDR repository's "You are a helpful assistant
 """
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
+from lidr import settings
+from lidr.cli import add_decoding_flags, add_engine_flags, decoding_from, positive_int
 from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
+from lidr.rows import Prompt, check_outputs, open_model, sample_rows, sampling_params, too_long_reason
+from lidr.tokenizer import chat_messages
 
 BENCHMARK = "x-alpacaeval"
+GENERATE = "eval.alpacaeval generate"
 
 
 def read_items(path: Path, fields: tuple[str, ...], key: str = "id") -> tuple[dict, list[str]]:
@@ -85,33 +91,39 @@ def report_dropped(lang: str, what: str, dropped: list[str]):
 
 
 def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out: Path, params, batch_size: int,
-                     system: str, generator: str, limit: int | None = None, model_identity: dict | None = None) -> dict:
+                     system: str | None, generator: str, limit: int | None = None,
+                     model_identity: dict | None = None) -> dict:
     """model_identity: what the model is (eval.common.model_identity), recorded with each output."""
-    from eval.common import generate_resumable, sampling_settings
-    from lidr.tokenizer import chat_messages
-
     summary = {"benchmark": BENCHMARK + "-outputs", "generator": generator, "languages": {}}
     read = {lang: read_items(prompts_dir / f"{lang}.json", ("instruction",)) for lang in langs}
-    settings = {"system": system, "generator": generator, "sampling": sampling_settings(params)}
-    bind_outputs("eval.alpacaeval generate", [
-        (out / f"{lang}.jsonl", {"inputs": {"prompts": file_identity(prompts_dir / f"{lang}.json")},
-                                 "model": model_identity, "settings": settings}, [out / f"{lang}.json"])
-        for lang in langs])
+    settings = {"system": system, "generator": generator, "sampling": asdict(params)}
+    identities = {lang: {"inputs": {"prompts": file_identity(prompts_dir / f"{lang}.json")}, "model": model_identity,
+                         "settings": settings} for lang in langs}
+    check_outputs(GENERATE, [(out / f"{lang}.jsonl", identities[lang], [out / f"{lang}.json"]) for lang in langs])
+    context = model.cfg.max_seq_len
     for lang in langs:
         prompts, dropped = read[lang]
         report_dropped(lang, "prompt", dropped)
         chosen = list(prompts.values())[:limit] if limit else list(prompts.values())
-        items = [(str(p["id"]), tokenizer.encode_chat(chat_messages(p["instruction"], system)), p) for p in chosen]
+        to_answer, too_long = [], []
+        for i, p in enumerate(chosen):
+            ids = tokenizer.encode_chat(chat_messages(p["instruction"], system))
+            if too_long_reason(len(ids), context):
+                too_long.append(str(p["id"]))
+            else:
+                to_answer.append(Prompt(str(p["id"]), ids, params.seed + i, p))
 
-        def make_row(key, prompt, completion):
-            return {"id": key, "dataset": prompt.get("dataset", ""), "instruction": prompt["instruction"],
+        def make_row(prompt, completion):
+            p = prompt.source
+            return {"id": prompt.key, "dataset": p.get("dataset", ""), "instruction": p["instruction"],
                     "output": completion.text.strip(), "finish_reason": completion.finish_reason,
                     "n_tokens": len(completion.tokens)}
 
-        with ResumableWriter(out / f"{lang}.jsonl", key="id") as writer:
-            generated, too_long = generate_resumable(model, tokenizer, items, writer, params, batch_size, make_row)
-            by_id = {str(row["id"]): row for row in writer.rows}
-        rows = [by_id[key] for key, _, _ in items if key in by_id]
+        written, generated = sample_rows(to_answer, out / f"{lang}.jsonl", "id", make_row, lambda: (model, tokenizer),
+                                         params, made_by=GENERATE, identity=identities[lang], batch_size=batch_size,
+                                         companions=[out / f"{lang}.json"])
+        by_id = {str(row["id"]): row for row in written}
+        rows = [by_id[str(p["id"])] for p in chosen if str(p["id"]) in by_id]
         write_json_atomic(out / f"{lang}.json", [
             {"generator": generator, "dataset": r["dataset"], "id": r["id"], "instruction": r["instruction"],
              "output": r["output"]} for r in rows])
@@ -200,23 +212,21 @@ def judge_outputs(judge, outputs_dir: Path, reference_dir: Path, langs: list[str
 
 
 def main(argv=None):
-    from eval.common import add_model_args, check_langs, load_model, model_identity
+    from eval.common import check_langs, model_identity
     from eval.judge import add_judge_args, judge_folder_name, make_judge
-    from generate import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="the model's outputs in alpaca_eval's model_outputs.json format")
-    add_model_args(gen, batch_size=32)
+    add_engine_flags(gen, batch_size=settings.EVAL_BATCH_SIZE,
+                     model_help="HF checkpoint folder of the model under test")
+    add_decoding_flags(gen, settings.ALPACAEVAL, sampling=False)
     gen.add_argument("--prompts", required=True, help="folder of {lang}.json instruction lists")
     gen.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. en es ru de fr")
     gen.add_argument("--out", required=True, help="the model's results folder; writes {out}/x-alpacaeval/outputs/")
     gen.add_argument("--generator", default=None,
                      help="generator name in the outputs (default: the model folder's name)")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=2048,
-                     help="default: %(default)s (the paper's); lowered, with a warning, to what the context leaves")
-    gen.add_argument("--repetition-penalty", type=float, default=1.1, help="default: %(default)s (the paper's)")
     gen.add_argument("--limit", type=positive_int, default=None, help="only the first N instructions per language")
 
     jud = commands.add_parser("judge", help="pairwise judgements of the outputs against reference outputs")
@@ -232,18 +242,15 @@ def main(argv=None):
     check_langs(parser, args.langs)
     base = Path(args.out) / BENCHMARK
     if args.command == "generate":
-        from lidr.sampler import SamplingParams
-
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                repetition_penalty=args.repetition_penalty)
         for lang in args.langs:
             if not (Path(args.prompts) / f"{lang}.json").is_file():
                 parser.error(f"{Path(args.prompts) / f'{lang}.json'}: no such file")
-        identity = model_identity(args)
-        model, tokenizer = load_model(args)
-        generate_outputs(model, tokenizer, Path(args.prompts), args.langs, base / "outputs", params,
-                         args.batch_size, args.system, args.generator or Path(args.model).resolve().name, args.limit,
-                         model_identity=identity)
+        decoding = decoding_from(args, settings.ALPACAEVAL)
+        identity = model_identity(args.model, args.dtype, args.chat_format)
+        model, tokenizer = open_model(args.model, args.device, args.dtype, args.chat_format)
+        generate_outputs(model, tokenizer, Path(args.prompts), args.langs, base / "outputs", sampling_params(decoding),
+                         args.batch_size, decoding.system, args.generator or Path(args.model).resolve().name,
+                         args.limit, model_identity=identity)
     else:
         outputs = Path(args.outputs) if args.outputs else base / "outputs"
         for lang in args.langs:

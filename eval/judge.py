@@ -328,7 +328,7 @@ def summarize_preferences(rows: list[dict]) -> dict:
 
 
 def add_judge_args(parser: argparse.ArgumentParser):
-    from generate import positive_int
+    from lidr.cli import positive_int
 
     group = parser.add_argument_group("judge")
     group.add_argument("--judge", choices=("http", "local"), required=True,
@@ -357,16 +357,14 @@ def make_judge(args):
     if args.judge == "http":
         return HttpJudge(args.base_url, args.judge_model, os.environ.get(args.api_key_env), cache_path=args.cache,
                          timeout=args.timeout, max_retries=args.max_retries, workers=args.workers)
-    from lidr.checkpoint import default_dtype, folder_identity, load
+    from lidr.checkpoint import folder_identity
+    from lidr.rows import open_model
 
     folder = Path(args.judge_model)
     if not folder.is_dir():
         raise SystemExit(f"--judge local needs --judge-model to be a checkpoint folder; {folder} is not one")
     identity = folder_identity(folder)
-    try:
-        model, tokenizer = load(folder, device=args.judge_device, dtype=default_dtype(args.judge_device))
-    except (OSError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    model, tokenizer = open_model(folder, args.judge_device)
     return LocalJudge(model, tokenizer, batch_size=args.judge_batch_size, name=folder.name, identity=identity)
 
 

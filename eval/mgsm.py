@@ -6,12 +6,16 @@
         --data ../shared/data/gsm8k/test --langs en de es fr ru
 
 Every question is put to the model in the paper's prompt (below), inside the model's chat format,
-and answered greedily. The prediction is the last number of the answer; it is right when it equals
-the reference number. The off-target rate is the share of answers that language identification
-(lidr/langid.py) places in another language than the one asked for.
+after the system turn, and answered as the repository's MGSM script decodes: greedily, with the
+repetition penalty 1.1, at most 2,048 new tokens (lidr/settings.py MGSM). The prediction is the
+last number of the answer; it is right when it equals the reference number. The off-target rate
+is the share of answers that language identification (lidr/langid.py) places in another language
+than the one asked for.
 
 Files: {out}/{name}/{lang}.jsonl holds one row per question (question, answer, prediction, right or
-wrong, detected language), appended as generated; a rerun skips the rows already there.
+wrong, detected language), in the data's order; while generating, rows are appended to
+{lang}.jsonl.rank0.partial and merged in at the end (lidr/rows.py), so a rerun skips the rows
+already there.
 {lang}.jsonl.made-from.json beside it records what it was made from (the data file's path, size
 and sha256, the model folder, the prompt and decoding settings): a rerun with another --data,
 --model or setting is refused before anything is written (--limit may grow: rows are keyed by
@@ -21,7 +25,7 @@ recomputed from every row at the end of each run; eval/report.py reads it.
 Input: a folder of {lang}.jsonl files, rows {query, response} (MGSM) or {instruction, final_answer}
 (translated GSM8K); a row missing them is dropped and counted; a file with no usable row is
 refused. A question too long for the model's context is not answered and is counted
-("too_long"); an answer ends where the context does (generate.py's policy).
+("too_long"); an answer ends where the context does (lidr/rows.py's policy, every stage's).
 
 Reading the last number (`extract_last_number`): digits of any script (Bengali ১২, Thai ๑๒,
 Devanagari १२, full-width １２ — Unicode decimal digits; superscripts such as m² are not digits);
@@ -33,9 +37,9 @@ is a thousands separator ("1,000" and "1.000" are 1000, "0,125" and "2.50" are d
 answers are almost always integers.
 
 How this departs from the paper and its repository:
-- The paper does not say how the last number is read, how many tokens an answer may have, nor
-  which language identifier gave its off-target rates: here the reading above, --max-new-tokens
-  512 and py3langid. Numbers written in words or in CJK numerals (十八) are not read.
+- The paper does not say how the last number is read, nor which language identifier gave its
+  off-target rates: here the reading above and py3langid. Numbers written in words or in CJK
+  numerals (十八) are not read.
 - Off-target: an answer with too few letters to identify counts as on target; the count of such
   answers is reported beside the rate.
 - The system turn is the LIDR repository's "You are a helpful assistant." (--system).
@@ -44,11 +48,19 @@ How this departs from the paper and its repository:
 import argparse
 import re
 import unicodedata
+from dataclasses import asdict
 from pathlib import Path
 
-from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
+from eval.common import check_langs, model_identity
+from lidr import settings
+from lidr.cli import add_decoding_flags, add_engine_flags, decoding_from, positive_int
+from lidr.jsonl import file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
 from lidr.languages import checked_languages, language_name
+from lidr.rows import Prompt, check_outputs, open_model, sample_rows, sampling_params, too_long_reason
+from lidr.tokenizer import chat_messages
+
+MADE_BY = "eval.mgsm"
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -161,16 +173,14 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch_size: int,
-        system: str, limit: int | None = None, template: str = PROMPT, model_identity: dict | None = None) -> dict:
+        system: str | None, limit: int | None = None, template: str = PROMPT,
+        model_identity: dict | None = None) -> dict:
     """Generate what is missing, score every row, and write {out}/summary.json; returns the summary.
 
     template: the user turn, with {question} and optionally {language} (default: the paper's PROMPT).
     model_identity: what the model under test is (eval.common.model_identity), recorded with each
     output; None where the caller keeps one folder per model (the demo).
     """
-    from eval.common import generate_resumable, sampling_settings
-    from lidr.tokenizer import chat_messages
-
     try:
         checked_languages(langs)
     except ValueError as e:
@@ -184,32 +194,36 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
             first = f"; first dropped: {dropped[0]}" if dropped else ""
             raise SystemExit(f"{path}: holds no usable question{first}")
         read[lang] = questions, dropped
-    settings = {"system": system, "template": template, "sampling": sampling_settings(params)}
-    bind_outputs("eval.mgsm", [
-        (out / f"{lang}.jsonl", {"inputs": {"data": file_identity(data / f"{lang}.jsonl")}, "model": model_identity,
-                                 "settings": settings}, ())
-        for lang in langs])
+    settings = {"system": system, "template": template, "sampling": asdict(params)}
+    identities = {lang: {"inputs": {"data": file_identity(data / f"{lang}.jsonl")}, "model": model_identity,
+                         "settings": settings} for lang in langs}
+    check_outputs(MADE_BY, [(out / f"{lang}.jsonl", identities[lang], ()) for lang in langs])
+    context = model.cfg.max_seq_len
     for lang in langs:
         questions, dropped = read[lang]
         if dropped:
             print(f"{lang}: dropped {len(dropped)} row(s), first: {dropped[0]}")
             summary["dropped"][lang] = len(dropped)
         questions = questions[:limit] if limit else questions
-        items = []
+        prompts, too_long = [], []
         for q in questions:
             user = template.format(language=language_name(lang), question=q["question"])
-            items.append((q["index"], tokenizer.encode_chat(chat_messages(user, system)), q))
+            ids = tokenizer.encode_chat(chat_messages(user, system))
+            if too_long_reason(len(ids), context):
+                too_long.append(q["index"])
+            else:
+                prompts.append(Prompt(str(q["index"]), ids, params.seed + q["index"], q))
 
-        def make_row(index, q, completion, lang=lang):
-            answer = completion.text.strip()
-            return {"index": index, "lang": lang, "question": q["question"], "gold": q["gold_text"],
+        def make_row(prompt, completion, lang=lang):
+            q, answer = prompt.source, completion.text.strip()
+            return {"index": q["index"], "lang": lang, "question": q["question"], "gold": q["gold_text"],
                     "answer": answer, "finish_reason": completion.finish_reason,
                     "n_tokens": len(completion.tokens), **score_answer(answer, q["gold"], lang)}
 
-        with ResumableWriter(out / f"{lang}.jsonl", key="index") as writer:
-            generated, too_long = generate_resumable(model, tokenizer, items, writer, params, batch_size, make_row)
-            wanted = {q["index"] for q in questions}
-            rows = [r for r in writer.rows if r["index"] in wanted]
+        rows, generated = sample_rows(prompts, out / f"{lang}.jsonl", "index", make_row, lambda: (model, tokenizer),
+                                      params, made_by=MADE_BY, identity=identities[lang], batch_size=batch_size)
+        wanted = {q["index"] for q in questions}
+        rows = [r for r in rows if r["index"] in wanted]
         summary["languages"][lang] = summarize(rows)
         summary["too_long"][lang] = len(too_long)
         s = summary["languages"][lang]
@@ -229,19 +243,15 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
 
 
 def main(argv=None):
-    from eval.common import add_model_args, check_langs, load_model, model_identity
-    from generate import positive_int
-    from lidr.sampler import SamplingParams
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser, batch_size=32)
+    add_engine_flags(parser, batch_size=settings.EVAL_BATCH_SIZE,
+                     model_help="HF checkpoint folder of the model under test")
+    add_decoding_flags(parser, settings.MGSM, sampling=False)
     parser.add_argument("--data", required=True, help="folder of {lang}.jsonl question files")
     parser.add_argument("--langs", nargs="+", required=True, help="language codes to evaluate, e.g. en es ru de fr")
     parser.add_argument("--out", required=True, help="the model's results folder; writes {out}/{name}/")
     parser.add_argument("--name", default="mgsm",
                         help="benchmark name and subfolder (default: %(default)s; gsm8k for GSM8K)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=512,
-                        help="default: %(default)s; lowered, with a warning, to what the model's context leaves")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N questions per language")
     args = parser.parse_args(argv)
 
@@ -249,12 +259,11 @@ def main(argv=None):
     for lang in args.langs:
         if not (Path(args.data) / f"{lang}.jsonl").is_file():
             parser.error(f"{Path(args.data) / f'{lang}.jsonl'}: no such file")
-    out = Path(args.out) / args.name
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
-    identity = model_identity(args)
-    model, tokenizer = load_model(args)
-    run(model, tokenizer, Path(args.data), args.langs, out, params, args.batch_size, args.system, args.limit,
-        model_identity=identity)
+    decoding = decoding_from(args, settings.MGSM)
+    identity = model_identity(args.model, args.dtype, args.chat_format)
+    model, tokenizer = open_model(args.model, args.device, args.dtype, args.chat_format)
+    run(model, tokenizer, Path(args.data), args.langs, Path(args.out) / args.name, sampling_params(decoding),
+        args.batch_size, decoding.system, args.limit, model_identity=identity)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 train_dpo.py ...  # OUT shared
     python train_dpo.py --objective sft --model M0 --data sft.jsonl --out runs/M0-sft  # SDRRL rows
     python train_dpo.py --dtype bfloat16 ...   # bf16 compute, fp32 master weights (the GPU default, on CPU)
+    train("M0", "pairs.jsonl", "runs/M1", Training(lr=1e-6))        # the same, from Python (lidr/settings.py)
 
 Rows: {"prompt", "chosen", "rejected"} (DPO) or {"prompt", "response"} (SFT), optional "system",
 "id", "lang". The prompt becomes the checkpoint's chat format up to the assistant header; a
@@ -49,7 +50,7 @@ One run, in order:
 
 How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx):
 - The paper's learning rate, epochs, batch and length are unpublished; the defaults here are
-  choices (lr 5e-7, 1 epoch, warmup 10%, β 0.1, α 1).
+  choices (lr 5e-7, 1 epoch, warmup 10%), beside its β 0.1 and α 1: lidr/settings.py TRAINING.
 - The last incomplete global batch of an epoch is dropped (every step has the same batch).
 - The SFT objective averages each sequence's token NLL, then the sequences (the same per-sequence
   mean as the NLL term of DPO), rather than averaging over all tokens of the batch.
@@ -71,8 +72,9 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -91,6 +93,7 @@ from lidr.checkpoint import check, default_dtype, folder_identity, load_model, r
 from lidr.dpo import dpo_loss, hidden_sequence_logps
 from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
 from lidr.model import Documents, Llama, rope_inv_freq
+from lidr.settings import TRAINING, Training
 from lidr.tokenizer import Tokenizer, chat_messages
 
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
@@ -220,22 +223,30 @@ def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_examples, generator=generator).tolist()
 
 
-def micro_batch(step: int, micro: int, n_examples: int, args, rank: int, world: int) -> list[int]:
+def micro_batch(step: int, micro: int, n_examples: int, options: Training, rank: int, world: int) -> list[int]:
     """Example indices for one rank's micro-batch: global step `step` (0-based) fixes the data position."""
-    global_batch = args.batch_size * args.grad_accum * world
+    global_batch = options.batch_size * options.grad_accum * world
     steps_per_epoch = n_examples // global_batch
     epoch, k = divmod(step, steps_per_epoch)
-    order = epoch_order(n_examples, args.seed, epoch)
-    start = k * global_batch + (rank * args.grad_accum + micro) * args.batch_size
-    return order[start : start + args.batch_size]
+    order = epoch_order(n_examples, options.seed, epoch)
+    start = k * global_batch + (rank * options.grad_accum + micro) * options.batch_size
+    return order[start : start + options.batch_size]
 
 
 # -----------------------------------------------------------------------------
 # process group and model
 
 
-def setup_distributed():
-    """(rank, world, device): torchrun's group, or a one-rank group for a plain `python` launch."""
+class Ranks(NamedTuple):
+    """This process in the group: its rank, how many ranks there are, its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+def setup_distributed() -> Ranks:
+    """torchrun's group, or a one-rank group for a plain `python` launch."""
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
     if "RANK" in os.environ:
@@ -249,7 +260,7 @@ def setup_distributed():
             torch.cuda.set_device(0)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
+    return Ranks(dist.get_rank(), dist.get_world_size(), device)
 
 
 def shard_model(model: Llama, device, compute_dtype: torch.dtype, activation_checkpointing: bool) -> Llama:
@@ -291,28 +302,34 @@ def forward_logps(model: Llama, batch: Packed):
 # reference log-probs: one pass before training
 
 
-def reference_logps(model, examples, args, pad_id, device, rank, world, fingerprint, out: Path):
-    """[N, 2] (log π_ref(y_c|x), log π_ref(y_r|x)), loaded from OUT or computed once and saved there."""
-    path = out / "reference_logps.pt"
-    if path.exists():
-        saved = torch.load(path)
-        if saved["fingerprint"] != fingerprint:
-            raise SystemExit(f"{path} was computed for other data or another model; use a fresh --out")
-        return saved["logps"]
+def reference_logps(model, examples: list[Example], pad_id: int, options: Training, ranks: Ranks) -> torch.Tensor:
+    """[N, 2] (log π_ref(y_c|x), log π_ref(y_r|x)) of every pair: the policy, still M_t, scores
+    each rank's slice in micro-batches; the table is summed over ranks."""
+    rank, world, device = ranks
     mine = list(range(rank, len(examples), world))
-    n_batches = math.ceil(math.ceil(len(examples) / world) / args.batch_size)  # equal on every rank
+    n_batches = math.ceil(math.ceil(len(examples) / world) / options.batch_size)  # equal on every rank
     table = torch.zeros(len(examples), 2)
     model.eval()
     with torch.no_grad():
         for b in range(n_batches):
-            idx = mine[b * args.batch_size : (b + 1) * args.batch_size] or mine[-1:]  # keep collectives in step
-            logps, _ = forward_logps(model, pack([examples[i] for i in idx], pad_id, args.max_len, device))
+            idx = mine[b * options.batch_size : (b + 1) * options.batch_size] or mine[-1:]  # keep collectives in step
+            logps, _ = forward_logps(model, pack([examples[i] for i in idx], pad_id, options.max_len, device))
             table[idx] = logps.view(2, len(idx)).T.cpu()
     model.reshard()  # the root stays unsharded after a forward with no backward
     model.train()
     table = table.to(device)
     dist.all_reduce(table)  # each pair was scored by exactly one rank; the other ranks hold zeros there
-    table = table.cpu()
+    return table.cpu()
+
+
+def saved_reference_logps(path: Path, fingerprint: dict, compute, rank: int) -> torch.Tensor:
+    """The table saved at `path` for these inputs, or compute() once and save it there (rank 0)."""
+    if path.exists():
+        saved = torch.load(path)
+        if saved["fingerprint"] != fingerprint:
+            raise SystemExit(f"{path} was computed for other data or another model; use a fresh --out")
+        return saved["logps"]
+    table = compute()
     if rank == 0:
         torch.save({"fingerprint": fingerprint, "logps": table}, path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
@@ -380,23 +397,28 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def step_losses(model, examples, idx, reference, args, pad_id, device):
-    """Per-example losses, metric terms and the number of real (unpadded) tokens of one micro-batch."""
-    batch = [examples[i] for i in idx]
-    logps, n_tokens = forward_logps(model, pack(batch, pad_id, args.max_len, device))
+def step_losses(model, batch: list[Example], reference: torch.Tensor | None, options: Training, pad_id: int, device):
+    """Per-example losses, metric terms and the number of real (unpadded) tokens of one micro-batch.
+
+    reference: the batch's rows of the reference table, [B, 2] (DPO), or None (SFT).
+    """
+    logps, n_tokens = forward_logps(model, pack(batch, pad_id, options.max_len, device))
     real_tokens = sum(len(ex.prompt) + len(r) for ex in batch for r in ex.responses)  # padding not counted
-    b = len(idx)
-    nll = -logps[:b] / n_tokens[:b]  # −log π(y_c|x) / |y_c|, per sequence
-    if args.objective == "sft":
+    if options.objective == "sft":
+        nll = -logps / n_tokens  # −log π(y|x) / |y|, per sequence
         return nll, {"nll": nll.detach()}, real_tokens
-    ref = reference[idx].to(device)
-    dpo, chosen_rewards, rejected_rewards = dpo_loss(logps[:b], logps[b:], ref[:, 0], ref[:, 1], args.beta)
+    policy_chosen, policy_rejected = logps.split(len(batch))  # pack's order: every chosen, then every rejected
+    chosen_lengths, _ = n_tokens.split(len(batch))
+    nll = -policy_chosen / chosen_lengths  # −log π(y_c|x) / |y_c|, per sequence
+    ref_chosen, ref_rejected = reference.to(device).unbind(1)
+    dpo, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                     options.beta)
     metrics = {
         "dpo": dpo.detach(), "nll": nll.detach(), "chosen_reward": chosen_rewards,
         "rejected_reward": rejected_rewards, "margin": chosen_rewards - rejected_rewards,
         "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
     }
-    return dpo + args.alpha * nll, metrics, real_tokens
+    return dpo + options.alpha * nll, metrics, real_tokens
 
 
 def flops_per_token(model: Llama, seq_len: int) -> float:
@@ -429,35 +451,39 @@ def plot_curves(log_path: Path, png_path: Path):
     plt.close(fig)
 
 
-def train(args):
-    out = Path(args.out)
-    rank, world, device = setup_distributed()
-    args.dtype = args.dtype or str(default_dtype(device)).removeprefix("torch.")
+def train(model_dir, data, out, options: Training = TRAINING):
+    """M_t (the HF folder model_dir) trained on the rows of `data` into OUT; OUT/model is M_{t+1}.
+
+    Run by every rank under torchrun, or in one process (a one-rank group).
+    """
+    ranks = setup_distributed()
+    if options.dtype is None:
+        options = replace(options, dtype=str(default_dtype(ranks.device)).removeprefix("torch."))
     try:
-        _train(args, out, rank, world, device)
+        run(Path(model_dir), Path(data), Path(out), options, ranks)
     finally:
         dist.destroy_process_group()
 
 
-def read_inputs(args, world: int):
+def read_inputs(model_dir: Path, data: Path, options: Training, world: int):
     """(tokenizer, examples, counts, identity): the model folder and data checked and read, or one sentence and exit.
 
     identity names what the run is made from: the settings, the data file (resolved path, size,
     sha256) and the model folder (resolved path, config and tokenizer hashes, weight file sizes
     and modification times). Nothing is written here.
     """
-    model_identity = folder_identity(args.model)  # a missing folder or config.json: one sentence
+    model_identity = folder_identity(model_dir)  # a missing folder or config.json: one sentence
     try:
-        _, tokenizer = check(args.model, args.chat_format)  # config, tokenizer, every weight file's header
-        examples, counts = load_examples(args.data, tokenizer, args.objective, args.max_len)
+        _, tokenizer = check(model_dir, options.chat_format)  # config, tokenizer, every weight file's header
+        examples, counts = load_examples(data, tokenizer, options.objective, options.max_len)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None
-    global_batch = args.batch_size * args.grad_accum * world
+    global_batch = options.batch_size * options.grad_accum * world
     if len(examples) < global_batch:
-        raise SystemExit(f"{args.data}: {len(examples)} usable rows of {counts['read']} ({format_counts(counts)}) "
+        raise SystemExit(f"{data}: {len(examples)} usable rows of {counts['read']} ({format_counts(counts)}) "
                          f"do not fill one global batch of {global_batch}")
-    settings = {k: getattr(args, k) for k in RUN_KEYS}
-    identity = {**settings, "model": model_identity, "data": file_identity(args.data)}
+    settings = {k: getattr(options, k) for k in RUN_KEYS}
+    identity = {**settings, "model": model_identity, "data": file_identity(data)}
     return tokenizer, examples, counts, identity
 
 
@@ -466,19 +492,21 @@ def format_counts(counts: Counter) -> str:
     return f"dropped: {dropped or 'none'}; {counts['prompt truncated']} prompts truncated"
 
 
-def _train(args, out: Path, rank: int, world: int, device):
+def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks):
+    """The run in order (the module docstring's steps 1-6), on one rank of the group."""
     from tqdm import tqdm
 
-    torch.manual_seed(args.seed)
-    tokenizer, examples, counts, identity = read_inputs(args, world)
+    rank, world, device = ranks
+    torch.manual_seed(options.seed)
+    tokenizer, examples, counts, identity = read_inputs(model_dir, data, options, world)
     run_file = out / "run.json"
     if run_file.exists():  # refused before anything in OUT is touched
         changes = identity_changes(json.loads(run_file.read_text()), identity)
         if changes:
             raise SystemExit(f"{out} holds a run made from other inputs or settings ({'; '.join(changes)}); "
                              f"rerun the same command or use a fresh --out")
-    global_batch = args.batch_size * args.grad_accum * world
-    total_steps = len(examples) // global_batch * args.epochs
+    global_batch = options.batch_size * options.grad_accum * world
+    total_steps = len(examples) // global_batch * options.epochs
     dist.barrier()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -486,11 +514,12 @@ def _train(args, out: Path, rank: int, world: int, device):
         write_json_atomic(out / "data_report.json", dict(counts))
         for stale in out.glob("model.tmp*"):  # an export killed before its rename
             shutil.rmtree(stale)
-        print(f"{args.data}: {counts['read']} rows read, {counts['kept']} kept ({format_counts(counts)}); "
+        print(f"{data}: {counts['read']} rows read, {counts['kept']} kept ({format_counts(counts)}); "
               f"counts in {out / 'data_report.json'}")
         attention = "through a dense mask" if dense_mask_default(device) else "sequence by sequence"
         print(f"{world} rank(s) on {device.type}, {identity['dtype']} compute, packed rows attending {attention}; "
-              f"global batch {global_batch} = {args.batch_size} × {args.grad_accum} accumulation × {world}; {total_steps} steps")
+              f"global batch {global_batch} = {options.batch_size} × {options.grad_accum} accumulation × {world}; "
+              f"{total_steps} steps")
     dist.barrier()
     if (out / "model" / "config.json").is_file():  # the export is written atomically: the run is complete
         if rank == 0:
@@ -498,14 +527,16 @@ def _train(args, out: Path, rank: int, world: int, device):
         return
 
     compute_dtype = getattr(torch, identity["dtype"])
-    model = build_model(args.model, device, compute_dtype, args.activation_checkpointing)
+    model = build_model(model_dir, device, compute_dtype, options.activation_checkpointing)
     fingerprint = {k: identity[k] for k in ("model", "data", "max_len", "dtype")}
     reference = None
-    if args.objective == "dpo":
-        reference = reference_logps(model, examples, args, tokenizer.pad_id, device, rank, world, fingerprint, out)
+    if options.objective == "dpo":
+        reference = saved_reference_logps(out / "reference_logps.pt", fingerprint, rank=rank, compute=lambda: (
+            reference_logps(model, examples, tokenizer.pad_id, options, ranks)))
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    warmup_steps = max(1, round(args.warmup_ratio * total_steps))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay,
+                                  betas=(0.9, 0.95))
+    warmup_steps = max(1, round(options.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
     start = 0
     checkpoint_dir = latest_checkpoint(out)
@@ -529,15 +560,17 @@ def _train(args, out: Path, rank: int, world: int, device):
         t0 = time.perf_counter()
         sums = Counter()
         n_real_tokens = 0
-        for micro in range(args.grad_accum):
-            idx = micro_batch(step, micro, len(examples), args, rank, world)
-            losses, metrics, n_tokens = step_losses(model, examples, idx, reference, args, tokenizer.pad_id, device)
-            (losses.sum() / (args.batch_size * args.grad_accum)).backward()  # FSDP averages over ranks
+        for micro in range(options.grad_accum):
+            idx = micro_batch(step, micro, len(examples), options, rank, world)
+            reference_rows = None if reference is None else reference[idx]
+            losses, metrics, n_tokens = step_losses(model, [examples[i] for i in idx], reference_rows, options,
+                                                    tokenizer.pad_id, device)
+            (losses.sum() / (options.batch_size * options.grad_accum)).backward()  # FSDP averages over ranks
             sums["loss"] += float(losses.detach().sum())
             for k, v in metrics.items():
                 sums[k] += float(v.sum())
             n_real_tokens += n_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         keys = sorted(sums)
         totals = torch.tensor([sums[k] for k in keys] + [n_real_tokens], dtype=torch.float64, device=device)
@@ -558,7 +591,7 @@ def _train(args, out: Path, rank: int, world: int, device):
         record = {"step": step + 1, **record, "grad_norm": grad_norm, "lr": lr,
                   "tokens_per_s": float(totals[-1]) / seconds, "seconds": seconds}
         if peak_flops is not None:
-            seq_len = float(totals[-1]) / (2 * global_batch if args.objective == "dpo" else global_batch)
+            seq_len = float(totals[-1]) / (2 * global_batch if options.objective == "dpo" else global_batch)
             record["mfu"] = flops_per_token(model, seq_len) * float(totals[-1]) / seconds / (peak_flops * world)
         if rank == 0:
             line = json.dumps(record)
@@ -567,7 +600,7 @@ def _train(args, out: Path, rank: int, world: int, device):
             bar.write(line)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if (step + 1) % args.save_every == 0 and step + 1 < total_steps:  # the end is saved by the export
+        if (step + 1) % options.save_every == 0 and step + 1 < total_steps:  # the end is saved by the export
             save_checkpoint(model, optimizer, scheduler, step + 1, out, rank)
     bar.close()
 
@@ -575,7 +608,7 @@ def _train(args, out: Path, rank: int, world: int, device):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         plot_curves(log_path, out / "curves.png")  # before the export: once OUT/model exists a rerun stops
-        save(out / "model", model.cfg, {k: v.to(compute_dtype) for k, v in full.items()}, tokenizer_from=args.model)
+        save(out / "model", model.cfg, {k: v.to(compute_dtype) for k, v in full.items()}, tokenizer_from=model_dir)
         print(f"wrote {out / 'model'} and {out / 'curves.png'}")
     dist.barrier()
 
@@ -596,28 +629,59 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="HF folder of M_t (policy and reference)")
     p.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected} (dpo) or {prompt, response} (sft)")
     p.add_argument("--out", required=True, help="run folder: checkpoint, reference log-probs, log, exported model")
-    p.add_argument("--objective", choices=("dpo", "sft"), default="dpo")
-    p.add_argument("--beta", type=float, default=0.1, help="β of DPO")
-    p.add_argument("--alpha", type=float, default=1.0, help="α, weight of the chosen response's NLL (pref_ftx)")
-    p.add_argument("--lr", type=float, default=5e-7)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--epochs", type=positive_int, default=1)
-    p.add_argument("--batch-size", type=positive_int, default=4, help="pairs (or rows) per rank per micro-batch")
-    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-len", type=positive_int, default=2048,
-                   help="tokens of prompt + response; a longer prompt keeps its last tokens, a row whose response does "
-                        "not fit is dropped (both counted in OUT/data_report.json)")
-    p.add_argument("--save-every", type=positive_int, default=100, help="steps between checkpoints")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
-    p.add_argument("--chat-format", choices=("llama3", "chatml"), default=None, help="default: read from the folder")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="compute dtype of parameters and activations; master weights, optimizer state and gradient "
-                        "reduction stay float32 (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    add_training_flags(p)
     return p.parse_args(argv)
 
 
+def add_training_flags(p: argparse.ArgumentParser):
+    """One flag per field of Training, its default lidr/settings.py TRAINING's (the paper's β and α, lidr's
+    choices for the rest)."""
+    d = TRAINING
+    p.add_argument("--objective", choices=("dpo", "sft"), default=d.objective, help="default: %(default)s")
+    p.add_argument("--beta", type=float, default=d.beta, help="β of DPO (default: the paper's, %(default)s)")
+    p.add_argument("--alpha", type=float, default=d.alpha,
+                   help="α, weight of the chosen response's NLL, pref_ftx (default: the paper's, %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="default: %(default)s (unpublished in the paper)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
+                   help="share of the steps spent warming up (default: %(default)s)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="default: %(default)s")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="default: %(default)s")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help="pairs (or rows) per rank per micro-batch (default: %(default)s)")
+    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum,
+                   help="micro-batches per optimizer step (default: %(default)s)")
+    p.add_argument("--max-len", type=positive_int, default=d.max_len,
+                   help="tokens of prompt + response; a longer prompt keeps its last tokens, a row whose response does "
+                        "not fit is dropped (both counted in OUT/data_report.json; default: %(default)s)")
+    p.add_argument("--save-every", type=positive_int, default=d.save_every,
+                   help="steps between checkpoints (default: %(default)s)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--chat-format", choices=("llama3", "chatml"), default=d.chat_format,
+                   help="default: read from the folder")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
+                   help="compute dtype of parameters and activations; master weights, optimizer state and gradient "
+                        "reduction stay float32 (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+
+
+def options_from(args) -> Training:
+    """The Training the flags give."""
+    return Training(**{f.name: getattr(args, f.name) for f in fields(Training)})
+
+
+def options_argv(options: Training) -> list[str]:
+    """The flags that give `options` back (the inverse of parse_args and options_from), for torchrun launches."""
+    argv = []
+    for f in fields(Training):
+        value, flag = getattr(options, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    train(args.model, args.data, args.out, options_from(args))

@@ -172,7 +172,7 @@ def test_mgsm_command_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, t
     mgsm.main([*args, "--out", str(tmp_path / "whole")])
     cmd = [sys.executable, "-m", "eval.mgsm", *args, "--out", str(tmp_path / "resumed")]
     kill_at_progress(cmd, 3, 30)
-    killed = tmp_path / "resumed" / "mgsm" / "en.jsonl"
+    killed = tmp_path / "resumed" / "mgsm" / "en.jsonl.rank0.partial"  # rows are merged into en.jsonl at the end
     assert 3 <= len(killed.read_text().splitlines()) < 30
     with open(killed, "a") as f:  # killed mid-write: a torn last line
         f.write('{"index": 30, "lang": "e')

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from lidr.checkpoint import load
+from lidr.settings import SYSTEM_PROMPT
+from lidr.tokenizer import chat_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "generate.py")
@@ -37,8 +39,8 @@ def tiny_hf(tiny_dir):
 
 
 def hf_reply(hf_model, tokenizer, text, max_new_tokens, repetition_penalty=1.1):
-    """transformers' greedy reply to one user turn, decoded as generate.py writes it."""
-    prompt = tokenizer.encode_chat([{"role": "user", "content": text}])
+    """transformers' greedy reply to one user turn after the paper's system turn, decoded as generate.py writes it."""
+    prompt = tokenizer.encode_chat(chat_messages(text, SYSTEM_PROMPT))
     out = hf_model.generate(
         torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
         max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
@@ -252,10 +254,10 @@ def test_over_length_prompts_are_skipped_and_replies_end_at_the_context(tmp_path
     out = tmp_path / "out.jsonl"
     cli.main(generate_args(tiny_dir, src, out, "--max-new-tokens", "1000", "--repetition-penalty", "1.0"))
     captured = capsys.readouterr()
-    long_tokens = len(tokenizer.encode_chat([{"role": "user", "content": long_prompt}]))
+    long_tokens = len(tokenizer.encode_chat(chat_messages(long_prompt, SYSTEM_PROMPT)))
     assert f"in.jsonl:2: skipped: the prompt is {long_tokens} tokens, the model's context {context}" in captured.err
     assert "1 bad input rows skipped (1 longer than the model's context of 256 tokens)" in captured.out
-    short_tokens = len(tokenizer.encode_chat([{"role": "user", "content": "Hi"}]))
+    short_tokens = len(tokenizer.encode_chat(chat_messages("Hi", SYSTEM_PROMPT)))
     assert "--max-new-tokens 1000 reaches past the model's context of 256 tokens" in captured.err
     [row] = read_jsonl(out)
     room = context - short_tokens

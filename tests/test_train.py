@@ -112,8 +112,9 @@ def test_first_step_is_ln2_and_the_nll_of_transformers(one_process, tiny_dir, da
     # the NLL of step 1: the mean over the step's 4 chosen responses of their mean token NLL
     tokenizer = Tokenizer.from_folder(tiny_dir)
     examples, _ = load_examples(data, tokenizer, "dpo", max_len=96)
-    args = lidr.train.parse_args(train_args(tiny_dir, data, "unused", "--batch-size", "2", "--grad-accum", "2"))
-    step0 = [i for micro in range(2) for i in lidr.train.micro_batch(0, micro, len(examples), args, 0, 1)]
+    options = lidr.train.options_from(lidr.train.parse_args(train_args(tiny_dir, data, "unused", "--batch-size", "2",
+                                                                       "--grad-accum", "2")))
+    step0 = [i for micro in range(2) for i in lidr.train.micro_batch(0, micro, len(examples), options, 0, 1)]
     hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     nlls = []
     for i in step0:
@@ -273,10 +274,11 @@ def test_sft_objective_trains_on_responses(tiny_dir, tmp_path):
     # step 1 holds 4 rows; 2 copies of 4 rows shuffled: compare with the mean over the rows it drew
     tokenizer = Tokenizer.from_folder(tiny_dir)
     examples, _ = load_examples(path, tokenizer, "sft", max_len=96)
-    args = lidr.train.parse_args(train_args(tiny_dir, path, out, "--objective", "sft", "--batch-size", "4"))
+    options = lidr.train.options_from(lidr.train.parse_args(train_args(tiny_dir, path, out, "--objective", "sft",
+                                                                       "--batch-size", "4")))
     hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     nlls = []
-    for i in lidr.train.micro_batch(0, 0, len(examples), args, 0, 1):
+    for i in lidr.train.micro_batch(0, 0, len(examples), options, 0, 1):
         ex = examples[i]
         ids = torch.tensor([ex.prompt + ex.responses[0]])
         with torch.no_grad():

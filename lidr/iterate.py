@@ -1,0 +1,189 @@
+"""LIDR, one iteration after another: M_t -> M_{t+1} as a sequence of stage calls, every stage kept on disk.
+
+    from lidr.iterate import Recipe, run
+    models = run("Meta-Llama-3-8B-Instruct", ["prompts/id_0_1000", "prompts/id_1000_2000"], "runs/lidr",
+                 Recipe(langs=("es", "ru", "de", "fr")), nproc=8)          # [M1, M2]
+    python iterate.py --model ... --work runs/lidr --langs es,ru,de,fr --prompts ... --iterations 2   # the command
+
+Iteration t runs these stages in WORK/iter{t}/, with M_t as the model and, in training, as the
+reference (METHOD.md §1):
+1. generate    generate/{lang}.jsonl      M_t answers the prompts in every language (lidr.generation)
+2. translate   translate/en-{l}.jsonl     y_en into each l, and translate/{l}-en.jsonl, y_l into English
+                                          (lidr.translation)
+3. pairs       pairs.jsonl + report       lidr.pairs (both directions, failures skipped and counted)
+4. train       train/                     lidr.train (DPO + NLL); M_{t+1} is train/model
+With method "sdrrl" (the related SDRRL, lidr/sdrrl.py) translation goes only from English, stage
+3 writes sdrrl.jsonl (supervised rows: English answers and their self-translations) and stage 4
+trains on it with the SFT objective. `swap_pairs` (a control, not the method) reverses every pair.
+
+A finished stage leaves WORK/iter{t}/done/{stage} and is skipped on a rerun; an interrupted stage
+resumes (each stage picks up its own partial outputs). A stage runs in this process, or, when
+nproc > 1, under torchrun: generation and translation data parallel (generate.py, translate.py),
+training with FSDP (train_dpo.py), the same functions behind a command line.
+
+How this departs from the paper: the paper ran generation and translation with vLLM and
+training with LLaMA-Factory; here each is lidr's own. Pairs keep every language's dominant pairs
+by default (see lidr.pairs).
+"""
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from lidr import sdrrl, settings
+from lidr.cli import decoding_argv
+from lidr.generation import generate_file
+from lidr.pairs import PairOptions, build_from_dir, read_translation_task_ids, write_pairs
+from lidr.rows import Engine
+from lidr.settings import Decoding, Training
+from lidr.train import options_argv, train
+from lidr.translation import translate_file
+
+ROOT = Path(__file__).resolve().parents[1]  # where generate.py, translate.py and train_dpo.py are
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What an iteration does: its languages, method, decoding, pair rules and training."""
+
+    langs: tuple[str, ...]  # the non-dominant languages; the dominant one is pairs.dominant
+    method: str = "lidr"  # "lidr": preference pairs, DPO + NLL; "sdrrl": self-distilled SFT rows
+    answers: Decoding = settings.ANSWERS  # step 2, M_t answering the prompts
+    translation: Decoding = settings.TRANSLATION  # step 3, M_t translating its answers
+    pairs: PairOptions = field(default_factory=PairOptions)  # step 4's rules (lidr/pairs.py)
+    translation_task_ids: str | None = None  # JSONL of prompt ids that are translation requests
+    swap_pairs: bool = False  # a control, not the method: every pair's chosen and rejected exchanged
+    training: Training = settings.TRAINING  # step 5; the objective follows the method
+
+
+# -----------------------------------------------------------------------------
+# running a stage: here, or under torchrun
+
+
+def torchrun(script: str, argv: list, nproc: int):
+    """Run one of lidr's command lines (a thin door over the function the in-process path calls)
+    under torchrun; a failure stops the iteration."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *map(str, argv)]
+    print("  $ " + shlex.join(cmd), flush=True)
+    result = subprocess.run(cmd)
+    if result.returncode != 0:
+        raise SystemExit(f"{script} failed (exit {result.returncode}); rerun the same command to resume")
+
+
+def generate_stage(model, prompts, out, decoding: Decoding, batch_size: int, nproc: int):
+    if nproc == 1:
+        generate_file(Engine(model, batch_size=batch_size), prompts, out, decoding)
+    else:
+        torchrun("generate.py", ["--model", model, "--prompts", prompts, "--out", out, "--batch-size", batch_size,
+                                 *decoding_argv(decoding)], nproc)
+
+
+def translate_stage(model, source, out, to: str, decoding: Decoding, batch_size: int, nproc: int):
+    if nproc == 1:
+        translate_file(Engine(model, batch_size=batch_size), source, out, to, decoding)
+    else:
+        torchrun("translate.py", ["--model", model, "--in", source, "--to", to, "--out", out,
+                                  "--batch-size", batch_size, *decoding_argv(decoding)], nproc)
+
+
+def train_stage(model, data, out, options: Training, nproc: int):
+    if nproc == 1:
+        train(model, data, out, options)
+    else:
+        torchrun("train_dpo.py", ["--model", model, "--data", data, "--out", out, *options_argv(options)], nproc)
+
+
+def stage(folder: Path, name: str, label: str, run_stage):
+    """Run `run_stage()` unless the stage's done-marker exists; write the marker after it succeeds."""
+    marker = folder / "done" / name
+    if marker.exists():
+        print(f"[{label}] {name}: done earlier, skipped", flush=True)
+        return
+    print(f"[{label}] {name} ...", flush=True)
+    start = time.time()
+    run_stage()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"finished in {time.time() - start:.0f}s\n")
+    print(f"[{label}] {name}: finished in {time.time() - start:.0f}s", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# one iteration, and several
+
+
+def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size: int = settings.SAMPLING_BATCH_SIZE,
+                  nproc: int = 1, train_nproc: int = 1) -> Path:
+    """One iteration in `folder` from model M_t (a folder) over the prompt files prompts/{lang}.jsonl
+    ({id, instruction}); returns the folder of M_{t+1}. nproc: processes for generation and
+    translation, train_nproc for training (torchrun when > 1)."""
+    folder, prompts = Path(folder), Path(prompts)
+    en, langs = recipe.pairs.dominant, list(recipe.langs)
+
+    def generate():  # M_t answers x_l in every language: y_l
+        for i, lang in enumerate([en, *langs], 1):
+            print(f"[{label}] generate {lang} ({i}/{len(langs) + 1})", flush=True)
+            generate_stage(model, prompts / f"{lang}.jsonl", folder / "generate" / f"{lang}.jsonl", recipe.answers,
+                           batch_size, nproc)
+
+    def translate():  # y_en -> l, and (LIDR) y_l -> en; SDRRL needs only the first
+        jobs = [(en, lang) for lang in langs] + ([(lang, en) for lang in langs] if recipe.method == "lidr" else [])
+        for i, (source, target) in enumerate(jobs, 1):
+            print(f"[{label}] translate {source} -> {target} ({i}/{len(jobs)})", flush=True)
+            translate_stage(model, folder / "generate" / f"{source}.jsonl",
+                            folder / "translate" / f"{source}-{target}.jsonl", target, recipe.translation,
+                            batch_size, nproc)
+
+    def pairs():  # (x_l, y_en->l beats y_l) and (x_en, y_en beats y_l->en)
+        task_ids = read_translation_task_ids(recipe.translation_task_ids)
+        made, report = build_from_dir(folder, langs, recipe.pairs, task_ids)
+        if recipe.swap_pairs:  # the control: every preference reversed
+            made = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in made]
+            report["swapped"] = True
+        write_pairs(made, report, folder / "pairs.jsonl", folder / "pairs_report.json")
+        for lang, counts in report["per_language"].items():
+            print(f"  {lang}: {counts}", flush=True)
+        if not made:
+            raise SystemExit(f"{folder / 'pairs_report.json'}: no pairs were made; see the report")
+
+    def sdrrl_rows():  # (x_l, y_en->l) and (x_en, y_en) as supervised rows
+        rows, report = sdrrl.build_from_dir(folder, langs, sdrrl.SDRRLOptions(dominant=en))
+        sdrrl.write_rows(rows, report, folder / "sdrrl.jsonl")
+        for lang, counts in report["per_language"].items():
+            print(f"  {lang}: {counts}", flush=True)
+        if not rows:
+            raise SystemExit(f"{folder / 'sdrrl_report.json'}: no SFT rows were made; see the report")
+
+    def train_next():  # M_t -> M_{t+1}, M_t the reference
+        if recipe.method == "sdrrl":
+            train_stage(model, folder / "sdrrl.jsonl", folder / "train", replace(recipe.training, objective="sft"),
+                        train_nproc)
+        else:
+            train_stage(model, folder / "pairs.jsonl", folder / "train", recipe.training, train_nproc)
+
+    stage(folder, "generate", label, generate)
+    stage(folder, "translate", label, translate)
+    if recipe.method == "lidr":
+        stage(folder, "pairs", label, pairs)
+    else:
+        stage(folder, "sdrrl", label, sdrrl_rows)
+    stage(folder, "train", label, train_next)
+    return folder / "train" / "model"
+
+
+def run(model, prompt_dirs: list, work, recipe: Recipe, iterations: int | None = None,
+        batch_size: int = settings.SAMPLING_BATCH_SIZE, nproc: int = 1, train_nproc: int = 1) -> list[Path]:
+    """Iterations 1..iterations (default: one per prompt folder) from M_0 = model in WORK/iter{t};
+    iteration t reads the t-th prompt folder, or the last one when there are fewer. Returns [M1, M2, ...]."""
+    iterations = iterations or len(prompt_dirs)
+    models = []
+    for t in range(1, iterations + 1):
+        label = f"iter {t}/{iterations}"
+        model = run_iteration(model, prompt_dirs[min(t, len(prompt_dirs)) - 1], Path(work) / f"iter{t}", recipe,
+                              label, batch_size, nproc, train_nproc)
+        print(f"[{label}] M{t} -> {model}", flush=True)
+        models.append(model)
+    return models
