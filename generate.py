@@ -33,7 +33,6 @@ of vLLM; torchrun runs one model per process (data parallel), no tensor parallel
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -45,26 +44,16 @@ import torch
 import torch.distributed as dist
 
 from lidr.checkpoint import check, default_dtype, folder_identity, load
+from lidr.cli import cut_at_context, params_within_context, positive_int, too_long_reason
 from lidr.jsonl import (
     ResumableWriter, check_output, file_identity, read_complete_lines, read_records, record_output, usable_records,
     write_text_atomic,
 )
-from lidr.sampler import Completion, SamplingParams, generate
+from lidr.sampler import SamplingParams, generate
 from lidr.tokenizer import Tokenizer, chat_messages
 
 SETTINGS = ("model", "system", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
 MADE_BY = "generate.py"
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts that must be at least 1 (--batch-size, --max-new-tokens)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return value
 
 
 def parse_args(argv=None):
@@ -167,36 +156,6 @@ def read_prompts(path, field: str, out_field: str):
 def row_key(key: str, line: int, row: dict) -> str:
     """The row's key as text: its id (3 and "3" are one id) or its line."""
     return str(row["id"] if key == "id" else line)
-
-
-# -----------------------------------------------------------------------------
-# over-length input: one policy for every stage that samples (generate, translate, eval)
-
-def too_long_reason(prompt_len: int, context: int) -> str | None:
-    """Why a prompt cannot be answered within the context, or None when it can."""
-    if prompt_len >= context:
-        return f"the prompt is {prompt_len} tokens, the model's context {context}: no room for a reply"
-    return None
-
-
-def params_within_context(params: SamplingParams, prompt_lens: list[int], context: int, flag="--max-new-tokens"):
-    """params with max_new_tokens lowered to the most any of these prompts has room for, with a warning."""
-    room = context - min(prompt_lens, default=0)
-    if params.max_new_tokens <= room:
-        return params
-    print(f"warning: {flag} {params.max_new_tokens} reaches past the model's context of {context} tokens; "
-          f"each reply ends where the context does (at most {room} new tokens here)", file=sys.stderr)
-    return dataclasses.replace(params, max_new_tokens=room)
-
-
-def cut_at_context(completion: Completion, prompt_len: int, context: int, tokenizer) -> Completion:
-    """The completion a generation bounded by the context gives: decoding is causal, so it is the
-    first context − prompt_len tokens of the unbounded one (the end-of-turn token needs a place too)."""
-    room = context - prompt_len
-    if len(completion.tokens) < room or (len(completion.tokens) == room and completion.finish_reason != "stop_token"):
-        return completion
-    tokens = completion.tokens[:room]
-    return Completion(tokens, tokenizer.decode(tokens), "length")
 
 
 # -----------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def judge_outputs(judge, outputs_dir: Path, reference_dir: Path, langs: list[str
 def main(argv=None):
     from eval.common import add_model_args, check_langs, load_model, model_identity
     from eval.judge import add_judge_args, judge_folder_name, make_judge
-    from generate import positive_int
+    from lidr.cli import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from generate import cut_at_context, params_within_context, positive_int, too_long_reason
 from lidr.checkpoint import folder_identity
+from lidr.cli import cut_at_context, params_within_context, positive_int, too_long_reason
 from lidr.languages import checked_languages
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -328,7 +328,7 @@ def summarize_preferences(rows: list[dict]) -> dict:
 
 
 def add_judge_args(parser: argparse.ArgumentParser):
-    from generate import positive_int
+    from lidr.cli import positive_int
 
     group = parser.add_argument_group("judge")
     group.add_argument("--judge", choices=("http", "local"), required=True,

@@ -230,7 +230,7 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
 
 def main(argv=None):
     from eval.common import add_model_args, check_langs, load_model, model_identity
-    from generate import positive_int
+    from lidr.cli import positive_int
     from lidr.sampler import SamplingParams
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
