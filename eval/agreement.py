@@ -20,7 +20,7 @@ size and sha256, the judge, the sample settings); a rerun with another pairs fil
 is refused before anything is written.
 
 How this departs from the paper: the paper does not say how many pairs it judged nor with which
-prompt; here --sample pairs per language (default 100) and lidr's judge prompt (eval/judge.py).
+prompt; here --sample pairs per language (default 100) and the X-AlpacaEval judge prompt (eval/judge.py).
 """
 
 import argparse

@@ -4,24 +4,31 @@
     judge = LocalJudge(*load("Meta-Llama-3-70B-Instruct", device="cuda", dtype=torch.bfloat16))
     p = judge.prefer_second([(instruction, output_m, output_M), ...])   # P(output M is better), or None
 
-The judge sees the instruction and two outputs labelled `m` and `M` (JUDGE_SYSTEM, JUDGE_PROMPT) and
-answers with one token, `m` or `M`. Its soft preference is read from the probabilities of those
-two tokens, normalised to sum to one, as alpaca_eval's "weighted" annotators do:
+The judge protocol is the paper's, verbatim: alpaca_eval's `weighted_alpaca_eval_gpt4_turbo`
+annotator with the multilingual prompt of the LIDR repository, shipped in
+eval/weighted_alpaca_eval_gpt4_turbo_multilingual/ (the prompt file, its configs.yaml, where they come
+from and their licence). The prompt is filled as alpaca_eval fills it (`{instruction}`, then
+`{output_1}`, then `{output_2}`, each the first occurrence in the text so far) and cut into system
+and user messages at its `<|im_start|>role` ... `<|im_end|>` marks as alpaca_eval's prompt_to_chatml
+does. Output 1 is shown as model `m`, output 2 as model `M`; the judge answers with one token, `m` or
+`M`, and its soft preference is read from the probabilities of those two tokens:
 
-    P(M better) = p(M) / (p(m) + p(M))
+    P(M better) = 1 − p(m) / (p(m) + p(M))      (alpaca_eval's preference − 1; 2 means output_2 won)
 
-- `HttpJudge` asks an OpenAI-compatible chat-completions endpoint for one token with its top-5
-  log-probabilities (every top token that reads `m` or `M` once stripped of spaces counts). When
-  neither is among them, the answer text decides (1 or 0); anything else is no verdict (None).
+- `HttpJudge` asks an OpenAI-compatible chat-completions endpoint with configs.yaml's settings (one
+  token, temperature 1, top_p 1, the top-5 log-probabilities) and scores them as alpaca_eval's
+  logprob_parser: exactly the tokens `m` and `M` count; when neither is among the five, the item has
+  no verdict (None) and is left out, as alpaca_eval leaves out its NaN preferences.
   HTTP 429, 5xx, timeouts (a server that accepts the connection and never answers: --timeout
   seconds) and dropped connections are retried with exponential backoff (a Retry-After header
   wins), then stop the run with the URL, the number of attempts and the last error; other HTTP
-  errors and malformed bodies stop it at once with the URL and the body. Every answer is cached on disk under a hash of (judge model, messages): a rerun, or a
+  errors and malformed bodies stop it at once with the URL and the body. Every answer (its top
+  log-probabilities) is cached on disk under a hash of (judge model, messages): a rerun, or a
   second language or model that repeats a comparison, never pays twice (one process at a time
   per cache file: the file is appended to, not locked).
-- `LocalJudge` runs any lidr checkpoint: one forward pass per comparison, and the two logits of
-  the answer tokens at the first reply position, P(M better) = σ(logit_M − logit_m). A prompt
-  longer than the model's context gives no verdict (None).
+- `LocalJudge` runs any lidr checkpoint on the same messages: one forward pass per comparison, and
+  the two logits of the answer tokens at the first reply position, P(M better) = σ(logit_M − logit_m).
+  A prompt longer than the model's context gives no verdict (None).
 
 `judge_both_orders` and `judge_random_order` turn a judge into P(first output of a pair beats
 the second) for a list of pairs: both orders averaged (cancels position bias, costs two calls),
@@ -30,9 +37,11 @@ statistics, items with no verdict are left out of n and counted (no_verdict); th
 counts a preference of exactly one half as half a win.
 `win_rate` is 100 × the mean preference with its standard error, 100 × sd / √n.
 
-How this departs from the paper and alpaca_eval: the prompt wording is lidr's own; it asks for
-the instruction's language unless another is requested, as the paper's prompt does. alpaca_eval
-draws each pair's order at random; here the draw is a hash, so reruns ask the same questions.
+How this departs from alpaca_eval: alpaca_eval draws each pair's order at random (seeded by the
+instruction); here the draw is a hash of the pair's key, so reruns ask the same questions, and
+--both-orders is a choice alpaca_eval does not offer. alpaca_eval scores a pair of identical outputs
+as a tie without asking; here the judge is asked. The local judge reads p(m) and p(M) from the whole
+distribution, so it always has a verdict, where the endpoint's is limited to its top five tokens.
 """
 
 import argparse
@@ -41,6 +50,7 @@ import http.client
 import json
 import math
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -53,31 +63,67 @@ from tqdm import tqdm
 
 from lidr.jsonl import ResumableWriter
 
-JUDGE_SYSTEM = "You are a fair and careful judge of the answers that AI assistants give to people's requests."
+# alpaca_eval's weighted_alpaca_eval_gpt4_turbo annotator with the multilingual prompt, as the paper ran it
+PROTOCOL_DIR = Path(__file__).parent / "weighted_alpaca_eval_gpt4_turbo_multilingual"
+TEMPLATE_PATH = PROTOCOL_DIR / "alpaca_eval_clf.txt"
+FIELDS = ("instruction", "output_1", "output_2")  # output_1 is shown as model `m`, output_2 as model `M`
+# configs.yaml's completions_kwargs, and the top_p alpaca_eval's openai_completions adds
+REQUEST_SETTINGS = {"max_tokens": 1, "temperature": 1, "top_p": 1.0, "logprobs": True, "top_logprobs": 5}
+START, END = "<|im_start|>", "<|im_end|>"
 
-JUDGE_PROMPT = (
-    "Two AI assistants answered the same instruction. Decide which output serves the person who wrote "
-    "the instruction better.\n\n"
-    "Weigh whether the output does what was asked, whether it is correct and useful, and whether it is "
-    "clear. A longer output is not better for being longer. Language matters: unless the instruction "
-    "asks for another language, a good output is written in the language of the instruction, and an "
-    "output in a different language fails the instruction.\n\n"
-    "[Instruction]\n{instruction}\n\n"
-    "[Output m]\n{output_m}\n\n"
-    "[Output M]\n{output_M}\n\n"
-    "Reply with a single character and nothing else: m if Output m is better, M if Output M is better."
-)
+
+def read_template(path: Path = TEMPLATE_PATH) -> str:
+    """The judge prompt, checked to name each of FIELDS once, in order (alpaca_eval fills one example per prompt)."""
+    template = path.read_text(encoding="utf-8")
+    placeholders = re.findall(r"{([^ \s]+?)}", template)  # alpaca_eval's own pattern: JSON braces hold spaces
+    if tuple(placeholders) != FIELDS:
+        raise ValueError(f"{path}: the judge prompt names the fields {placeholders}; expected {list(FIELDS)} once each")
+    if not template.strip().startswith(START) or not template.strip().endswith(END):
+        raise ValueError(f"{path}: the judge prompt is not in <|im_start|> ... <|im_end|> chat format")
+    return template
+
+
+JUDGE_TEMPLATE = read_template()
+
+
+def fill_template(template: str, values: dict[str, str]) -> str:
+    """alpaca_eval's make_prompts for one example: each field in turn replaces the first `{field}` of the
+    text filled so far (str.replace(..., 1), not str.format, so the template's JSON braces stay as they are)."""
+    for field in FIELDS:
+        template = template.replace("{" + field + "}", values[field], 1)
+    return template
+
+
+def chatml_messages(prompt: str) -> list[dict]:
+    """alpaca_eval's prompt_to_chatml: each block `<|im_start|>role`, a line break, the content up to
+    `<|im_end|>`, is one message, role and content stripped of surrounding whitespace. (It also reads
+    a role `system name=...`, which this prompt does not use.)"""
+    messages = []
+    for block in prompt.strip().split(START)[1:]:
+        role, _, content = block.partition("\n")
+        messages.append({"role": role.strip(), "content": content.split(END, 1)[0].strip()})
+    return messages
 
 
 def judge_messages(instruction: str, output_m: str, output_M: str) -> list[dict]:
-    user = JUDGE_PROMPT.format(instruction=instruction, output_m=output_m, output_M=output_M)
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+    """The chat messages the judge reads: the shipped prompt with the instruction and the two outputs filled in."""
+    return chatml_messages(fill_template(JUDGE_TEMPLATE, dict(zip(FIELDS, (instruction, output_m, output_M)))))
 
 
-def normalised_preference(p_m: float, p_M: float) -> float | None:
-    """P(M better) = p(M) / (p(m) + p(M)); None when neither token has any probability."""
-    total = p_m + p_M
-    return p_M / total if total > 0 else None
+def logprob_preference(top_logprobs: list[tuple[str, float]]) -> float | None:
+    """P(M better) from the judge's top log-probabilities of its one answer token, as alpaca_eval's
+    logprob_parser (numerator "m", denominator ["m", "M"], not binarized): tokens compare as they are
+    (" m" is not "m"); one of the two absent has probability 0; both absent is no verdict (None).
+
+    alpaca_eval's preference is 2 − p(m) / (p(m) + p(M)), in [1, 2], 2 meaning output_2 (`M`) is
+    better; this returns that preference − 1, whose mean × 100 is its win rate.
+    """
+    logprobs = {token: float(logprob) for token, logprob in top_logprobs if token in ("m", "M")}
+    if not logprobs or max(logprobs.values()) == -math.inf:
+        return None
+    logprob_m, logprob_M = logprobs.get("m", -math.inf), logprobs.get("M", -math.inf)
+    denominator = max(logprob_m, logprob_M) + math.log1p(math.exp(-abs(logprob_m - logprob_M)))  # logsumexp
+    return 1.0 - math.exp(logprob_m - denominator)
 
 
 class JudgeError(RuntimeError):
@@ -150,26 +196,21 @@ class HttpJudge:
             raise JudgeError(f"{self.url}: malformed response body (not JSON): {body[:300]!r}") from None
 
     def ask(self, messages: list[dict]) -> dict:
-        """{"p_m", "p_M", "text"} for one comparison, from the cache or the endpoint."""
+        """{"top_logprobs": [[token, logprob], ...], "text"} of the one answer token of a comparison,
+        from the cache or the endpoint."""
         key = self.cache_key(messages)
         if key in self.cached:
             return self.cached[key]
-        # temperature 1: the log-probabilities are those of the model itself on any server
-        body = self.post({"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 1.0,
-                          "logprobs": True, "top_logprobs": 5})
+        body = self.post({"model": self.model, "messages": messages, **REQUEST_SETTINGS})
         try:
             choice = body["choices"][0]
             text = choice["message"].get("content") or ""
-            top = choice["logprobs"]["content"][0]["top_logprobs"]
-            probs = {"m": 0.0, "M": 0.0}
-            for entry in top:
-                token = entry["token"].strip()
-                if token in probs:
-                    probs[token] += math.exp(float(entry["logprob"]))
+            top = [[entry["token"], float(entry["logprob"])]
+                   for entry in choice["logprobs"]["content"][0]["top_logprobs"]]
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise JudgeError(f"{self.url}: malformed response body (no {e!s} in the chat-completions "
                              f"answer with log-probabilities): {json.dumps(body)[:300]}") from None
-        row = {"key": key, "judge": self.model, "p_m": probs["m"], "p_M": probs["M"], "text": text}
+        row = {"key": key, "judge": self.model, "top_logprobs": top, "text": text}
         with self.lock:
             if key not in self.cached:
                 if self.cache:
@@ -179,11 +220,7 @@ class HttpJudge:
 
     def prefer_second(self, triples: list[tuple[str, str, str]], progress: bool = True) -> list[float | None]:
         def one(triple):
-            row = self.ask(judge_messages(*triple))
-            preference = normalised_preference(row["p_m"], row["p_M"])
-            if preference is None and row["text"].strip() in ("m", "M"):
-                preference = float(row["text"].strip() == "M")
-            return preference
+            return logprob_preference(self.ask(judge_messages(*triple))["top_logprobs"])
 
         with ThreadPoolExecutor(self.workers) as pool:
             return list(tqdm(pool.map(one, triples), total=len(triples), desc=f"judge {self.name}",

@@ -13,7 +13,7 @@ and the judge's agreement with LIDR's preference pairs ± standard error.
 
 Writes {out}/report.md and one PNG per table ({out}/{section}-{metric}.png: grouped bars, one
 colour per model, error bars where there is a standard error). --paper adds the paper's numbers
-for Meta-Llama-3-8B-Instruct (METHOD.md: MGSM accuracy, X-AlpacaEval win rate, M0-M2) as hatched
+for Meta-Llama-3-8B-Instruct (docs/method.md §1.9: MGSM accuracy, X-AlpacaEval win rate, M0-M2) as hatched
 reference rows; they were measured with the paper's judge and setup, so they compare only loosely.
 """
 
@@ -32,7 +32,7 @@ METRICS = {
 }
 
 PAPER_MODEL = "Meta-Llama-3-8B-Instruct"
-PAPER = {  # METHOD.md, the paper's headline tables
+PAPER = {  # docs/method.md §1.9, the paper's headline tables
     ("mgsm", "accuracy"): {
         "M0": dict(en=.700, es=.456, ru=.488, de=.468, fr=.464, ja=.284, sw=.192, th=.324, zh=.464, bn=.328),
         "M1": dict(en=.712, es=.616, ru=.604, de=.564, fr=.596, ja=.428, sw=.320, th=.524, zh=.552, bn=.464),

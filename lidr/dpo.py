@@ -1,4 +1,4 @@
-"""The DPO(+NLL) loss of LIDR as pure functions of log-probabilities (METHOD.md §1.5).
+"""The DPO(+NLL) loss of LIDR as pure functions of log-probabilities (docs/method.md §1.5).
 
     loss = −log σ(β·[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))])
            + α · ( −log π(y_c|x) / |y_c| )

@@ -2,7 +2,7 @@
 
     python -m lidr.pairs --dir runs/lidr/iter1 --langs es,ru,de,fr [--dominant-pairs all|one] [--check-language]
 
-For every prompt id and every non-dominant language l (METHOD.md §1 step 4), from M_t's own
+For every prompt id and every non-dominant language l (docs/method.md §1.4), from M_t's own
 answers y and self-translations:
 - non-dominant pair: prompt x_l, chosen y_en→l, rejected y_l
 - dominant pair:     prompt x_en, chosen y_en,  rejected y_l→en

@@ -5,6 +5,7 @@ agreement commands end to end on small files."""
 import hashlib
 import json
 import math
+import shutil
 import socket
 import statistics
 import subprocess
@@ -18,12 +19,54 @@ from conftest import ROOT, shared_data
 
 from eval import agreement, alpacaeval
 from eval.judge import (
-    HttpJudge, JudgeError, LocalJudge, judge_both_orders, judge_messages, judge_random_order, order_is_swapped,
-    win_rate,
+    PROTOCOL_DIR, HttpJudge, JudgeError, LocalJudge, judge_both_orders, judge_messages, judge_random_order,
+    logprob_preference, order_is_swapped, win_rate,
 )
 from lidr.jsonl import ResumableWriter
 
 TRIPLE = ("¿Cuál es la capital de Francia?", "La capital de Francia es París.", "Paris is the capital.")
+
+# The messages alpaca_eval sends for TRIPLE (weighted_alpaca_eval_gpt4_turbo_multilingual), written out by hand
+PAPER_SYSTEM = (
+    "You are a highly efficient assistant, who evaluates and selects the best large language model (LLMs) based "
+    "on the quality of their responses to a given instruction. This process will be used to create a leaderboard "
+    "reflecting the most accurate and human-preferred answers."
+)
+PAPER_USER = """I require a leaderboard for various large language models. I'll provide you with prompts given \
+to these models and their corresponding outputs. Your task is to assess these responses, and select the model \
+that produces the best output from a human perspective.
+
+## Instruction
+
+{
+    "instruction": \"\"\"¿Cuál es la capital de Francia?\"\"\",
+}
+
+## Model Outputs
+
+Here are the unordered outputs from the models. Each output is associated with a specific model, identified by a \
+unique model identifier.
+
+{
+    {
+        "model_identifier": "m",
+        "output": \"\"\"La capital de Francia es París.\"\"\"
+    },
+    {
+        "model_identifier": "M",
+        "output": \"\"\"Paris is the capital.\"\"\"
+    }
+}
+
+## Task
+
+A good output should be in the same language as the instruction, except when the instruction explicitly \
+requests the output in a different language. Evaluate the models based on the quality and relevance of their \
+outputs, and select the model that generated the best output. Answer by providing the model identifier of the \
+best model. We will use your output as the name of the best model, so make sure your output only contains one \
+of the following model identifiers and nothing else (no quotes, no spaces, no new lines, ...): m or M.
+
+## Best Model Identifier"""
 
 
 # -----------------------------------------------------------------------------
@@ -96,8 +139,8 @@ def test_http_judge_retries_reads_logprobs_and_caches(tmp_path):
         judge = HttpJudge(url, "judge-model-x", api_key="sk-test", cache_path=tmp_path / "cache.jsonl",
                           backoff=1.5, sleep=sleeps.append, workers=2)
         [p] = judge.prefer_second([TRIPLE], progress=False)
-        # "m" and " m" are the same answer: p(m) = 0.25 + 0.05; P(M better) = 0.6 / (0.6 + 0.3)
-        assert p == pytest.approx(0.6 / 0.9)
+        # alpaca_eval compares tokens exactly: " m" is not the answer m, so P(M better) = 1 − 0.25 / (0.25 + 0.6)
+        assert p == pytest.approx(1 - 0.25 / 0.85)
         # Retry-After wins over the backoff; then 1.5 * 2**1 and 1.5 * 2**2
         assert sleeps == [7.0, 3.0, 6.0]
         assert judge.calls == 4 and len(server.requests) == 4
@@ -131,13 +174,34 @@ def test_http_judge_sends_the_chat_completions_request(tmp_path):
     assert request["path"] == "/v1/chat/completions"
     assert request["headers"]["Authorization"] == "Bearer sk-abc"
     sent = request["json"]
-    assert sent["model"] == "gpt-judge" and sent["max_tokens"] == 1
-    assert sent["logprobs"] is True and sent["top_logprobs"] == 5
-    assert sent["messages"] == judge_messages(*TRIPLE)
-    user = sent["messages"][-1]["content"]
-    assert all(text in user for text in TRIPLE)
-    assert user.index(TRIPLE[1]) < user.index(TRIPLE[2])  # output m before output M
-    assert "language" in user
+    assert sent["messages"] == [{"role": "system", "content": PAPER_SYSTEM}, {"role": "user", "content": PAPER_USER}]
+    # configs.yaml's completions_kwargs, and alpaca_eval's openai_completions default top_p=1.0
+    assert {k: v for k, v in sent.items() if k != "messages"} == {
+        "model": "gpt-judge", "max_tokens": 1, "temperature": 1, "top_p": 1.0, "logprobs": True, "top_logprobs": 5}
+    configs = (PROTOCOL_DIR / "configs.yaml").read_text()
+    for line in ("max_tokens: 1", "temperature: 1 ", "logprobs: true", "top_logprobs: 5", 'numerator_token: "m"',
+                 'denominator_tokens: ["m", "M"]', "is_binarize: false", 'fn_completion_parser: "logprob_parser"'):
+        assert f"  {line}" in configs, line
+
+
+def test_the_shipped_prompt_is_the_papers_file():
+    shipped = (PROTOCOL_DIR / "alpaca_eval_clf.txt").read_bytes()
+    assert hashlib.sha256(shipped).hexdigest() == "10f5ddeae97ecab62bac9ff14d83c1fd1ce075d79b1db5efd750d7f92d772c26"
+    for name in ("alpaca_eval_clf.txt", "configs.yaml"):
+        assert (PROTOCOL_DIR / name).read_bytes() == shared_data("x-alpacaeval", "judge", name).read_bytes()
+
+
+def test_judge_messages_are_the_shipped_prompt_filled_as_alpaca_eval_fills_it():
+    assert judge_messages(*TRIPLE) == [{"role": "system", "content": PAPER_SYSTEM},
+                                       {"role": "user", "content": PAPER_USER}]
+    # alpaca_eval fills by replacing the first occurrence of each field in turn, in the text filled so far:
+    # an instruction that spells a later field's placeholder takes that output, and the slot keeps the literal
+    user = judge_messages("Explain {output_1} and {output_2}.", "first", "second")[1]["content"]
+    assert '"instruction": """Explain first and second.""",' in user
+    assert '"output": """{output_1}"""' in user and '"output": """{output_2}"""' in user
+    # surrounding whitespace of the filled prompt and of each message is stripped, as prompt_to_chatml does
+    user = judge_messages("q", "a", "b")[1]["content"]
+    assert user.startswith("I require a leaderboard") and user.endswith("## Best Model Identifier")
 
 
 def test_http_judge_malformed_bodies_are_clear_errors(tmp_path):
@@ -155,33 +219,59 @@ def test_http_judge_gives_up_and_does_not_retry_client_errors(tmp_path):
         run_script([(401, {}, b"bad key")], tmp_path)
 
 
-def test_http_judge_falls_back_to_the_answer_text(tmp_path):
-    # neither m nor M among the top log-probabilities: the sampled text decides
+def test_http_judge_without_m_or_M_among_the_top_tokens_has_no_verdict(tmp_path):
+    # neither m nor M among the top log-probabilities: no verdict, whatever the sampled text says
     body = completion_body([("Output", -0.1), ("The", -3.0)], text="M")
     [p], _, _ = run_script([ok(body)], tmp_path)
-    assert p == 1.0
-    body = completion_body([("Output", -0.1)], text="Output")
-    [p], _, _ = run_script([ok(body)], tmp_path / "other")
     assert p is None
+    body = completion_body([(" M", -0.1), ("mm", -3.0)])
+    [p], _, _ = run_script([ok(body)], tmp_path / "spaced")
+    assert p is None
+    # one of the two present: the other has probability 0
+    [p], _, _ = run_script([ok(completion_body([("M", -0.3), ("Output", -1.5)]))], tmp_path / "M")
+    assert p == 1.0
+    [p], _, _ = run_script([ok(completion_body([("The", -0.3), ("m", -1.5)]))], tmp_path / "m")
+    assert p == 0.0
+
+
+def test_logprob_preference_is_alpaca_eval_preference_minus_one():
+    # alpaca_eval's own example answer (completion_parsers.logprob_parser): its preference is
+    # 2 − p(m) / (p(m) + p(M)) with p = exp(logprob); the win rate counts preference − 1
+    top = [("M", -0.017597131), ("m", -4.048847), ("Both", -14.908222), ("The", -15.705097), ("Based", -15.955097)]
+    p_m, p_M = math.exp(-4.048847), math.exp(-0.017597131)
+    assert logprob_preference(top) == pytest.approx((2 - p_m / (p_m + p_M)) - 1, rel=1e-12)
+    # log-probabilities too small for exp(): p(m) / (p(m) + p(M)) = 1 / (1 + e) when logprob_M = logprob_m − 1
+    assert logprob_preference([("m", -800.0), ("M", -801.0)]) == pytest.approx(1 - 1 / (1 + math.exp(-1)), rel=1e-12)
+    assert logprob_preference([("m", -0.5)]) == 0.0 and logprob_preference([]) is None
 
 
 # -----------------------------------------------------------------------------
 # the local judge against transformers' logits
 
 
-def test_local_judge_matches_transformers_and_gives_the_known_win_rate(tiny_dir):
+@pytest.fixture(scope="module")
+def judge_dir(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint with a context of 1,024 tokens: the judge prompt alone is about 300."""
+    folder = tmp_path_factory.mktemp("judge") / "llama3-1k"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    return folder
+
+
+def test_local_judge_matches_transformers_and_gives_the_known_win_rate(judge_dir):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from lidr.checkpoint import load
 
-    model, tokenizer = load(tiny_dir)
+    model, tokenizer = load(judge_dir)
     triples = [
         ("Combien font 2 + 2 ?", "4", "Deux plus deux font quatre."),
         ("Nenne drei Farben.", "Rot, Grün und Blau sind drei Farben, die man oft sieht.", "Rot."),
         ("Write a haiku about rain.", "Rain taps the window", "Soft rain on the roof, grey sky, a quiet street."),
     ]
-    hf = LlamaForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32).eval()
-    hf_tok = AutoTokenizer.from_pretrained(tiny_dir)
+    hf = LlamaForCausalLM.from_pretrained(judge_dir, torch_dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(judge_dir)
     m_id, M_id = hf_tok.convert_tokens_to_ids(["m", "M"])
 
     def hf_prefer_second(triple):
@@ -214,11 +304,11 @@ def test_local_judge_matches_transformers_and_gives_the_known_win_rate(tiny_dir)
     assert se == pytest.approx(100 * statistics.stdev(by_hand) / math.sqrt(3), abs=1e-3)
 
 
-def test_local_judge_skips_prompts_longer_than_the_context(tiny_dir):
+def test_local_judge_skips_prompts_longer_than_the_context(judge_dir):
     from lidr.checkpoint import load
 
-    model, tokenizer = load(tiny_dir)  # max_position_embeddings 256
-    long_output = "word " * 400
+    model, tokenizer = load(judge_dir)  # max_position_embeddings 1024
+    long_output = "word " * 1000
     short = ("Say hi.", "Hi!", "Hello.")
     got = LocalJudge(model, tokenizer).prefer_second([short, ("Say hi.", long_output, "Hello.")], progress=False)
     assert got[0] is not None and got[1] is None

@@ -45,7 +45,7 @@ def test_report_tables_and_charts(results, tmp_path):
     assert "| M1 | 0.000 | 0.000 | 0.000 |" in text  # MGSM off-target
     assert "| M0 | 20.00 ± 1.50 | 10.00 ± 1.00 | 15.00 |" in text
     assert "| M1 | 30.00 ± 2.00 | 22.50 ± 1.00 | 26.25 |" in text
-    # the paper's rows: METHOD.md's numbers, on the languages of the table
+    # the paper's rows: docs/method.md §1.9's numbers, on the languages of the table
     assert "| paper M1 (Meta-Llama-3-8B-Instruct) | 0.712 | 0.564 | 0.638 |" in text
     assert "| paper M2 (Meta-Llama-3-8B-Instruct) | 34.09 | 16.02 | 25.05 |" in text
     # a section only one model has: its table has only that model
