@@ -33,10 +33,9 @@ refused. An instruction too long for the model's context is not answered and is 
 ("too_long"); an output ends where the context does (lidr/rows.py's policy, every stage's). Items the judge gives
 no verdict on are left out of n and counted ("no_verdict"); a tie counts half in the hard win rate.
 
-How this departs from the paper: the paper's judge is gpt-4-1106-preview through alpaca_eval's
-weighted annotator; here the judge prompt is lidr's own (eval/judge.py), the pair order is a fixed
-hash of the id instead of a random draw (or both orders, --both-orders), and a local checkpoint
-can judge. The system turn is the LIDR repository's "You are a helpful assistant." (--system).
+How this departs from the paper: the judge's prompt, settings and scoring are alpaca_eval's
+weighted annotator, the paper's (eval/judge.py); the pair order is a fixed hash of the id instead
+of a random draw (or both orders, --both-orders), and a local checkpoint can judge. The system turn is the LIDR repository's "You are a helpful assistant." (--system).
 """
 
 import argparse

@@ -6,7 +6,7 @@
     python iterate.py --model ... --work runs/lidr --langs es,ru,de,fr --prompts ... --iterations 2   # the command
 
 Iteration t runs these stages in WORK/iter{t}/, with M_t as the model and, in training, as the
-reference (METHOD.md §1):
+reference (docs/method.md §1):
 1. generate    generate/{lang}.jsonl      M_t answers the prompts in every language (lidr.generation)
 2. translate   translate/en-{l}.jsonl     y_en into each l, and translate/{l}-en.jsonl, y_l into English
                                           (lidr.translation)

@@ -4,7 +4,7 @@
     settings.ANSWERS.max_new_tokens          # 2400: LIDR step 2, M_t answering the prompts
     dataclasses.replace(settings.TRANSLATION, max_new_tokens=64)   # a caller's visible override
 
-Each value says where it comes from (METHOD.md: the LIDR paper, arXiv 2410.08964, and its public
+Each value says where it comes from (docs/method.md: the LIDR paper, arXiv 2410.08964, and its public
 repository). The command lines take their defaults from here and say so in their help ("default:
 the paper's, 1.1"); the demo and small models override a value at the call site, where a reader
 sees it (dataclasses.replace), never here.

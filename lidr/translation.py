@@ -45,7 +45,7 @@ REFERENCE_FAILURE_MARKER = "Translation Error"
 
 
 def translation_prompt(text: str, target_lang: str) -> str:
-    """The user turn that asks for `text` in `target_lang` (METHOD.md §1 step 3)."""
+    """The user turn that asks for `text` in `target_lang` (docs/method.md §1.3)."""
     return (
         f"Please translate the following sentences into {language_name(target_lang)}. "
         "The input sentences are wrapped by <sentence> and </sentence>:\n\n"
