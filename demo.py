@@ -185,6 +185,12 @@ def learning_summary(runs: dict[str, Path]) -> tuple[str, dict]:
                 f = fidelity[lang]
                 lines.append(f"| {run} | {folder.name[4:]} | {lang} | {f['closed']:.2f} | {f['faithful']:.2f} | "
                              f"{made.get(lang, '0')} |")
+            if (folder / "train" / "unchanged.json").exists():
+                rows = json.loads((folder / "train" / "unchanged.json").read_text())["rows"]
+                training.append(f"- {run}, iteration {folder.name[4:]}: not trained, {rows} rows fill no batch "
+                                f"(M{folder.name[4:]} is M{int(folder.name[4:]) - 1})")
+                data[f"{run}/{folder.name}"] = {"fidelity": fidelity, "made": made, "training": {}}
+                continue
             log = [json.loads(line) for line in (folder / "train" / "log.jsonl").read_text().splitlines()]
             first, last = log[0], log[-1]
             keys = [k for k in ("dpo", "reward_accuracy", "margin", "nll") if k in first]

@@ -11,7 +11,9 @@ reference (docs/method.md §1):
 2. translate   translate/en-{l}.jsonl     y_en into each l, and translate/{l}-en.jsonl, y_l into English
                                           (lidr.translation)
 3. pairs       pairs.jsonl + report       lidr.pairs (both directions, failures skipped and counted)
-4. train       train/                     lidr.train (DPO + NLL); M_{t+1} is train/model
+4. train       train/                     lidr.train (DPO + NLL); M_{t+1} is train/model, or M_t itself
+                                          when the rows do not fill one global batch (train/unchanged.json):
+                                          M_t's answers and its translations of them agree, nothing to learn
 With method "sdrrl" (the related SDRRL, lidr/sdrrl.py) translation goes only from English, stage
 3 writes sdrrl.jsonl (supervised rows: English answers and their self-translations) and stage 4
 trains on it with the SFT objective. `swap_pairs` (a control, not the method) reverses every pair.
@@ -36,6 +38,7 @@ from pathlib import Path
 from lidr import sdrrl, settings
 from lidr.cli import decoding_argv
 from lidr.generation import generate_file
+from lidr.jsonl import write_json_atomic
 from lidr.pairs import PairOptions, build_from_dir, read_translation_task_ids, write_pairs
 from lidr.rows import Engine
 from lidr.settings import Decoding, Training
@@ -157,12 +160,19 @@ def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size
         if not rows:
             raise SystemExit(f"{folder / 'sdrrl_report.json'}: no SFT rows were made; see the report")
 
+    data = folder / ("sdrrl.jsonl" if recipe.method == "sdrrl" else "pairs.jsonl")
+    unchanged = folder / "train" / "unchanged.json"  # written when there was too little to train on
+
     def train_next():  # M_t -> M_{t+1}, M_t the reference
-        if recipe.method == "sdrrl":
-            train_stage(model, folder / "sdrrl.jsonl", folder / "train", replace(recipe.training, objective="sft"),
-                        train_nproc)
-        else:
-            train_stage(model, folder / "pairs.jsonl", folder / "train", recipe.training, train_nproc)
+        rows = sum(1 for line in data.read_text().splitlines() if line.strip())
+        global_batch = recipe.training.batch_size * recipe.training.grad_accum * train_nproc
+        if rows < global_batch:  # M_t and its own translations agree (almost) everywhere: nothing left to learn
+            print(f"[{label}] train: {rows} rows in {data} do not fill one global batch of {global_batch}; "
+                  f"M_t+1 is M_t ({model})", flush=True)
+            write_json_atomic(unchanged, {"rows": rows, "global_batch": global_batch, "model": str(model)})
+            return
+        options = replace(recipe.training, objective="sft") if recipe.method == "sdrrl" else recipe.training
+        train_stage(model, data, folder / "train", options, train_nproc)
 
     stage(folder, "generate", label, generate)
     stage(folder, "translate", label, translate)
@@ -171,7 +181,7 @@ def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size
     else:
         stage(folder, "sdrrl", label, sdrrl_rows)
     stage(folder, "train", label, train_next)
-    return folder / "train" / "model"
+    return Path(model) if unchanged.exists() else folder / "train" / "model"
 
 
 def run(model, prompt_dirs: list, work, recipe: Recipe, iterations: int | None = None,

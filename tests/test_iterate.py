@@ -57,3 +57,27 @@ def test_iteration_end_to_end_and_resume_after_sigkill(demo_dir, tmp_path):
     # a third run has nothing left to do
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert all(f"{s}: done earlier, skipped" in again.stdout for s in ("generate", "translate", "pairs", "train"))
+
+
+def test_an_iteration_with_fewer_pairs_than_one_batch_keeps_its_model(tmp_path):
+    """When M_t's answers and its translations of them agree almost everywhere, the pairs do not fill one
+    global batch: the iteration trains nothing, says so in train/unchanged.json, and M_{t+1} is M_t."""
+    from dataclasses import replace
+
+    from lidr.iterate import Recipe, run_iteration
+    from lidr.settings import TRAINING
+
+    folder = tmp_path / "iter2"
+    (folder / "done").mkdir(parents=True)
+    for name in ("generate", "translate", "pairs"):  # finished earlier: only training is left
+        (folder / "done" / name).write_text("")
+    pair = {"id": "1", "lang": "fr", "direction": "non_dominant", "prompt": "Q", "chosen": "a", "rejected": "b"}
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for _ in range(3)))
+    recipe = Recipe(langs=("fr",), training=replace(TRAINING, batch_size=2, grad_accum=1))
+    m1 = tmp_path / "M1"  # never opened: nothing is trained
+    assert run_iteration(m1, tmp_path / "prompts", folder, recipe, "iter 2/2", train_nproc=2) == m1
+    assert json.loads((folder / "train" / "unchanged.json").read_text()) == {"rows": 3, "global_batch": 4,
+                                                                          "model": str(m1)}
+    assert (folder / "done" / "train").exists() and not (folder / "train" / "model").exists()
+    # a rerun finds the stage done and gives M_t again
+    assert run_iteration(m1, tmp_path / "prompts", folder, recipe, "iter 2/2", train_nproc=2) == m1
