@@ -6,8 +6,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from matplotlib.image import imread
+
+pytestmark = pytest.mark.slow  # every test here runs whole commands (minutes)
 
 
 def test_world_demo_quick_runs_every_stage_and_control(tmp_path):

@@ -5,6 +5,8 @@ import torch
 
 from lidr.checkpoint import load
 
+pytestmark = pytest.mark.slow  # converts the 135M GGUF model once (about 15 s), then compares it
+
 STRINGS = {
     "en": "Tom has 26 apples. He buys 28 more. How many apples does he have?",
     "fr": "Tom a vingt-six pommes. Il en achète encore ; combien en a-t-il ?",

@@ -91,6 +91,7 @@ def test_bad_question_rows_are_dropped_and_counted(tmp_path):
     assert dropped[1].startswith(f"{path}:3: not JSON")
 
 
+@pytest.mark.slow
 def test_mgsm_end_to_end_on_the_demo_model_resumes(demo_dir, tmp_path, monkeypatch):
     from lidr.checkpoint import load
     from lidr.sampler import SamplingParams
@@ -165,6 +166,7 @@ def tiny_data(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_mgsm_command_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, tmp_path):
     data = tiny_data(tmp_path / "data")
     args = ["--model", str(tiny_dir), "--data", str(data), "--langs", "en", "fr", "--max-new-tokens", "16",

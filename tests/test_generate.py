@@ -138,6 +138,7 @@ def test_gold_response_field_is_refused_and_rows_without_id_are_keyed_by_line(tm
     assert all(isinstance(r["answer"], str) and r["answer_meta"]["new_tokens"] >= 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dir):
     rows = [{"id": f"q{i}", "instruction": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"} for i in range(12)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -158,6 +159,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dir):
     assert not partial.exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_merge_in_input_order(tmp_path, tiny_dir):
     rows = [{"query": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"} for i in range(7)]  # no ids: keyed by line
     src = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -245,6 +247,7 @@ def test_user_errors_are_sentences_and_nothing_is_recorded(tmp_path, tiny_dir, c
     assert [r["id"] for r in read_jsonl(out)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_over_length_prompts_are_skipped_and_replies_end_at_the_context(tmp_path, tiny_dir, tiny, tiny_hf, capsys):
     model, tokenizer = tiny
     context = model.cfg.max_seq_len  # 256
@@ -265,6 +268,7 @@ def test_over_length_prompts_are_skipped_and_replies_end_at_the_context(tmp_path
     assert row["response_meta"]["new_tokens"] <= room and row["response_meta"]["max_new_tokens"] == 1000
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_killed_mid_run_resume_to_the_one_process_result(tmp_path, tiny_dir):
     rows = [{"id": i, "instruction": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"} for i in range(24)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)

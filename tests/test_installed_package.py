@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # every test here builds or installs the package
+
 PROTOCOL_FILES = ["LICENSE", "README.md", "alpaca_eval_clf.txt", "configs.yaml"]
 
 PROBE = """

@@ -6,12 +6,15 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 from lidr.checkpoint import load_model
 from lidr.problems import write_sets
 
 
+@pytest.mark.slow
 def test_iteration_end_to_end_and_resume_after_sigkill(demo_dir, tmp_path):
     write_sets(tmp_path / "problems", n_train=3, n_eval=1, langs=("en", "fr"))
     work = tmp_path / "work"

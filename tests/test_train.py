@@ -100,6 +100,7 @@ def test_bad_rows_are_dropped_and_counted(tiny_dir, tmp_path):
 # DPO runs
 
 
+@pytest.mark.slow
 def test_first_step_is_ln2_and_the_nll_of_transformers(one_process, tiny_dir, data):
     """Step 1: policy = reference, so the DPO loss is ln 2; the NLL term equals transformers' value."""
     from transformers import LlamaForCausalLM
@@ -129,6 +130,7 @@ def test_first_step_is_ln2_and_the_nll_of_transformers(one_process, tiny_dir, da
     assert (one_process / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_weights_as_one(one_process, tiny_dir, data, tmp_path):
     out = tmp_path / "two"
     proc = run_subprocess([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -157,6 +159,7 @@ runpy.run_path("train_dpo.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_uninterrupted_weights(one_process, tiny_dir, data, tmp_path):
     out = tmp_path / "killed"
     args = train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2", "--save-every", "2")
@@ -208,6 +211,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", sorted(KILL_POINTS))
 def test_sigkill_during_a_save_then_rerun_gives_the_uninterrupted_weights(point, one_process, tiny_dir, data, tmp_path):
     where, resume_step, folders = KILL_POINTS[point]

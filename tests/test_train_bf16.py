@@ -15,6 +15,8 @@ from test_train import data, one_process, run_subprocess, train_args, weights  #
 from lidr.checkpoint import load
 from lidr.train import main
 
+pytestmark = pytest.mark.slow  # every test here trains in one or two processes (seconds to a minute)
+
 
 @pytest.fixture(scope="module")
 def one_process_bf16(tiny_dir, data, tmp_path_factory):  # noqa: F811

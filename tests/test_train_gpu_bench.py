@@ -23,6 +23,7 @@ def test_without_cuda_it_says_so_and_exits_2():
     assert "needs a CUDA GPU and this machine has none" in proc.stderr
 
 
+@pytest.mark.slow
 def test_its_tiny_folder_trains_and_exports_through_train_dpo(tmp_path):
     """Section 5's run, launched with plain python on this machine: the folder and tokenizer it writes work."""
     proc, out = gpu.run_torchrun(tmp_path, [sys.executable], timeout=300)

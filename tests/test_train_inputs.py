@@ -19,6 +19,7 @@ def data(tmp_path):
     return write_jsonl(tmp_path / "pairs.jsonl", pairs(4))
 
 
+@pytest.mark.slow
 def test_a_typo_in_model_or_data_leaves_nothing_behind_and_the_corrected_command_runs(tiny_dir, data, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"no such model folder"):

@@ -71,6 +71,7 @@ def test_unclosed_replies_are_marked_failed_and_a_rerun_adds_nothing(tiny_dir, t
     assert "0 generated now, 2 already there" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_dir, tmp_path):
     source = tmp_path / "en.jsonl"
     source.write_text("".join(json.dumps({"id": i, "response": f"Answer number {i}: the cat sleeps."}) + "\n"
