@@ -23,15 +23,15 @@ On CPU the weights are repacked for the generation (see PackedLinear): q/k/v and
 one product each, run by oneDNN on a prepacked copy, which is what makes decoding on CPU 1.5 to
 2x faster than with the model's own nn.Linear layers.
 
-Which shapes are static. The cache length, max_len, is the longest prompt plus max_new_tokens
-rounded up to a multiple of LENGTH_BUCKET, fixed for the call. Eager, a decode step attends over
-the filled part of the cache rounded up to LENGTH_BUCKET, and compaction keeps exactly the live
-rows. Compiled (`compile=True`), every shape of the decode step is static: it attends over the
-whole cache; the batch is batch_size slots, or the smallest power of two that holds every prompt
-if that is fewer; compaction keeps a power of two of slots (idle ones fill it up). A generation
-then compiles at most 1 + log2(batch) graphs, each once per process (a later generation with the
-same batch sizes and max_len compiles nothing; torch stops compiling, and runs the step eager,
-after 8 graphs of one function).
+Which shapes are static. The cache length, max_len, is the longest prompt plus max_new_tokens,
+fixed for the call. Eager, a decode step attends over the filled part of the cache rounded up to
+LENGTH_BUCKET, and compaction keeps exactly the live rows. Compiled (`compile=True`), every
+shape of the decode step is static: it attends over the whole cache; the batch is batch_size
+slots, or the smallest power of two that holds every prompt if that is fewer; compaction keeps
+a power of two of slots (idle ones fill it up). A generation compiles at most 1 + log2(batch)
+graphs, each once per process: a later generation with the same batch sizes and max_len
+compiles nothing, one with another max_len compiles again (torch stops compiling a function
+after 8 graphs, and the step then runs eager).
 
 Sampling follows vLLM's order and meaning: repetition penalty over the prompt and the generated
 tokens (a seen token's logit l becomes l / r if l > 0 else l * r), temperature (0 = greedy
@@ -47,8 +47,9 @@ How this departs from the reference (transformers' `generate`, vLLM):
   part of the prompt and not of the completion.
 - The compiled path (`compile=True`) has not been measured on a GPU in this repository yet. On
   CPU it runs the packed products as a custom op and fuses the small ops around them: ~10%
-  faster than eager for SmolLM2 once compiled, after ~20-40 s of compilation per batch size
-  (cached on disk by inductor for later processes), so it is off by default.
+  faster than eager for SmolLM2 once compiled (about as fast at batch 16), after 10-60 s of
+  compilation per batch size (cached on disk by inductor for later processes), and slower than
+  eager for long outputs, since it attends over the whole cache: off by default.
 """
 
 import time
@@ -386,7 +387,6 @@ def generate(
         step_fn = torch.compile(decode_logits, mode="reduce-overhead" if device.type == "cuda" else "default",
                                 dynamic=False)
     max_len = max(map(len, prompts)) + params.max_new_tokens
-    max_len = -(-max_len // LENGTH_BUCKET) * LENGTH_BUCKET
 
     results: list[Completion | None] = [None] * len(prompts)
     waiting = list(range(len(prompts)))[::-1]  # popped from the end: input order
