@@ -12,6 +12,13 @@ speed is printed as a percentage of it. lidr runs twice: eager (its default) and
 step compiled (`compile=True`; compiled once per batch size before the timed runs, and that
 compilation time is printed apart). Runs alternate between the sides and the best of --repeats
 is kept, so that load from other processes hurts all alike; check `uptime` first.
+
+    python bench/generate.py --batch-sizes 16 --keep-stops --no-compare   # compaction: what compiling costs
+
+--keep-stops adds lidr runs with the stop tokens kept: rows end at different steps, so the batch
+is compacted and a compiled decode step meets several batch sizes; it prints the batch sizes the
+step saw, how many graphs torch compiled, and the time of the first compiled run (compiling
+included) against the best later one. --no-compare skips the runs without stops.
 """
 
 import argparse
@@ -65,6 +72,36 @@ def timed(fn, *args):
     return time.perf_counter() - start, result
 
 
+def time_compaction(model, tokenizer, prompts, new_tokens, repeats, with_compiled: bool):
+    """lidr with stop tokens, eager then compiled: rows end at different steps and the batch shrinks."""
+    from torch._dynamo.utils import counters
+
+    import lidr.sampler
+
+    sizes = set()
+    decode = lidr.sampler.Session.decode
+
+    def recording_decode(self, tokens, *args):
+        sizes.add(len(tokens))
+        return decode(self, tokens, *args)
+
+    lidr.sampler.Session.decode = recording_decode
+    try:
+        for compile in (False, True) if with_compiled else (False,):
+            sizes.clear()
+            graphs = counters["stats"]["unique_graphs"]
+            first, outputs = timed(run_lidr, model, tokenizer, prompts, new_tokens, compile)
+            graphs = counters["stats"]["unique_graphs"] - graphs
+            best = min(timed(run_lidr, model, tokenizer, prompts, new_tokens, compile)[0] for _ in range(repeats))
+            n_tokens = sum(map(len, outputs))
+            side = "compiled" if compile else "eager"
+            print(f"batch {len(prompts):3d}, stops kept: lidr {side:8s} {n_tokens / best:7.1f} tok/s ({n_tokens} tokens, "
+                  f"rows of {min(map(len, outputs))}-{max(map(len, outputs))}); decode batch sizes {sorted(sizes, reverse=True)}; "
+                  f"first run {first:.1f} s against {best:.1f} s, {graphs} graphs compiled", flush=True)
+    finally:
+        lidr.sampler.Session.decode = decode
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder (default: the SmolLM2 demo model)")
@@ -73,6 +110,8 @@ def main():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip lidr's compiled decode step")
+    parser.add_argument("--keep-stops", action="store_true", help="also time lidr with stop tokens (compaction)")
+    parser.add_argument("--no-compare", action="store_true", help="skip the runs without stops (and transformers)")
     args = parser.parse_args()
     from transformers import LlamaForCausalLM
 
@@ -94,6 +133,10 @@ def main():
         run_lidr(model, no_stops, prompts[:2], 4)  # warm up both sides
         run_transformers(hf_model, tokenizer, prompts[:2], 4)
         for batch in args.batch_sizes:
+            if args.keep_stops:
+                time_compaction(model, tokenizer, prompts[:batch], args.new_tokens, args.repeats, not args.no_compile)
+            if args.no_compare:
+                continue
             batch_prompts, n_tokens = prompts[:batch], batch * args.new_tokens
             sides = {"lidr": False, "lidr compiled": True, "transformers": None}  # side -> compile
             if args.no_compile:

@@ -207,7 +207,8 @@ def greedy_session_tokens(model, prompts, new_tokens: int, step_fn) -> list[list
     max_len = max(map(len, prompts)) + new_tokens
     tokens = torch.zeros(len(prompts), dtype=torch.long, device=device)
     positions = torch.tensor([len(p) for p in prompts], device=device)
-    with torch.inference_mode(), Session(model, len(prompts), max_len) as session:
+    with torch.inference_mode():
+        session = Session(model, len(prompts), max_len)
         for slot, prompt in enumerate(prompts):
             tokens[slot] = session.prefill(slot, torch.tensor(prompt, device=device)).float().argmax(-1)[0]
         out = [tokens]

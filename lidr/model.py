@@ -216,14 +216,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.kv_cache = None  # lidr.sampler attaches a KVCache here while it generates,
-        self.qkv_proj = None  # and on CPU one fused q/k/v projection (see lidr.sampler.PackedLinear)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.qkv_proj is not None:  # one product, and q and k rotated together
-            qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, D)
+        if cache is not None and cache.qkv_proj is not None:  # one product, and q and k rotated together
+            qkv = cache.qkv_proj(x).view(B, T, H + 2 * KV, D)
             q, k = apply_rope(qkv[:, :, : H + KV], cos, sin).split((H, KV), dim=2)
             v = qkv[:, :, H + KV :]
         else:
@@ -231,17 +229,18 @@ class Attention(nn.Module):
             k = apply_rope(self.k_proj(x).view(B, T, KV, D), cos, sin)
             v = self.v_proj(x).view(B, T, KV, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        if self.kv_cache is not None:  # store this step's k, v; get back the keys and values to attend over
-            k, v = self.kv_cache.update(k, v)
+        if cache is not None:  # store this step's k, v; get back the keys and values to attend over
+            k, v = cache.update(k, v)
+        o_proj = self.o_proj if cache is None or cache.o_proj is None else cache.o_proj
         gqa = self.n_kv_heads != self.n_heads
         if mask is None and flash_attn_func is not None and x.is_cuda and x.dtype != torch.float32:
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-            return self.o_proj(y.reshape(B, T, -1))
+            return o_proj(y.reshape(B, T, -1))
         if isinstance(mask, Documents):
             y = document_attention(q, k, v, mask, gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -250,14 +249,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.gate_up_proj = None  # lidr.sampler attaches a fused gate/up projection here on CPU
 
-    def forward(self, x):
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+    def forward(self, x, cache=None):
+        if cache is None or cache.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = cache.gate_up_proj(x).chunk(2, dim=-1)  # one product for both
+        return cache.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -268,9 +265,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x), cache)
 
 
 # -----------------------------------------------------------------------------
@@ -298,7 +295,7 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def forward(self, tokens, positions=None, attention_mask=None, return_hidden=False):
+    def forward(self, tokens, positions=None, attention_mask=None, return_hidden=False, cache=None):
         """tokens [B, T] -> logits [B, T, vocab] (or the final normed hidden states [B, T, dim]).
 
         attention_mask: optional [B, T], 1/True for real tokens and 0/False for padding (left or
@@ -306,6 +303,13 @@ class Llama(nn.Module):
         Packed sequences (the trainer), with explicit positions: attention_mask a `Documents` (the
         sequence lengths of each row), or [B, T(query), T(key)], True where a query may attend a
         key, used as given.
+
+        cache: while generating (lidr.sampler.KVCache), what the generation keeps beside the
+        model. Layer i stores this call's keys and values with `cache.layers[i].update(k, v)` and
+        attends over what that returns; where the layer cache holds projections (`qkv_proj`,
+        `o_proj`, `gate_up_proj`, `down_proj`, and `cache.lm_head`: the CPU's fused, prepacked
+        copies) they run instead of the model's own. With a cache only the last position is
+        projected to the vocabulary: logits [B, vocab].
         """
         B, T = tokens.shape
         mask = None
@@ -325,10 +329,15 @@ class Llama(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        layer_caches = [None] * len(self.layers) if cache is None else cache.layers
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            x = layer(x, cos, sin, mask, layer_cache)
+        if cache is not None:  # generating: the next token's logits only
+            x = x[:, -1]
         x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        if return_hidden:
+            return x
+        return self.lm_head(x) if cache is None or cache.lm_head is None else cache.lm_head(x)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied weight counts once

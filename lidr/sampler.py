@@ -13,14 +13,25 @@ alone into a free slot (no padding: positions 0..T-1, plain causal attention). T
 decodes one token for every slot at once: a slot writes its k, v at its own position and attends
 over its cache row under a mask of the positions it has filled. A finished row (stop token, stop
 string, max_new_tokens) hands its slot to the next waiting prompt; once no prompt waits and half
-the slots are idle, the batch is compacted to the live rows. The decode step has static shapes
-(fixed batch and cache; the attended length grows in buckets of LENGTH_BUCKET in eager mode and
-is the whole cache when compiled), so `compile=True` can torch.compile it. Sampled tokens stay on
-the device; the host reads them every SYNC_EVERY steps, or when a row reaches max_new_tokens, to
-find stops, so a finished row wastes at most SYNC_EVERY - 1 steps of its slot. On CPU the
-weights are repacked for the session (see PackedLinear): q/k/v and gate/up become one product
-each, run by oneDNN on a prepacked copy, which is what makes decoding on CPU 1.5 to 2x faster
-than with the model's own nn.Linear layers.
+the slots are idle, the batch is compacted to the live rows. Both forwards are the model's own
+(`Llama.forward` with `cache=`): the cache, and on CPU the packed weights, live in a KVCache that
+belongs to the generation, so the caller's model is never changed, even by a generation that
+fails, and any number of generations (of one model or several) can share a process. Sampled
+tokens stay on the device; the host reads them every SYNC_EVERY steps, or when a row reaches
+max_new_tokens, to find stops, so a finished row wastes at most SYNC_EVERY - 1 steps of its slot.
+On CPU the weights are repacked for the generation (see PackedLinear): q/k/v and gate/up become
+one product each, run by oneDNN on a prepacked copy, which is what makes decoding on CPU 1.5 to
+2x faster than with the model's own nn.Linear layers.
+
+Which shapes are static. The cache length, max_len, is the longest prompt plus max_new_tokens,
+fixed for the call. Eager, a decode step attends over the filled part of the cache rounded up to
+LENGTH_BUCKET, and compaction keeps exactly the live rows. Compiled (`compile=True`), every
+shape of the decode step is static: it attends over the whole cache; the batch is batch_size
+slots, or the smallest power of two that holds every prompt if that is fewer; compaction keeps
+a power of two of slots (idle ones fill it up). A generation compiles at most 1 + log2(batch)
+graphs, each once per process: a later generation with the same batch sizes and max_len
+compiles nothing, one with another max_len compiles again (torch stops compiling a function
+after 8 graphs, and the step then runs eager).
 
 Sampling follows vLLM's order and meaning: repetition penalty over the prompt and the generated
 tokens (a seen token's logit l becomes l / r if l > 0 else l * r), temperature (0 = greedy
@@ -36,8 +47,9 @@ How this departs from the reference (transformers' `generate`, vLLM):
   part of the prompt and not of the completion.
 - The compiled path (`compile=True`) has not been measured on a GPU in this repository yet. On
   CPU it runs the packed products as a custom op and fuses the small ops around them: ~10%
-  faster than eager for SmolLM2 once compiled, after ~40 s of compilation (cached on disk by
-  inductor for later processes), so it is off by default.
+  faster than eager for SmolLM2 once compiled (about as fast at batch 16), after 10-60 s of
+  compilation per batch size (cached on disk by inductor for later processes), and slower than
+  eager for long outputs, since it attends over the whole cache: off by default.
 """
 
 import time
@@ -47,7 +59,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lidr.model import Llama, rope_cos_sin
+from lidr.model import Llama
 
 SYNC_EVERY = 8  # decode steps between two reads of the sampled tokens by the host
 LENGTH_BUCKET = 64  # eager decode attends over the cache in multiples of this many positions
@@ -85,33 +97,83 @@ class Completion:
     text: str  # decoded, cut before the stop string
     finish_reason: str  # "stop_token" | "stop_string" | "length"
 
+    def __post_init__(self):
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+
 
 # -----------------------------------------------------------------------------
-# the KV cache and the two forwards (prefill one prompt, decode one token per slot)
+# what a generation keeps beside the model: the KV cache and, on CPU, packed weights
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has the oneDNN linear kernels (every x86 and ARM CPU wheel does)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@torch.library.custom_op("lidr::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed_weight):
+    return x.new_empty(*x.shape[:-1], packed_weight.shape[0])  # a packed weight keeps its [out, in] size
+
+
+class PackedLinear(nn.Module):
+    """Bias-free nn.Linear weights as one product for CPU inference, on a copy packed once for oneDNN.
+
+    MKL's plain fp32 GEMM reaches a third of the machine's arithmetic rate on the 1- to 16-row
+    products of decoding and half its memory bandwidth on one row; oneDNN's kernel over a weight
+    prepacked for about `rows` rows is 1.2 to 3x faster on every projection of SmolLM2, and one
+    wide product (q/k/v together, gate/up together) streams weights faster than several narrow
+    ones (bench/RESULTS.md). The packed copy is an opaque oneDNN tensor held by this module alone.
+    """
+
+    def __init__(self, weights: list[torch.Tensor], rows: int):
+        super().__init__()
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        # a plain attribute, not a buffer: never saved, moved or cast with the module
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+    def forward(self, x):
+        if torch.compiler.is_compiling():  # inductor cannot lower oneDNN's op itself; as a custom op it calls it
+            return packed_linear(x, self.packed_weight)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
 
 
 @dataclass
 class CacheState:
-    """What every layer's cache must know about the running forward; set by the sampler."""
+    """What every layer's cache must know about the running forward; set by the Session."""
 
     slot: int | None = None  # prefill: the slot that the prompt fills; None while decoding
     writes: torch.Tensor | None = None  # decode: [batch * kv_heads] rows of a cache viewed as [-1, head_dim]
     length: int = 0  # decode: how many cache positions are attended
 
 
-class KVCache(nn.Module):
-    """One layer's keys and values for every slot, [batch, kv_heads, max_len, head_dim].
+class LayerCache(nn.Module):
+    """One layer's keys and values for every slot, [batch, kv_heads, max_len, head_dim], and on CPU
+    the layer's projections packed (q/k/v fused, o, gate/up fused, down), read by `Llama.forward`.
 
-    A module with (non-persistent) buffers, as in gpt-fast, so that a compiled decode step sees
-    the cache at fixed addresses and can be captured as a CUDA graph.
+    A module with (non-persistent) buffers, as in gpt-fast, so that a compiled decode step treats
+    the cache as static addresses and can capture it in a CUDA graph.
     """
 
-    def __init__(self, state: CacheState, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+    def __init__(self, state: CacheState, layer, batch_size: int, max_len: int, pack: bool):
         super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        weight = attn.o_proj.weight
         self.state = state
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch_size, attn.n_kv_heads, max_len, attn.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
+        self.qkv_proj = self.o_proj = self.gate_up_proj = self.down_proj = None  # None: the model's own layers run
+        if pack:
+            self.qkv_proj = PackedLinear([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], batch_size)
+            self.o_proj = PackedLinear([attn.o_proj.weight], batch_size)
+            self.gate_up_proj = PackedLinear([mlp.gate_proj.weight, mlp.up_proj.weight], batch_size)
+            self.down_proj = PackedLinear([mlp.down_proj.weight], batch_size)
 
     def update(self, k, v):
         """Store k, v [b, kv_heads, T, head_dim]; return the keys and values to attend over."""
@@ -131,135 +193,63 @@ class KVCache(nn.Module):
         self.k, self.v = self.k[rows], self.v[rows]
 
 
-def last_logits(model: Llama, output, tokens, positions, mask):
-    """Logits [b, vocab] of the last position; the layers read and write their KV caches.
+class KVCache(nn.Module):
+    """Everything one generation keeps beside the model, passed to `Llama.forward` as `cache`: a
+    LayerCache per layer and, on CPU, the output projection packed. The model itself is never
+    changed, so generations on any number of models can run in one process, one inside another."""
 
-    output: the vocabulary projection (model.lm_head, or its PackedLinear copy on CPU).
-    """
-    x = model.embed_tokens(tokens)
-    cos, sin = rope_cos_sin(positions, model.inv_freq, x.dtype)
-    for layer in model.layers:
-        x = layer(x, cos, sin, mask)
-    return output(model.norm(x[:, -1]))  # the vocabulary projection for one position only
-
-
-def decode_logits(model: Llama, output, tokens, positions, length: int):
-    """One token per slot: tokens, positions [batch] -> logits [batch, vocab]."""
-    filled = torch.arange(length, device=tokens.device) <= positions[:, None]  # [batch, length]
-    return last_logits(model, output, tokens[:, None], positions[:, None], filled[:, None, None, :])
-
-
-def onednn_available() -> bool:
-    """Whether this torch build has the oneDNN linear kernels (every x86 and ARM CPU wheel does)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-# The packed weights of the running Session. A compiled decode step reaches them through the
-# custom op below by their index: torch.compile cannot trace oneDNN's opaque tensors themselves.
-PACKED: list[torch.Tensor] = []
-
-
-@torch.library.custom_op("lidr::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, PACKED[index], None, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x, index, out_features):
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
-class PackedLinear(nn.Module):
-    """nn.Linear layers (bias-free) as one product for CPU inference, on a weight packed once for oneDNN.
-
-    MKL's plain fp32 GEMM reaches a third of the machine's arithmetic rate on the 1- to 16-row
-    products of decoding and half its memory bandwidth on one row; oneDNN's kernel over a weight
-    prepacked for about `rows` rows is 1.2 to 3x faster on every projection of SmolLM2, and one
-    wide product (q/k/v together, gate/up together) streams weights faster than several narrow
-    ones (bench/RESULTS.md). The packed weight is a copy (an opaque mkldnn tensor) in PACKED.
-    """
-
-    def __init__(self, linears: list[nn.Linear], rows: int):
+    def __init__(self, model: Llama, batch_size: int, max_len: int, pack: bool):
         super().__init__()
-        weight = torch.cat([linear.weight.detach() for linear in linears]) if len(linears) > 1 else linears[0].weight.detach()
-        self.index, self.out_features = len(PACKED), weight.shape[0]
-        PACKED.append(torch.ops.mkldnn._reorder_linear_weight(weight, rows))
+        self.state = CacheState()
+        self.layers = nn.ModuleList(LayerCache(self.state, layer, batch_size, max_len, pack) for layer in model.layers)
+        self.lm_head = PackedLinear([model.lm_head.weight], batch_size) if pack else None
 
-    def forward(self, x):
-        if torch.compiler.is_compiling():
-            return packed_linear(x, self.index, self.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x, PACKED[self.index], None, "none", [], "")
+    def keep(self, rows: torch.Tensor):
+        for layer in self.layers:
+            layer.keep(rows)
+
+
+def decode_logits(model: Llama, cache: KVCache, tokens, positions, length: int):
+    """One token per slot: tokens, positions [batch] -> logits [batch, vocab], attending over the
+    first `length` cache positions (those a row has filled)."""
+    filled = torch.arange(length, device=tokens.device) <= positions[:, None]  # [batch, length]
+    return model(tokens[:, None], positions[:, None], filled[:, None, :], cache=cache)
 
 
 class Session:
-    """The caches of a model while it generates: attached on entry, detached (and freed) on exit.
+    """A model and the KVCache of one generation: prefill a slot, decode a step, compact the batch.
 
-    On CPU (fp32) every layer gets a fused q/k/v and a fused gate/up PackedLinear, its o
-    and down projections and the output matrix are swapped for PackedLinear copies, all for the
-    session's duration: generating on CPU holds the weights twice.
+    On CPU (fp32, oneDNN) the cache holds packed copies of the weights (see PackedLinear):
+    generating on CPU holds the weights twice, until the Session is dropped.
     """
 
     def __init__(self, model: Llama, batch_size: int, max_len: int, pack: bool = True):
-        cfg, weight = model.cfg, model.embed_tokens.weight
-        self.model, self.max_len = model, max_len
+        weight = model.embed_tokens.weight
         # fp32 only: the dtype measured and tested here (oneDNN's bf16 kernels depend on the CPU)
-        self.pack = pack and weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available()
-        self.output = model.lm_head  # its PackedLinear copy on CPU, from __enter__ to __exit__
-        self.originals = []  # each layer's (o_proj, down_proj) while PackedLinear copies stand in
-        self.state = CacheState()
-        self.caches = [
-            KVCache(self.state, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, weight.dtype, weight.device)
-            for _ in model.layers
-        ]
-        self.batch_size = batch_size
+        pack = pack and weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available()
+        self.model = model
+        self.cache = KVCache(model, batch_size, max_len, pack)
         # the row of a cache viewed as [-1, head_dim] where slot s, kv head h starts: (s * kv_heads + h) * max_len
         # (compaction keeps slots 0..n-1, so the first n rows stay right)
-        self.row_starts = torch.arange(batch_size * cfg.n_kv_heads, device=weight.device).view(batch_size, -1) * max_len
-
-    def __enter__(self):
-        for layer, cache in zip(self.model.layers, self.caches):
-            layer.self_attn.kv_cache = cache
-        if self.pack:
-            if PACKED:
-                raise RuntimeError("another generate() with packed weights is running in this process")
-            rows = self.batch_size  # the same order every time: a compiled step finds its weights again
-            self.output = PackedLinear([self.model.lm_head], rows)
-            for layer in self.model.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                attn.qkv_proj = PackedLinear([attn.q_proj, attn.k_proj, attn.v_proj], rows)
-                mlp.gate_up_proj = PackedLinear([mlp.gate_proj, mlp.up_proj], rows)
-                self.originals.append((attn.o_proj, mlp.down_proj))
-                attn.o_proj, mlp.down_proj = PackedLinear([attn.o_proj], rows), PackedLinear([mlp.down_proj], rows)
-        return self
-
-    def __exit__(self, *exc):
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None
-            layer.self_attn.qkv_proj = layer.mlp.gate_up_proj = None
-        for layer, (o_proj, down_proj) in zip(self.model.layers, self.originals):
-            layer.self_attn.o_proj, layer.mlp.down_proj = o_proj, down_proj
-        self.originals.clear()
-        if self.pack:
-            PACKED.clear()
-            self.output = self.model.lm_head
+        n_kv_heads = model.cfg.n_kv_heads
+        self.row_starts = torch.arange(batch_size * n_kv_heads, device=weight.device).view(batch_size, -1) * max_len
 
     def prefill(self, slot: int, prompt: torch.Tensor) -> torch.Tensor:
         """Fill `slot` with a prompt [T]; logits [1, vocab] of its last token."""
-        self.state.slot = slot
+        self.cache.state.slot = slot
         try:
-            positions = torch.arange(len(prompt), device=prompt.device)[None]
-            return last_logits(self.model, self.output, prompt[None], positions, None)
+            return self.model(prompt[None], cache=self.cache)
         finally:
-            self.state.slot = None
+            self.cache.state.slot = None
 
     def decode(self, tokens, positions, length: int, step_fn=decode_logits) -> torch.Tensor:
-        self.state.writes = (self.row_starts[: len(tokens)] + positions[:, None]).flatten()  # for every layer
-        self.state.length = length
-        return step_fn(self.model, self.output, tokens, positions, length)
+        """tokens, positions [batch] -> logits [batch, vocab]; step_fn: decode_logits, or it compiled."""
+        self.cache.state.writes = (self.row_starts[: len(tokens)] + positions[:, None]).flatten()  # for every layer
+        self.cache.state.length = length
+        return step_fn(self.model, self.cache, tokens, positions, length)
 
     def keep(self, rows: torch.Tensor):
-        for cache in self.caches:
-            cache.keep(rows)
+        self.cache.keep(rows)
 
 
 # -----------------------------------------------------------------------------
@@ -306,6 +296,10 @@ def sample(logits, seen, params: SamplingParams, generators: list):
 # the generation loop
 
 
+def power_of_two_at_least(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def find_stop_string(text: str, stop_strings) -> int:
     """Index of the earliest stop string in text, or -1."""
     found = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
@@ -319,15 +313,15 @@ class Row:
         self.index, self.prompt_len = index, prompt_len
         self.tokens: list[int] = []
         self.count = 1  # tokens sampled so far, including those the host has not read yet
-        self.pending: list[int] = []  # sampled on the device, read at the last sync, not yet judged
+        self.pending: list[int] = []  # sampled on the device, read at the last sync, not yet checked
 
     @property
     def position(self) -> int:  # where the latest sampled token is written by the next decode step
         return self.prompt_len + self.count - 1
 
 
-def judge(row: Row, tokenizer, params: SamplingParams, stop_ids) -> Completion | None:
-    """Consume row.pending: the completion if the row has finished, else None."""
+def finished_completion(row: Row, tokenizer, params: SamplingParams, stop_ids) -> Completion | None:
+    """Consume row.pending: the row's Completion if it has finished, else None."""
     new, stopped = [], False
     for token in row.pending:
         if token in stop_ids:
@@ -372,9 +366,13 @@ def generate(
     row finishes (rows finish out of order). compile: torch.compile the decode step (off by default:
     compiling takes ~40 s on CPU for ~10% more speed; not yet measured on a GPU).
     """
+    vocab = model.cfg.vocab_size
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+        if not 0 <= min(prompt) <= max(prompt) < vocab:
+            raise ValueError(f"prompt {i} holds token id {min(prompt) if min(prompt) < 0 else max(prompt)}, "
+                             f"outside the model's vocabulary of {vocab}")
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     if not prompts:
@@ -382,12 +380,13 @@ def generate(
     seeds = [params.seed + i for i in range(len(prompts))] if seeds is None else seeds
     device = model.embed_tokens.weight.device
     stop_ids = frozenset(tokenizer.stop_ids)
-    batch_size = max(1, min(batch_size, len(prompts)))
-    max_len = max(map(len, prompts)) + params.max_new_tokens
-    vocab = model.cfg.vocab_size
+    # compiled: static shapes, a power of two of slots unless batch_size says fewer (see the docstring)
+    batch_size = max(1, min(batch_size, power_of_two_at_least(len(prompts)) if compile else len(prompts)))
     step_fn = decode_logits
     if compile:
-        step_fn = torch.compile(decode_logits, mode="reduce-overhead" if device.type == "cuda" else "default")
+        step_fn = torch.compile(decode_logits, mode="reduce-overhead" if device.type == "cuda" else "default",
+                                dynamic=False)
+    max_len = max(map(len, prompts)) + params.max_new_tokens
 
     results: list[Completion | None] = [None] * len(prompts)
     waiting = list(range(len(prompts)))[::-1]  # popped from the end: input order
@@ -427,50 +426,53 @@ def generate(
             seen[slot, first[0]] = True
             positions[slot] = len(prompt)
             rows[slot].pending = [int(first[0])]
-            done = judge(rows[slot], tokenizer, params, stop_ids)
+            done = finished_completion(rows[slot], tokenizer, params, stop_ids)
             if done is not None:
                 finish(slot, done)
         live[slot] = rows[slot] is not None
 
-    with Session(model, batch_size, max_len) as session:
-        for slot in range(batch_size):
-            fill(session, slot)
+    session = Session(model, batch_size, max_len)  # nothing in `model` changes: see KVCache
+    for slot in range(batch_size):
+        fill(session, slot)
+    step = 0
+    while any(rows):
+        running = [row for row in rows if row is not None]
+        length = max_len
+        if not compile:  # attend over the filled part of the cache, rounded up to a bucket
+            filled = max(row.position for row in running) + 1
+            length = min(max_len, -(-filled // LENGTH_BUCKET) * LENGTH_BUCKET)
+        logits = session.decode(tokens, positions, length, step_fn)
+        tokens = sample(logits, seen, params, generators)
+        seen.scatter_(1, tokens[:, None], True)
+        recent[:, step] = tokens
+        positions = positions + live  # an idle slot rewrites its last position
+        for row in running:
+            row.count += 1
+        step += 1
+        if step < SYNC_EVERY and all(r.count < params.max_new_tokens for r in running):
+            continue
+        # the host reads the sampled tokens: stops, refills, compaction
+        sampled = recent[:, :step].tolist()
         step = 0
-        while any(rows):
-            running = [row for row in rows if row is not None]
-            length = max_len
-            if not compile:  # attend over the filled part of the cache, rounded up to a bucket
-                filled = max(row.position for row in running) + 1
-                length = min(max_len, -(-filled // LENGTH_BUCKET) * LENGTH_BUCKET)
-            logits = session.decode(tokens, positions, length, step_fn)
-            tokens = sample(logits, seen, params, generators)
-            seen.scatter_(1, tokens[:, None], True)
-            recent[:, step] = tokens
-            positions = positions + live  # an idle slot rewrites its last position
-            for row in running:
-                row.count += 1
-            step += 1
-            if step < SYNC_EVERY and all(r.count < params.max_new_tokens for r in running):
+        for slot, row in enumerate(rows):
+            if row is None:
                 continue
-            # the host reads the sampled tokens: stops, refills, compaction
-            sampled = recent[:, :step].tolist()
-            step = 0
-            for slot, row in enumerate(rows):
-                if row is None:
-                    continue
-                row.pending = sampled[slot]
-                done = judge(row, tokenizer, params, stop_ids)
-                if done is not None:
-                    finish(slot, done)
-                    fill(session, slot)
-            n_running = sum(row is not None for row in rows)
-            if not waiting and 0 < n_running <= len(rows) // 2:
-                keep = [slot for slot, row in enumerate(rows) if row is not None]
-                index = torch.tensor(keep, device=device)
-                session.keep(index)
-                rows = [rows[slot] for slot in keep]
-                generators = [generators[slot] for slot in keep]
-                tokens, positions, live, seen = tokens[index], positions[index], live[index], seen[index]
-                recent = recent[index]
+            row.pending = sampled[slot]
+            done = finished_completion(row, tokenizer, params, stop_ids)
+            if done is not None:
+                finish(slot, done)
+                fill(session, slot)
+        running_slots = [slot for slot, row in enumerate(rows) if row is not None]
+        # compiled: keep a power of two of slots (idle ones fill it up), so that few shapes are compiled
+        n_keep = power_of_two_at_least(len(running_slots)) if compile else len(running_slots)
+        if not waiting and running_slots and n_keep <= len(rows) // 2:
+            idle_slots = [slot for slot, row in enumerate(rows) if row is None]
+            keep = running_slots + idle_slots[: n_keep - len(running_slots)]
+            index = torch.tensor(keep, device=device)
+            session.keep(index)
+            rows = [rows[slot] for slot in keep]
+            generators = [generators[slot] for slot in keep]
+            tokens, positions, live, seen = tokens[index], positions[index], live[index], seen[index]
+            recent = recent[index]
     bar.close()
     return results

@@ -8,14 +8,17 @@ import pytest
 import torch
 from conftest import make_tiny_checkpoint
 
+import lidr.sampler
 from lidr.checkpoint import load
 from lidr.sampler import (
     Completion,
+    PackedLinear,
     SamplingParams,
     Session,
     apply_repetition_penalty,
     filter_top_k_top_p,
     generate,
+    onednn_available,
     sample,
 )
 
@@ -65,13 +68,31 @@ def hf_greedy(hf_model, prompt, max_new_tokens, stop_ids, **kwargs):
 # the cache
 
 
+def model_snapshot(model):
+    """Every module object, its attributes, and every parameter's and buffer's object and value."""
+    return {
+        "modules": {name: (module, sorted(vars(module))) for name, module in model.named_modules()},
+        "tensors": {name: (t, t.detach().clone()) for name, t in [*model.named_parameters(), *model.named_buffers()]},
+    }
+
+
+def assert_model_unchanged(model, snapshot):
+    now = model_snapshot(model)
+    assert now["modules"].keys() == snapshot["modules"].keys()
+    for name, (module, attributes) in snapshot["modules"].items():
+        assert now["modules"][name][0] is module and now["modules"][name][1] == attributes, name
+    assert now["tensors"].keys() == snapshot["tensors"].keys()
+    for name, (tensor, value) in snapshot["tensors"].items():
+        assert now["tensors"][name][0] is tensor and torch.equal(tensor, value), name
+
+
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("variant", ["llama3", "llama31", "tied"])
 def test_cached_decode_equals_full_forward(tmp_path, variant, pack):
     """Every decode step's logits equal a full forward over the same prefix (two slots, ragged lengths),
-    with the CPU's packed and fused projections and without; the model is whole again afterwards."""
+    with the CPU's packed and fused projections and without; the model itself is never changed."""
     model, _ = load(make_tiny_checkpoint(tmp_path / variant, variant))
-    o_proj = model.layers[0].self_attn.o_proj
+    snapshot = model_snapshot(model)
     torch.manual_seed(0)
     prompts = [torch.randint(0, 1000, (n,)) for n in (7, 3)]
     fed = torch.randint(0, 1000, (10, 2))  # the token each slot decodes at each step
@@ -82,8 +103,10 @@ def test_cached_decode_equals_full_forward(tmp_path, variant, pack):
     def relative_error(got, want):
         return ((got - want).abs().max() / want.abs().max()).item()
 
-    with torch.inference_mode(), Session(model, batch_size=2, max_len=24, pack=pack) as session:
-        assert (model.layers[0].self_attn.qkv_proj is not None) == pack
+    with torch.inference_mode():
+        session = Session(model, batch_size=2, max_len=24, pack=pack)
+        assert (session.cache.layers[0].qkv_proj is not None) == pack
+        assert (session.cache.lm_head is not None) == pack
         for slot, prompt in enumerate(prompts):
             assert relative_error(session.prefill(slot, prompt)[0], full[slot][0]) <= 1e-5
         for step in range(10):
@@ -91,9 +114,7 @@ def test_cached_decode_equals_full_forward(tmp_path, variant, pack):
             logits = session.decode(fed[step], positions, length=24)
             for slot in range(2):
                 assert relative_error(logits[slot], full[slot][step + 1]) <= 1e-5
-    assert all(layer.self_attn.kv_cache is None for layer in model.layers)  # detached after use
-    assert all(layer.self_attn.qkv_proj is None and layer.mlp.gate_up_proj is None for layer in model.layers)
-    assert model.layers[0].self_attn.o_proj is o_proj and isinstance(model.layers[-1].mlp.down_proj, torch.nn.Linear)
+        assert_model_unchanged(model, snapshot)  # while the session is alive, too
 
 
 # -----------------------------------------------------------------------------
@@ -169,6 +190,104 @@ def test_refill_and_compaction_with_early_stops(tiny):
         assert o.tokens == f.tokens[:cut]
         assert o.finish_reason == ("length" if cut is None else "stop_token")
     assert outs[0].finish_reason == "stop_token" and len(outs[0].tokens) <= 2
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler (g++)")
+def test_compiled_compaction_sees_powers_of_two_and_compiles_once(tiny, monkeypatch):
+    """compile=True with rows stopping at different steps: the decode step only ever sees power-of-two
+    batch sizes (compaction pads with idle slots), its tokens equal eager's, and a second generation
+    (a new cache, new packed weights) compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    model, tokenizer = tiny
+    prompts = [chat(tokenizer, q) for q in QUESTIONS]
+    free = generate(model, with_stops(tokenizer, ()), prompts, SamplingParams(max_new_tokens=30), batch_size=5)
+    # rows end at their 3rd, 10th, 12th and 21st tokens: 4, then 2, then 1 of them run after the host's reads
+    stopping = with_stops(tokenizer, {free[0].tokens[2], free[2].tokens[9], free[3].tokens[11], free[1].tokens[20]})
+    params = SamplingParams(max_new_tokens=30)
+    eager = generate(model, stopping, prompts, params, batch_size=8)
+    assert [len(e.tokens) for e in eager] == [2, 20, 9, 11, 30]
+    sizes = []
+    decode = Session.decode
+
+    def recording_decode(self, tokens, *args):
+        sizes.append(len(tokens))
+        return decode(self, tokens, *args)
+
+    monkeypatch.setattr(Session, "decode", recording_decode)
+    compiled = generate(model, stopping, prompts, params, batch_size=8, compile=True)
+    assert [c.tokens for c in compiled] == [e.tokens for e in eager]
+    assert set(sizes) == {8, 4, 2, 1}  # 5 prompts in 8 slots, then compacted three times
+    graphs = counters["stats"]["unique_graphs"]
+    again = generate(model, stopping, prompts, params, batch_size=8, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert [c.tokens for c in again] == [e.tokens for e in eager]
+
+
+# -----------------------------------------------------------------------------
+# generations sharing a process, and generations that fail
+
+
+def test_generations_on_two_models_share_a_process(tiny, tiny_hf, tmp_path):
+    """Two models of different shapes, at different batch sizes, one after the other and one inside the
+    other (from on_finish): every generation equals transformers' greedy tokens, as in a process of its own."""
+    from transformers import LlamaForCausalLM
+
+    folder = make_tiny_checkpoint(tmp_path / "tied", "tied", seed=1)  # 4 kv heads, tied embeddings
+    other, _ = load(folder)
+    other_hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model, tokenizer = tiny
+    prompts = [chat(tokenizer, q) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=12)
+    expected = [hf_greedy(tiny_hf, p, 12, tokenizer.stop_ids) for p in prompts]
+    expected_other = [hf_greedy(other_hf, p, 12, tokenizer.stop_ids) for p in prompts]
+    assert expected != expected_other
+    inner = []
+
+    def generate_inside(i, completion):
+        if not inner:
+            inner.append(generate(other, tokenizer, prompts, params, batch_size=2))
+
+    outer = generate(model, tokenizer, prompts, params, batch_size=3, on_finish=generate_inside)
+    after = generate(other, tokenizer, prompts[:2], params, batch_size=1)
+    again = generate(model, tokenizer, prompts, params, batch_size=5)
+    assert [o.tokens for o in outer] == expected == [o.tokens for o in again]
+    assert [o.tokens for o in inner[0]] == expected_other
+    assert [o.tokens for o in after] == expected_other[:2]
+
+
+@pytest.mark.skipif(not onednn_available(), reason="the injected failure is in packing the weights for oneDNN")
+def test_a_failed_start_leaves_the_model_as_it_was(tiny, tiny_hf, monkeypatch):
+    """An error while a generation sets up (packing the second layer's weights; the first row's on_finish,
+    called from its prefill) leaves every module, attribute, parameter and buffer of the model as it was,
+    and the next generation is right."""
+    model, tokenizer = tiny
+    snapshot = model_snapshot(model)
+    prompts = [chat(tokenizer, q) for q in QUESTIONS[:3]]
+    built = []
+
+    class FailingPackedLinear(PackedLinear):
+        def __init__(self, *args):
+            if len(built) == 5:  # 4 per layer: the first layer is packed, the second not
+                raise RuntimeError("injected")
+            built.append(self)
+            super().__init__(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lidr.sampler, "PackedLinear", FailingPackedLinear)
+        with pytest.raises(RuntimeError, match="injected"):
+            generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=8))
+    assert len(built) == 5
+    assert_model_unchanged(model, snapshot)
+
+    def fail(i, completion):
+        raise KeyError("on_finish failed")
+
+    with pytest.raises(KeyError, match="on_finish failed"):  # max_new_tokens=1: a row ends at its prefill
+        generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=1), on_finish=fail)
+    assert_model_unchanged(model, snapshot)
+    outs = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=8), batch_size=2)
+    assert [o.tokens for o in outs] == [hf_greedy(tiny_hf, p, 8, tokenizer.stop_ids) for p in prompts]
 
 
 # -----------------------------------------------------------------------------
@@ -319,6 +438,10 @@ def test_max_new_tokens_and_bad_input(tiny):
     assert generate(model, tokenizer, [], SamplingParams()) == []
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, tokenizer, [prompts[0], []], SamplingParams())
+    with pytest.raises(ValueError, match="prompt 1 holds token id 128256, outside the model's vocabulary of 128256"):
+        generate(model, tokenizer, [prompts[0], [5, model.cfg.vocab_size]], SamplingParams())
+    with pytest.raises(ValueError, match="finish_reason must be one of"):
+        Completion([1], "a", "eos")
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
                 dict(repetition_penalty=0), dict(stop_strings="</translated>"), dict(stop_strings=("",))):
         with pytest.raises(ValueError):
