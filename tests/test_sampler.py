@@ -136,6 +136,7 @@ def test_greedy_matches_transformers(tiny, tiny_hf):
     assert all(outs[i] is c for i, c in finished)
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_on_demo_model(demo_dir):
     """SmolLM2-135M-Instruct, 64 new tokens, prompts of different lengths in one batch."""
     from transformers import LlamaForCausalLM
@@ -153,6 +154,7 @@ def test_greedy_matches_transformers_on_demo_model(demo_dir):
     assert any(out.finish_reason == "stop_token" for out in outs) or all(len(o.tokens) == 64 for o in outs)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler (g++)")
 def test_compiled_decode_step_matches_eager(tiny):
     """compile=True (inductor; on CPU the packed products as lidr::packed_linear) = the eager sampler."""
@@ -165,6 +167,7 @@ def test_compiled_decode_step_matches_eager(tiny):
     assert all(len(c.tokens) > 0 for c in eager)
 
 
+@pytest.mark.slow
 def test_batch_invariance(tiny):
     """A prompt's output is the same alone and inside a batch, greedy and sampled (per-request seeds)."""
     model, tokenizer = tiny
@@ -192,6 +195,7 @@ def test_refill_and_compaction_with_early_stops(tiny):
     assert outs[0].finish_reason == "stop_token" and len(outs[0].tokens) <= 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler (g++)")
 def test_compiled_compaction_sees_powers_of_two_and_compiles_once(tiny, monkeypatch):
     """compile=True with rows stopping at different steps: the decode step only ever sees power-of-two
@@ -360,6 +364,7 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
     assert (torch.bincount(draws, minlength=4) / 4000 - probs).abs().max() < 0.03
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(tiny):
     model, tokenizer = tiny
     prompts = [chat(tokenizer, q) for q in QUESTIONS[:3]]
