@@ -591,6 +591,7 @@ class AnsweringServer:
         self.server.server_close()
 
 
+@pytest.mark.slow
 def test_judge_command_killed_mid_run_pays_no_request_twice(tmp_path):
     outputs, reference = tmp_path / "outputs", tmp_path / "reference"
     write_json(outputs / "fr.json", [{"id": str(i), "instruction": f"Question {i} ?", "output": f"Réponse {i}"}

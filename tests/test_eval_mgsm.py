@@ -183,6 +183,7 @@ def test_mgsm_command_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, t
         assert (tmp_path / "resumed" / "mgsm" / name).read_text() == (tmp_path / "whole" / "mgsm" / name).read_text()
 
 
+@pytest.mark.slow
 def test_mgsm_command_refuses_another_dataset_and_user_errors(tiny_dir, tmp_path, capsys):
     data, other = tiny_data(tmp_path / "data"), tiny_data(tmp_path / "other")
     write_questions(other, "en", [("What is 1 + 1?", 2)])

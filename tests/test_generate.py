@@ -182,6 +182,7 @@ def generate_args(tiny_dir, src, out, *extra):
     return ["--model", str(tiny_dir), "--prompts", str(src), "--out", str(out), "--max-new-tokens", "4", *extra]
 
 
+@pytest.mark.slow
 def test_another_input_for_the_same_out_is_refused_before_anything_changes(tmp_path, tiny_dir, capsys, monkeypatch):
     en = write_jsonl(tmp_path / "en.jsonl", [{"id": "a", "instruction": "Hi"}, {"id": "b", "instruction": "Bye"}])
     fr = write_jsonl(tmp_path / "fr.jsonl", [{"id": "a", "instruction": "Salut"}, {"id": "b", "instruction": "Adieu"}])
@@ -204,6 +205,7 @@ def test_another_input_for_the_same_out_is_refused_before_anything_changes(tmp_p
     assert out.read_bytes() == before["out.jsonl"]
 
 
+@pytest.mark.slow
 def test_files_it_did_not_write_are_refused_and_a_last_row_without_newline_is_kept(tmp_path, tiny_dir, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "instruction": q} for i, q in enumerate(QUESTIONS[:3])])
     listed = tmp_path / "listed.jsonl"

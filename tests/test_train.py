@@ -242,6 +242,7 @@ def test_exported_folder_loads_in_lidr_and_transformers_with_identical_logits(on
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, data, tmp_path, monkeypatch):
     real_dpo_loss, calls = lidr.train.dpo_loss, []
 

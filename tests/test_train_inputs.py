@@ -39,6 +39,7 @@ def test_rerun_with_a_relative_path_to_the_same_data_is_the_same_run(tiny_dir, d
     assert "this run finished earlier, nothing to do" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_rerun_on_changed_data_is_refused_naming_it_before_anything_is_touched(tiny_dir, data, tmp_path):
     out = tmp_path / "run"
     main(args_for(tiny_dir, data, out))
