@@ -90,6 +90,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lidr.checkpoint import check, default_dtype, folder_identity, load_model, read_config, save
+from lidr.cli import positive_int
 from lidr.dpo import dpo_loss, hidden_sequence_logps
 from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
 from lidr.model import Documents, Llama, rope_inv_freq
@@ -615,13 +616,6 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
 
 # -----------------------------------------------------------------------------
 # command line
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv=None):
