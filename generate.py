@@ -20,7 +20,7 @@ settings is refused, naming what changed) are lidr/rows.py's.
 import argparse
 
 from lidr import settings
-from lidr.cli import add_decoding_flags, add_engine_flags, decoding_from, engine_from
+from lidr.cli import add_engine_flags, add_flags, engine_from, from_flags
 from lidr.generation import answer, generate_file
 
 
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="output JSONL (required with --prompts)")
     parser.add_argument("--field", default="instruction", help="the input field holding the prompt (default: %(default)s)")
     parser.add_argument("--out-field", default="response", help="the output field for the reply (default: %(default)s)")
-    add_decoding_flags(parser, settings.ANSWERS)
+    add_flags(parser, settings.ANSWERS, title="decoding (defaults: the paper's, lidr/settings.py ANSWERS)")
     parser.add_argument("--stop", action="append", default=[], metavar="STRING",
                         help="end a reply where this string appears, cut before it (repeatable)")
     args = parser.parse_args(argv)
@@ -48,7 +48,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    engine, decoding = engine_from(args), decoding_from(args, settings.ANSWERS)
+    engine, decoding = engine_from(args), from_flags(args, settings.ANSWERS)
     if args.prompt is not None:
         print(answer(engine, args.prompt, decoding, args.stop))
     else:

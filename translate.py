@@ -16,7 +16,7 @@ lidr/rows.py's, as for generate.py.
 import argparse
 
 from lidr import settings
-from lidr.cli import add_decoding_flags, add_engine_flags, decoding_from, engine_from
+from lidr.cli import add_engine_flags, add_flags, engine_from, from_flags
 from lidr.languages import LANGUAGES
 from lidr.translation import translate_file
 
@@ -30,13 +30,13 @@ def parse_args(argv=None):
     parser.add_argument("--to", required=True, choices=sorted(LANGUAGES), help="target language code")
     parser.add_argument("--out", required=True, help="output JSONL")
     parser.add_argument("--out-field", default="translation", help="field for the translation (default: %(default)s)")
-    add_decoding_flags(parser, settings.TRANSLATION)
+    add_flags(parser, settings.TRANSLATION, title="decoding (defaults: the paper's, lidr/settings.py TRANSLATION)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    translate_file(engine_from(args), args.source, args.out, args.to, decoding_from(args, settings.TRANSLATION),
+    translate_file(engine_from(args), args.source, args.out, args.to, from_flags(args, settings.TRANSLATION),
                    args.field, args.out_field)
 
 

@@ -43,7 +43,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lidr import settings
-from lidr.cli import add_decoding_flags, add_engine_flags, decoding_from, positive_int
+from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, positive_int
 from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
 from lidr.rows import Prompt, check_outputs, open_model, sample_rows, sampling_params, too_long_reason
@@ -220,7 +220,8 @@ def main(argv=None):
     gen = commands.add_parser("generate", help="the model's outputs in alpaca_eval's model_outputs.json format")
     add_engine_flags(gen, batch_size=settings.EVAL_BATCH_SIZE,
                      model_help="HF checkpoint folder of the model under test")
-    add_decoding_flags(gen, settings.ALPACAEVAL, sampling=False)
+    add_flags(gen, settings.ALPACAEVAL, skip=GREEDY_ONLY,
+              title="decoding (greedy; defaults: the paper's, lidr/settings.py ALPACAEVAL)")
     gen.add_argument("--prompts", required=True, help="folder of {lang}.json instruction lists")
     gen.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. en es ru de fr")
     gen.add_argument("--out", required=True, help="the model's results folder; writes {out}/x-alpacaeval/outputs/")
@@ -244,7 +245,7 @@ def main(argv=None):
         for lang in args.langs:
             if not (Path(args.prompts) / f"{lang}.json").is_file():
                 parser.error(f"{Path(args.prompts) / f'{lang}.json'}: no such file")
-        decoding = decoding_from(args, settings.ALPACAEVAL)
+        decoding = from_flags(args, settings.ALPACAEVAL)
         identity = model_identity(args.model, args.dtype, args.chat_format)
         model, tokenizer = open_model(args.model, args.device, args.dtype, args.chat_format)
         generate_outputs(model, tokenizer, Path(args.prompts), args.langs, base / "outputs", sampling_params(decoding),

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from eval.common import check_langs, model_identity
 from lidr import settings
-from lidr.cli import add_decoding_flags, add_engine_flags, decoding_from, positive_int
+from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, positive_int
 from lidr.jsonl import file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
 from lidr.languages import checked_languages, language_name
@@ -246,7 +246,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_flags(parser, batch_size=settings.EVAL_BATCH_SIZE,
                      model_help="HF checkpoint folder of the model under test")
-    add_decoding_flags(parser, settings.MGSM, sampling=False)
+    add_flags(parser, settings.MGSM, skip=GREEDY_ONLY, title="decoding (greedy; defaults: the paper's, lidr/settings.py MGSM)")
     parser.add_argument("--data", required=True, help="folder of {lang}.jsonl question files")
     parser.add_argument("--langs", nargs="+", required=True, help="language codes to evaluate, e.g. en es ru de fr")
     parser.add_argument("--out", required=True, help="the model's results folder; writes {out}/{name}/")
@@ -259,7 +259,7 @@ def main(argv=None):
     for lang in args.langs:
         if not (Path(args.data) / f"{lang}.jsonl").is_file():
             parser.error(f"{Path(args.data) / f'{lang}.jsonl'}: no such file")
-    decoding = decoding_from(args, settings.MGSM)
+    decoding = from_flags(args, settings.MGSM)
     identity = model_identity(args.model, args.dtype, args.chat_format)
     model, tokenizer = open_model(args.model, args.device, args.dtype, args.chat_format)
     run(model, tokenizer, Path(args.data), args.langs, Path(args.out) / args.name, sampling_params(decoding),

@@ -1,37 +1,50 @@
-"""The flags every command line shares, written once: the model and how it runs, how a stage decodes.
+"""The flags every command line shares, generated from the settings they set (lidr/settings.py).
 
     parser = argparse.ArgumentParser()
     add_engine_flags(parser, batch_size=settings.SAMPLING_BATCH_SIZE)
-    add_decoding_flags(parser, settings.ANSWERS)
+    add_flags(parser, settings.ANSWERS)                     # --max-new-tokens, --system, ... --seed
+    add_flags(parser, settings.TRANSLATION, prefix="translate-")   # the same, for another stage
     args = parser.parse_args()
-    generate_file(engine_from(args), ..., decoding=decoding_from(args))
+    generate_file(engine_from(args), ..., decoding=from_flags(args, settings.ANSWERS))
 
-The defaults come from lidr/settings.py and the help says so. `decoding_argv` is the inverse of
-`add_decoding_flags`, for iterate's torchrun launches. Commands turn their flags into plain values
-here, at the door: nothing below a command line reads an argparse Namespace.
+A setting is a dataclass field made by `lidr.settings.setting`; `add_flags` turns each field into
+one flag (its default, help and range from the field), `from_flags` turns the parsed flags back into
+the dataclass, and `flags_argv` is the inverse of both, for iterate's torchrun launches. So a new
+setting is one new field, and every command that takes that dataclass has its flag. Commands turn
+their flags into plain values here, at the door: nothing below a command line reads a Namespace.
 """
 
 import argparse
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
 from lidr.rows import DTYPES, Engine
-from lidr.settings import Decoding
+from lidr.settings import out_of_range
 
+# the sampling settings that the evaluations leave at their greedy defaults (the paper decodes greedily)
+GREEDY_ONLY = ("temperature", "top_p", "top_k", "seed")
 COMPILE_HELP = ("torch.compile the sampler's decode step: a one-time compile (about 40 s on CPU), then faster "
                 "decoding (about 10%% on CPU; not yet measured on a GPU)")
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts that must be at least 1 (--batch-size, --max-new-tokens)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return value
+def setting_type(kind: type, meta):
+    """argparse type for a number setting: the text parsed as `kind` and checked against the field's range."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        problem = out_of_range(value, meta)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
+positive_int = setting_type(int, {"low": 1})  # argparse type for counts that must be at least 1 (--batch-size, --limit)
 
 
 def add_engine_flags(parser, batch_size: int, model_help: str = "HF checkpoint folder"):
@@ -52,35 +65,52 @@ def engine_from(args) -> Engine:
     return Engine(args.model, args.device, args.dtype, args.chat_format, args.batch_size, args.compile)
 
 
-def add_decoding_flags(parser, paper: Decoding, sampling: bool = True):
-    """--system, --max-new-tokens, --repetition-penalty (and with `sampling` --temperature, --top-p,
-    --top-k, --seed), their defaults the stage's paper settings (lidr/settings.py)."""
-    parser.add_argument("--system", default=paper.system,
-                        help="system turn before every prompt; '' for none, or the chat template's own "
-                             "(default: the paper's, %(default)r)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=paper.max_new_tokens,
-                        help="default: the paper's, %(default)s; lowered, with a warning, to what the model's "
-                             "context leaves")
-    parser.add_argument("--repetition-penalty", type=float, default=paper.repetition_penalty,
-                        help="vLLM's meaning, 1 = off (default: the paper's, %(default)s)")
-    if sampling:
-        parser.add_argument("--temperature", type=float, default=paper.temperature,
-                            help="0 = greedy (default: the paper's, %(default)s)")
-        parser.add_argument("--top-p", type=float, default=paper.top_p, help="default: %(default)s (off)")
-        parser.add_argument("--top-k", type=int, default=paper.top_k, help="default: %(default)s (off)")
-        parser.add_argument("--seed", type=int, default=paper.seed,
-                            help="row i samples with seed + its input line (default: %(default)s)")
+def add_flags(parser, defaults, prefix: str = "", skip=(), title: str | None = None):
+    """One flag --{prefix}{field} per field of the settings dataclass `defaults` (but those in
+    `skip`), defaulting to its value there; in an argument group `title` when given."""
+    group = parser.add_argument_group(title) if title else parser
+    for f in fields(defaults):
+        if f.name in skip:
+            continue
+        flag, default, meta = "--" + prefix + f.name.replace("_", "-"), getattr(defaults, f.name), f.metadata
+        help_text = meta.get("help", "").replace("%", "%%")
+        dest = (prefix + f.name).replace("-", "_")
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{help_text} (default: {'on' if default else 'off'})")
+        elif "choices" in meta:
+            group.add_argument(flag, dest=dest, choices=meta["choices"], default=default,
+                               help=f"{help_text} (default: %(default)s)")
+        elif isinstance(default, (int, float)):
+            group.add_argument(flag, dest=dest, type=setting_type(type(default), meta), default=default,
+                               help=f"{help_text} (default: %(default)s)")
+        else:  # a text; '' stands for None
+            group.add_argument(flag, dest=dest, default=default, help=f"{help_text} (default: %(default)r)")
 
 
-def decoding_from(args, paper: Decoding) -> Decoding:
-    """The Decoding the flags of `add_decoding_flags` give (what they lack stays the paper's)."""
-    values = {f.name: getattr(args, f.name) for f in fields(Decoding) if hasattr(args, f.name)}
-    values["system"] = values.get("system") or None
-    return Decoding(**{**vars(paper), **values})
+def from_flags(args, defaults, prefix: str = ""):
+    """The settings dataclass that the flags of `add_flags(parser, defaults, prefix)` give: each
+    field's flag where it was added, the value in `defaults` elsewhere; '' is None for a text."""
+    values = {}
+    for f in fields(defaults):
+        dest = (prefix + f.name).replace("-", "_")
+        if hasattr(args, dest):
+            value = getattr(args, dest)
+            values[f.name] = None if value == "" and not isinstance(getattr(defaults, f.name), bool) else value
+    return replace(defaults, **values)
 
 
-def decoding_argv(decoding: Decoding) -> list[str]:
-    """The flags that give `decoding` back (the inverse of add_decoding_flags)."""
-    return ["--system", decoding.system or "", "--max-new-tokens", str(decoding.max_new_tokens),
-            "--repetition-penalty", str(decoding.repetition_penalty), "--temperature", str(decoding.temperature),
-            "--top-p", str(decoding.top_p), "--top-k", str(decoding.top_k), "--seed", str(decoding.seed)]
+def flags_argv(values, prefix: str = "", skip=()) -> list[str]:
+    """The flags that give the settings dataclass `values` back (the inverse of add_flags + from_flags)."""
+    argv = []
+    for f in fields(values):
+        if f.name in skip:
+            continue
+        value, flag = getattr(values, f.name), "--" + prefix + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + prefix + f.name.replace("_", "-"))
+        elif value is None and "choices" in f.metadata:
+            continue  # None is the default of every setting with choices
+        else:
+            argv += [flag, "" if value is None else str(value)]
+    return argv

@@ -32,17 +32,18 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lidr import sdrrl, settings
-from lidr.cli import decoding_argv
+from lidr.cli import flags_argv
 from lidr.generation import generate_file
 from lidr.jsonl import write_json_atomic
 from lidr.pairs import PairOptions, build_from_dir, read_translation_task_ids, write_pairs
 from lidr.rows import Engine
+from lidr.sdrrl import SDRRLOptions
 from lidr.settings import Decoding, Training
-from lidr.train import options_argv, train
+from lidr.train import global_batch_size, options_argv, read_examples, train
 from lidr.translation import translate_file
 
 ROOT = Path(__file__).resolve().parents[1]  # where generate.py, translate.py and train_dpo.py are
@@ -56,7 +57,8 @@ class Recipe:
     method: str = "lidr"  # "lidr": preference pairs, DPO + NLL; "sdrrl": self-distilled SFT rows
     answers: Decoding = settings.ANSWERS  # step 2, M_t answering the prompts
     translation: Decoding = settings.TRANSLATION  # step 3, M_t translating its answers
-    pairs: PairOptions = field(default_factory=PairOptions)  # step 4's rules (lidr/pairs.py)
+    pairs: PairOptions = PairOptions()  # step 4's rules (lidr/pairs.py)
+    sft_rows: SDRRLOptions = SDRRLOptions()  # step 4 with method "sdrrl" (lidr/sdrrl.py)
     translation_task_ids: str | None = None  # JSONL of prompt ids that are translation requests
     swap_pairs: bool = False  # a control, not the method: every pair's chosen and rejected exchanged
     training: Training = settings.TRAINING  # step 5; the objective follows the method
@@ -82,7 +84,7 @@ def generate_stage(model, prompts, out, decoding: Decoding, batch_size: int, npr
         generate_file(Engine(model, batch_size=batch_size), prompts, out, decoding)
     else:
         torchrun("generate.py", ["--model", model, "--prompts", prompts, "--out", out, "--batch-size", batch_size,
-                                 *decoding_argv(decoding)], nproc)
+                                 *flags_argv(decoding)], nproc)
 
 
 def translate_stage(model, source, out, to: str, decoding: Decoding, batch_size: int, nproc: int):
@@ -90,7 +92,7 @@ def translate_stage(model, source, out, to: str, decoding: Decoding, batch_size:
         translate_file(Engine(model, batch_size=batch_size), source, out, to, decoding)
     else:
         torchrun("translate.py", ["--model", model, "--in", source, "--to", to, "--out", out,
-                                  "--batch-size", batch_size, *decoding_argv(decoding)], nproc)
+                                  "--batch-size", batch_size, *flags_argv(decoding)], nproc)
 
 
 def train_stage(model, data, out, options: Training, nproc: int):
@@ -153,7 +155,7 @@ def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size
             raise SystemExit(f"{folder / 'pairs_report.json'}: no pairs were made; see the report")
 
     def sdrrl_rows():  # (x_l, y_en->l) and (x_en, y_en) as supervised rows
-        rows, report = sdrrl.build_from_dir(folder, langs, sdrrl.SDRRLOptions(dominant=en))
+        rows, report = sdrrl.build_from_dir(folder, langs, replace(recipe.sft_rows, dominant=en))
         sdrrl.write_rows(rows, report, folder / "sdrrl.jsonl")
         for lang, counts in report["per_language"].items():
             print(f"  {lang}: {counts}", flush=True)
@@ -164,14 +166,15 @@ def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size
     unchanged = folder / "train" / "unchanged.json"  # written when there was too little to train on
 
     def train_next():  # M_t -> M_{t+1}, M_t the reference
-        rows = sum(1 for line in data.read_text().splitlines() if line.strip())
-        global_batch = recipe.training.batch_size * recipe.training.grad_accum * train_nproc
-        if rows < global_batch:  # M_t and its own translations agree (almost) everywhere: nothing left to learn
-            print(f"[{label}] train: {rows} rows in {data} do not fill one global batch of {global_batch}; "
-                  f"M_t+1 is M_t ({model})", flush=True)
-            write_json_atomic(unchanged, {"rows": rows, "global_batch": global_batch, "model": str(model)})
-            return
         options = replace(recipe.training, objective="sft") if recipe.method == "sdrrl" else recipe.training
+        _, examples, counts = read_examples(Path(model), data, options)  # the rows the trainer would keep
+        global_batch = global_batch_size(options, train_nproc)
+        if len(examples) < global_batch:  # M_t and its own translations agree (almost) everywhere: nothing to learn
+            print(f"[{label}] train: {len(examples)} usable rows of {counts['read']} in {data} do not fill one "
+                  f"global batch of {global_batch}; M_t+1 is M_t ({model})", flush=True)
+            write_json_atomic(unchanged, {"rows": counts["read"], "usable_rows": len(examples),
+                                          "global_batch": global_batch, "model": str(model)})
+            return
         train_stage(model, data, folder / "train", options, train_nproc)
 
     stage(folder, "generate", label, generate)

@@ -48,8 +48,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from lidr.cli import add_flags, from_flags
 from lidr.jsonl import check_output, file_identity, read_records, record_output, write_json_atomic, write_text_atomic
 from lidr.languages import checked_languages
+from lidr.settings import check_settings, setting
 
 DIRECTIONS = ("non_dominant", "dominant")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -69,17 +71,25 @@ def arithmetic(text: str) -> list[str]:
     return [re.sub(r"[.,]", "", t) if t[0].isdigit() else t.strip() for t in ARITHMETIC.findall(text)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class PairOptions:
-    dominant: str = "en"
-    dominant_pairs: str = "all"  # "all": every language's dominant pairs; "one": one sampled language per id
-    drop_identical: bool = True
-    check_language: bool = False  # drop pairs whose chosen answer is not in the prompt's language
-    check_numbers: bool = False  # drop pairs whose translation changes its source's numbers or signs (arithmetic())
-    drop_same_answer: bool = False  # drop pairs whose chosen and rejected end in the same number
-    min_chars: int = 1
-    max_chars: int = 0  # 0: no upper limit
-    seed: int = 0
+    """The rules that turn answers and translations into pairs (flags of `python -m lidr.pairs` and iterate.py)."""
+
+    dominant: str = setting("en", "the dominant language")
+    dominant_pairs: str = setting("all", "all: every language's dominant pairs; one: one language sampled per id",
+                                  choices=("all", "one"))
+    drop_identical: bool = setting(True, "drop pairs whose chosen equals rejected")
+    check_language: bool = setting(False, "drop pairs whose chosen answer is not in the prompt's language (langid)")
+    check_numbers: bool = setting(False, "drop pairs whose translated side changes its source's numbers or the signs "
+                                         "between them")
+    drop_same_answer: bool = setting(False, "drop pairs whose chosen and rejected end in the same number (checkable "
+                                            "answers)")
+    min_chars: int = setting(1, "drop pairs with a side shorter than this", low=0)
+    max_chars: int = setting(0, "drop pairs with a side longer than this; 0 = no limit", low=0)
+    seed: int = setting(0, "the language sampled per id with --dominant-pairs one", low=0)
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, options=PairOptions(), off_target=None):
@@ -277,25 +287,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")
     parser.add_argument("--langs", required=True, help="non-dominant languages, comma-separated (e.g. es,ru,de,fr)")
-    parser.add_argument("--dominant", default="en")
-    parser.add_argument("--dominant-pairs", choices=("all", "one"), default="all",
-                        help="all: every language's dominant pairs; one: one language sampled per id")
-    parser.add_argument("--keep-identical", action="store_true", help="keep pairs whose chosen equals rejected")
-    parser.add_argument("--check-language", action="store_true", help="drop pairs whose chosen is off-target (langid)")
-    parser.add_argument("--check-numbers", action="store_true",
-                        help="drop pairs whose translated side changes its source's numbers or the signs between them")
-    parser.add_argument("--drop-same-answer", action="store_true",
-                        help="drop pairs whose chosen and rejected end in the same number (checkable answers)")
-    parser.add_argument("--min-chars", type=int, default=1)
-    parser.add_argument("--max-chars", type=int, default=0, help="0 = no limit")
+    add_flags(parser, PairOptions(), title="pair rules")
     parser.add_argument("--translation-task-ids", help="JSONL with the ids of prompts that are translation requests")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="pairs JSONL (default: DIR/pairs.jsonl; the report goes beside it)")
     args = parser.parse_args(argv)
-    options = PairOptions(dominant=args.dominant, dominant_pairs=args.dominant_pairs,
-                          drop_identical=not args.keep_identical, check_language=args.check_language,
-                          check_numbers=args.check_numbers, drop_same_answer=args.drop_same_answer,
-                          min_chars=args.min_chars, max_chars=args.max_chars, seed=args.seed)
+    options = from_flags(args, PairOptions())
     out = Path(args.out or Path(args.dir) / "pairs.jsonl")
     try:
         task_ids = read_translation_task_ids(args.translation_task_ids)

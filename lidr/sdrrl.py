@@ -1,13 +1,13 @@
 """SDRRL data: self-distillation from the resource-rich language, as supervised rows.
 
-    python -m lidr.sdrrl --dir runs/lidr/iter1 --langs es,ru,de,fr [--no-english] [--code-switch-rows 0.5]
+    python -m lidr.sdrrl --dir runs/lidr/iter1 --langs es,ru,de,fr [--no-include-english] [--code-switch-rows 0.5]
     torchrun --nproc_per_node=8 train_dpo.py --objective sft --data runs/lidr/iter1/sdrrl.jsonl ...
 
 THIS IS A RECONSTRUCTION of SDRRL (arXiv 2402.12204): its data sizes, translator, code-switching
 rule and hyperparameters could not be read here. It reuses LIDR's stage outputs (the model's own
 English answers and their self-translations, same folder layout as lidr.pairs) and writes
 {id, lang, kind, prompt, response} rows for `train_dpo.py --objective sft`:
-- kind "english": x_en with y_en (keeps English; --no-english leaves them out);
+- kind "english": x_en with y_en (keeps English; --no-include-english leaves them out);
 - kind "target": x_l with y_en→l, the English answer carried into language l;
 - kind "code_switched": for a share of the target rows (--code-switch-rows), a variant whose
   question and answer have some lines (--code-switch-lines, per line) swapped for the English
@@ -27,18 +27,27 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from lidr.cli import add_flags, from_flags
 from lidr.jsonl import check_output, file_identity, record_output, write_json_atomic, write_text_atomic
 from lidr.languages import checked_languages
+from lidr.settings import check_settings, setting
 from lidr.pairs import read_texts, read_translations
 
 
-@dataclass
+@dataclass(frozen=True)
 class SDRRLOptions:
-    dominant: str = "en"
-    include_english: bool = True
-    code_switch_rows: float = 0.5  # share of target rows that also get a code-switched variant
-    code_switch_lines: float = 0.3  # chance that each line of such a row is replaced by its English line
-    seed: int = 0
+    """How the SFT rows are made (flags of `python -m lidr.sdrrl` and iterate.py --method sdrrl)."""
+
+    dominant: str = setting("en", "the dominant language")
+    include_english: bool = setting(True, "keep the English (x_en, y_en) rows")
+    code_switch_rows: float = setting(0.5, "share of target rows that also get a code-switched variant",
+                                      low=0.0, high=1.0)
+    code_switch_lines: float = setting(0.3, "chance that each line of such a row is replaced by its English line",
+                                       low=0.0, high=1.0)
+    seed: int = setting(0, "which rows and lines are code-switched", low=0)
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 def code_switch(text: str, english: str, p: float, rng: random.Random) -> str | None:
@@ -115,14 +124,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")
     parser.add_argument("--langs", required=True, help="target languages, comma-separated")
-    parser.add_argument("--dominant", default="en")
-    parser.add_argument("--no-english", action="store_true", help="leave out the English (x_en, y_en) rows")
-    parser.add_argument("--code-switch-rows", type=float, default=0.5, help="share of target rows given a variant")
-    parser.add_argument("--code-switch-lines", type=float, default=0.3, help="per-line chance of swapping to English")
-    parser.add_argument("--seed", type=int, default=0)
+    add_flags(parser, SDRRLOptions(), title="SDRRL rows")
     parser.add_argument("--out", help="default: DIR/sdrrl.jsonl (report beside it)")
     args = parser.parse_args(argv)
-    options = SDRRLOptions(args.dominant, not args.no_english, args.code_switch_rows, args.code_switch_lines, args.seed)
+    options = from_flags(args, SDRRLOptions())
     try:
         rows, report = build_from_dir(args.dir, args.langs.split(","), options)
     except (OSError, ValueError) as e:

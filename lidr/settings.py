@@ -5,16 +5,20 @@
     dataclasses.replace(settings.TRANSLATION, max_new_tokens=64)   # a caller's visible override
 
 Each value says where it comes from (docs/method.md: the LIDR paper, arXiv 2410.08964, and its public
-repository). The command lines take their defaults from here and say so in their help ("default:
-the paper's, 1.1"); the demo and small models override a value at the call site, where a reader
-sees it (dataclasses.replace), never here.
+repository). Every setting is written once, as a dataclass field made by `setting`: its default,
+its source, its help text and the range of values it accepts. The command lines are generated from
+these fields (lidr/cli.py `add_flags`, and `flags_argv` gives the flags back for torchrun
+launches), a run's record lists them (`provenance`), and a value outside its range is refused when
+the dataclass is built, before anything is written. The demo and small models override a value at
+the call site, where a reader sees it (dataclasses.replace), never here.
 
 How this departs from the paper: nothing, for the values the paper or its repository gives. The
 training values it does not publish (learning rate, epochs, batch, length) are lidr's choices and
 are marked as such below.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import MISSING, dataclass, field, fields
 
 # the system turn of the LIDR repository's Llama 3 template, for answers, translations and both evaluations
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -22,6 +26,46 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 # prompts decoded together per process: a throughput setting, not the paper's (it used vLLM)
 SAMPLING_BATCH_SIZE = 16
 EVAL_BATCH_SIZE = 32
+
+
+def setting(default, help: str, *, low=None, high=None, above=None, choices=None, provenance: bool = True):
+    """A dataclass field that is also a command-line flag (default MISSING: a required field): `help` says what it is and where its
+    default comes from; low/high (inclusive) and above (exclusive) bound a number, choices a text.
+    provenance False: the value does not change what a run computes (e.g. how often it saves) and
+    is left out of its record."""
+    bounds = {k: v for k, v in (("low", low), ("high", high), ("above", above), ("choices", choices)) if v is not None}
+    return field(default=default, metadata={"help": help, "provenance": provenance, **bounds})
+
+
+def out_of_range(value, meta) -> str | None:
+    """Why `value` is not a valid value of a setting whose field has the metadata `meta`, or None."""
+    if value is None or isinstance(value, (bool, str)):
+        choices = meta.get("choices")
+        if value is not None and choices is not None and value not in choices:
+            return f"{value!r} is not one of {', '.join(map(repr, choices))}"
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if "low" in meta and value < meta["low"]:
+        return f"{value} is below its least value {meta['low']}"
+    if "high" in meta and value > meta["high"]:
+        return f"{value} is above its greatest value {meta['high']}"
+    if "above" in meta and value <= meta["above"]:
+        return f"{value} is not greater than {meta['above']}"
+    return None
+
+
+def check_settings(values):
+    """ValueError naming the first setting of the dataclass `values` that is out of its range."""
+    for f in fields(values):
+        problem = out_of_range(getattr(values, f.name), f.metadata)
+        if problem:
+            raise ValueError(f"{type(values).__name__}.{f.name}: {problem}")
+
+
+def provenance(values) -> dict:
+    """The settings that change what a run computes, by name: what a run's record holds."""
+    return {f.name: getattr(values, f.name) for f in fields(values) if f.metadata.get("provenance", True)}
 
 
 @dataclass(frozen=True)
@@ -33,13 +77,17 @@ class Decoding:
     row i samples with seed + its input line. system None (or "") leaves the chat template's own.
     """
 
-    max_new_tokens: int
-    repetition_penalty: float
-    system: str | None = SYSTEM_PROMPT
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
+    max_new_tokens: int = setting(MISSING, "at most this many new tokens per reply; lowered, with a warning, to what the "
+                                        "model's context leaves", low=1)
+    repetition_penalty: float = setting(MISSING, "vLLM's meaning, 1 = off", above=0.0)
+    system: str | None = setting(SYSTEM_PROMPT, "system turn before every prompt; '' for none (the chat template's own)")
+    temperature: float = setting(0.0, "0 = greedy", low=0.0)
+    top_p: float = setting(1.0, "nucleus sampling; 1 = off", above=0.0, high=1.0)
+    top_k: int = setting(0, "0 = off", low=0)
+    seed: int = setting(0, "row i samples with seed + its input line", low=0)
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 # LIDR step 2 (generate): vLLM, greedy, repetition penalty 1.1, at most 2,400 new tokens, one sample
@@ -61,22 +109,33 @@ class Training:
     unpublished and lidr's choice.
     """
 
-    objective: str = "dpo"  # "dpo": DPO + α·NLL on preference pairs (LIDR); "sft": NLL on responses (SDRRL)
-    beta: float = 0.1  # β of DPO: the authors' run names
-    alpha: float = 1.0  # α, weight of the chosen response's NLL (LLaMA-Factory's pref_ftx): the run names
-    lr: float = 5e-7  # unpublished; lidr's choice, a common DPO learning rate at 8B
-    weight_decay: float = 0.0  # unpublished; lidr's choice
-    warmup_ratio: float = 0.1  # share of the steps spent warming up; lidr's choice
-    grad_clip: float = 1.0  # lidr's choice
-    epochs: int = 1  # unpublished; lidr's choice
-    batch_size: int = 4  # pairs (or rows) per rank per micro-batch; lidr's choice
-    grad_accum: int = 1  # micro-batches per optimizer step; lidr's choice
-    max_len: int = 2048  # tokens of prompt + response; lidr's choice
-    seed: int = 0
-    save_every: int = 100  # steps between checkpoints
-    activation_checkpointing: bool = False  # recompute each block in backward
-    dtype: str | None = None  # compute dtype; None: bfloat16 on CUDA, float32 on CPU
-    chat_format: str | None = None  # None: read from the model folder
+    objective: str = setting("dpo", "dpo: DPO + α·NLL on preference pairs (LIDR); sft: NLL on responses (SDRRL)",
+                             choices=("dpo", "sft"))
+    beta: float = setting(0.1, "β of DPO; the paper's (the authors' run names)", above=0.0)
+    alpha: float = setting(1.0, "α, weight of the chosen response's NLL (LLaMA-Factory's pref_ftx); the paper's "
+                                "(the authors' run names)", low=0.0)
+    lr: float = setting(5e-7, "peak learning rate; unpublished in the paper, lidr's choice (a common DPO rate at 8B)",
+                        above=0.0)
+    weight_decay: float = setting(0.0, "AdamW's; unpublished, lidr's choice", low=0.0)
+    warmup_ratio: float = setting(0.1, "share of the steps spent warming up; lidr's choice", low=0.0, high=1.0)
+    grad_clip: float = setting(1.0, "gradient norm clipping; lidr's choice", above=0.0)
+    epochs: int = setting(1, "passes over the rows; unpublished, lidr's choice", low=1)
+    batch_size: int = setting(4, "pairs (or rows) per rank per micro-batch; lidr's choice", low=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step; lidr's choice", low=1)
+    max_len: int = setting(2048, "tokens of prompt + response; a longer prompt keeps its last tokens, a row whose "
+                                 "response does not fit is dropped (both counted in OUT/data_report.json); "
+                                 "lidr's choice", low=1)
+    seed: int = setting(0, "the order of the rows in each epoch", low=0)
+    save_every: int = setting(100, "steps between checkpoints", low=1, provenance=False)
+    activation_checkpointing: bool = setting(False, "recompute each block in backward (less memory, ~1/3 more "
+                                                    "compute)", provenance=False)
+    dtype: str | None = setting(None, "compute dtype of parameters and activations; master weights, optimizer state "
+                                      "and gradient reduction stay float32 (None: bfloat16 on CUDA, float32 on CPU)",
+                                choices=("float32", "bfloat16"))
+    chat_format: str | None = setting(None, "None: read from the model folder", choices=("llama3", "chatml"))
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 TRAINING = Training()

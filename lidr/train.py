@@ -72,7 +72,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -90,18 +90,16 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lidr.checkpoint import check, default_dtype, folder_identity, load_model, read_config, save
-from lidr.cli import positive_int
+from lidr.cli import add_flags, flags_argv, from_flags
 from lidr.dpo import dpo_loss, hidden_sequence_logps
 from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
 from lidr.model import Documents, Llama, rope_inv_freq
-from lidr.settings import TRAINING, Training
+from lidr.settings import TRAINING, Training, provenance
 from lidr.tokenizer import Tokenizer, chat_messages
 
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
 # dense bf16 peak of the GPUs MFU is reported for (matched against torch.cuda.get_device_name)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-RUN_KEYS = ("objective", "dtype", "beta", "alpha", "lr", "weight_decay", "epochs", "batch_size",
-            "grad_accum", "max_len", "warmup_ratio", "grad_clip", "seed")
 
 
 # -----------------------------------------------------------------------------
@@ -226,7 +224,7 @@ def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
 
 def micro_batch(step: int, micro: int, n_examples: int, options: Training, rank: int, world: int) -> list[int]:
     """Example indices for one rank's micro-batch: global step `step` (0-based) fixes the data position."""
-    global_batch = options.batch_size * options.grad_accum * world
+    global_batch = global_batch_size(options, world)
     steps_per_epoch = n_examples // global_batch
     epoch, k = divmod(step, steps_per_epoch)
     order = epoch_order(n_examples, options.seed, epoch)
@@ -466,6 +464,22 @@ def train(model_dir, data, out, options: Training = TRAINING):
         dist.destroy_process_group()
 
 
+def global_batch_size(options: Training, world: int) -> int:
+    """Rows per optimizer step: --batch-size per rank per micro-batch × --grad-accum × ranks."""
+    return options.batch_size * options.grad_accum * world
+
+
+def read_examples(model_dir: Path, data: Path, options: Training):
+    """(tokenizer, usable examples, counts): what a run trains on, or one sentence and exit. The
+    model folder is checked (config, tokenizer, every weight file's header) without reading weights."""
+    try:
+        _, tokenizer = check(model_dir, options.chat_format)
+        examples, counts = load_examples(data, tokenizer, options.objective, options.max_len)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    return tokenizer, examples, counts
+
+
 def read_inputs(model_dir: Path, data: Path, options: Training, world: int):
     """(tokenizer, examples, counts, identity): the model folder and data checked and read, or one sentence and exit.
 
@@ -474,17 +488,12 @@ def read_inputs(model_dir: Path, data: Path, options: Training, world: int):
     and modification times). Nothing is written here.
     """
     model_identity = folder_identity(model_dir)  # a missing folder or config.json: one sentence
-    try:
-        _, tokenizer = check(model_dir, options.chat_format)  # config, tokenizer, every weight file's header
-        examples, counts = load_examples(data, tokenizer, options.objective, options.max_len)
-    except (OSError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    global_batch = options.batch_size * options.grad_accum * world
+    tokenizer, examples, counts = read_examples(model_dir, data, options)
+    global_batch = global_batch_size(options, world)
     if len(examples) < global_batch:
         raise SystemExit(f"{data}: {len(examples)} usable rows of {counts['read']} ({format_counts(counts)}) "
                          f"do not fill one global batch of {global_batch}")
-    settings = {k: getattr(options, k) for k in RUN_KEYS}
-    identity = {**settings, "model": model_identity, "data": file_identity(data)}
+    identity = {**provenance(options), "model": model_identity, "data": file_identity(data)}
     return tokenizer, examples, counts, identity
 
 
@@ -506,7 +515,7 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
         if changes:
             raise SystemExit(f"{out} holds a run made from other inputs or settings ({'; '.join(changes)}); "
                              f"rerun the same command or use a fresh --out")
-    global_batch = options.batch_size * options.grad_accum * world
+    global_batch = global_batch_size(options, world)
     total_steps = len(examples) // global_batch * options.epochs
     dist.barrier()
     if rank == 0:
@@ -628,52 +637,18 @@ def parse_args(argv=None):
 
 
 def add_training_flags(p: argparse.ArgumentParser):
-    """One flag per field of Training, its default lidr/settings.py TRAINING's (the paper's β and α, lidr's
-    choices for the rest)."""
-    d = TRAINING
-    p.add_argument("--objective", choices=("dpo", "sft"), default=d.objective, help="default: %(default)s")
-    p.add_argument("--beta", type=float, default=d.beta, help="β of DPO (default: the paper's, %(default)s)")
-    p.add_argument("--alpha", type=float, default=d.alpha,
-                   help="α, weight of the chosen response's NLL, pref_ftx (default: the paper's, %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="default: %(default)s (unpublished in the paper)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
-                   help="share of the steps spent warming up (default: %(default)s)")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="default: %(default)s")
-    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="default: %(default)s")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                   help="pairs (or rows) per rank per micro-batch (default: %(default)s)")
-    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum,
-                   help="micro-batches per optimizer step (default: %(default)s)")
-    p.add_argument("--max-len", type=positive_int, default=d.max_len,
-                   help="tokens of prompt + response; a longer prompt keeps its last tokens, a row whose response does "
-                        "not fit is dropped (both counted in OUT/data_report.json; default: %(default)s)")
-    p.add_argument("--save-every", type=positive_int, default=d.save_every,
-                   help="steps between checkpoints (default: %(default)s)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
-    p.add_argument("--chat-format", choices=("llama3", "chatml"), default=d.chat_format,
-                   help="default: read from the folder")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
-                   help="compute dtype of parameters and activations; master weights, optimizer state and gradient "
-                        "reduction stay float32 (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    """One flag per field of Training (lidr/settings.py: its default, source and range)."""
+    add_flags(p, TRAINING, title="training (lidr/settings.py TRAINING: the paper's β and α, lidr's choices for the rest)")
 
 
 def options_from(args) -> Training:
     """The Training the flags give."""
-    return Training(**{f.name: getattr(args, f.name) for f in fields(Training)})
+    return from_flags(args, TRAINING)
 
 
 def options_argv(options: Training) -> list[str]:
     """The flags that give `options` back (the inverse of parse_args and options_from), for torchrun launches."""
-    argv = []
-    for f in fields(Training):
-        value, flag = getattr(options, f.name), "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
+    return flags_argv(options)
 
 
 def main(argv=None):

@@ -199,7 +199,7 @@ def test_mgsm_command_refuses_another_dataset_and_user_errors(tiny_dir, tmp_path
     assert {p.name: p.read_bytes() for p in (out / "mgsm").iterdir()} == before
     for extra, message in [(["--langs", "en", "en"], "name en more than once"),
                            (["--langs", "xx"], "unknown language code 'xx'"),
-                           (["--batch-size", "0"], "--batch-size: 0 is not a positive number")]:
+                           (["--batch-size", "0"], "--batch-size: 0 is below its least value 1")]:
         with pytest.raises(SystemExit) as exit_info:
             mgsm.main([*argv, "--data", str(data), *extra])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

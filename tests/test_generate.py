@@ -239,9 +239,9 @@ def test_user_errors_are_sentences_and_nothing_is_recorded(tmp_path, tiny_dir, c
         cli.main(generate_args(tmp_path / "no_model", src, out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # validated before anything was recorded
     for argv, message in [(["--prompt", "  \n"], "--prompt is empty"),
-                          (["--prompt", "Hi", "--batch-size", "0"], "--batch-size: 0 is not a positive number"),
+                          (["--prompt", "Hi", "--batch-size", "0"], "--batch-size: 0 is below its least value 1"),
                           (["--prompt", "Hi", "--max-new-tokens", "0"],
-                           "--max-new-tokens: 0 is not a positive number")]:
+                           "--max-new-tokens: 0 is below its least value 1")]:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["--model", str(tiny_dir), *argv])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -62,9 +62,10 @@ def test_iteration_end_to_end_and_resume_after_sigkill(demo_dir, tmp_path):
     assert all(f"{s}: done earlier, skipped" in again.stdout for s in ("generate", "translate", "pairs", "train"))
 
 
-def test_an_iteration_with_fewer_pairs_than_one_batch_keeps_its_model(tmp_path):
+def test_an_iteration_with_fewer_pairs_than_one_batch_keeps_its_model(tiny_dir, tmp_path):
     """When M_t's answers and its translations of them agree almost everywhere, the pairs do not fill one
-    global batch: the iteration trains nothing, says so in train/unchanged.json, and M_{t+1} is M_t."""
+    global batch: the iteration trains nothing, says so in train/unchanged.json, and M_{t+1} is M_t. The
+    decision counts the rows the trainer would keep (here 4 lines, 3 usable: one has chosen == rejected)."""
     from dataclasses import replace
 
     from lidr.iterate import Recipe, run_iteration
@@ -75,12 +76,12 @@ def test_an_iteration_with_fewer_pairs_than_one_batch_keeps_its_model(tmp_path):
     for name in ("generate", "translate", "pairs"):  # finished earlier: only training is left
         (folder / "done" / name).write_text("")
     pair = {"id": "1", "lang": "fr", "direction": "non_dominant", "prompt": "Q", "chosen": "a", "rejected": "b"}
-    (folder / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for _ in range(3)))
+    rows = [pair] * 3 + [{**pair, "rejected": "a"}]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     recipe = Recipe(langs=("fr",), training=replace(TRAINING, batch_size=2, grad_accum=1))
-    m1 = tmp_path / "M1"  # never opened: nothing is trained
-    assert run_iteration(m1, tmp_path / "prompts", folder, recipe, "iter 2/2", train_nproc=2) == m1
-    assert json.loads((folder / "train" / "unchanged.json").read_text()) == {"rows": 3, "global_batch": 4,
-                                                                          "model": str(m1)}
+    assert run_iteration(tiny_dir, tmp_path / "prompts", folder, recipe, "iter 2/2", train_nproc=2) == tiny_dir
+    assert json.loads((folder / "train" / "unchanged.json").read_text()) == {
+        "rows": 4, "usable_rows": 3, "global_batch": 4, "model": str(tiny_dir)}
     assert (folder / "done" / "train").exists() and not (folder / "train" / "model").exists()
     # a rerun finds the stage done and gives M_t again
-    assert run_iteration(m1, tmp_path / "prompts", folder, recipe, "iter 2/2", train_nproc=2) == m1
+    assert run_iteration(tiny_dir, tmp_path / "prompts", folder, recipe, "iter 2/2", train_nproc=2) == tiny_dir

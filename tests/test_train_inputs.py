@@ -64,7 +64,7 @@ def test_zero_is_an_argparse_error(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--model", "m", "--data", "d", "--out", "o", flag, "0"])
     assert exit_info.value.code == 2
-    assert f"argument {flag}: 0 is not a positive number" in capsys.readouterr().err
+    assert f"argument {flag}: 0 is below its least value 1" in capsys.readouterr().err
 
 
 def test_rows_over_max_len_are_counted_in_the_data_report(tiny_dir, tmp_path, capsys):
