@@ -1,6 +1,6 @@
 """GPU check and benchmark in one call: is lidr right on CUDA, how fast, and against which limits.
 
-    python bench/gpu.py --quick                 # first: every section at batch 1, in about 4 minutes
+    python bench/gpu.py --quick                 # first: every section, decode at batch 1 only, fewer steps
     python bench/gpu.py --json OUT/gpu.json     # then the full run, inside a 10-minute window
     python bench/gpu.py --sections decode,train --section-seconds 300   # some sections, longer limits
     python bench/gpu.py --cpu-dry-run --quick   # no GPU: every section at tiny shapes on CPU (checks the script)
@@ -340,12 +340,13 @@ def sdpa_call_sites(setup: Setup) -> dict:
                             requires_grad=grad) for _ in range(2))
         return q, k, v
 
-    batch, length = max(setup.batches), setup.max_len
-    decode_mask = (torch.arange(length, device=dev) <= setup.prompt_len)[None, None, None].expand(batch, 1, 1, length)
-    half = setup.row_len // 2
-    segments = torch.arange(setup.row_len, device=dev) // half
-    dense = ((segments[:, None] == segments[None, :]) & torch.ones(setup.row_len, setup.row_len, dtype=torch.bool,
-                                                                     device=dev).tril())[None, None].expand(2, 1, -1, -1)
+    batch, length, half = max(setup.batches), setup.max_len, setup.row_len // 2
+    # the masks as lidr builds them: decode_logits' [B, 1, L] and pack's [R, T, T], given a head axis by Llama.forward
+    positions = torch.full((batch,), setup.prompt_len, device=dev)
+    decode_mask = (torch.arange(length, device=dev) <= positions[:, None])[:, None][:, None]
+    segments = (torch.arange(setup.row_len, device=dev) // half).repeat(2, 1)
+    causal = torch.ones(setup.row_len, setup.row_len, dtype=torch.bool, device=dev).tril()
+    dense = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
     return {
         "prefill (causal, no mask)": (*qkv(dc, 1, setup.prompt_len, setup.prompt_len, False), None, True, False),
         f"decode step (bool mask over {length} positions)": (*qkv(dc, batch, 1, length, False), decode_mask, False, False),
@@ -514,20 +515,23 @@ def flex_attention_fn(setup: Setup):
 def flex_document_attention(setup: Setup) -> AttentionPath:
     flex = flex_attention_fn(setup)
     if flex is None:
-        return AttentionPath(None, unavailable="this torch has no flex_attention")
+        return AttentionPath(None, in_lidr=False, unavailable="this torch has no flex_attention")
     if setup.device == "cpu":  # torch raises NotImplementedError for it
-        return AttentionPath(None, unavailable="flex_attention has no backward on CPU")
+        return AttentionPath(None, in_lidr=False, unavailable="flex_attention has no backward on CPU")
     from torch.nn.attention.flex_attention import create_block_mask
 
+    block_masks = {}  # built once per inputs, outside the timed calls (a trainer builds one per micro-batch)
+
     def attend(rows: PackedRows):
-        segments = rows.segments
+        if id(rows) not in block_masks:
+            segments = rows.segments
 
-        def same_sequence(b, h, q_idx, kv_idx):
-            return (segments[b, q_idx] == segments[b, kv_idx]) & (q_idx >= kv_idx)
+            def same_sequence(b, h, q_idx, kv_idx):
+                return (segments[b, q_idx] == segments[b, kv_idx]) & (q_idx >= kv_idx)
 
-        R, _, T, _ = rows.q.shape
-        block_mask = create_block_mask(same_sequence, R, None, T, T, device=rows.q.device)
-        return flex(rows.q, rows.k, rows.v, block_mask=block_mask, enable_gqa=True)
+            R, _, T, _ = rows.q.shape
+            block_masks[id(rows)] = create_block_mask(same_sequence, R, None, T, T, device=rows.q.device)
+        return flex(rows.q, rows.k, rows.v, block_mask=block_masks[id(rows)], enable_gqa=True)
 
     return AttentionPath(attend, compiles=True, in_lidr=False)
 
@@ -535,18 +539,21 @@ def flex_document_attention(setup: Setup) -> AttentionPath:
 def flex_decode_attention(setup: Setup) -> AttentionPath:
     flex = flex_attention_fn(setup)
     if flex is None:
-        return AttentionPath(None, unavailable="this torch has no flex_attention")
+        return AttentionPath(None, in_lidr=False, unavailable="this torch has no flex_attention")
     from torch.nn.attention.flex_attention import create_block_mask
 
+    block_masks = {}  # built once per inputs, outside the timed calls (a decoder builds one per step for all layers)
+
     def attend(batch: DecodeBatch):
-        lengths = batch.lengths
+        if id(batch) not in block_masks:
+            lengths = batch.lengths
 
-        def filled(b, h, q_idx, kv_idx):
-            return kv_idx < lengths[b]
+            def filled(b, h, q_idx, kv_idx):
+                return kv_idx < lengths[b]
 
-        B, _, length, _ = batch.k.shape
-        block_mask = create_block_mask(filled, B, None, 1, length, device=batch.q.device)
-        return flex(batch.q, batch.k, batch.v, block_mask=block_mask, enable_gqa=True)
+            B, _, length, _ = batch.k.shape
+            block_masks[id(batch)] = create_block_mask(filled, B, None, 1, length, device=batch.q.device)
+        return flex(batch.q, batch.k, batch.v, block_mask=block_masks[id(batch)], enable_gqa=True)
 
     return AttentionPath(attend, compiles=True, in_lidr=False)
 
@@ -603,12 +610,17 @@ def prefill_attention_paths(setup: Setup) -> dict[str, AttentionPath]:
 TRAIN_ATTENTION, DECODE_ATTENTION, PREFILL_ATTENTION = train_attention_paths, decode_attention_paths, prefill_attention_paths
 
 
-def reference_attention(q, k, v, mask=None, causal=False) -> torch.Tensor:
-    """fp32 SDPA through the math backend on the same (bf16) inputs upcast: the reference of every path."""
+def reference_attention(q, k, v, mask=None, causal=False, grad_out=None):
+    """fp32 SDPA through the math backend on the same (bf16) inputs upcast: the reference of every path.
+    With grad_out: (output, fp32 gradients of q, k, v)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    q, k, v = (t.detach().float().requires_grad_(grad_out is not None) for t in (q, k, v))
     with sdpa_kernel(SDPBackend.MATH):
-        return sdpa(q.float(), k.float(), v.float(), mask, causal)
+        out = sdpa(q, k, v, mask, causal)
+    if grad_out is None:
+        return out.detach()
+    return out.detach(), torch.autograd.grad(out, (q, k, v), grad_out.float())
 
 
 def packed_rows(setup: Setup, n_docs: int) -> PackedRows:
@@ -648,8 +660,7 @@ def section_attention(table, setup: Setup, machine: Machine):
     for n_docs in setup.doc_counts:
         rows = packed_rows(setup, n_docs)
         grad_out = torch.randn_like(rows.q)
-        reference = reference_attention(rows.q, rows.k, rows.v, rows.dense_mask)
-        ref_grads = torch.autograd.grad(reference, (rows.q, rows.k, rows.v), grad_out.float())
+        reference, ref_grads = reference_attention(rows.q, rows.k, rows.v, rows.dense_mask, grad_out=grad_out)
         shape = (f"train {setup.attention_rows} rows x {n_docs} seqs of {setup.row_len // n_docs}, "
                  f"{tc.n_heads}/{tc.n_kv_heads} heads of {tc.head_dim}")
         for name, path in TRAIN_ATTENTION(setup).items():
@@ -912,9 +923,8 @@ def transformers_decode_pass(hf, prompts, setup: Setup, generate_kwargs: dict) -
     clock = StepClock()
     synchronize()
     start = time.perf_counter()
-    with torch.inference_mode():
-        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=setup.max_new_tokens,
-                    pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]), **generate_kwargs)
+    hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=setup.max_new_tokens,
+                pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]), **generate_kwargs)
     t = clock.times
     if len(t) < n_tokens:
         raise RuntimeError(f"transformers' generate stopped after {len(t)} tokens, {n_tokens} were asked for")
