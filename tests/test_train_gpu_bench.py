@@ -58,7 +58,7 @@ def test_cpu_dry_run_runs_every_section_and_records_every_path(tmp_path):
     whats = [r["what"] for r in record["rows"]]
     for name in [*gpu.DECODE_PATHS, *gpu.TRANSFORMERS_PATHS]:
         assert f"batch 1: {name}" in whats
-    for table in (gpu.TRAIN_ATTENTION, gpu.DECODE_ATTENTION, gpu.PREFILL_ATTENTION):
+    for table in (gpu.train_attention_paths, gpu.decode_attention_paths, gpu.prefill_attention_paths):
         for name in table(gpu.CPU_DRY_RUN_QUICK):
             assert any(w.endswith(name) or w.endswith(name + " (not in lidr)") for w in whats), name
     for name in gpu.DECODE_PATHS:
@@ -146,16 +146,16 @@ def test_a_decode_step_streams_every_weight_but_the_embedding_table():
 
 @pytest.mark.slow
 def test_its_tiny_folder_trains_and_exports_through_train_dpo(tmp_path):
-    """The torchrun section's run, launched with plain python on this machine: the folder and tokenizer it writes work."""
+    """The torchrun section's run, launched with plain python here: the folder and tokenizer it writes work."""
     proc, out = gpu.run_torchrun(tmp_path, [sys.executable], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 rows read, 8 kept" in proc.stdout
     model, tokenizer = load(out / "model")
     assert model.cfg == gpu.TINY
     ids = tokenizer.encode_chat([{"role": "user", "content": "what is 2 plus 2?"}])
-    assert tokenizer.decode(ids).split() == ["<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "what",
-                                             "is", "2", "plus", "2", "?", "<|eot_id|>", "<|start_header_id|>", "assistant",
-                                             "<|end_header_id|>"]
+    assert tokenizer.decode(ids).split() == [
+        "<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "what", "is", "2", "plus", "2", "?",
+        "<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>"]
 
 
 def test_its_transformers_twin_holds_the_same_weights_and_gives_the_same_logits():
