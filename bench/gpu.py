@@ -186,6 +186,15 @@ class Table:
     def skip(self, section, what, reason: str):
         self.add(section, what, reason, "SKIP")
 
+    def guarded(self, section, what, measure):
+        """measure() (which adds its own rows); an error becomes a FAIL row for `what` and the section goes on."""
+        try:
+            measure()
+        except Exception as e:  # noqa: BLE001 -- one path failing (a compile error, out of memory) leaves the others
+            traceback.print_exc()
+            self.add(section, what, f"{type(e).__name__}: {str(e)[:200]}", "FAIL")
+            free_memory()
+
     def run(self, section, seconds: int, fn, *args):
         """fn(table, *args) under a guard: an exception becomes a FAIL row, the time limit a TIMEOUT row."""
         print(f"== {section} (limit {seconds} s)", flush=True)
@@ -197,7 +206,10 @@ class Table:
         previous = signal.signal(signal.SIGALRM, time_up)
         signal.setitimer(signal.ITIMER_REAL, seconds)
         try:
-            fn(self, *args)
+            try:
+                fn(self, *args)
+            finally:  # the alarm off before any handler below runs: it cannot fire in them
+                signal.setitimer(signal.ITIMER_REAL, 0)
         except SectionTimeout:
             status = "TIMEOUT"
             self.add(section, "time limit", f"stopped after {seconds} s; the rows above were measured before", status)
@@ -205,7 +217,6 @@ class Table:
             traceback.print_exc()
             self.add(section, "error", f"{type(e).__name__}: {str(e)[:300]}", "FAIL")
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
         seconds_taken = time.perf_counter() - start
         if status == "ok" and any(r["status"] == "FAIL" for r in self.rows if r["section"] == section):
@@ -423,8 +434,7 @@ def section_preflight(table, setup: Setup, machine: Machine):
         table.skip("preflight", "C compiler for Triton", machine.compile_skip + "; every compiled row is skipped")
     else:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-        table.check("preflight", "C compiler for Triton", f"{compiler} ({version.splitlines()[0] if version else '?'})",
-                    True)
+        table.add("preflight", "C compiler for Triton", f"{compiler} ({version.splitlines()[0] if version else '?'})")
     try:
         import flash_attn
         table.add("preflight", "flash_attn",
@@ -670,18 +680,21 @@ def section_attention(table, setup: Setup, machine: Machine):
                 table.skip("attention", what, reason)
                 continue
 
-            def forward_backward():
-                out = path.attend(rows)
-                return out, torch.autograd.grad(out, (rows.q, rows.k, rows.v), grad_out)
+            def measure(path=path, what=what):
+                def forward_backward():
+                    out = path.attend(rows)
+                    return out, torch.autograd.grad(out, (rows.q, rows.k, rows.v), grad_out)
 
-            out, grads = forward_backward()
-            error = relative_error(out, reference)
-            grad_error = max(relative_error(g, r) for g, r in zip(grads, ref_grads))
-            seconds = median_seconds(forward_backward, setup.repeats)
-            table.check("attention", what, f"{seconds * 1e3:.2f} ms fwd+bwd; bf16 vs fp32: out {error:.1e} "
-                        f"(< {BF16_FORWARD:g}), grads {grad_error:.1e} (< {BF16_GRADIENTS:g})",
-                        within(error, BF16_FORWARD) and within(grad_error, BF16_GRADIENTS),
-                        seconds=seconds, error=error, grad_error=grad_error)
+                out, grads = forward_backward()
+                error = relative_error(out, reference)
+                grad_error = max(relative_error(g, r) for g, r in zip(grads, ref_grads))
+                seconds = median_seconds(forward_backward, setup.repeats)
+                table.check("attention", what, f"{seconds * 1e3:.2f} ms fwd+bwd; bf16 vs fp32: out {error:.1e} "
+                            f"(< {BF16_FORWARD:g}), grads {grad_error:.1e} (< {BF16_GRADIENTS:g})",
+                            within(error, BF16_FORWARD) and within(grad_error, BF16_GRADIENTS),
+                            seconds=seconds, error=error, grad_error=grad_error)
+
+            table.guarded("attention", what, measure)
         del rows, reference, ref_grads
 
     batch = decode_batch(setup, max(setup.batches))
@@ -696,11 +709,15 @@ def section_attention(table, setup: Setup, machine: Machine):
         if reason:
             table.skip("attention", what, reason)
             continue
-        error = relative_error(path.attend(batch), reference)
-        seconds = median_seconds(lambda: path.attend(batch), setup.repeats)
-        table.check("attention", what, f"{seconds * 1e6:.0f} us, {useful_bytes / seconds / 1e9:,.0f} GB/s of filled "
-                    f"KV; bf16 vs fp32 {error:.1e} (< {BF16_FORWARD:g})", within(error, BF16_FORWARD),
-                    seconds=seconds, error=error, kv_bytes_per_s=useful_bytes / seconds)
+
+        def measure(path=path, what=what):
+            error = relative_error(path.attend(batch), reference)
+            seconds = median_seconds(lambda: path.attend(batch), setup.repeats)
+            table.check("attention", what, f"{seconds * 1e6:.0f} us, {useful_bytes / seconds / 1e9:,.0f} GB/s of "
+                        f"filled KV; bf16 vs fp32 {error:.1e} (< {BF16_FORWARD:g})", within(error, BF16_FORWARD),
+                        seconds=seconds, error=error, kv_bytes_per_s=useful_bytes / seconds)
+
+        table.guarded("attention", what, measure)
     del batch, reference
 
     q = torch.randn(1, dc.n_heads, setup.prompt_len, dc.head_dim, device=setup.device, dtype=torch.bfloat16)
@@ -709,10 +726,14 @@ def section_attention(table, setup: Setup, machine: Machine):
     reference = reference_attention(q, k, v, causal=True)
     for name, path in prefill_attention_paths(setup).items():
         what = f"prefill {setup.prompt_len} tokens: {name}"
-        error = relative_error(path.attend((q, k, v)), reference)
-        seconds = median_seconds(lambda: path.attend((q, k, v)), setup.repeats)
-        table.check("attention", what, f"{seconds * 1e6:.0f} us; bf16 vs fp32 {error:.1e} (< {BF16_FORWARD:g})",
-                    within(error, BF16_FORWARD), seconds=seconds, error=error)
+
+        def measure(path=path, what=what):
+            error = relative_error(path.attend((q, k, v)), reference)
+            seconds = median_seconds(lambda: path.attend((q, k, v)), setup.repeats)
+            table.check("attention", what, f"{seconds * 1e6:.0f} us; bf16 vs fp32 {error:.1e} (< {BF16_FORWARD:g})",
+                        within(error, BF16_FORWARD), seconds=seconds, error=error)
+
+        table.guarded("attention", what, measure)
 
 
 # -----------------------------------------------------------------------------
@@ -1048,13 +1069,18 @@ def section_correctness(table, setup: Setup, machine: Machine):
         if path.compiles and not machine.can_compile:
             table.skip("correctness", what, machine.compile_skip)
             continue
-        skips = cuda_graph_skips()
-        got = lidr_step_logits(bf16, prompts, forced, max_len, path.step(setup), path.attended)
-        error = relative_error(got, expected)
-        table.check("correctness", what, f"{error:.1e} (< {BF16_MODEL:g})", within(error, BF16_MODEL), error=error)
-        if path.compiles and device == "cuda":
-            skipped = cuda_graph_skips() - skips
-            table.check("correctness", f"decode path {name}: CUDA graphs captured", f"{skipped} skipped", skipped == 0)
+
+        def measure(name=name, path=path, what=what):
+            skips = cuda_graph_skips()
+            got = lidr_step_logits(bf16, prompts, forced, max_len, path.step(setup), path.attended)
+            error = relative_error(got, expected)
+            table.check("correctness", what, f"{error:.1e} (< {BF16_MODEL:g})", within(error, BF16_MODEL), error=error)
+            if path.compiles and device == "cuda":
+                skipped = cuda_graph_skips() - skips
+                table.check("correctness", f"decode path {name}: CUDA graphs captured", f"{skipped} skipped",
+                            skipped == 0)
+
+        table.guarded("correctness", what, measure)
         free_memory()
 
     # packed training paths: log-probs and gradients against the fp32 dense mask
@@ -1065,13 +1091,17 @@ def section_correctness(table, setup: Setup, machine: Machine):
             p.requires_grad_(True)
     ref_logps, ref_grads = logps_and_grads(reference, pack_dense(examples, 120, device))
     for name, packing in TRAIN_PACKINGS.items():
-        logps, grads = logps_and_grads(bf16, packing(examples, 120, device))
-        error = relative_error(logps, ref_logps)
-        grad_error = max(relative_error(grads[n], ref_grads[n]) for n in grads)
-        table.check("correctness", f"training path {name}: log-probs, bf16 vs fp32 dense", f"{error:.1e} "
-                    f"(< {BF16_MODEL:g})", within(error, BF16_MODEL), error=error)
-        table.check("correctness", f"training path {name}: gradients (worst tensor), bf16 vs fp32 dense",
-                    f"{grad_error:.1e} (< {BF16_GRADIENTS:g})", within(grad_error, BF16_GRADIENTS), error=grad_error)
+        def measure(name=name, packing=packing):
+            logps, grads = logps_and_grads(bf16, packing(examples, 120, device))
+            error = relative_error(logps, ref_logps)
+            grad_error = max(relative_error(grads[n], ref_grads[n]) for n in grads)
+            table.check("correctness", f"training path {name}: log-probs, bf16 vs fp32 dense", f"{error:.1e} "
+                        f"(< {BF16_MODEL:g})", within(error, BF16_MODEL), error=error)
+            table.check("correctness", f"training path {name}: gradients (worst tensor), bf16 vs fp32 dense",
+                        f"{grad_error:.1e} (< {BF16_GRADIENTS:g})", within(grad_error, BF16_GRADIENTS),
+                        error=grad_error)
+
+        table.guarded("correctness", f"training path {name}", measure)
     del reference, bf16
 
     what = "generate(compile=True) gives the eager greedy tokens (fp32, tiny model)"
@@ -1138,31 +1168,28 @@ def section_decode(table, setup: Setup, machine: Machine):
             if path.compiles and not machine.can_compile:
                 table.skip("decode", what, machine.compile_skip)
                 continue
-            try:  # one side failing (a compile error, out of memory) leaves the others measured
+
+            def measure(name=name, path=path, run_pass=run_pass, what=what):
                 timing = timed_twice(run_pass, setup, path.attended)
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                table.add("decode", what, f"{type(e).__name__}: {str(e)[:200]}", "FAIL")
-                free_memory()
-                continue
-            line, numbers = decode_row(timing, batch, weights, kv_per_position, machine)
-            speeds[name], shares[name] = numbers["tokens_per_s"], numbers.get("share_of_copy")
-            table.add("decode", what, line, **numbers)
-            if path.compiles and setup.device == "cuda":
-                graphs = f"{timing.graph_skips} skipped"
-                if isinstance(path, DecodePath):  # lidr's own: a skipped graph is a defect
-                    table.check("decode", f"batch {batch}: {name}: CUDA graphs captured", graphs,
-                                timing.graph_skips == 0)
-                else:
-                    table.add("decode", f"batch {batch}: {name}: CUDA graphs", graphs)
+                line, numbers = decode_row(timing, batch, weights, kv_per_position, machine)
+                speeds[name], shares[name] = numbers["tokens_per_s"], numbers.get("share_of_copy")
+                table.add("decode", what, line, **numbers)
+                if path.compiles and setup.device == "cuda":
+                    graphs = f"{timing.graph_skips} skipped"
+                    if isinstance(path, DecodePath):  # lidr's own: a skipped graph is a defect
+                        table.check("decode", f"{what}: CUDA graphs captured", graphs, timing.graph_skips == 0)
+                    else:
+                        table.add("decode", f"{what}: CUDA graphs", graphs)
+
+            table.guarded("decode", what, measure)
             free_memory()
         ours = {n: s for n, s in speeds.items() if n in DECODE_PATHS}
         theirs = {n: s for n, s in speeds.items() if n in TRANSFORMERS_PATHS}
-        for label, pool in (("best", theirs), ("default", {n: s for n, s in theirs.items() if "default" in n})):
-            if ours and pool:
-                mine, other = max(ours, key=ours.get), max(pool, key=pool.get)
-                table.add("decode", f"batch {batch}: lidr best / transformers {label}",
-                          f"{ours[mine] / pool[other]:.2f}x ({mine} / {other})", ratio=ours[mine] / pool[other])
+        if ours:
+            mine = max(ours, key=ours.get)
+            for other, speed in theirs.items():
+                table.add("decode", f"batch {batch}: lidr best / {other}", f"{ours[mine] / speed:.2f}x ({mine})",
+                          ratio=ours[mine] / speed)
         if ours and theirs:
             best[batch] = max(ours.values()) / max(theirs.values())
         if batch == 1 and ours and machine.copy_bandwidth:
