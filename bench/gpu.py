@@ -8,7 +8,8 @@
 Each section runs on its own under a time limit (SECTION_SECONDS, or --section-seconds): an error
 is a FAIL row with its text, the limit a TIMEOUT row after the rows measured so far, and the next
 section runs. The default limits add up to 9 minutes. At the end a markdown table (for
-bench/RESULTS.md) is printed; --json writes every number, rewritten after each section.
+bench/RESULTS.md) is printed; --json PATH writes every number there and the table to PATH with the
+suffix .md, both rewritten after each section.
 
 Sections (preflight always runs first; --sections picks among the others):
 - preflight: torch, CUDA, cuDNN, transformers and Triton versions; the GPU, its SKU and datasheet
@@ -230,15 +231,18 @@ class Table:
         return any(r["status"] == "FAIL" for r in self.rows)
 
     def save_json(self):
-        """The whole record so far, written atomically (a run killed later keeps what it measured)."""
+        """The whole record so far, and the markdown table beside it (PATH with .md), each written atomically:
+        a run killed later keeps what it measured."""
         if self.json_path is None:
             return
         record = {"command": self.command, "started": self.started, "environment": self.environment,
                   "sections": self.sections, "rows": self.rows}
-        tmp = self.json_path.with_name(self.json_path.name + ".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, self.json_path)
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        for path, text in ((self.json_path, json.dumps(record, indent=1)),
+                           (self.json_path.with_suffix(".md"), self.markdown())):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text + "\n")
+            os.replace(tmp, path)
 
     def markdown(self) -> str:
         env = self.environment
@@ -253,8 +257,8 @@ class Table:
 
 
 def free_memory():
+    torch._dynamo.reset()  # compiled steps hold CUDA graph memory pools, and their guards hold the models
     gc.collect()
-    torch._dynamo.reset()  # compiled steps hold CUDA graph memory pools
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -1370,7 +1374,8 @@ def main(argv=None):
     parser.add_argument("--section-seconds", type=positive_seconds,
                         help="time limit of every section (default: each its own, "
                              + ", ".join(f"{k} {v}" for k, v in SECTION_SECONDS.items()) + ")")
-    parser.add_argument("--json", type=Path, help="write every number here (rewritten after each section)")
+    parser.add_argument("--json", type=Path, help="write every number here, and the table beside it with the suffix "
+                                                  ".md (both rewritten after each section)")
     args = parser.parse_args(argv)
     if args.cpu_dry_run:
         setup = CPU_DRY_RUN_QUICK if args.quick else CPU_DRY_RUN

@@ -55,6 +55,7 @@ def test_cpu_dry_run_runs_every_section_and_records_every_path(tmp_path):
     record = json.loads((tmp_path / "gpu.json").read_text())
     assert {name: s["status"] for name, s in record["sections"].items()} == {name: "ok" for name in gpu.SECTIONS}
     assert [[r["section"], r["what"], r["value"], r["status"]] for r in record["rows"]] == rows
+    assert (tmp_path / "gpu.md").read_text() in proc.stdout  # the table, also beside the JSON
     whats = [r["what"] for r in record["rows"]]
     for name in [*gpu.DECODE_PATHS, *gpu.TRANSFORMERS_PATHS]:
         assert f"batch 1: {name}" in whats
