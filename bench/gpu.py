@@ -7,7 +7,9 @@
 
 Each section runs on its own under a time limit (SECTION_SECONDS, or --section-seconds): an error
 is a FAIL row with its text, the limit a TIMEOUT row after the rows measured so far, and the next
-section runs. The default limits add up to 9 minutes. At the end a markdown table (for
+section runs. The default limits add up to 550 s (decode 240 s: compiling lidr's step and
+transformers' forward for each batch size may not all fit, the rows measured before stay; give
+`--sections decode --section-seconds 540` a call of its own for every batch size). At the end a markdown table (for
 bench/RESULTS.md) is printed; --json PATH writes every number there and the table to PATH with the
 suffix .md, both rewritten after each section.
 
@@ -23,11 +25,13 @@ Sections (preflight always runs first; --sections picks among the others):
   against fp32 for the forward, for every decode path (prefill, then teacher-forced steps; rows
   of different lengths) and every packed-training path (log-probs and gradients); lidr's
   generate(compile=True) gives the eager greedy tokens.
-- attention: every attention path alone at the real shapes (training forward + backward, decode,
-  prefill), each checked in bf16 against an fp32 reference and timed (median of CUDA events).
+- attention: every attention path alone at the real shapes (prefill, decode, training forward +
+  backward), each checked in bf16 against an fp32 reference and timed (median of CUDA events).
 - decode: a Llama-3-8B-shaped model with random bf16 weights, checked against transformers' on
-  the same tensors; per batch size, lidr's decode paths and transformers' `generate` with its
-  default dynamic cache and with its static cache compiled; lidr / transformers ratios.
+  the same tensors; prompts of 512 tokens in a cache of 2,912 positions (+ LIDR's 2,400 new
+  tokens), batch 1, 16 and 64; lidr's decode paths and transformers' `generate` with its default
+  dynamic cache and with its static cache compiled; lidr / transformers ratios. A CUDA graph that
+  inductor declines to capture in lidr's compiled step is a FAIL.
 - train: a DPO step of a Llama-3.2-1B-shaped model (FSDP2, one rank, bf16 compute, fp32 master
   weights) per packed-training path: tokens/s, MFU against the datasheet peak and, apart, against
   the measured matmul rate; peak memory.
@@ -47,7 +51,7 @@ What the numbers count:
   inputs; tolerances beside each row (bf16 lands between 1e-3 and 1e-2).
 
 How this departs from a user's run: random weights; every prompt of a batch has the same length
-(PROMPT_LEN); lidr's decode rows drive its Session (prefill one prompt at a time, then the
+(Setup.prompt_len); lidr's decode rows drive its Session (prefill one prompt at a time, then the
 sampler's greedy step) without generate()'s host reads every 8 steps; transformers' rows time
 `generate` itself, whose step syncs with the host (a StoppingCriteria takes the times). The
 attention and decode paths come from small tables (train_attention_paths, decode_attention_paths,
@@ -1212,8 +1216,11 @@ def section_decode(table, setup: Setup, machine: Machine):
 
 
 def make_optimizer(model):
-    """The trainer's AdamW (lidr/train.py run())."""
-    return torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, betas=(0.9, 0.95))
+    """The trainer's AdamW, with its default settings (lidr/train.py run())."""
+    from lidr.settings import TRAINING
+
+    return torch.optim.AdamW(model.parameters(), lr=TRAINING.lr, weight_decay=TRAINING.weight_decay,
+                             betas=(0.9, 0.95))
 
 
 def section_train(table, setup: Setup, machine: Machine):
@@ -1271,7 +1278,7 @@ def section_train(table, setup: Setup, machine: Machine):
                 numbers["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
                 line += f", peak memory {numbers['peak_memory_bytes'] / 2**30:.1f} GiB"
             table.add("train", f"DPO step, {name}", line, **numbers)
-            if "mfu_datasheet" in numbers and name == next(iter(TRAIN_PACKINGS)):
+            if "mfu_datasheet" in numbers and name == next(iter(TRAIN_PACKINGS)):  # lidr's way on CUDA
                 mfu = numbers["mfu_datasheet"]
                 table.add("train", "goal: MFU >= 40% of the datasheet peak",
                           "met" if mfu >= 0.4 else f"not met ({mfu:.1%})")
