@@ -117,6 +117,23 @@ def test_a_section_past_its_limit_is_stopped_and_the_next_runs(tmp_path):
     assert not table.failed()
 
 
+def test_without_a_c_compiler_every_compiled_row_is_skipped_with_the_reason(tmp_path):
+    """What the preflight decides on a GPU machine with no cc/gcc (here forced, on the dry run's shapes)."""
+    table = gpu.Table(None, ["test"])
+    machine = gpu.Machine(can_compile=False, compile_skip="no C compiler ($CC, cc, gcc or clang) on PATH")
+    table.run("correctness", 60, gpu.section_correctness, gpu.CPU_DRY_RUN_QUICK, machine)
+    table.run("attention", 60, gpu.section_attention, gpu.CPU_DRY_RUN_QUICK, machine)
+    skipped = {r["what"] for r in table.rows if r["status"] == "SKIP" and r["value"] == machine.compile_skip}
+    compiled = [name for name, path in gpu.DECODE_PATHS.items() if path.compiles]
+    assert compiled and {f"decode path {name}: prefill + 6 steps, bf16 vs fp32" for name in compiled} <= skipped
+    assert "generate(compile=True) gives the eager greedy tokens (fp32, tiny model)" not in skipped  # CPU: its own reason
+    assert any(w.endswith("flex_attention, per-row lengths (not in lidr)") for w in skipped)
+    assert not table.failed()
+    eager = [name for name, path in gpu.DECODE_PATHS.items() if not path.compiles]
+    assert all(any(r["what"].startswith(f"decode path {name}") and r["status"] == "ok" for r in table.rows)
+               for name in eager)
+
+
 @pytest.mark.parametrize("name, memory_gb, sms, sku, tflops", [
     ("NVIDIA H100 80GB HBM3", 85.0, 132, "H100 SXM", 989),
     ("NVIDIA H100 PCIe", 85.0, 114, "H100 PCIe", 756),
