@@ -1242,46 +1242,50 @@ def section_train(table, setup: Setup, machine: Machine):
         n_tokens = sum(len(ex.prompt) + len(r) for ex in examples for r in ex.responses)
         seq_len = setup.row_len // 2
         table.add("train", "micro-batch", f"{n_pairs} pairs = {2 * n_pairs} sequences of {seq_len:,} tokens in rows of "
-                  f"{setup.row_len:,}; FLOPs/token {flops_per_token(model, seq_len) / 1e9:.1f} G")
+                  f"{setup.row_len:,}; {flops_per_token(model, seq_len) / 1e9:.3g} GFLOP per token")
         for name, packing in TRAIN_PACKINGS.items():
-            batch = packing(examples, setup.row_len, device)
+            def measure(name=name, packing=packing):
+                batch = packing(examples, setup.row_len, device)
 
-            def step():
-                logps, lengths = forward_logps(model, batch)
-                losses, _, _ = dpo_loss(logps[:n_pairs], logps[n_pairs:], reference[:, 0], reference[:, 1], 0.1)
-                (losses - logps[:n_pairs] / lengths[:n_pairs]).mean().backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                def step():
+                    logps, lengths = forward_logps(model, batch)
+                    losses, _, _ = dpo_loss(logps[:n_pairs], logps[n_pairs:], reference[:, 0], reference[:, 1], 0.1)
+                    (losses - logps[:n_pairs] / lengths[:n_pairs]).mean().backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
 
-            try:
-                step()  # AdamW's state allocated
-            except torch.cuda.OutOfMemoryError:  # a measurement, not a failure: what Documents avoids
-                optimizer.zero_grad(set_to_none=True)
-                table.add("train", f"DPO step, {name}", "out of memory")
-                free_memory()
-                continue
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            seconds = median_seconds(step, repeats=3, warm_up=1)
-            tokens_per_s = n_tokens / seconds
-            achieved = flops_per_token(model, seq_len) * tokens_per_s
-            numbers = {"seconds": seconds, "tokens_per_s": tokens_per_s, "flops_per_s": achieved}
-            line = f"{tokens_per_s:,.0f} tok/s, {seconds * 1e3:.0f} ms"
-            if machine.datasheet_flops:
-                numbers["mfu_datasheet"] = achieved / machine.datasheet_flops
-                line += f", MFU {achieved / machine.datasheet_flops:.1%} of the datasheet peak"
-            if machine.matmul_flops:
-                numbers["mfu_measured"] = achieved / machine.matmul_flops
-                line += f", {achieved / machine.matmul_flops:.1%} of the measured matmul rate"
-            if torch.cuda.is_available():
-                numbers["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-                line += f", peak memory {numbers['peak_memory_bytes'] / 2**30:.1f} GiB"
-            table.add("train", f"DPO step, {name}", line, **numbers)
-            if "mfu_datasheet" in numbers and name == next(iter(TRAIN_PACKINGS)):  # lidr's way on CUDA
-                mfu = numbers["mfu_datasheet"]
-                table.add("train", "goal: MFU >= 40% of the datasheet peak",
-                          "met" if mfu >= 0.4 else f"not met ({mfu:.1%})")
+                try:
+                    step()  # AdamW's state allocated
+                except torch.cuda.OutOfMemoryError:  # a measurement, not a failure: what Documents avoids
+                    optimizer.zero_grad(set_to_none=True)
+                    table.add("train", f"DPO step, {name}", "out of memory")
+                    return
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                seconds = median_seconds(step, repeats=3, warm_up=1)
+                tokens_per_s = n_tokens / seconds
+                achieved = flops_per_token(model, seq_len) * tokens_per_s
+                numbers = {"seconds": seconds, "tokens_per_s": tokens_per_s, "flops_per_s": achieved}
+                line = f"{tokens_per_s:,.0f} tok/s, {seconds * 1e3:.0f} ms"
+                if machine.datasheet_flops:
+                    numbers["mfu_datasheet"] = achieved / machine.datasheet_flops
+                    line += f", MFU {achieved / machine.datasheet_flops:.1%} of the datasheet peak"
+                if machine.matmul_flops:
+                    numbers["mfu_measured"] = achieved / machine.matmul_flops
+                    line += f", {achieved / machine.matmul_flops:.1%} of the measured matmul rate"
+                if torch.cuda.is_available():
+                    numbers["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+                    line += f", peak memory {numbers['peak_memory_bytes'] / 2**30:.1f} GiB"
+                table.add("train", f"DPO step, {name}", line, **numbers)
+                if "mfu_datasheet" in numbers and name == next(iter(TRAIN_PACKINGS)):  # lidr's way on CUDA
+                    mfu = numbers["mfu_datasheet"]
+                    table.add("train", "goal: MFU >= 40% of the datasheet peak",
+                              "met" if mfu >= 0.4 else f"not met ({mfu:.1%})")
+
+            table.guarded("train", f"DPO step, {name}", measure)
+            optimizer.zero_grad(set_to_none=True)
+            free_memory()
     finally:
         dist.destroy_process_group()
 
