@@ -82,6 +82,10 @@ def test_cpu_dry_run_runs_every_section_and_records_every_path(tmp_path):
         assert r["tokens_per_s"] == pytest.approx(1 / r["step_s"])
         assert r["bytes_per_s"] == pytest.approx(r["bytes_per_step"] / r["step_s"])
         assert r["share_of_copy"] == pytest.approx(r["bytes_per_s"] / copy)
+        assert r["positions_filled"] == filled
+        assert filled <= r["positions_attended"] <= setup.max_len  # the dynamic cache reads the filled part only
+    attended = {r["what"]: r["positions_attended"] for r in decode_rows}
+    assert attended["batch 1: transformers, dynamic cache (default)"] == filled
 
 
 def test_a_section_subset_runs_only_those_after_the_preflight():
