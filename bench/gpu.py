@@ -7,7 +7,7 @@
 
 Each section runs on its own under a time limit (SECTION_SECONDS, or --section-seconds): an error
 is a FAIL row with its text, the limit a TIMEOUT row after the rows measured so far, and the next
-section runs. The default limits add up to 550 s (decode 240 s: compiling lidr's step and
+section runs. The default limits add up to 560 s (decode 230 s: compiling lidr's step and
 transformers' forward for each batch size may not all fit, the rows measured before stay; give
 `--sections decode --section-seconds 540` a call of its own for every batch size). At the end a markdown table (for
 bench/RESULTS.md) is printed; --json PATH writes every number there and the table to PATH with the
@@ -102,7 +102,7 @@ TINY = LlamaConfig(vocab_size=1024, dim=128, n_layers=2, n_heads=4, n_kv_heads=2
                    max_seq_len=512, bos_token_id=0, eos_token_id=1)
 
 # default time limit of each section, seconds (9 minutes in all: the full run fits a 10-minute window)
-SECTION_SECONDS = {"preflight": 20, "machine": 20, "correctness": 90, "attention": 80, "decode": 240, "train": 50,
+SECTION_SECONDS = {"preflight": 40, "machine": 20, "correctness": 90, "attention": 80, "decode": 230, "train": 50,
                    "torchrun": 50}
 
 # NVIDIA datasheets, dense (not 2:4 sparse) bf16 tensor-core FLOP/s
