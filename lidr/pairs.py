@@ -17,7 +17,8 @@ Reads the stage outputs of one iteration folder (the layout `iterate.py` writes)
     generate/{lang}.jsonl   rows {id, instruction, response}
     translate/en-{l}.jsonl  rows {id, translation, translation_error} (y_en → l)
     translate/{l}-en.jsonl  rows {id, translation, translation_error} (y_l → en)
-and writes pairs.jsonl ({id, lang, direction, source_lang, prompt, chosen, rejected}) and
+and writes pairs.jsonl ({id, lang, direction, source_lang, prompt, chosen, rejected}; the prompt is
+the user turn M_t was asked: generate.py's --prompt-template, recorded in its rows, filled in) and
 pairs_report.json (every count, per language and reason, and what the pairs were made from: each
 input file's resolved path, size and sha256, the options). Ids are compared as text (3 and "3"
 are one id); an empty or whitespace-only answer or translation is no answer; a language named
@@ -57,7 +58,7 @@ from pathlib import Path
 from lidr.cli import add_flags, from_flags
 from lidr.jsonl import check_output, file_identity, read_records, record_output, write_json_atomic, write_text_atomic
 from lidr.languages import checked_languages
-from lidr.settings import check_settings, seeded, setting
+from lidr.settings import check_settings, seeded, setting, user_turn
 
 DIRECTIONS = ("non_dominant", "dominant")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -180,6 +181,7 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
             else f"one language per id sampled with seed {options.seed}"
         ),
         "failed_translation": options.failed_translation,
+        "departures_from_reference": departures(options, translation_task_ids),
         "prompts": len(prompts[en]),
         "pairs": len(pairs),
         "made_from": {"settings": {"langs": list(langs), "options": vars(options),
@@ -192,6 +194,24 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
         },
     }
     return pairs, report
+
+
+def departures(options: PairOptions, translation_task_ids) -> list[str]:
+    """Where these pair rules depart from the reference repository's (preprocess_dpo_format_dataset.py), in words."""
+    said = []
+    if options.dominant_pairs == "all":
+        said.append("dominant pairs from every language (the repository's come from the last language only)")
+    else:
+        said.append("dominant pairs from one language sampled per id (the repository's: the last language)")
+    if options.failed_translation == "drop-one":
+        said.append("a failed translation drops only its own pair (the repository drops both pairs of the id)")
+    if not translation_task_ids:
+        said.append("no prompt is treated as a translation request (no --translation-task-ids)")
+    said += [f"filter {name}" for name in ("drop_identical", "check_language", "check_numbers", "drop_same_answer")
+             if getattr(options, name)]
+    if options.min_chars > 1 or options.max_chars:
+        said.append(f"length limits (min_chars {options.min_chars}, max_chars {options.max_chars})")
+    return said
 
 
 def id_set_digest(ids) -> dict:
@@ -230,6 +250,21 @@ def stage_rows(path: Path) -> list[tuple[int, dict, str]]:
 def read_texts(path: Path, field: str) -> dict:
     """id (as text) -> text from a stage output, None where the field is missing, empty or whitespace."""
     return {key: text_or_none(row.get(field)) for _, row, key in stage_rows(path)}
+
+
+def read_user_turns(path: Path, lang: str, field: str = "instruction", out_field: str = "response") -> dict:
+    """id (as text) -> the user turn M_t was asked, None where the prompt is missing or empty: the prompt in
+    the template generate.py recorded in `<out_field>_meta` (lidr.settings.user_turn, `lang` filling its
+    {language}; a row without one was asked as it is)."""
+    turns = {}
+    for line, row, key in stage_rows(path):
+        text, meta = text_or_none(row.get(field)), row.get(out_field + "_meta")
+        template = meta.get("prompt_template", "plain") if isinstance(meta, dict) else "plain"
+        try:
+            turns[key] = user_turn(template, text, lang) if text else None
+        except ValueError as e:
+            raise ValueError(f"{path}:{line}: {e}") from None
+    return turns
 
 
 def read_translations(path: Path) -> dict:
@@ -276,8 +311,8 @@ def build_from_dir(folder, langs, options=PairOptions(), translation_task_ids=fr
     langs = checked_languages(langs, dominant=en)
     files = stage_files(folder, langs, en)
     identities = {name: file_identity(path) for name, path in files.items()}  # before reading: a missing one is named
-    prompts = {lang: {k: v for k, v in read_texts(files[f"generate/{lang}"], prompt_field).items() if v}
-               for lang in (en, *langs)}
+    prompts = {lang: {k: v for k, v in read_user_turns(files[f"generate/{lang}"], lang, prompt_field, field).items()
+                      if v} for lang in (en, *langs)}
     answers = {lang: {k: v for k, v in read_texts(files[f"generate/{lang}"], field).items() if v}
                for lang in (en, *langs)}
     en_to = {lang: read_translations(files[f"translate/{en}-{lang}"]) for lang in langs}
