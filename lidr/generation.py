@@ -1,4 +1,5 @@
-"""M_t answers prompts (LIDR step 2): each prompt one user turn (in a template), after the system turn, in the model's chat format.
+"""M_t answers prompts (LIDR step 2): each prompt one user turn (in a template), after the system turn, in the
+model's chat format.
 
     from lidr.generation import generate_file
     generate_file(Engine("runs/M0"), "../shared/data/alpagasus/id_0_1000/fr.jsonl", "runs/lidr/iter1/generate/fr.jsonl")

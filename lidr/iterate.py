@@ -19,7 +19,8 @@ With method "sdrrl" (the related SDRRL, lidr/sdrrl.py) translation goes only fro
 answers, and with sft_rows.reference_field the prompt set's own answers), stage 3 writes
 sdrrl.jsonl (supervised rows: English answers, their self-translations, translated reference
 answers, code-switched variants) and stage 4 trains on it with the SFT objective. Answers are asked
-in recipe.answers.prompt_template, filled in for each prompt file's language. `swap_pairs` (a control, not the method) reverses every pair.
+in recipe.answers.prompt_template, filled in for each prompt file's language. `swap_pairs` (a control,
+not the method) reverses every pair.
 
 A finished stage leaves WORK/iter{t}/done/{stage} and is skipped on a rerun; an interrupted stage
 resumes (each stage picks up its own partial outputs). A stage runs in this process, or, when

@@ -93,9 +93,10 @@ class PairOptions:
                                             "answers)")
     min_chars: int = setting(1, "drop pairs with a side shorter than this", low=0)
     max_chars: int = setting(0, "drop pairs with a side longer than this; 0 = no limit", low=0)
-    failed_translation: str = setting("drop-both", "drop-both: both pairs of an id and language are dropped when either "
-                                                   "of its translations failed (the repository's rule); drop-one: only "
-                                                   "the pair whose translation failed", choices=("drop-both", "drop-one"))
+    failed_translation: str = setting("drop-both", "drop-both: both pairs of an id and language are dropped when "
+                                                   "either of its translations failed (the repository's rule); "
+                                                   "drop-one: only the pair whose translation failed",
+                                      choices=("drop-both", "drop-one"))
     seed: int = setting(0, "the language sampled per id with --dominant-pairs one (lidr.settings.seeded(seed, id))",
                         low=0)
 

@@ -209,8 +209,8 @@ class Training:
                         above=0.0)
     adam_beta1: float = setting(0.9, "AdamW's β1; LLaMA-Factory's default (HF TrainingArguments adam_beta1, which its "
                                      "DPO stage inherits)", low=0.0, check=below_one)
-    adam_beta2: float = setting(0.999, "AdamW's β2; LLaMA-Factory's default (HF TrainingArguments adam_beta2)", low=0.0,
-                                check=below_one)
+    adam_beta2: float = setting(0.999, "AdamW's β2; LLaMA-Factory's default (HF TrainingArguments adam_beta2)",
+                                low=0.0, check=below_one)
     adam_eps: float = setting(1e-8, "AdamW's ε; LLaMA-Factory's default (HF TrainingArguments adam_epsilon)",
                               above=0.0)
     weight_decay: float = setting(0.0, "AdamW's; LLaMA-Factory's default (HF TrainingArguments weight_decay)",

@@ -35,8 +35,9 @@ One run, in order:
    the table is gathered and saved as OUT/reference_logps.pt and reused on resume. During
    training only the policy is in memory.
 4. Training: AdamW, a linear warmup (none by default) then a linear (or cosine) fall to 0,
-   gradient clipping, gradient accumulation (LLaMA-Factory's defaults, lidr/settings.py Training). loss per pair = −log σ(β·Δ) + α·(−log π(y_c|x)/|y_c|) (lidr/dpo.py), averaged
-   over the global batch (--batch-size pairs per rank per micro-batch × --grad-accum × ranks).
+   gradient clipping, gradient accumulation (LLaMA-Factory's defaults, lidr/settings.py Training).
+   loss per pair = −log σ(β·Δ) + α·(−log π(y_c|x)/|y_c|) (lidr/dpo.py), averaged over the global
+   batch (--batch-size pairs per rank per micro-batch × --grad-accum × ranks).
    Each step appends a JSON line to OUT/log.jsonl (and prints it).
 5. Every --save-every steps before the last: OUT/checkpoint (sharded model and optimizer state
    through torch.distributed.checkpoint, scheduler, step, per-rank RNG) built in
@@ -389,7 +390,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int) -> int
 # training
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "linear") -> float:
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """The learning rate of step `step` (0-based) over the peak: a linear warmup over warmup_steps,
     then a linear or half-cosine fall to 0 at total_steps (HF's get_linear / get_cosine_schedule_with_warmup,
     except that the first warmup step trains at 1/warmup_steps of the peak where HF's trains at 0)."""

@@ -115,6 +115,29 @@ def test_the_schedule_is_hugging_faces(schedule):
         assert ours[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
 
 
+def test_the_trainer_uses_the_optimizer_and_schedule_settings(tiny_dir, tmp_path, monkeypatch):
+    """AdamW gets Training's betas and ε, and each step's learning rate is lr × lr_factor of its schedule."""
+    import lidr.train
+
+    made = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            made.append(kwargs)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(lidr.train.torch.optim, "AdamW", RecordingAdamW)
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"Wrong {i + 1}."} for i in range(8)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "run"
+    lidr.train.main(["--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--batch-size", "2",
+                     "--lr", "1e-3", "--adam-beta1", "0.8", "--adam-beta2", "0.95", "--adam-eps", "1e-6",
+                     "--lr-scheduler", "cosine", "--warmup-ratio", "0.25", "--max-len", "64"])
+    assert made[0]["betas"] == (0.8, 0.95) and made[0]["eps"] == 1e-6
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in log] == pytest.approx([1e-3 * lr_factor(s, 4, 1, "cosine") for s in range(4)])
+
+
 def test_the_seed_rule():
     assert derived_seed(0, 1) == derived_seed(0, 1) != derived_seed(1, 0)  # seed + key would give these alike
     assert derived_seed(0, 3) != derived_seed(0, "3")
@@ -141,7 +164,7 @@ def test_the_mgsm_recipe_end_to_end_on_shared_gsm8k(demo_dir, tmp_path):
            "--prompts", str(prompts), "--langs", "de", "--prompt-template", "alpaca", "--no-translation-tasks",
            "--max-new-tokens", "24", "--translate-max-new-tokens", "48", "--translate-repetition-penalty", "1.1",
            "--pairs-failed-translation", "drop-one", "--batch-size", "3",
-           "--", "--batch-size", "2", "--max-len", "384", "--lr", "1e-5"]
+           "--", "--batch-size", "1", "--max-len", "384", "--lr", "1e-5"]  # one pair fills a global batch
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "departures from the reference's rules" in done.stdout

@@ -96,7 +96,8 @@ def test_iterate_takes_the_stages_own_flags():
     import iterate
 
     translation = replace(CHANGED[1], prompt_template="plain")  # translation asks in its own prompt: no such flag
-    argv = ["--model", "M", "--work", "W", "--prompts", "P", "--langs", "fr", "--dominant", "de", "--no-translation-tasks",
+    argv = ["--model", "M", "--work", "W", "--prompts", "P", "--langs", "fr", "--dominant", "de",
+            "--no-translation-tasks",
             *flags_argv(CHANGED[0]), *flags_argv(translation, "translate-", skip=("prompt_template",)),
             *flags_argv(CHANGED[3], "pairs-", skip=("dominant",)), *flags_argv(CHANGED[4], "sdrrl-", skip=("dominant",)),
             "--", *flags_argv(CHANGED[2])]
