@@ -2,8 +2,10 @@
 
     from lidr.iterate import Recipe, run
     models = run("Meta-Llama-3-8B-Instruct", ["prompts/id_0_1000", "prompts/id_1000_2000"], "runs/lidr",
-                 Recipe(langs=("es", "ru", "de", "fr")), nproc=8)          # [M1, M2]
-    python iterate.py --model ... --work runs/lidr --langs es,ru,de,fr --prompts ... --iterations 2   # the command
+                 Recipe(langs=("es", "ru", "de", "fr"), translation_task_ids="prompts/translation_task_ids.jsonl"),
+                 nproc=8)          # [M1, M2]
+    python iterate.py --model ... --work runs/lidr --langs es,ru,de,fr --prompts ... \
+        --translation-task-ids ../shared/data/alpagasus/translation_task_ids.jsonl --iterations 2   # the command
 
 Iteration t runs these stages in WORK/iter{t}/, with M_t as the model and, in training, as the
 reference (docs/method.md §1):

@@ -7,6 +7,7 @@ from conftest import shared_data
 
 from lidr.pairs import read_translation_task_ids
 from lidr.sdrrl import SDRRLOptions, build_sdrrl_rows, code_switch, units
+from test_pairs import write_jsonl
 
 
 def real_inputs():
@@ -114,3 +115,29 @@ def test_command_reads_ids_as_text_skips_whitespace_and_refuses_files_it_did_not
         main(["--dir", str(folder), "--langs", "fr", "--out", str(folder / "generate" / "fr.jsonl")])
     with pytest.raises(SystemExit, match=r"name fr more than once"):
         main(["--dir", str(folder), "--langs", "fr,fr"])
+
+
+def test_command_reads_the_reference_translations_and_the_asked_prompts(tmp_path):
+    """--reference-field: translate/en-{l}.reference.jsonl gives the translated rows; prompts are the user turns
+    generate.py recorded (here the alpaca template, filled in per language)."""
+    from lidr.sdrrl import main
+    from lidr.settings import PROMPT_TEMPLATES, user_turn
+
+    meta = {"prompt_template": PROMPT_TEMPLATES["alpaca"]}
+    for lang, suffix in (("en", ""), ("fr", " fr")):
+        write_jsonl(tmp_path / "generate" / f"{lang}.jsonl",
+                    [{"id": i, "instruction": f"Q{i}{suffix}", "answer": f"Gold {i}", "response": f"A{i}{suffix}",
+                      "response_meta": meta} for i in (1, 2)])
+    write_jsonl(tmp_path / "translate" / "en-fr.jsonl", [{"id": i, "translation": f"A{i} fr"} for i in (1, 2)])
+    write_jsonl(tmp_path / "translate" / "en-fr.reference.jsonl",
+                [{"id": 1, "translation": "Gold 1 fr"}, {"id": 2, "translation": None, "translation_error": "cut"}])
+    main(["--dir", str(tmp_path), "--langs", "fr", "--reference-field", "answer", "--code-switch-rows", "0"])
+    rows = [json.loads(line) for line in (tmp_path / "sdrrl.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["kind"], r["prompt"], r["response"]) for r in rows] == [
+        ("1", "english", user_turn("alpaca", "Q1", "en"), "A1"),
+        ("1", "translated", user_turn("alpaca", "Q1 fr", "fr"), "Gold 1 fr"),
+        ("1", "target", user_turn("alpaca", "Q1 fr", "fr"), "A1 fr"),
+        ("2", "english", user_turn("alpaca", "Q2", "en"), "A2"),
+        ("2", "target", user_turn("alpaca", "Q2 fr", "fr"), "A2 fr")]
+    report = json.loads((tmp_path / "sdrrl_report.json").read_text())
+    assert "translate/en-fr.reference" in report["made_from"]["inputs"]
