@@ -6,7 +6,9 @@
     torchrun --standalone --nproc_per_node=8 generate.py --model DIR --prompts IN.jsonl --out OUT.jsonl
 
 IN is JSONL or a JSON list of objects; `--field` names the prompt (AlpaGasus and X-AlpacaEval:
-`instruction`, MGSM: `query`). Each prompt becomes one user turn, after the system turn (the
+`instruction`, MGSM: `query`). Each prompt becomes one user turn, in --prompt-template (the prompt
+as it is by default; `--prompt-template alpaca --lang fr`: the repository's "Below is an
+instruction..." prompt of its reasoning runs, in French), after the system turn (the
 paper's "You are a helpful assistant." unless --system says otherwise), in the model's chat
 format. An output row is the input row plus `--out-field` (the reply) and `<out-field>_meta`
 (the settings that made it, the finish reason, the number of new tokens). The defaults are the
@@ -22,6 +24,7 @@ import argparse
 from lidr import settings
 from lidr.cli import add_engine_flags, add_flags, engine_from, from_flags
 from lidr.generation import answer, generate_file
+from lidr.settings import user_turn
 
 
 def parse_args(argv=None):
@@ -33,6 +36,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="output JSONL (required with --prompts)")
     parser.add_argument("--field", default="instruction", help="the input field holding the prompt (default: %(default)s)")
     parser.add_argument("--out-field", default="response", help="the output field for the reply (default: %(default)s)")
+    parser.add_argument("--lang", help="the prompts' language, for a --prompt-template that names {language} (e.g. fr)")
     add_flags(parser, settings.ANSWERS, title="decoding (defaults: the paper's, lidr/settings.py ANSWERS)")
     parser.add_argument("--stop", action="append", default=[], metavar="STRING",
                         help="end a reply where this string appears, cut before it (repeatable)")
@@ -43,6 +47,10 @@ def parse_args(argv=None):
         parser.error("--prompt is empty")
     if "" in args.stop:
         parser.error("--stop needs a non-empty string")
+    try:
+        user_turn(args.prompt_template, "", args.lang)
+    except ValueError as e:
+        parser.error(f"--prompt-template/--lang: {e}")
     return args
 
 
@@ -50,9 +58,9 @@ def main(argv=None):
     args = parse_args(argv)
     engine, decoding = engine_from(args), from_flags(args, settings.ANSWERS)
     if args.prompt is not None:
-        print(answer(engine, args.prompt, decoding, args.stop))
+        print(answer(engine, args.prompt, decoding, args.stop, args.lang))
     else:
-        generate_file(engine, args.prompts, args.out, decoding, args.field, args.out_field, args.stop)
+        generate_file(engine, args.prompts, args.out, decoding, args.field, args.out_field, args.stop, args.lang)
 
 
 if __name__ == "__main__":

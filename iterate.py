@@ -11,9 +11,15 @@ translate -> pairs (or SDRRL rows) -> train (lidr/iterate.py, which says what ea
 and how a rerun resumes). With --nproc N > 1 generation and translation run under torchrun (data
 parallel), and so does training (FSDP) unless --train-nproc says otherwise; with 1 they run inside
 this process. Everything after `--` sets the trainer (lidr/train.py's flags, e.g. -- --lr 1e-6
---epochs 2). Every default is the paper's (lidr/settings.py); the answers, self-translation,
-pair and SFT-row flags are those of generate.py, translate.py, lidr.pairs and lidr.sdrrl, with the
-prefixes translate-, pairs- and sdrrl-.
+--epochs 2). Every default is the paper's or its repository's (lidr/settings.py, lidr/pairs.py;
+docs/method.md §4 lists where lidr departs, each a flag); the answers, self-translation, pair and
+SFT-row flags are those of generate.py, translate.py, lidr.pairs and lidr.sdrrl, with the prefixes
+translate-, pairs- and sdrrl-. The command refuses to start without --translation-task-ids FILE
+or --no-translation-tasks, so that the translation-request rule is never lost by a forgotten flag.
+
+The paper's reasoning run (its MGSM gains): the GSM8K training prompts, each asked in the
+repository's "Below is an instruction..." template (--prompt-template alpaca); README, "The MGSM
+recipe".
 """
 
 import argparse
@@ -49,10 +55,15 @@ def parse_args(argv=None):
                         help="generation batch per process (default: %(default)s)")
     parser.add_argument("--swap-pairs", action="store_true",
                         help="a control, not the method: every pair's chosen and rejected exchanged before training")
-    parser.add_argument("--translation-task-ids", help="JSONL of prompt ids that are translation requests")
+    tasks = parser.add_mutually_exclusive_group(required=True)  # the reference's rule is not lost by forgetting it
+    tasks.add_argument("--translation-task-ids", metavar="FILE",
+                       help="JSONL of the ids of prompts that are translation requests (their chosen answer stays "
+                            "English; the AlpaGasus sets: ../shared/data/alpagasus/translation_task_ids.jsonl)")
+    tasks.add_argument("--no-translation-tasks", action="store_true",
+                       help="say that no prompt is a translation request (e.g. GSM8K)")
     add_flags(parser, settings.ANSWERS, title="answers: M_t answering the prompts (defaults: the paper's, "
                                               "lidr/settings.py ANSWERS)")
-    add_flags(parser, settings.TRANSLATION, prefix="translate-",
+    add_flags(parser, settings.TRANSLATION, prefix="translate-", skip=("prompt_template",),
               title="self-translation (defaults: the paper's, lidr/settings.py TRANSLATION; a small model may loop on "
                     "the pre-filled <translated> tag without --translate-repetition-penalty)")
     add_flags(parser, PairOptions(), prefix="pairs-", skip=("dominant",), title="pair rules, --method lidr "

@@ -30,7 +30,8 @@ def parse_args(argv=None):
     parser.add_argument("--to", required=True, choices=sorted(LANGUAGES), help="target language code")
     parser.add_argument("--out", required=True, help="output JSONL")
     parser.add_argument("--out-field", default="translation", help="field for the translation (default: %(default)s)")
-    add_flags(parser, settings.TRANSLATION, title="decoding (defaults: the paper's, lidr/settings.py TRANSLATION)")
+    add_flags(parser, settings.TRANSLATION, skip=("prompt_template",),  # translation asks in its own prompt
+              title="decoding (defaults: the paper's, lidr/settings.py TRANSLATION)")
     return parser.parse_args(argv)
 
 

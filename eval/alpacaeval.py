@@ -47,6 +47,7 @@ from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, posit
 from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
 from lidr.rows import Prompt, check_outputs, open_model, sample_rows, sampling_params, too_long_reason
+from lidr.settings import derived_seed
 from lidr.tokenizer import chat_messages
 
 BENCHMARK = "x-alpacaeval"
@@ -110,7 +111,7 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
             if too_long_reason(len(ids), context):
                 too_long.append(str(p["id"]))
             else:
-                to_answer.append(Prompt(str(p["id"]), ids, params.seed + i, p))
+                to_answer.append(Prompt(str(p["id"]), ids, derived_seed(params.seed, i), p))
 
         def make_row(prompt, completion):
             p = prompt.source
@@ -220,7 +221,7 @@ def main(argv=None):
     gen = commands.add_parser("generate", help="the model's outputs in alpaca_eval's model_outputs.json format")
     add_engine_flags(gen, batch_size=settings.EVAL_BATCH_SIZE,
                      model_help="HF checkpoint folder of the model under test")
-    add_flags(gen, settings.ALPACAEVAL, skip=GREEDY_ONLY,
+    add_flags(gen, settings.ALPACAEVAL, skip=(*GREEDY_ONLY, "prompt_template"),
               title="decoding (greedy; defaults: the paper's, lidr/settings.py ALPACAEVAL)")
     gen.add_argument("--prompts", required=True, help="folder of {lang}.json instruction lists")
     gen.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. en es ru de fr")

@@ -5,7 +5,8 @@
     python -m eval.mgsm --model runs/M1 --out runs/eval/M1 --name gsm8k \\
         --data ../shared/data/gsm8k/test --langs en de es fr ru
 
-Every question is put to the model in the paper's prompt (below), inside the model's chat format,
+Every question is put to the model in the repository's MGSM prompt (--prompt-template alpaca, the
+default: lidr/settings.py PROMPT_TEMPLATES; docs/method.md §1.8), inside the model's chat format,
 after the system turn, and answered as the repository's MGSM script decodes: greedily, with the
 repetition penalty 1.1, at most 2,048 new tokens (lidr/settings.py MGSM). The prediction is the
 last number of the answer; it is right when it equals the reference number. The off-target rate
@@ -56,16 +57,12 @@ from lidr import settings
 from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, positive_int
 from lidr.jsonl import file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
-from lidr.languages import checked_languages, language_name
+from lidr.languages import checked_languages
 from lidr.rows import Prompt, check_outputs, open_model, sample_rows, sampling_params, too_long_reason
+from lidr.settings import derived_seed, template_text, user_turn
 from lidr.tokenizer import chat_messages
 
 MADE_BY = "eval.mgsm"
-
-PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request in {language}. Please answer in {language}.\n\n### Instruction:\n{question}\n\n### Response:\n"
-)
 
 # -----------------------------------------------------------------------------
 # reading the last number of an answer
@@ -173,11 +170,12 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch_size: int,
-        system: str | None, limit: int | None = None, template: str = PROMPT,
+        system: str | None, limit: int | None = None, template: str = settings.MGSM.prompt_template,
         model_identity: dict | None = None) -> dict:
     """Generate what is missing, score every row, and write {out}/summary.json; returns the summary.
 
-    template: the user turn, with {question} and optionally {language} (default: the paper's PROMPT).
+    template: the user turn, a name or a text with {instruction} and optionally {language}
+    (lidr.settings.user_turn; default: the repository's "alpaca" prompt).
     model_identity: what the model under test is (eval.common.model_identity), recorded with each
     output; None where the caller keeps one folder per model (the demo).
     """
@@ -194,7 +192,7 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
             first = f"; first dropped: {dropped[0]}" if dropped else ""
             raise SystemExit(f"{path}: holds no usable question{first}")
         read[lang] = questions, dropped
-    settings = {"system": system, "template": template, "sampling": asdict(params)}
+    settings = {"system": system, "template": template_text(template), "sampling": asdict(params)}
     identities = {lang: {"inputs": {"data": file_identity(data / f"{lang}.jsonl")}, "model": model_identity,
                          "settings": settings} for lang in langs}
     check_outputs(MADE_BY, [(out / f"{lang}.jsonl", identities[lang], ()) for lang in langs])
@@ -207,12 +205,12 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
         questions = questions[:limit] if limit else questions
         prompts, too_long = [], []
         for q in questions:
-            user = template.format(language=language_name(lang), question=q["question"])
+            user = user_turn(template, q["question"], lang)
             ids = tokenizer.encode_chat(chat_messages(user, system))
             if too_long_reason(len(ids), context):
                 too_long.append(q["index"])
             else:
-                prompts.append(Prompt(str(q["index"]), ids, params.seed + q["index"], q))
+                prompts.append(Prompt(str(q["index"]), ids, derived_seed(params.seed, q["index"]), q))
 
         def make_row(prompt, completion, lang=lang):
             q, answer = prompt.source, completion.text.strip()
@@ -263,7 +261,7 @@ def main(argv=None):
     identity = model_identity(args.model, args.dtype, args.chat_format)
     model, tokenizer = open_model(args.model, args.device, args.dtype, args.chat_format)
     run(model, tokenizer, Path(args.data), args.langs, Path(args.out) / args.name, sampling_params(decoding),
-        args.batch_size, decoding.system, args.limit, model_identity=identity)
+        args.batch_size, decoding.system, args.limit, decoding.prompt_template, model_identity=identity)
 
 
 if __name__ == "__main__":

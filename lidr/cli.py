@@ -29,7 +29,7 @@ COMPILE_HELP = ("torch.compile the sampler's decode step: a one-time compile (ab
 
 
 def setting_type(kind: type, meta):
-    """argparse type for a number setting: the text parsed as `kind` and checked against the field's range."""
+    """argparse type for a setting: the text parsed as `kind` and checked against the field's range or check."""
 
     def parse(text: str):
         try:
@@ -85,7 +85,8 @@ def add_flags(parser, defaults, prefix: str = "", skip=(), title: str | None = N
             group.add_argument(flag, dest=dest, type=setting_type(type(default), meta), default=default,
                                help=f"{help_text} (default: %(default)s)")
         else:  # a text; '' stands for None
-            group.add_argument(flag, dest=dest, default=default, help=f"{help_text} (default: %(default)r)")
+            group.add_argument(flag, dest=dest, default=default, help=f"{help_text} (default: %(default)r)",
+                               type=setting_type(str, meta) if "check" in meta else None)
 
 
 def from_flags(args, defaults, prefix: str = ""):

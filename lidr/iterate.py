@@ -2,21 +2,27 @@
 
     from lidr.iterate import Recipe, run
     models = run("Meta-Llama-3-8B-Instruct", ["prompts/id_0_1000", "prompts/id_1000_2000"], "runs/lidr",
-                 Recipe(langs=("es", "ru", "de", "fr")), nproc=8)          # [M1, M2]
-    python iterate.py --model ... --work runs/lidr --langs es,ru,de,fr --prompts ... --iterations 2   # the command
+                 Recipe(langs=("es", "ru", "de", "fr"), translation_task_ids="prompts/translation_task_ids.jsonl"),
+                 nproc=8)          # [M1, M2]
+    python iterate.py --model ... --work runs/lidr --langs es,ru,de,fr --prompts ... \
+        --translation-task-ids ../shared/data/alpagasus/translation_task_ids.jsonl --iterations 2   # the command
 
 Iteration t runs these stages in WORK/iter{t}/, with M_t as the model and, in training, as the
 reference (docs/method.md §1):
 1. generate    generate/{lang}.jsonl      M_t answers the prompts in every language (lidr.generation)
 2. translate   translate/en-{l}.jsonl     y_en into each l, and translate/{l}-en.jsonl, y_l into English
                                           (lidr.translation)
-3. pairs       pairs.jsonl + report       lidr.pairs (both directions, failures skipped and counted)
+3. pairs       pairs.jsonl + report       lidr.pairs (both directions; an id and language whose translation
+                                          failed either way gives no pair, as in the reference; counted)
 4. train       train/                     lidr.train (DPO + NLL); M_{t+1} is train/model, or M_t itself
                                           when the rows do not fill one global batch (train/unchanged.json):
                                           M_t's answers and its translations of them agree, nothing to learn
-With method "sdrrl" (the related SDRRL, lidr/sdrrl.py) translation goes only from English, stage
-3 writes sdrrl.jsonl (supervised rows: English answers and their self-translations) and stage 4
-trains on it with the SFT objective. `swap_pairs` (a control, not the method) reverses every pair.
+With method "sdrrl" (the related SDRRL, lidr/sdrrl.py) translation goes only from English (the
+answers, and with sft_rows.reference_field the prompt set's own answers), stage 3 writes
+sdrrl.jsonl (supervised rows: English answers, their self-translations, translated reference
+answers, code-switched variants) and stage 4 trains on it with the SFT objective. Answers are asked
+in recipe.answers.prompt_template, filled in for each prompt file's language. `swap_pairs` (a control,
+not the method) reverses every pair.
 
 A finished stage leaves WORK/iter{t}/done/{stage} and is skipped on a rerun; an interrupted stage
 resumes (each stage picks up its own partial outputs). A stage runs in this process, or, when
@@ -59,7 +65,7 @@ class Recipe:
     translation: Decoding = settings.TRANSLATION  # step 3, M_t translating its answers
     pairs: PairOptions = PairOptions()  # step 4's rules (lidr/pairs.py)
     sft_rows: SDRRLOptions = SDRRLOptions()  # step 4 with method "sdrrl" (lidr/sdrrl.py)
-    translation_task_ids: str | None = None  # JSONL of prompt ids that are translation requests
+    translation_task_ids: str | None = None  # JSONL of prompt ids that are translation requests; None: none are
     swap_pairs: bool = False  # a control, not the method: every pair's chosen and rejected exchanged
     training: Training = settings.TRAINING  # step 5; the objective follows the method
 
@@ -79,20 +85,21 @@ def torchrun(script: str, argv: list, nproc: int):
         raise SystemExit(f"{script} failed (exit {result.returncode}); rerun the same command to resume")
 
 
-def generate_stage(model, prompts, out, decoding: Decoding, batch_size: int, nproc: int):
+def generate_stage(model, prompts, out, decoding: Decoding, batch_size: int, nproc: int, lang: str):
     if nproc == 1:
-        generate_file(Engine(model, batch_size=batch_size), prompts, out, decoding)
+        generate_file(Engine(model, batch_size=batch_size), prompts, out, decoding, lang=lang)
     else:
         torchrun("generate.py", ["--model", model, "--prompts", prompts, "--out", out, "--batch-size", batch_size,
-                                 *flags_argv(decoding)], nproc)
+                                 "--lang", lang, *flags_argv(decoding)], nproc)
 
 
-def translate_stage(model, source, out, to: str, decoding: Decoding, batch_size: int, nproc: int):
+def translate_stage(model, source, out, to: str, decoding: Decoding, batch_size: int, nproc: int,
+                    field: str = "response"):
     if nproc == 1:
-        translate_file(Engine(model, batch_size=batch_size), source, out, to, decoding)
-    else:
-        torchrun("translate.py", ["--model", model, "--in", source, "--to", to, "--out", out,
-                                  "--batch-size", batch_size, *flags_argv(decoding)], nproc)
+        translate_file(Engine(model, batch_size=batch_size), source, out, to, decoding, field=field)
+    else:  # translation asks in its own prompt: translate.py has no --prompt-template
+        torchrun("translate.py", ["--model", model, "--in", source, "--to", to, "--out", out, "--field", field,
+                                  "--batch-size", batch_size, *flags_argv(decoding, skip=("prompt_template",))], nproc)
 
 
 def train_stage(model, data, out, options: Training, nproc: int):
@@ -132,15 +139,19 @@ def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size
         for i, lang in enumerate([en, *langs], 1):
             print(f"[{label}] generate {lang} ({i}/{len(langs) + 1})", flush=True)
             generate_stage(model, prompts / f"{lang}.jsonl", folder / "generate" / f"{lang}.jsonl", recipe.answers,
-                           batch_size, nproc)
+                           batch_size, nproc, lang)
 
-    def translate():  # y_en -> l, and (LIDR) y_l -> en; SDRRL needs only the first
-        jobs = [(en, lang) for lang in langs] + ([(lang, en) for lang in langs] if recipe.method == "lidr" else [])
-        for i, (source, target) in enumerate(jobs, 1):
-            print(f"[{label}] translate {source} -> {target} ({i}/{len(jobs)})", flush=True)
-            translate_stage(model, folder / "generate" / f"{source}.jsonl",
-                            folder / "translate" / f"{source}-{target}.jsonl", target, recipe.translation,
-                            batch_size, nproc)
+    def translate():  # y_en -> l, and (LIDR) y_l -> en; SDRRL: y_en -> l, and its reference answers a_en -> l
+        reference = recipe.sft_rows.reference_field if recipe.method == "sdrrl" else None
+        jobs = [(en, lang, "response", folder / "translate" / f"{en}-{lang}.jsonl") for lang in langs]
+        if recipe.method == "lidr":
+            jobs += [(lang, en, "response", folder / "translate" / f"{lang}-{en}.jsonl") for lang in langs]
+        if reference:
+            jobs += [(en, lang, reference, sdrrl.reference_translation_file(folder, en, lang)) for lang in langs]
+        for i, (source, target, field, out) in enumerate(jobs, 1):
+            print(f"[{label}] translate {source} -> {target}, {field} ({i}/{len(jobs)})", flush=True)
+            translate_stage(model, folder / "generate" / f"{source}.jsonl", out, target, recipe.translation,
+                            batch_size, nproc, field)
 
     def pairs():  # (x_l, y_en->l beats y_l) and (x_en, y_en beats y_l->en)
         task_ids = read_translation_task_ids(recipe.translation_task_ids)
@@ -149,13 +160,15 @@ def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size
             made = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in made]
             report["swapped"] = True
         write_pairs(made, report, folder / "pairs.jsonl", folder / "pairs_report.json")
+        print(f"  departures from the reference's rules: {'; '.join(report['departures_from_reference'])}", flush=True)
         for lang, counts in report["per_language"].items():
             print(f"  {lang}: {counts}", flush=True)
         if not made:
             raise SystemExit(f"{folder / 'pairs_report.json'}: no pairs were made; see the report")
 
     def sdrrl_rows():  # (x_l, y_en->l) and (x_en, y_en) as supervised rows
-        rows, report = sdrrl.build_from_dir(folder, langs, replace(recipe.sft_rows, dominant=en))
+        task_ids = read_translation_task_ids(recipe.translation_task_ids)
+        rows, report = sdrrl.build_from_dir(folder, langs, replace(recipe.sft_rows, dominant=en), task_ids)
         sdrrl.write_rows(rows, report, folder / "sdrrl.jsonl")
         for lang, counts in report["per_language"].items():
             print(f"  {lang}: {counts}", flush=True)

@@ -23,8 +23,8 @@ key). Then, in one place:
   leaves it out and counts it: `too_long_reason`); a reply ends where the context does, so a row
   gets at most context − its prompt's tokens new tokens (finish reason "length"), and a
   max_new_tokens past that is lowered, with a warning.
-- A seed per prompt (answers: seed + the row's input line), so a row samples the same tokens
-  alone or in any batch, on any rank, resumed or not.
+- A seed per prompt (answers: derived_seed(seed, the row's input line), lidr/settings.py's rule),
+  so a row samples the same tokens alone or in any batch, on any rank, resumed or not.
 
 `sample_file` is the case of generate.py and translate.py: one prompt per row of an input file
 (JSONL or a JSON list), the output row the input row plus the stage's fields. Rows are keyed by
@@ -55,7 +55,7 @@ from lidr.jsonl import (
     write_text_atomic,
 )
 from lidr.sampler import Completion, SamplingParams
-from lidr.settings import SAMPLING_BATCH_SIZE, Decoding
+from lidr.settings import SAMPLING_BATCH_SIZE, Decoding, derived_seed
 from lidr.tokenizer import Tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -273,8 +273,8 @@ def sample_file(engine: Engine, path, out, field: str, out_field: str, encode, r
     ({out_field: ...}); `<out_field>_meta` records `settings`, the finish reason and the number of
     new tokens. Bad rows (not JSON, not an object, no such field, an empty prompt, a prompt that
     fills the model's context) are reported with their line numbers, skipped and counted; an input
-    with no usable row is refused, before anything is recorded. Row i samples with params.seed +
-    its input line.
+    with no usable row is refused, before anything is recorded. A row samples with
+    derived_seed(params.seed, its input line) (lidr/settings.py's seed rule).
     """
     rank = int(os.environ.get("RANK", 0))
     rows, bad, key = read_prompts(path, field, out_field)
@@ -290,7 +290,8 @@ def sample_file(engine: Engine, path, out, field: str, out_field: str, encode, r
             bad.append((line, reason))
             too_long += 1
         else:
-            prompts.append(Prompt(str(row["id"] if key == "id" else line), ids, params.seed + line, (line, row)))
+            prompts.append(Prompt(str(row["id"] if key == "id" else line), ids, derived_seed(params.seed, line),
+                                  (line, row)))
     bad.sort()
     usable_records(path, prompts, bad, "prompt that fits the model's context")
     if rank == 0:

@@ -12,12 +12,30 @@ launches), a run's record lists them (`provenance`), and a value outside its ran
 the dataclass is built, before anything is written. The demo and small models override a value at
 the call site, where a reader sees it (dataclasses.replace), never here.
 
-How this departs from the paper: nothing, for the values the paper or its repository gives. The
-training values it does not publish (learning rate, epochs, batch, length) are lidr's choices and
-are marked as such below.
+How this departs from the paper: nothing, for the values the paper or its repository gives. Where
+the paper is silent but its trainer, LLaMA-Factory, has a default (AdamW's betas and eps, the
+schedule, the warmup: Hugging Face's TrainingArguments, which LLaMA-Factory's DPO stage inherits),
+that default is lidr's, named as such below; the rest (learning rate, epochs, batch, length) are
+lidr's choices and are marked as such.
+
+Randomness, one rule for every stage: a random choice about one item is drawn from a generator
+seeded with `derived_seed(seed, key)`, a hash of the stage's seed and the item's key, and from
+nothing else:
+- sampling (Decoding.seed): a row's tokens, key = its input line (MGSM: its question's line;
+  X-AlpacaEval: its position);
+- pairs (PairOptions.seed): the language whose dominant pair is kept with --dominant-pairs one,
+  key = the prompt id;
+- SDRRL rows (SDRRLOptions.seed): whether a row gets a code-switched variant and which of its
+  sentences switch, key = (prompt id, language, part);
+- training (Training.seed): the order of the rows in an epoch, key = the epoch.
+So a choice never depends on the other items, their order, the batch or the rank that made it, and
+a rerun with the same seed and inputs makes the same choices.
 """
 
+import hashlib
+import json
 import math
+import random
 from dataclasses import MISSING, dataclass, field, fields
 
 # the system turn of the LIDR repository's Llama 3 template, for answers, translations and both evaluations
@@ -28,17 +46,82 @@ SAMPLING_BATCH_SIZE = 16
 EVAL_BATCH_SIZE = 32
 
 
-def setting(default, help: str, *, low=None, high=None, above=None, choices=None, provenance: bool = True):
+def below_one(value: float) -> str | None:
+    """A setting's check: an AdamW β must be below 1."""
+    return None if value < 1 else f"{value} is not below 1"
+
+
+def derived_seed(seed: int, *key) -> int:
+    """The seed of the generator for the item `key` of a stage seeded with `seed` (the module docstring's rule):
+    63 bits of sha256 over seed and key, written as JSON (so 3 and "3" are different keys)."""
+    digest = hashlib.sha256(json.dumps([seed, *key]).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def seeded(seed: int, *key) -> random.Random:
+    """A random.Random for the item `key` of a stage seeded with `seed`."""
+    return random.Random(derived_seed(seed, *key))
+
+
+# user turns by name (--prompt-template NAME): the LIDR repository's MGSM and GSM8K prompt
+# (utils/inference.py PROMPT_PREFIX, used with --with_prefix by scripts/batch_inference.sh for the
+# "Arithmetic reasoning task" and by the MGSM evaluation); "{instruction}" alone asks the prompt as it is
+PROMPT_TEMPLATES = {
+    "plain": "{instruction}",
+    "alpaca": "Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request in {language}. Please answer in {language}.\n\n### Instruction:\n{instruction}\n\n"
+              "### Response:\n",
+}
+
+
+def template_text(template: str) -> str:
+    """The text of a prompt template given by name (PROMPT_TEMPLATES) or as a text with {instruction}."""
+    text = PROMPT_TEMPLATES.get(template, template)
+    if "{instruction}" not in text:
+        raise ValueError(f"prompt template {template!r} is neither a name ({', '.join(PROMPT_TEMPLATES)}) nor a text "
+                         f"with {{instruction}}")
+    return text
+
+
+def template_problem(template: str) -> str | None:
+    """Why `template` is not a prompt template, or None (a setting's check)."""
+    try:
+        template_text(template)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def user_turn(template: str, instruction: str, lang: str | None = None) -> str:
+    """The user turn a prompt becomes: the template with {instruction} and {language} (the language's name,
+    English for en) filled in; a template naming {language} needs `lang`."""
+    from lidr.languages import language_name
+
+    text = template_text(template)
+    if "{language}" in text:
+        if lang is None:
+            raise ValueError(f"prompt template {template!r} names {{language}}: say which language the prompts are in")
+        text = text.replace("{language}", language_name(lang))
+    return text.replace("{instruction}", instruction)  # last: braces inside the instruction stay as they are
+
+
+def setting(default, help: str, *, low=None, high=None, above=None, choices=None, check=None, provenance: bool = True):
     """A dataclass field that is also a command-line flag (default MISSING: a required field): `help` says what it is and where its
-    default comes from; low/high (inclusive) and above (exclusive) bound a number, choices a text.
-    provenance False: the value does not change what a run computes (e.g. how often it saves) and
-    is left out of its record."""
-    bounds = {k: v for k, v in (("low", low), ("high", high), ("above", above), ("choices", choices)) if v is not None}
+    default comes from; low/high (inclusive) and above (exclusive) bound a number, choices a text,
+    check(value) -> why the value is refused or None, for any other rule. provenance False: the
+    value does not change what a run computes (e.g. how often it saves) and is left out of its
+    record."""
+    bounds = {k: v for k, v in (("low", low), ("high", high), ("above", above), ("choices", choices), ("check", check))
+              if v is not None}
     return field(default=default, metadata={"help": help, "provenance": provenance, **bounds})
 
 
 def out_of_range(value, meta) -> str | None:
     """Why `value` is not a valid value of a setting whose field has the metadata `meta`, or None."""
+    if value is not None and "check" in meta:
+        problem = meta["check"](value)
+        if problem:
+            return problem
     if value is None or isinstance(value, (bool, str)):
         choices = meta.get("choices")
         if value is not None and choices is not None and value not in choices:
@@ -70,21 +153,27 @@ def provenance(values) -> dict:
 
 @dataclass(frozen=True)
 class Decoding:
-    """How one stage samples: the system turn before each prompt, and the sampler's settings.
+    """How one stage asks and samples: the user turn's template, the system turn before it, and the sampler's settings.
 
     temperature 0 is greedy (top_p and top_k then do nothing); the repetition penalty has vLLM's
     meaning (prompt and generated tokens, a seen token's logit l becomes l / r if l > 0 else l * r);
-    row i samples with seed + its input line. system None (or "") leaves the chat template's own.
+    a row samples with derived_seed(seed, its input line) (the module docstring's rule). system None
+    (or "") leaves the chat template's own. The prompt template is applied before the sampler, to
+    the prompt's text (`user_turn`).
     """
 
     max_new_tokens: int = setting(MISSING, "at most this many new tokens per reply; lowered, with a warning, to what the "
                                         "model's context leaves", low=1)
     repetition_penalty: float = setting(MISSING, "vLLM's meaning, 1 = off", above=0.0)
+    prompt_template: str = setting("plain", "the user turn: a name (plain: the prompt as it is; alpaca: the LIDR "
+                                            "repository's 'Below is an instruction...' prompt of its reasoning runs "
+                                            "and MGSM) or a text with {instruction} and optionally {language}",
+                                   check=template_problem)
     system: str | None = setting(SYSTEM_PROMPT, "system turn before every prompt; '' for none (the chat template's own)")
     temperature: float = setting(0.0, "0 = greedy", low=0.0)
     top_p: float = setting(1.0, "nucleus sampling; 1 = off", above=0.0, high=1.0)
     top_k: int = setting(0, "0 = off", low=0)
-    seed: int = setting(0, "row i samples with seed + its input line", low=0)
+    seed: int = setting(0, "a row samples with derived_seed(seed, its input line)", low=0)
 
     def __post_init__(self):
         check_settings(self)
@@ -95,8 +184,9 @@ ANSWERS = Decoding(max_new_tokens=2400, repetition_penalty=1.1)
 # LIDR step 3 (self-translate): greedy, at most 4,096 new tokens, and no repetition penalty: the
 # repository's batch_translate.sh sets 1.1 but never passes it, so batch_translate.py's 1.0 applies
 TRANSLATION = Decoding(max_new_tokens=4096, repetition_penalty=1.0)
-# MGSM: the repository's MGSM script, greedy, repetition penalty 1.1, at most 2,048 new tokens
-MGSM = Decoding(max_new_tokens=2048, repetition_penalty=1.1)
+# MGSM: the repository's MGSM script, greedy, repetition penalty 1.1, at most 2,048 new tokens, its
+# "Below is an instruction..." user turn
+MGSM = Decoding(max_new_tokens=2048, repetition_penalty=1.1, prompt_template="alpaca")
 # X-AlpacaEval outputs: greedy, repetition penalty 1.1, at most 2,048 new tokens
 ALPACAEVAL = Decoding(max_new_tokens=2048, repetition_penalty=1.1)
 
@@ -105,8 +195,9 @@ ALPACAEVAL = Decoding(max_new_tokens=2048, repetition_penalty=1.1)
 class Training:
     """The trainer's settings (lidr/train.py): M_t -> M_{t+1} with DPO + α·NLL, or SFT.
 
-    The paper trains with LLaMA-Factory; β and α appear in the authors' run names, the rest is
-    unpublished and lidr's choice.
+    The paper trains with LLaMA-Factory; β and α appear in the authors' run names; the optimizer and
+    schedule are LLaMA-Factory's defaults for its DPO stage (HF TrainingArguments'); learning rate,
+    epochs, batch and length are unpublished and lidr's choice.
     """
 
     objective: str = setting("dpo", "dpo: DPO + α·NLL on preference pairs (LIDR); sft: NLL on responses (SDRRL)",
@@ -116,16 +207,28 @@ class Training:
                                 "(the authors' run names)", low=0.0)
     lr: float = setting(5e-7, "peak learning rate; unpublished in the paper, lidr's choice (a common DPO rate at 8B)",
                         above=0.0)
-    weight_decay: float = setting(0.0, "AdamW's; unpublished, lidr's choice", low=0.0)
-    warmup_ratio: float = setting(0.1, "share of the steps spent warming up; lidr's choice", low=0.0, high=1.0)
-    grad_clip: float = setting(1.0, "gradient norm clipping; lidr's choice", above=0.0)
+    adam_beta1: float = setting(0.9, "AdamW's β1; LLaMA-Factory's default (HF TrainingArguments adam_beta1, which its "
+                                     "DPO stage inherits)", low=0.0, check=below_one)
+    adam_beta2: float = setting(0.999, "AdamW's β2; LLaMA-Factory's default (HF TrainingArguments adam_beta2)",
+                                low=0.0, check=below_one)
+    adam_eps: float = setting(1e-8, "AdamW's ε; LLaMA-Factory's default (HF TrainingArguments adam_epsilon)",
+                              above=0.0)
+    weight_decay: float = setting(0.0, "AdamW's; LLaMA-Factory's default (HF TrainingArguments weight_decay)",
+                                  low=0.0)
+    lr_scheduler: str = setting("linear", "after the warmup the learning rate falls to 0 at the last step, in a "
+                                          "straight line (linear: LLaMA-Factory's default, HF TrainingArguments "
+                                          "lr_scheduler_type) or along a half cosine", choices=("linear", "cosine"))
+    warmup_ratio: float = setting(0.0, "share of the steps spent warming up linearly; LLaMA-Factory's default (HF "
+                                       "TrainingArguments: no warmup)", low=0.0, high=1.0)
+    grad_clip: float = setting(1.0, "gradient norm clipping; LLaMA-Factory's default (HF TrainingArguments "
+                                    "max_grad_norm)", above=0.0)
     epochs: int = setting(1, "passes over the rows; unpublished, lidr's choice", low=1)
     batch_size: int = setting(4, "pairs (or rows) per rank per micro-batch; lidr's choice", low=1)
     grad_accum: int = setting(1, "micro-batches per optimizer step; lidr's choice", low=1)
     max_len: int = setting(2048, "tokens of prompt + response; a longer prompt keeps its last tokens, a row whose "
                                  "response does not fit is dropped (both counted in OUT/data_report.json); "
                                  "lidr's choice", low=1)
-    seed: int = setting(0, "the order of the rows in each epoch", low=0)
+    seed: int = setting(0, "the order of the rows in each epoch: derived_seed(seed, epoch)", low=0)
     save_every: int = setting(100, "steps between checkpoints", low=1, provenance=False)
     activation_checkpointing: bool = setting(False, "recompute each block in backward (less memory, ~1/3 more "
                                                     "compute)", provenance=False)

@@ -34,9 +34,10 @@ One run, in order:
 3. Reference log-probs (DPO): the policy, still M_t, scores every pair once, each rank a slice;
    the table is gathered and saved as OUT/reference_logps.pt and reused on resume. During
    training only the policy is in memory.
-4. Training: AdamW, linear warmup then cosine decay to 0, gradient clipping, gradient
-   accumulation. loss per pair = −log σ(β·Δ) + α·(−log π(y_c|x)/|y_c|) (lidr/dpo.py), averaged
-   over the global batch (--batch-size pairs per rank per micro-batch × --grad-accum × ranks).
+4. Training: AdamW, a linear warmup (none by default) then a linear (or cosine) fall to 0,
+   gradient clipping, gradient accumulation (LLaMA-Factory's defaults, lidr/settings.py Training).
+   loss per pair = −log σ(β·Δ) + α·(−log π(y_c|x)/|y_c|) (lidr/dpo.py), averaged over the global
+   batch (--batch-size pairs per rank per micro-batch × --grad-accum × ranks).
    Each step appends a JSON line to OUT/log.jsonl (and prints it).
 5. Every --save-every steps before the last: OUT/checkpoint (sharded model and optimizer state
    through torch.distributed.checkpoint, scheduler, step, per-rank RNG) built in
@@ -50,7 +51,8 @@ One run, in order:
 
 How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx):
 - The paper's learning rate, epochs, batch and length are unpublished; the defaults here are
-  choices (lr 5e-7, 1 epoch, warmup 10%), beside its β 0.1 and α 1: lidr/settings.py TRAINING.
+  choices (lr 5e-7, 1 epoch), beside its β 0.1 and α 1 and LLaMA-Factory's optimizer and schedule
+  (AdamW β 0.9/0.999, ε 1e-8, no warmup, linear decay): lidr/settings.py TRAINING.
 - The last incomplete global batch of an epoch is dropped (every step has the same batch).
 - The SFT objective averages each sequence's token NLL, then the sequences (the same per-sequence
   mean as the NLL term of DPO), rather than averaging over all tokens of the batch.
@@ -94,7 +96,7 @@ from lidr.cli import add_flags, flags_argv, from_flags
 from lidr.dpo import dpo_loss, hidden_sequence_logps
 from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
 from lidr.model import Documents, Llama, rope_inv_freq
-from lidr.settings import TRAINING, Training, provenance
+from lidr.settings import TRAINING, Training, derived_seed, provenance
 from lidr.tokenizer import Tokenizer, chat_messages
 
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
@@ -218,7 +220,7 @@ def pack(examples: list[Example], pad_id: int, row_len: int, device, dense_mask:
 
 
 def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    generator = torch.Generator().manual_seed(derived_seed(seed, epoch))  # lidr/settings.py's seed rule
     return torch.randperm(n_examples, generator=generator).tolist()
 
 
@@ -388,12 +390,14 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int) -> int
 # training
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warmup from 0 over warmup_steps, then cosine decay to 0 at total_steps."""
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """The learning rate of step `step` (0-based) over the peak: a linear warmup over warmup_steps,
+    then a linear or half-cosine fall to 0 at total_steps (HF's get_linear / get_cosine_schedule_with_warmup,
+    except that the first warmup step trains at 1/warmup_steps of the peak where HF's trains at 0)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def step_losses(model, batch: list[Example], reference: torch.Tensor | None, options: Training, pad_id: int, device):
@@ -545,9 +549,10 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
             reference_logps(model, examples, tokenizer.pad_id, options, ranks)))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay,
-                                  betas=(0.9, 0.95))
-    warmup_steps = max(1, round(options.warmup_ratio * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
+                                  betas=(options.adam_beta1, options.adam_beta2), eps=options.adam_eps)
+    warmup_steps = round(options.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, options.lr_scheduler))
     start = 0
     checkpoint_dir = latest_checkpoint(out)
     if checkpoint_dir is not None:

@@ -36,7 +36,7 @@ from pathlib import Path
 from lidr import settings
 from lidr.languages import language_name
 from lidr.rows import Engine, sample_file, sampling_params
-from lidr.settings import Decoding
+from lidr.settings import PROMPT_TEMPLATES, Decoding, template_text
 from lidr.tokenizer import chat_messages
 
 PREFILL = "<translated>\n"
@@ -94,6 +94,9 @@ def translate_file(engine: Engine, source, out, to: str, decoding: Decoding = se
     the closing tag (a reply cut by the context too) is a failed translation: null, the reason
     beside it, counted.
     """
+    if template_text(decoding.prompt_template) != PROMPT_TEMPLATES["plain"]:
+        raise ValueError(f"translation asks in its own prompt; decoding.prompt_template {decoding.prompt_template!r} "
+                         f"would be ignored: leave it 'plain'")
     run_settings = {"model": str(Path(engine.model).resolve()), "to": to, "field": field, **asdict(decoding)}
     rows = sample_file(engine, source, out, field, out_field,
                        lambda tokenizer, row: translation_prompt_ids(tokenizer, row[field], to, decoding.system),

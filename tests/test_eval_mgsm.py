@@ -11,7 +11,8 @@ from test_generate import kill_at_progress
 
 import lidr.sampler
 from eval import mgsm
-from eval.mgsm import PROMPT, extract_last_number, read_questions
+from eval.mgsm import extract_last_number, read_questions
+from lidr.settings import user_turn
 from lidr.langid import detect_language, is_off_target
 
 # (answer as a model writes it, the number a reader takes as the final answer)
@@ -116,7 +117,7 @@ def test_mgsm_end_to_end_on_the_demo_model_resumes(demo_dir, tmp_path, monkeypat
     by_hand = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                "the request in French. Please answer in French.\n\n### Instruction:\n" + fr_question +
                "\n\n### Response:\n")
-    assert PROMPT.format(language="French", question=fr_question) == by_hand
+    assert user_turn("alpaca", fr_question, "fr") == by_hand
     assert tokenizer.encode_chat([{"role": "system", "content": "You are a helpful assistant."},
                                   {"role": "user", "content": by_hand}]) in seen
     assert len(seen) == len(langs) * limit

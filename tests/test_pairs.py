@@ -65,8 +65,19 @@ def test_pairs_from_real_english_answers_and_french_self_translations(real, tmp_
         for i in ids
     ])
 
+    # the repository's rule, the default: a failed translation in either direction drops both pairs of that id
     pairs, report = build_from_dir(tmp_path, ["fr"], translation_task_ids=task_ids)
+    assert report["failed_translation"] == "drop-both"
+    failed_either = failed_fr | failed_back
+    assert {p["id"] for p in pairs if p["direction"] == "dominant"} == set(ids) - failed_either
+    assert {p["id"] for p in pairs if p["direction"] == "non_dominant"} == set(ids) - failed_either - set(identical)
+    assert report["per_language"]["fr"]["skipped"] == {"both:translation_failed": len(failed_either),
+                                                      "non_dominant:chosen_equals_rejected": 3}
+    assert report["per_language"]["fr"]["dominant"] == 1000 - 78 - 5
 
+    # lidr's variant: each pair skipped only when its own translation failed (78 more English pairs here)
+    pairs, report = build_from_dir(tmp_path, ["fr"], PairOptions(failed_translation="drop-one"),
+                                   translation_task_ids=task_ids)
     non_dominant = {p["id"]: p for p in pairs if p["direction"] == "non_dominant"}
     dominant = {p["id"]: p for p in pairs if p["direction"] == "dominant"}
     tasks_here = task_ids & set(ids)
@@ -201,7 +212,7 @@ def small_iteration(folder):
 
 
 def test_ids_compare_as_text_and_whitespace_is_no_answer(tmp_path):
-    pairs, report = build_from_dir(small_iteration(tmp_path), ["fr"])
+    pairs, report = build_from_dir(small_iteration(tmp_path), ["fr"], PairOptions(failed_translation="drop-one"))
     assert sorted((p["id"], p["direction"], p["chosen"], p["rejected"]) for p in pairs) == [
         ("1", "dominant", "A1", "R1 en"), ("1", "non_dominant", "A1 fr", "R1"), ("2", "non_dominant", "A2 fr", "R2")]
     assert report["per_language"]["fr"]["skipped"] == {"dominant:translation_failed": 1, "no_answer_in_language": 1}

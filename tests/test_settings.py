@@ -14,16 +14,18 @@ from lidr.sdrrl import SDRRLOptions
 from lidr.settings import Decoding, Training
 
 CHANGED = [  # a value other than the default for every field
-    replace(settings.ANSWERS, max_new_tokens=7, repetition_penalty=1.3, system=None, temperature=0.7, top_p=0.9,
-            top_k=5, seed=3),
-    Decoding(max_new_tokens=9, repetition_penalty=1.05, system="Translate.", temperature=1.0, top_p=0.5, top_k=1,
-             seed=11),
-    Training(objective="sft", beta=0.5, alpha=0.0, lr=3e-5, weight_decay=0.1, warmup_ratio=0.0, grad_clip=2.0,
-             epochs=3, batch_size=2, grad_accum=4, max_len=512, seed=7, save_every=9, activation_checkpointing=True,
-             dtype="bfloat16", chat_format="chatml"),
+    replace(settings.ANSWERS, max_new_tokens=7, repetition_penalty=1.3, prompt_template="alpaca", system=None,
+            temperature=0.7, top_p=0.9, top_k=5, seed=3),
+    Decoding(max_new_tokens=9, repetition_penalty=1.05, prompt_template="Q ({language}): {instruction}\nA:",
+             system="Translate.", temperature=1.0, top_p=0.5, top_k=1, seed=11),
+    Training(objective="sft", beta=0.5, alpha=0.0, lr=3e-5, adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-6,
+             weight_decay=0.1, lr_scheduler="cosine", warmup_ratio=0.2, grad_clip=2.0, epochs=3, batch_size=2,
+             grad_accum=4, max_len=512, seed=7, save_every=9, activation_checkpointing=True, dtype="bfloat16",
+             chat_format="chatml"),
     PairOptions(dominant="de", dominant_pairs="one", drop_identical=False, check_language=True, check_numbers=True,
-                drop_same_answer=True, min_chars=2, max_chars=100, seed=4),
-    SDRRLOptions(dominant="fr", include_english=False, code_switch_rows=0.25, code_switch_lines=1.0, seed=2),
+                drop_same_answer=True, min_chars=2, max_chars=100, failed_translation="drop-one", seed=4),
+    SDRRLOptions(dominant="fr", include_english=False, reference_field="answer", code_switch_rows=0.25,
+                 code_switch_unit="line", code_switch_units=1.0, seed=2),
 ]
 
 
@@ -57,6 +59,7 @@ def test_every_field_is_a_flag_with_help():
     (["--warmup-ratio", "1.5"], "argument --warmup-ratio: 1.5 is above its greatest value 1.0"),
     (["--batch-size", "0"], "argument --batch-size: 0 is below its least value 1"),
     (["--epochs", "two"], "'two' is not a whole number"),
+    (["--adam-beta2", "1"], "argument --adam-beta2: 1.0 is not below 1"),
 ])
 def test_a_flag_out_of_range_is_refused_naming_it(argv, message, capsys):
     parser = argparse.ArgumentParser()
@@ -73,6 +76,9 @@ def test_a_flag_out_of_range_is_refused_naming_it(argv, message, capsys):
     (lambda: Decoding(max_new_tokens=10, repetition_penalty=1.0, top_p=0.0), "Decoding.top_p: 0.0 is not greater than 0.0"),
     (lambda: PairOptions(min_chars=-1), "PairOptions.min_chars: -1 is below its least value 0"),
     (lambda: SDRRLOptions(code_switch_rows=2.0), "SDRRLOptions.code_switch_rows: 2.0 is above its greatest value 1.0"),
+    (lambda: Decoding(max_new_tokens=10, repetition_penalty=1.0, prompt_template="{question}"),
+     "Decoding.prompt_template: prompt template '{question}' is neither a name (plain, alpaca) nor a text with "
+     "{instruction}"),
 ])
 def test_a_value_out_of_range_is_refused_from_python_too(build, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -89,13 +95,15 @@ def test_iterate_takes_the_stages_own_flags():
     lidr.pairs' and lidr.sdrrl's, with prefixes: one declaration each."""
     import iterate
 
+    translation = replace(CHANGED[1], prompt_template="plain")  # translation asks in its own prompt: no such flag
     argv = ["--model", "M", "--work", "W", "--prompts", "P", "--langs", "fr", "--dominant", "de",
-            *flags_argv(CHANGED[0]), *flags_argv(CHANGED[1], "translate-"),
+            "--no-translation-tasks",
+            *flags_argv(CHANGED[0]), *flags_argv(translation, "translate-", skip=("prompt_template",)),
             *flags_argv(CHANGED[3], "pairs-", skip=("dominant",)), *flags_argv(CHANGED[4], "sdrrl-", skip=("dominant",)),
             "--", *flags_argv(CHANGED[2])]
     args, training = iterate.parse_args(argv)
     assert from_flags(args, settings.ANSWERS) == CHANGED[0]
-    assert from_flags(args, settings.TRANSLATION, "translate-") == CHANGED[1]
+    assert from_flags(args, settings.TRANSLATION, "translate-") == translation
     assert replace(from_flags(args, PairOptions(), "pairs-"), dominant="de") == CHANGED[3]
     assert replace(from_flags(args, SDRRLOptions(), "sdrrl-"), dominant="fr") == CHANGED[4]
     assert training == CHANGED[2]
