@@ -138,7 +138,8 @@ def robust_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
                     label_smoothing: float):
     """Robust DPO per pair, ε = label_smoothing the assumed rate of flipped preferences (0 ≤ ε < 0.5).
 
-    loss = (−(1−ε)·log σ(β·h) + ε·log σ(−β·h)) / (1−2ε): unbiased for the clean loss under flips; ε 0 is sigmoid DPO.
+    loss = (−(1−ε)·log σ(β·h) + ε·log σ(−β·h)) / (1−2ε): unbiased for the clean loss under flipped labels;
+    ε 0 is sigmoid DPO.
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps

@@ -28,6 +28,8 @@ SAMPLING_BATCH_SIZE = 16
 EVAL_BATCH_SIZE = 32
 # the preference losses of lidr/dpo.py (sigmoid: DPO, the paper's)
 LOSSES = ("sigmoid", "ipo", "robust", "hinge")
+# where the trainer mirrors its logged numbers besides OUT/log.jsonl (lidr/tracking.py)
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 def setting(default, help: str, *, low=None, high=None, above=None, choices=None, provenance: bool = True):
@@ -141,14 +143,14 @@ class Training:
                                             "sigmoid, robust, hinge; ipo is per token already)")
     label_smoothing: float = setting(0.0, "ε of the robust loss: the assumed share of flipped preferences, below 0.5",
                                      low=0.0, high=0.49)
-    eval_split: float = setting(0.0, "share of the prompt ids held out (every pair of an id on the same side, drawn "
+    eval_split: float = setting(0.0, "share of the prompt ids held out (every row of an id on the same side, drawn "
                                      "with --seed) and scored before, during and after training; 0 = none",
                                 low=0.0, high=0.5)
     eval_every: int = setting(0, "steps between scorings of the held-out pairs (besides before and after "
                                  "training); 0 = before and after only", low=0, provenance=False)
     report_to: str = setting("none", "mirror every logged number to TensorBoard (OUT/tensorboard) or Weights & "
                                      "Biases (optional extras: pip install 'lidr[tensorboard]' / 'lidr[wandb]')",
-                             choices=("none", "tensorboard", "wandb"), provenance=False)
+                             choices=REPORT_TO, provenance=False)
 
     def __post_init__(self):
         check_settings(self)
@@ -157,8 +159,6 @@ class Training:
                              f"loss has none")
         if self.length_normalize and self.loss == "ipo":
             raise ValueError("Training.length_normalize: the ipo loss is per token already")
-        if self.eval_split and self.objective != "dpo":
-            raise ValueError("Training.eval_split: held-out pairs are scored for the dpo objective only")
 
 
 TRAINING = Training()

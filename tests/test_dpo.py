@@ -50,8 +50,8 @@ def trl_loss(loss_type: str, logps: torch.Tensor, lengths: torch.Tensor, beta: f
     for i in range(2):
         completion_mask[i, 1 : 1 + lengths[i]] = 1
         log_probs[i, : lengths[i]] = logps[i] / lengths[i]
-    outputs = SimpleNamespace(log_probs=log_probs, entropy=torch.zeros(2, width - 1),
-                              mean_logits=torch.zeros(2, width - 1), is_top1=torch.zeros(2, width - 1, dtype=torch.bool))
+    zeros = torch.zeros(2, width - 1)
+    outputs = SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
     accelerator = SimpleNamespace(device="cpu", gather=lambda t: t, gather_for_metrics=lambda t: t)
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
