@@ -8,7 +8,7 @@ attending sequence by sequence (the CUDA default) ends with the weights of the d
 """
 
 import torch
-from test_train import assert_same_weights, data, one_process, train_args, weights  # noqa: F401 (fixtures)
+from conftest import assert_same_weights, train_args, weights
 
 import lidr.train
 from lidr.checkpoint import load_model

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import data, one_process, run_subprocess, train_args, weights  # noqa: F401 (fixtures)
+from conftest import run_subprocess, train_args, weights
 
 from lidr.checkpoint import load
 from lidr.train import main

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from test_train import pairs, write_jsonl
+from conftest import pairs, write_jsonl
 
 from lidr.train import main, parse_args
 
