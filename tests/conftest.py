@@ -104,6 +104,15 @@ def small_iteration(folder):
     return folder
 
 
+def tensorboard_scalars(folder) -> dict:
+    """{tag: [(step, value), ...]} read back by TensorBoard's own EventAccumulator."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="pip install 'lidr[tensorboard]'")
+    events = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def kill_at_progress(cmd: list[str], done: int, total: int):
     """Run cmd and SIGKILL it once its progress bar reads at least done/total (fails if it ends first)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
