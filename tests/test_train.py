@@ -178,6 +178,7 @@ def test_sigkill_during_a_save_then_rerun_gives_the_uninterrupted_weights(point,
     assert not list(out.glob("model.*")) and not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.old").exists()
 
 
+@pytest.mark.slow  # a whole training run
 def test_exported_folder_loads_in_lidr_and_transformers_with_identical_logits(one_process, tiny_dir):
     from transformers import LlamaForCausalLM
 
@@ -212,6 +213,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, data, tmp_p
 # SFT (SDRRL)
 
 
+@pytest.mark.slow  # a whole training run
 def test_sft_objective_trains_on_responses(tiny_dir, tmp_path):
     from transformers import LlamaForCausalLM
 

@@ -16,6 +16,7 @@ from lidr.checkpoint import load  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: bench/gpu.py would run")
+@pytest.mark.slow  # a subprocess that imports torch
 def test_without_cuda_it_says_so_and_exits_2():
     proc = subprocess.run([sys.executable, "bench/gpu.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, check=False)
