@@ -27,7 +27,8 @@ class LengthJudge:
 @pytest.fixture
 def alpaca_eval(monkeypatch):
     """alpaca_eval's metrics; alpaca_eval 0.6.6 imports pkg_resources, which setuptools 81 and later no longer
-    ship, so the test gives it the two functions it calls (packaging's version parser, importlib's metadata)."""
+    ship, so the test gives it the two functions it calls (packaging's version parser, importlib's metadata).
+    The modules imported here are forgotten afterwards, so other tests see the environment as it is."""
     if importlib.util.find_spec("alpaca_eval") is None:
         pytest.skip("the length-controlled win rate needs pip install 'lidr[alpacaeval]'")
     if importlib.util.find_spec("pkg_resources") is None:
@@ -41,8 +42,10 @@ def alpaca_eval(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: fail at once
     from alpaca_eval.metrics import glm_winrate, winrate
 
-    return types.SimpleNamespace(get_winrate=winrate.get_winrate,
-                                 get_length_controlled_winrate=glm_winrate.get_length_controlled_winrate)
+    yield types.SimpleNamespace(get_winrate=winrate.get_winrate,
+                                get_length_controlled_winrate=glm_winrate.get_length_controlled_winrate)
+    for name in [m for m in sys.modules if m == "alpaca_eval" or m.startswith("alpaca_eval.")]:
+        del sys.modules[name]
 
 
 def judged(tmp_path):
