@@ -6,11 +6,12 @@ scoring the exported model and M_t on the held-out pairs after training, TensorB
 
 import json
 import math
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import pairs, tensorboard_scalars, train_args, write_jsonl
+from conftest import pairs, run_subprocess, tensorboard_scalars, train_args, write_jsonl
 
 import lidr.train
 from lidr.settings import Training
@@ -18,24 +19,31 @@ from lidr.tokenizer import Tokenizer
 from lidr.train import build_model, load_examples, main, reference_logps, setup_distributed, split_held_out, train_step
 
 LANGS = ("en", "es")
-N_IDS = 12  # 24 pairs: 3 ids (6 pairs) held out, 18 trained on in 4 steps of 4
+N_IDS = 15  # 12 ids with a pair per language, 3 with an English pair only: 27 pairs
+# 4 of the 15 ids held out (7 pairs: an odd number, so with 2 ranks of 1 pair per micro-batch one rank scores an
+# uncounted pair in the last batch), 20 pairs trained on in 5 steps of 4
+EVAL_ARGS = ("--eval-split", "0.25", "--eval-every", "2")
 
 
 def multilingual_pairs(n_ids: int) -> list[dict]:
-    """Two pairs per prompt id, one per language, as lidr.pairs writes them."""
+    """Pairs as lidr.pairs writes them: one per prompt id and language (ids from 12 on: English only)."""
     return [{"id": f"q{i}", "lang": lang, "prompt": f"[{lang}] Question {i}: what is {i} plus {i * 3}?",
              "chosen": f"{i} plus {i * 3} is {i * 4}." + " Done." * (i % 3),
              "rejected": f"It is {i * 4 + 1}, I believe." if lang == "en" else f"Es {i * 4 + 1}."}
-            for i in range(n_ids) for lang in LANGS]
+            for i in range(n_ids) for lang in (LANGS if i < 12 else LANGS[:1])]
 
 
 @pytest.fixture(scope="module")
-def held_out_run(tiny_dir, tmp_path_factory):
-    data = write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", multilingual_pairs(N_IDS))
+def held_out_data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", multilingual_pairs(N_IDS))
+
+
+@pytest.fixture(scope="module")
+def held_out_run(tiny_dir, held_out_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run"
-    main(train_args(tiny_dir, data, out, "--batch-size", "4", "--eval-split", "0.25", "--eval-every", "2",
+    main(train_args(tiny_dir, held_out_data, out, "--batch-size", "2", "--grad-accum", "2", *EVAL_ARGS,
                     "--report-to", "tensorboard"))
-    return data, out
+    return held_out_data, out
 
 
 def log_records(out):
@@ -43,13 +51,13 @@ def log_records(out):
 
 
 def test_held_out_ids_keep_every_pair_on_one_side(tiny_dir, tmp_path):
-    rows = multilingual_pairs(N_IDS) + [{"prompt": "no id", "chosen": "a", "rejected": "b"}] * 2
+    rows = multilingual_pairs(12) + [{"prompt": "no id", "chosen": "a", "rejected": "b"}] * 2
     examples, _ = load_examples(write_jsonl(tmp_path / "pairs.jsonl", rows), Tokenizer.from_folder(tiny_dir), "dpo",
                                 max_len=96)
     train, held_out = split_held_out(examples, 0.25, seed=0)
     assert sorted(train + held_out) == list(range(len(examples)))
     held_out_ids = {examples[i].group for i in held_out}
-    assert len(held_out_ids) == round(0.25 * (N_IDS + 2))  # the rows without an id are a group each (their line)
+    assert len(held_out_ids) == round(0.25 * (12 + 2))  # the rows without an id are a group each (their line)
     assert not held_out_ids & {examples[i].group for i in train}
     for group in held_out_ids - {"line 25", "line 26"}:  # both languages of a held-out prompt are held out
         assert sorted(examples[i].lang for i in held_out if examples[i].group == group) == sorted(LANGS)
@@ -64,10 +72,10 @@ def test_held_out_scores_before_training_are_ln2_and_zero(held_out_run):
     _, out = held_out_run
     records = log_records(out)
     evals = [r for r in records if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [0, 2, 4]  # before training, every 2 steps, the end
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in evals] == [0, 2, 4, 5]  # before training, every 2 steps, the end
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
     first = evals[0]
-    assert first["eval/pairs"] == 6 and first["eval/en/pairs"] == first["eval/es/pairs"] == 3
+    assert first["eval/pairs"] == 7 and first["eval/en/pairs"] == 4 and first["eval/es/pairs"] == 3
     for name in ("eval", "eval/en", "eval/es"):
         assert first[f"{name}/dpo"] == pytest.approx(math.log(2), abs=1e-6)
         assert first[f"{name}/margin"] == pytest.approx(0, abs=1e-5)
@@ -152,3 +160,22 @@ def test_a_training_step_reads_the_device_once(tiny_dir, tmp_path, monkeypatch):
         assert record["tokens"] == real_tokens and record["grad_norm"] > 0 and math.isfinite(record["grad_norm"])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_held_out_pairs_as_one(held_out_run, tiny_dir, tmp_path):
+    """Each rank scores a slice and the sums are all-reduced: 7 pairs over 2 ranks, 1 per micro-batch, leave one
+    rank an uncounted stand-in in the last batch. The numbers equal the one-process run's (same global batches)."""
+    data, one = held_out_run
+    out = tmp_path / "two"
+    proc = run_subprocess([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_dpo.py", *train_args(tiny_dir, data, out, "--batch-size", "1", "--grad-accum", "2",
+                                                       *EVAL_ARGS)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "7 pairs of 4 prompt ids held out (--eval-split 0.25)" in proc.stdout
+    two_evals = [r for r in log_records(out) if "eval/loss" in r]
+    one_evals = [r for r in log_records(one) if "eval/loss" in r]
+    assert [r.keys() for r in two_evals] == [r.keys() for r in one_evals]
+    for got, want in zip(two_evals, one_evals):
+        for key in want:
+            assert got[key] == pytest.approx(want[key], abs=1e-5), (got["step"], key)
