@@ -333,12 +333,15 @@ def reference_logps(model, examples: list[Example], pad_id: int, options: Traini
     mine = list(range(rank, len(examples), world))
     n_batches = math.ceil(math.ceil(len(examples) / world) / options.batch_size)  # equal on every rank
     table = torch.zeros(len(examples), 2)
+    progress = Progress(n_batches, "reference log-probs", enabled=rank == 0)
     model.eval()
     with torch.no_grad():
         for b in range(n_batches):
             idx = mine[b * options.batch_size : (b + 1) * options.batch_size] or mine[-1:]  # keep collectives in step
             logps, _ = forward_logps(model, pack([examples[i] for i in idx], pad_id, options.max_len, device))
             table[idx] = logps.view(2, len(idx)).T.cpu()
+            progress.update(1)
+    progress.close()
     model.reshard()  # the root stays unsharded after a forward with no backward
     model.train()
     table = table.to(device)
