@@ -4,6 +4,7 @@ References: ln 2 and a zero margin before training (policy = reference), transfo
 scoring the exported model and M_t on the held-out pairs after training, TensorBoard's own reader.
 """
 
+import inspect
 import json
 import math
 import sys
@@ -16,7 +17,8 @@ from conftest import pairs, run_subprocess, tensorboard_scalars, train_args, wri
 import lidr.train
 from lidr.settings import Training
 from lidr.tokenizer import Tokenizer
-from lidr.train import build_model, load_examples, main, reference_logps, setup_distributed, split_held_out, train_step
+from lidr.train import (build_model, fused_adamw, load_examples, main, reference_logps, setup_distributed, split_held_out,
+                        train_step)
 
 LANGS = ("en", "es")
 N_IDS = 15  # 12 ids with a pair per language, 3 with an English pair only: 27 pairs
@@ -179,3 +181,29 @@ def test_two_processes_score_the_held_out_pairs_as_one(held_out_run, tiny_dir, t
     for got, want in zip(two_evals, one_evals):
         for key in want:
             assert got[key] == pytest.approx(want[key], abs=1e-5), (got["step"], key)
+
+
+def test_fused_adamw_is_for_cuda_and_updates_the_sharded_weights_as_the_default(tiny_dir):
+    """fused=True only on CUDA (and where AdamW takes it); on the trainer's FSDP2 (DTensor) shards the fused
+    kernel (torch's CPU one here, the CUDA one on a GPU) gives the default (foreach) update."""
+    assert fused_adamw(torch.device("cpu")) is None
+    assert "fused" in inspect.signature(torch.optim.AdamW).parameters  # torch >= 2.0, so 2.11 on the GPUs too
+    assert fused_adamw(torch.device("cuda", 0)) is True
+    ranks = setup_distributed()
+    try:
+        models = [build_model(tiny_dir, ranks.device, torch.float32, False) for _ in range(2)]
+        optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+                      for m, fused in zip(models, (None, True))]
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            grads = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
+            for model, optimizer in zip(models, optimizers):
+                for p, g in zip(model.parameters(), grads):
+                    p.grad = torch.distributed.tensor.distribute_tensor(g, p.device_mesh, p.placements)
+                optimizer.step()
+        for default, fused in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(fused.full_tensor(), default.full_tensor(), rtol=1e-6, atol=1e-7)
+        initial = build_model(tiny_dir, ranks.device, torch.float32, False)
+        assert all((p - q).abs().max() > 1e-4 for p, q in zip(models[1].parameters(), initial.parameters()))  # moved
+    finally:
+        dist.destroy_process_group()
