@@ -97,3 +97,13 @@ def test_without_alpaca_eval_the_summary_says_how_to_get_it(tmp_path, monkeypatc
     assert summary["lc_win_rate"] is None
     assert summary["lc_note"] == "no length-controlled win rate: pip install 'lidr[alpacaeval]'"
     assert summary["n"] == 7 and summary["win_rate"] is not None  # the raw win rate does not need it
+
+
+def test_the_report_shows_the_length_controlled_win_rate_beside_the_raw_one():
+    from eval.report import build_tables, markdown_table
+
+    summary = {"languages": {"es": {"n": 7, "win_rate": 40.0, "se": 5.0, "lc_win_rate": 35.5, "lc_se": 1.25},
+                             "fr": {"n": 7, "win_rate": 30.0, "se": 4.0, "lc_win_rate": None, "lc_note": "offline"}}}
+    tables = build_tables({"M1": {"x-alpacaeval/judge-length": summary}}, paper=False)
+    assert [t["metric"] for t in tables] == ["win_rate", "lc_win_rate"]
+    assert markdown_table(tables[1]).splitlines()[2] == "| M1 | 35.50 ± 1.25 | 35.50 |"
