@@ -238,8 +238,17 @@ def pack(examples: list[Example], pad_id: int, row_len: int, device, dense_mask:
         attention_mask = ((segments[:, :, None] == segments[:, None, :]) & causal).to(device)  # the diagonal is always in
     else:
         attention_mask = Documents(tuple(tuple(sum(map(len, seqs[i])) for i in members) for members in rows))
-    tokens, positions, labels, sequence_ids = (t.to(device) for t in (tokens, positions, labels, sequence_ids))
+    tokens, positions, labels, sequence_ids = (to_device(t, device)
+                                               for t in (tokens, positions, labels, sequence_ids))
     return Packed(tokens, positions, attention_mask, labels, sequence_ids, len(seqs))
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """tensor on `device`; to CUDA through pinned memory without blocking, so the host does not wait for the
+    work already queued (a pageable copy would: a host sync per micro-batch)."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
@@ -437,7 +446,7 @@ def step_losses(model, batch: list[Example], reference: torch.Tensor | None, opt
     policy_chosen, policy_rejected = logps.split(len(batch))  # pack's order: every chosen, then every rejected
     chosen_lengths, rejected_lengths = n_tokens.split(len(batch))
     nll = -policy_chosen / chosen_lengths  # −log π(y_c|x) / |y_c|, per sequence
-    ref_chosen, ref_rejected = reference.to(device).unbind(1)
+    ref_chosen, ref_rejected = to_device(reference, device).unbind(1)
     # "dpo": the preference term, --loss (sigmoid DPO by default, the paper's)
     dpo, chosen_rewards, rejected_rewards = preference_loss(
         options.loss, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
@@ -480,7 +489,7 @@ def evaluate(model, examples: list[Example], reference: torch.Tensor | None, opt
             in_lang = [(j, 1 + langs.index(examples[i].lang)) for j, i in enumerate(idx) if examples[i].lang]
             if in_lang:
                 js, targets = zip(*in_lang)
-                sums.index_add_(0, torch.tensor(targets, device=device), values[list(js)])
+                sums.index_add_(0, to_device(torch.tensor(targets), device), values[list(js)])
     model.reshard()  # the root stays unsharded after a forward with no backward
     model.train()
     dist.all_reduce(sums)
@@ -738,9 +747,10 @@ def train_step(model, scheduler, examples: list[Example], reference: torch.Tenso
                options: Training, pad_id: int, ranks: Ranks) -> dict:
     """Forward and backward over one global batch (gradients accumulated, clipped), without the optimizer step.
 
-    The metric sums stay on the device across micro-batches, so nothing waits for the device
-    until the one all_reduce and the one read at the end: {"loss", "dpo", "nll", ... averaged over
-    the global batch, "grad_norm", "lr", "tokens" (real tokens over every rank)}.
+    The metric sums stay on the device across micro-batches and the inputs reach it without blocking
+    (`to_device`), so nothing waits for the device until the one all_reduce and the one read at the end.
+    Returns {"loss", "dpo", "nll", ... averaged over the global batch, "grad_norm", "lr", "tokens" (real
+    tokens over every rank)}.
     """
     rank, world, device = ranks
     sums = {}
@@ -757,8 +767,8 @@ def train_step(model, scheduler, examples: list[Example], reference: torch.Tenso
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # the same on every rank
     keys = sorted(sums)
-    totals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(n_real_tokens), dtype=torch.float64,
-                                                                  device=device)])
+    totals = torch.stack([sums[k] for k in keys] + [torch.zeros((), dtype=torch.float64, device=device)])
+    totals[-1] += n_real_tokens  # a scalar argument of a kernel, not a copy from the host
     dist.all_reduce(totals)
     values = torch.cat([totals, grad_norm.detach().double().reshape(1)]).tolist()  # the step's one host sync
     global_batch = global_batch_size(options, world)
