@@ -18,7 +18,15 @@ Files, in the model's results folder {out}/x-alpacaeval/:
 - judge-{judge}[-both]/{lang}.jsonl: one row per instruction {key (the id), preference = P(the
   model's output beats the reference), orders (the judge's raw P(M better) per order)}, appended
   as judged; judge-.../summary.json: win rate = 100 × mean preference ± standard error per
-  language (eval/report.py reads it).
+  language (eval/report.py reads it), and beside it the length-controlled win rate.
+- judge-.../{lang}.annotations.json: the verdicts in alpaca_eval's annotations.json format
+  ({instruction, output_1: the reference, generator_1, output_2: the model's, generator_2,
+  annotator, preference = 1 + P(output_2 is better), index: the instruction's position in the
+  reference file, alpaca_eval's order of its 805 instructions}), items without a verdict left out.
+  The length-controlled (LC) win rate is alpaca_eval's own (`get_length_controlled_winrate`, its
+  length_controlled_v1 GLM, not re-implemented here) on that list, when alpaca_eval is installed
+  (`pip install 'lidr[alpacaeval]'`) and can read the data its GLM needs (df_gamed.csv, from the
+  Hugging Face Hub); else the summary says why it is missing.
 - beside every {lang}.jsonl, {lang}.jsonl.made-from.json: what it was made from (input files by
   resolved path, size and sha256; the model folder or the judge; the settings). A rerun with
   another input, model, judge or setting is refused before anything is written, and so is an
@@ -39,6 +47,7 @@ of a random draw (or both orders, --both-orders), and a local checkpoint can jud
 """
 
 import argparse
+import importlib.util
 from dataclasses import asdict
 from pathlib import Path
 
@@ -155,6 +164,7 @@ def build_pairs(outputs_path: Path, reference_path: Path, lang: str) -> tuple[li
     references, dropped_references = read_items(reference_path, ("instruction", "output"), match_by)
     report_dropped(lang, "output", dropped_outputs)
     report_dropped(lang, "reference", dropped_references)
+    reference_position = {match: i for i, match in enumerate(references)}  # alpaca_eval's order of its instructions
     pairs, mismatched = [], []
     for match, row in outputs.items():
         reference = references.get(match)
@@ -164,7 +174,7 @@ def build_pairs(outputs_path: Path, reference_path: Path, lang: str) -> tuple[li
             mismatched.append(match)
             continue
         pairs.append({"key": str(row.get("id", match)), "instruction": row["instruction"], "first": row["output"],
-                      "second": reference["output"]})
+                      "second": reference["output"], "index": reference_position[match]})
     if mismatched:
         print(f"{lang}: {len(mismatched)} id(s) whose instruction differs from the reference's were dropped, "
               f"first: {mismatched[0]}")
@@ -187,7 +197,7 @@ def judge_outputs(judge, outputs_dir: Path, reference_dir: Path, langs: list[str
         (out / f"{lang}.jsonl", {"inputs": {"outputs": file_identity(outputs_dir / f"{lang}.json"),
                                             "reference": file_identity(reference_dir / f"{lang}.json")},
                                  "judge": {"name": judge_name, "identity": getattr(judge, "identity", None)},
-                                 "settings": {"both_orders": both_orders}}, ())
+                                 "settings": {"both_orders": both_orders}}, (out / f"{lang}.annotations.json",))
         for lang in langs])
     for lang in langs:
         pairs, counts = built[lang]
@@ -196,15 +206,49 @@ def judge_outputs(judge, outputs_dir: Path, reference_dir: Path, langs: list[str
             judge_resumable(judge, pairs, writer, both_orders, desc=f"judge {lang}")
             wanted = {p["key"] for p in pairs}
             rows = [r for r in writer.rows if r["key"] in wanted]
-        summary["languages"][lang] = {**summarize_preferences(rows), **counts}
+        annotations = alpaca_eval_annotations(pairs, rows, judge_name, lang)
+        write_json_atomic(out / f"{lang}.annotations.json", annotations)
+        summary["languages"][lang] = {**summarize_preferences(rows), **length_controlled_win_rate(annotations),
+                                      **counts}
         s = summary["languages"][lang]
         if s["win_rate"] is not None:
             se = f" ± {s['se']:.2f}" if s["se"] is not None else ""
-            print(f"{lang}: win rate {s['win_rate']:.2f}{se} (n={s['n']}, no verdict {s['no_verdict']})")
+            lc = f"length-controlled {s['lc_win_rate']:.2f}" if s["lc_win_rate"] is not None else s["lc_note"]
+            print(f"{lang}: win rate {s['win_rate']:.2f}{se}, {lc} (n={s['n']}, no verdict {s['no_verdict']})")
     rates = [s["win_rate"] for s in summary["languages"].values() if s["win_rate"] is not None]
     summary["average"] = {"win_rate": sum(rates) / len(rates) if rates else None}
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def alpaca_eval_annotations(pairs: list[dict], rows: list[dict], judge_name: str, lang: str) -> list[dict]:
+    """The verdicts with one (rows: {key, preference = P(the model's output wins)}) as alpaca_eval's annotations:
+    output_1 the reference (its baseline), output_2 the model's, preference 1 + P(output_2 is better)."""
+    preference = {r["key"]: r["preference"] for r in rows if r["preference"] is not None}
+    return [{"instruction": p["instruction"], "output_1": p["second"], "generator_1": f"reference-{lang}",
+             "output_2": p["first"], "generator_2": f"model-{lang}", "annotator": judge_name,
+             "preference": 1 + preference[p["key"]], "index": p["index"]}
+            for p in pairs if p["key"] in preference]
+
+
+def length_controlled_win_rate(annotations: list[dict]) -> dict:
+    """{"lc_win_rate", "lc_se"}: alpaca_eval's length-controlled win rate of the annotations (its own
+    length_controlled_v1 GLM), or {"lc_win_rate": None, "lc_note": why it is missing}."""
+    if importlib.util.find_spec("alpaca_eval") is None:
+        return {"lc_win_rate": None, "lc_note": "no length-controlled win rate: pip install 'lidr[alpacaeval]'"}
+    try:
+        from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
+    except ImportError as e:  # e.g. alpaca_eval 0.6.6 imports pkg_resources, gone from setuptools 81 on
+        return {"lc_win_rate": None, "lc_note": f"no length-controlled win rate: alpaca_eval is installed but does not "
+                                                f"import ({type(e).__name__}: {e})"}
+    if len(annotations) < 2:
+        return {"lc_win_rate": None, "lc_note": "no length-controlled win rate: fewer than 2 verdicts"}
+    try:
+        metrics = get_length_controlled_winrate(annotations, save_weights_dir=None, is_warn_extreme_changes=False)
+    except OSError as e:  # its GLM first reads df_gamed.csv from the Hugging Face Hub (or the hub's cache)
+        return {"lc_win_rate": None, "lc_note": f"no length-controlled win rate: alpaca_eval's GLM failed "
+                                                f"({type(e).__name__}: {str(e)[:200]})"}
+    return {"lc_win_rate": float(metrics["length_controlled_winrate"]), "lc_se": float(metrics["lc_standard_error"])}
 
 
 # -----------------------------------------------------------------------------

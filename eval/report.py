@@ -28,6 +28,7 @@ METRICS = {
     "accuracy": ("accuracy", "{:.3f}", None),
     "off_target": ("off-target rate", "{:.3f}", None),
     "win_rate": ("win rate (%) against the reference", "{:.2f}", "se"),
+    "lc_win_rate": ("length-controlled win rate (%) against the reference (alpaca_eval's)", "{:.2f}", "lc_se"),
     "agreement": ("judge prefers chosen (%)", "{:.1f}", "se"),
 }
 

@@ -9,6 +9,20 @@
 
 `dpo_loss` returns one loss per pair and the detached implicit rewards β·(log π − log π_ref); the
 NLL term α·(−log π(y_c|x)/|y_c|) is added by the trainer (lidr/train.py), because it needs |y_c|.
+
+Beside the paper's sigmoid loss, the common variants, each a pure function with the same inputs
+and outputs, picked by `preference_loss` (train_dpo.py --loss, --length-normalize, --label-smoothing).
+With h = (log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x)):
+
+    sigmoid  −log σ(β·h)                                   DPO (Rafailov et al. 2023), the paper's
+    ipo      (h_ln − 1/(2β))², h_ln: each log-ratio / |y|  IPO (Azar et al. 2023, Eq. 17), per token as TRL's
+    robust   (−(1−ε)·log σ(β·h) + ε·log σ(−β·h)) / (1−2ε)  robust DPO (Chowdhury et al. 2024), ε = label smoothing
+    hinge    max(0, 1 − β·h)                               SLiC-HF (Zhao et al. 2023)
+
+--length-normalize divides each log-ratio by its response's token count before sigmoid, robust or
+hinge (the length-normalised DPO of Ahrabian et al. 2024, "LN-DPO"; TRL's `sigmoid_norm` for the
+sigmoid loss); IPO is per token already. The rewards reported are then β·(log-ratio / |y|). This
+is not SimPO (Meng et al. 2024), which also drops π_ref and adds a target margin γ.
 Log-probabilities are gathered at the label positions in fp32, a chunk of positions at a time,
 so no fp32 copy of the full [B, T, vocab] logits is ever made; `hidden_sequence_logps` goes one
 step further for the trainer and never makes the full logits at all: it applies the output
@@ -17,13 +31,15 @@ the backward pass instead of keeping them, and sums per sequence when rows hold 
 sequences.
 
 How this departs from the reference (torchtune's DPOLoss, LLaMA-Factory's sigmoid DPO with
-`pref_ftx`): no label smoothing, no other loss variants (IPO, hinge, ...); the NLL term is the
-per-sequence token mean of the chosen response, as LLaMA-Factory's `pref_ftx` is.
+`pref_ftx`): the NLL term is the per-sequence token mean of the chosen response, as LLaMA-Factory's
+`pref_ftx` is; the variants' values are TRL's (DPOTrainer, tests/test_dpo.py).
 """
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from lidr.settings import LOSSES
 
 # positions per chunk when upcasting logits: 256 positions × 128k vocabulary × 4 bytes = 128 MiB
 CHUNK_POSITIONS = 256
@@ -103,3 +119,67 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+             chosen_lengths, rejected_lengths):
+    """IPO per pair on per-token log-ratios: (losses, chosen_rewards, rejected_rewards), rewards detached.
+
+    loss = ((log-ratio(y_c) / |y_c| − log-ratio(y_r) / |y_r|) − 1/(2β))²; reward(y) = β·log-ratio(y).
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    per_token = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
+    losses = (per_token - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def robust_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+                    label_smoothing: float):
+    """Robust DPO per pair, ε = label_smoothing the assumed rate of flipped preferences (0 ≤ ε < 0.5).
+
+    loss = (−(1−ε)·log σ(β·h) + ε·log σ(−β·h)) / (1−2ε): unbiased for the clean loss under flipped labels;
+    ε 0 is sigmoid DPO.
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    logits = beta * (chosen_logratios - rejected_logratios)
+    losses = (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) / (
+        1 - 2 * label_smoothing)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+    """SLiC's hinge per pair: max(0, 1 − β·h); rewards β·log-ratio, detached."""
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    losses = torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def preference_loss(loss: str, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    chosen_lengths, rejected_lengths, beta: float, length_normalize: bool = False,
+                    label_smoothing: float = 0.0):
+    """The loss named `loss` (one of LOSSES) per pair: (losses, chosen_rewards, rejected_rewards), each [B].
+
+    length_normalize: every log-prob (policy and reference) is divided by its response's length
+    |y| (chosen_lengths, rejected_lengths), so each log-ratio is per token (LN-DPO); not for ipo,
+    which is per token already.
+    """
+    if length_normalize:
+        if loss == "ipo":
+            raise ValueError("--length-normalize does not apply to the ipo loss: its log-ratios are per token already")
+        chosen_lengths, rejected_lengths = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
+        policy_chosen_logps, ref_chosen_logps = policy_chosen_logps / chosen_lengths, ref_chosen_logps / chosen_lengths
+        policy_rejected_logps = policy_rejected_logps / rejected_lengths
+        ref_rejected_logps = ref_rejected_logps / rejected_lengths
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if loss == "sigmoid":
+        return dpo_loss(*logps, beta)
+    if loss == "ipo":
+        return ipo_loss(*logps, beta, chosen_lengths, rejected_lengths)
+    if loss == "robust":
+        return robust_dpo_loss(*logps, beta, label_smoothing)
+    if loss == "hinge":
+        return hinge_loss(*logps, beta)
+    raise ValueError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")

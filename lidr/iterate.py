@@ -49,7 +49,7 @@ from lidr.pairs import PairOptions, build_from_dir, read_translation_task_ids, w
 from lidr.rows import Engine
 from lidr.sdrrl import SDRRLOptions
 from lidr.settings import Decoding, Training
-from lidr.train import global_batch_size, options_argv, read_examples, train
+from lidr.train import global_batch_size, options_argv, read_examples, split_held_out, train
 from lidr.translation import translate_file
 
 ROOT = Path(__file__).resolve().parents[1]  # where generate.py, translate.py and train_dpo.py are
@@ -182,7 +182,8 @@ def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size
         options = replace(recipe.training, objective="sft") if recipe.method == "sdrrl" else recipe.training
         _, examples, counts = read_examples(Path(model), data, options)  # the rows the trainer would keep
         global_batch = global_batch_size(options, train_nproc)
-        if len(examples) < global_batch:  # M_t and its own translations agree (almost) everywhere: nothing to learn
+        n_train = len(split_held_out(examples, options.eval_split, options.seed)[0])  # less --eval-split's held out
+        if n_train < global_batch:  # M_t and its own translations agree (almost) everywhere: nothing to learn
             print(f"[{label}] train: {len(examples)} usable rows of {counts['read']} in {data} do not fill one "
                   f"global batch of {global_batch}; M_t+1 is M_t ({model})", flush=True)
             write_json_atomic(unchanged, {"rows": counts["read"], "usable_rows": len(examples),

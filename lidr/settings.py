@@ -44,6 +44,10 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 # prompts decoded together per process: a throughput setting, not the paper's (it used vLLM)
 SAMPLING_BATCH_SIZE = 16
 EVAL_BATCH_SIZE = 32
+# the preference losses of lidr/dpo.py (sigmoid: DPO, the paper's)
+LOSSES = ("sigmoid", "ipo", "robust", "hinge")
+# where the trainer mirrors its logged numbers besides OUT/log.jsonl (lidr/tracking.py)
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 def below_one(value: float) -> str | None:
@@ -236,9 +240,28 @@ class Training:
                                       "and gradient reduction stay float32 (None: bfloat16 on CUDA, float32 on CPU)",
                                 choices=("float32", "bfloat16"))
     chat_format: str | None = setting(None, "None: read from the model folder", choices=("llama3", "chatml"))
+    loss: str = setting("sigmoid", "the preference loss (lidr/dpo.py): sigmoid is DPO, the paper's; ipo, robust "
+                                   "(label-smoothed) and hinge are the common variants", choices=LOSSES)
+    length_normalize: bool = setting(False, "divide each log-ratio by its response's token count (LN-DPO; "
+                                            "sigmoid, robust, hinge; ipo is per token already)")
+    label_smoothing: float = setting(0.0, "ε of the robust loss: the assumed share of flipped preferences, below 0.5",
+                                     low=0.0, high=0.49)
+    eval_split: float = setting(0.0, "share of the prompt ids held out (every row of an id on the same side, drawn "
+                                     "with --seed) and scored before, during and after training; 0 = none",
+                                low=0.0, high=0.5)
+    eval_every: int = setting(0, "steps between scorings of the held-out pairs (besides before and after "
+                                 "training); 0 = before and after only", low=0, provenance=False)
+    report_to: str = setting("none", "mirror every logged number to TensorBoard (OUT/tensorboard) or Weights & "
+                                     "Biases (optional extras: pip install 'lidr[tensorboard]' / 'lidr[wandb]')",
+                             choices=REPORT_TO, provenance=False)
 
     def __post_init__(self):
         check_settings(self)
+        if self.label_smoothing and self.loss != "robust":
+            raise ValueError(f"Training.label_smoothing: {self.label_smoothing} is the robust loss's; the {self.loss} "
+                             f"loss has none")
+        if self.length_normalize and self.loss == "ipo":
+            raise ValueError("Training.length_normalize: the ipo loss is per token already")
 
 
 TRAINING = Training()

@@ -31,14 +31,20 @@ One run, in order:
    them in (bfloat16 by default on GPU, float32 on CPU), gradients are reduce-scattered in fp32
    (FSDP2's MixedPrecisionPolicy; nccl on GPU, gloo on CPU). A plain `python` launch makes a
    one-rank process group, so every launch runs the same code.
-3. Reference log-probs (DPO): the policy, still M_t, scores every pair once, each rank a slice;
-   the table is gathered and saved as OUT/reference_logps.pt and reused on resume. During
-   training only the policy is in memory.
-4. Training: AdamW, a linear warmup (none by default) then a linear (or cosine) fall to 0,
-   gradient clipping, gradient accumulation (LLaMA-Factory's defaults, lidr/settings.py Training).
-   loss per pair = −log σ(β·Δ) + α·(−log π(y_c|x)/|y_c|) (lidr/dpo.py), averaged over the global
-   batch (--batch-size pairs per rank per micro-batch × --grad-accum × ranks).
-   Each step appends a JSON line to OUT/log.jsonl (and prints it).
+3. Reference log-probs (DPO): the policy, still M_t, scores every pair once (the held-out ones
+   too), each rank a slice; the table is gathered and saved as OUT/reference_logps.pt and reused
+   on resume. During training only the policy is in memory.
+4. Training: AdamW (fused on CUDA), a linear warmup (none by default) then a linear (or cosine)
+   fall to 0, gradient clipping, gradient accumulation (LLaMA-Factory's defaults, lidr/settings.py
+   Training). loss per pair = −log σ(β·Δ) + α·(−log π(y_c|x)/|y_c|) (lidr/dpo.py; --loss picks a
+   variant of the first term), averaged over the global batch (--batch-size pairs per rank per
+   micro-batch × --grad-accum × ranks). The step's numbers stay on the device until one
+   all_reduce and one read per step. Each step appends a JSON line to OUT/log.jsonl (mirrored to
+   TensorBoard or wandb with --report-to); the console shows one progress bar (plain lines every
+   30 s or 10% when it is not a terminal, lidr/progress.py). --eval-split F holds out a share F of
+   the prompt ids (every row of an id, drawn with --seed) and scores them before training, every
+   --eval-every steps and at the end: loss, reward accuracy and margin, overall and per "lang",
+   as "eval/..." lines in OUT/log.jsonl, on the console and in the curves.
 5. Every --save-every steps before the last: OUT/checkpoint (sharded model and optimizer state
    through torch.distributed.checkpoint, scheduler, step, per-rank RNG) built in
    OUT/checkpoint.tmp and renamed into place, so a crash leaves the previous checkpoint whole.
@@ -68,6 +74,7 @@ How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -93,11 +100,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lidr.checkpoint import check, default_dtype, folder_identity, load_model, read_config, save
 from lidr.cli import add_flags, flags_argv, from_flags
-from lidr.dpo import dpo_loss, hidden_sequence_logps
+from lidr.dpo import hidden_sequence_logps, preference_loss
 from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
 from lidr.model import Documents, Llama, rope_inv_freq
+from lidr.progress import Progress
 from lidr.settings import TRAINING, Training, derived_seed, provenance
 from lidr.tokenizer import Tokenizer, chat_messages
+from lidr.tracking import Tracker
 
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
 # dense bf16 peak of the GPUs MFU is reported for (matched against torch.cuda.get_device_name)
@@ -113,6 +122,8 @@ class Example:
     line: int  # line of the row in the data file
     prompt: list[int]
     responses: list[list[int]]  # [chosen, rejected] for DPO, [response] for SFT
+    group: str = ""  # the row's prompt "id" (every pair of one prompt shares it), else its line
+    lang: str | None = None  # the row's "lang", for the held-out scores per language
 
 
 def load_examples(path, tokenizer: Tokenizer, objective: str, max_len: int):
@@ -141,9 +152,23 @@ def load_examples(path, tokenizer: Tokenizer, objective: str, max_len: int):
         if len(prompt) > room:
             prompt = prompt[-room:]
             counts["prompt truncated"] += 1
-        examples.append(Example(line, prompt, responses))
+        row_id, lang = row.get("id"), row.get("lang")
+        group = str(row_id) if isinstance(row_id, (str, int)) else f"line {line}"
+        examples.append(Example(line, prompt, responses, group, lang if isinstance(lang, str) else None))
     counts["kept"] = len(examples)
     return examples, counts
+
+
+def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices) of `examples`: round(fraction × prompt ids) ids (at least one
+    when fraction > 0) drawn with `seed` are held out with every pair they have (both directions, every
+    language), so no held-out prompt is trained on. Both lists keep the file's order."""
+    groups = sorted({ex.group for ex in examples})
+    n_held_out = max(1, round(fraction * len(groups))) if fraction > 0 else 0
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = {groups[i] for i in order[:n_held_out]}
+    train = [i for i, ex in enumerate(examples) if ex.group not in held_out]
+    return train, [i for i, ex in enumerate(examples) if ex.group in held_out]
 
 
 @dataclass
@@ -215,8 +240,17 @@ def pack(examples: list[Example], pad_id: int, row_len: int, device, dense_mask:
         attention_mask = ((segments[:, :, None] == segments[:, None, :]) & causal).to(device)  # the diagonal is always in
     else:
         attention_mask = Documents(tuple(tuple(sum(map(len, seqs[i])) for i in members) for members in rows))
-    tokens, positions, labels, sequence_ids = (t.to(device) for t in (tokens, positions, labels, sequence_ids))
+    tokens, positions, labels, sequence_ids = (to_device(t, device)
+                                               for t in (tokens, positions, labels, sequence_ids))
     return Packed(tokens, positions, attention_mask, labels, sequence_ids, len(seqs))
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """tensor on `device`; to CUDA through pinned memory without blocking, so the host does not wait for the
+    work already queued (a pageable copy would: a host sync per micro-batch)."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
@@ -310,12 +344,15 @@ def reference_logps(model, examples: list[Example], pad_id: int, options: Traini
     mine = list(range(rank, len(examples), world))
     n_batches = math.ceil(math.ceil(len(examples) / world) / options.batch_size)  # equal on every rank
     table = torch.zeros(len(examples), 2)
+    progress = Progress(n_batches, "reference log-probs", enabled=rank == 0)
     model.eval()
     with torch.no_grad():
         for b in range(n_batches):
             idx = mine[b * options.batch_size : (b + 1) * options.batch_size] or mine[-1:]  # keep collectives in step
             logps, _ = forward_logps(model, pack([examples[i] for i in idx], pad_id, options.max_len, device))
             table[idx] = logps.view(2, len(idx)).T.cpu()
+            progress.update(1)
+    progress.close()
     model.reshard()  # the root stays unsharded after a forward with no backward
     model.train()
     table = table.to(device)
@@ -411,17 +448,82 @@ def step_losses(model, batch: list[Example], reference: torch.Tensor | None, opt
         nll = -logps / n_tokens  # −log π(y|x) / |y|, per sequence
         return nll, {"nll": nll.detach()}, real_tokens
     policy_chosen, policy_rejected = logps.split(len(batch))  # pack's order: every chosen, then every rejected
-    chosen_lengths, _ = n_tokens.split(len(batch))
+    chosen_lengths, rejected_lengths = n_tokens.split(len(batch))
     nll = -policy_chosen / chosen_lengths  # −log π(y_c|x) / |y_c|, per sequence
-    ref_chosen, ref_rejected = reference.to(device).unbind(1)
-    dpo, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                     options.beta)
+    ref_chosen, ref_rejected = to_device(reference, device).unbind(1)
+    # "dpo": the preference term, --loss (sigmoid DPO by default, the paper's)
+    dpo, chosen_rewards, rejected_rewards = preference_loss(
+        options.loss, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+        options.beta, options.length_normalize, options.label_smoothing)
     metrics = {
         "dpo": dpo.detach(), "nll": nll.detach(), "chosen_reward": chosen_rewards,
         "rejected_reward": rejected_rewards, "margin": chosen_rewards - rejected_rewards,
         "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
     }
     return dpo + options.alpha * nll, metrics, real_tokens
+
+
+def evaluate(model, examples: list[Example], reference: torch.Tensor | None, options: Training, pad_id: int,
+             ranks: Ranks) -> dict:
+    """The held-out rows scored by the policy as it is now (DPO: against their reference log-probs [N, 2]).
+
+    {"eval/loss", "eval/dpo", "eval/nll", "eval/reward_accuracy", "eval/margin", "eval/pairs"} over every
+    pair (loss = dpo + α·nll; SFT: loss = nll, no rewards), and the same per language as "eval/{lang}/..."
+    (the rows' "lang"). Each rank scores a slice in micro-batches of --batch-size; the sums are
+    all-reduced and read once.
+    """
+    rank, world, device = ranks
+    columns = ("dpo", "nll", "reward_accuracy", "margin") if options.objective == "dpo" else ("nll",)
+    langs = sorted({ex.lang for ex in examples if ex.lang is not None})
+    sums = torch.zeros(1 + len(langs), len(columns) + 1, dtype=torch.float64, device=device)  # row 0: all
+    mine = list(range(rank, len(examples), world))
+    n_batches = math.ceil(math.ceil(len(examples) / world) / options.batch_size)  # equal on every rank
+    model.eval()
+    with torch.no_grad():
+        for b in range(n_batches):
+            idx = mine[b * options.batch_size : (b + 1) * options.batch_size]
+            scored = idx or [0]  # a rank with nothing left still runs the forward (collectives in step), uncounted
+            _, metrics, _ = step_losses(model, [examples[i] for i in scored],
+                                        None if reference is None else reference[scored], options, pad_id, device)
+            if not idx:
+                continue
+            values = torch.stack([metrics[k].double() for k in columns]
+                                 + [torch.ones(len(idx), dtype=torch.float64, device=device)], dim=1)
+            sums[0] += values.sum(0)
+            in_lang = [(j, 1 + langs.index(examples[i].lang)) for j, i in enumerate(idx) if examples[i].lang]
+            if in_lang:
+                js, targets = zip(*in_lang)
+                sums.index_add_(0, to_device(torch.tensor(targets), device), values[list(js)])
+    model.reshard()  # the root stays unsharded after a forward with no backward
+    model.train()
+    dist.all_reduce(sums)
+    record = {}
+    for name, row in zip(["eval"] + [f"eval/{lang}" for lang in langs], sums.tolist()):
+        pairs = row[-1]
+        means = {k: v / pairs for k, v in zip(columns, row)}
+        if name == "eval":
+            record["eval/loss"] = means["dpo"] + options.alpha * means["nll"] if "dpo" in means else means["nll"]
+        record.update({f"{name}/{k}": v for k, v in means.items()})
+        record[f"{name}/pairs"] = int(pairs)
+    return record
+
+
+def eval_summary(step: int, record: dict) -> str:
+    """One console line for an evaluation record: the overall scores, then accuracy and margin per language."""
+    if "eval/dpo" not in record:
+        return f"held-out rows at step {step}: nll {record['eval/nll']:.4f} ({record['eval/pairs']} rows)"
+    langs = [k.split("/")[1] for k in record if k.count("/") == 2 and k.endswith("/pairs")]
+    per_lang = ", ".join(f"{lang} {record[f'eval/{lang}/reward_accuracy']:.2f}/{record[f'eval/{lang}/margin']:+.3f}"
+                         for lang in langs)
+    return (f"held-out pairs at step {step}: loss {record['eval/loss']:.4f}, dpo {record['eval/dpo']:.4f}, reward "
+            f"accuracy {record['eval/reward_accuracy']:.3f}, margin {record['eval/margin']:+.4f} "
+            f"({record['eval/pairs']} pairs)" + (f"; accuracy/margin per language: {per_lang}" if langs else ""))
+
+
+def fused_adamw(device: torch.device) -> bool | None:
+    """True on CUDA where this torch's AdamW takes `fused` (one kernel updates every parameter), else None
+    (torch's default: the foreach implementation)."""
+    return True if device.type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters else None
 
 
 def flops_per_token(model: Llama, seq_len: int) -> float:
@@ -436,15 +538,28 @@ def plot_curves(log_path: Path, png_path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    train_rows = [r for r in records if "loss" in r]
+    eval_rows = [r for r in records if "eval/loss" in r]
     panels = [("loss", ["loss", "dpo", "nll"]), ("rewards", ["chosen_reward", "rejected_reward", "margin"]),
               ("reward accuracy", ["reward_accuracy"]), ("grad norm", ["grad_norm"]), ("learning rate", ["lr"])]
-    panels = [(title, [k for k in keys if k in rows[0]]) for title, keys in panels]
-    panels = [(title, keys) for title, keys in panels if keys]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels):
+    panels = [(title, train_rows, keys) for title, keys in panels]
+    if eval_rows:  # the held-out pairs: overall, and accuracy and margin per language
+        langs = [k.split("/")[1] for k in eval_rows[0] if k.count("/") == 2 and k.endswith("/pairs")]
+        panels += [("held-out loss", eval_rows, ["eval/loss", "eval/dpo", "eval/nll"]),
+                   ("held-out reward accuracy", eval_rows,
+                    ["eval/reward_accuracy"] + [f"eval/{lang}/reward_accuracy" for lang in langs]),
+                   ("held-out margin", eval_rows, ["eval/margin"] + [f"eval/{lang}/margin" for lang in langs])]
+    panels = [(title, rows, [k for k in keys if k in rows[0]]) for title, rows, keys in panels]
+    panels = [(title, rows, keys) for title, rows, keys in panels if keys]
+    n_cols = min(5, len(panels))
+    n_rows = math.ceil(len(panels) / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3.2 * n_rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, rows, keys) in zip(axes.flat, panels):
         for k in keys:
-            ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
+            ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k, marker="." if rows is eval_rows else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         if len(keys) > 1:
@@ -494,8 +609,10 @@ def read_inputs(model_dir: Path, data: Path, options: Training, world: int):
     model_identity = folder_identity(model_dir)  # a missing folder or config.json: one sentence
     tokenizer, examples, counts = read_examples(model_dir, data, options)
     global_batch = global_batch_size(options, world)
-    if len(examples) < global_batch:
-        raise SystemExit(f"{data}: {len(examples)} usable rows of {counts['read']} ({format_counts(counts)}) "
+    n_train = len(split_held_out(examples, options.eval_split, options.seed)[0])
+    if n_train < global_batch:
+        held_out = f", {len(examples) - n_train} of them held out," if n_train < len(examples) else ""
+        raise SystemExit(f"{data}: {len(examples)} usable rows of {counts['read']} ({format_counts(counts)}){held_out} "
                          f"do not fill one global batch of {global_batch}")
     identity = {**provenance(options), "model": model_identity, "data": file_identity(data)}
     return tokenizer, examples, counts, identity
@@ -508,8 +625,6 @@ def format_counts(counts: Counter) -> str:
 
 def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks):
     """The run in order (the module docstring's steps 1-6), on one rank of the group."""
-    from tqdm import tqdm
-
     rank, world, device = ranks
     torch.manual_seed(options.seed)
     tokenizer, examples, counts, identity = read_inputs(model_dir, data, options, world)
@@ -520,7 +635,8 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
             raise SystemExit(f"{out} holds a run made from other inputs or settings ({'; '.join(changes)}); "
                              f"rerun the same command or use a fresh --out")
     global_batch = global_batch_size(options, world)
-    total_steps = len(examples) // global_batch * options.epochs
+    train_indices, held_out_indices = split_held_out(examples, options.eval_split, options.seed)
+    total_steps = len(train_indices) // global_batch * options.epochs
     dist.barrier()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -544,12 +660,21 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
     model = build_model(model_dir, device, compute_dtype, options.activation_checkpointing)
     fingerprint = {k: identity[k] for k in ("model", "data", "max_len", "dtype")}
     reference = None
-    if options.objective == "dpo":
+    if options.objective == "dpo":  # every usable pair, held-out ones included, in one pass
         reference = saved_reference_logps(out / "reference_logps.pt", fingerprint, rank=rank, compute=lambda: (
             reference_logps(model, examples, tokenizer.pad_id, options, ranks)))
+    held_out = [examples[i] for i in held_out_indices]
+    held_out_reference = None if reference is None else reference[held_out_indices]
+    examples = [examples[i] for i in train_indices]
+    reference = None if reference is None else reference[train_indices]
+    if rank == 0 and held_out:
+        every = f"every {options.eval_every} steps, " if options.eval_every else ""
+        print(f"{len(held_out)} pairs of {len({ex.group for ex in held_out})} prompt ids held out (--eval-split "
+              f"{options.eval_split}), scored before training, {every}and at the end")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay,
-                                  betas=(options.adam_beta1, options.adam_beta2), eps=options.adam_eps)
+                                  betas=(options.adam_beta1, options.adam_beta2), eps=options.adam_eps,
+                                  fused=fused_adamw(device))
     warmup_steps = round(options.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, options.lr_scheduler))
@@ -564,60 +689,56 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
         lines = log_path.read_text().splitlines() if log_path.exists() else []
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start]
         log_path.write_text("".join(line + "\n" for line in kept))
+    tracker = Tracker(options.report_to, out, provenance(options), first_step=start + 1) if rank == 0 else None
+    progress = Progress(total_steps, "train", initial=start, enabled=rank == 0)
 
+    def log(record: dict):  # rank 0: one line of OUT/log.jsonl, mirrored to the tracker
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            tracker.log({k: v for k, v in record.items() if k != "step"}, record["step"])
+
+    def score_held_out(step: int):
+        record = evaluate(model, held_out, held_out_reference, options, tokenizer.pad_id, ranks)
+        log({"step": step, **record})
+        progress.write(eval_summary(step, record))
+
+    if held_out and start == 0:
+        score_held_out(0)
     peak_flops = None
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     model.train()
     for step in range(start, total_steps):
         t0 = time.perf_counter()
-        sums = Counter()
-        n_real_tokens = 0
-        for micro in range(options.grad_accum):
-            idx = micro_batch(step, micro, len(examples), options, rank, world)
-            reference_rows = None if reference is None else reference[idx]
-            losses, metrics, n_tokens = step_losses(model, [examples[i] for i in idx], reference_rows, options,
-                                                    tokenizer.pad_id, device)
-            (losses.sum() / (options.batch_size * options.grad_accum)).backward()  # FSDP averages over ranks
-            sums["loss"] += float(losses.detach().sum())
-            for k, v in metrics.items():
-                sums[k] += float(v.sum())
-            n_real_tokens += n_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        keys = sorted(sums)
-        totals = torch.tensor([sums[k] for k in keys] + [n_real_tokens], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        record = {k: float(v) / global_batch for k, v in zip(keys, totals[:-1].tolist())}
-        if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+        record = train_step(model, scheduler, examples, reference, step, options, tokenizer.pad_id, ranks)
+        if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
             raise SystemExit(
-                f"step {step + 1}: loss {record['loss']} / grad norm {grad_norm} is not finite; stopped before "
-                f"the optimizer step. The last good checkpoint ({latest_checkpoint(out)}) is untouched."
+                f"step {step + 1}: loss {record['loss']} / grad norm {record['grad_norm']} is not finite; stopped "
+                f"before the optimizer step. The last good checkpoint ({latest_checkpoint(out)}) is untouched."
             )
-        lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        record = {"step": step + 1, **record, "grad_norm": grad_norm, "lr": lr,
-                  "tokens_per_s": float(totals[-1]) / seconds, "seconds": seconds}
+        n_tokens = record.pop("tokens")
+        record = {"step": step + 1, **record, "tokens_per_s": n_tokens / seconds, "seconds": seconds}
         if peak_flops is not None:
-            seq_len = float(totals[-1]) / (2 * global_batch if options.objective == "dpo" else global_batch)
-            record["mfu"] = flops_per_token(model, seq_len) * float(totals[-1]) / seconds / (peak_flops * world)
-        if rank == 0:
-            line = json.dumps(record)
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
-            bar.write(line)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            seq_len = n_tokens / (2 * global_batch if options.objective == "dpo" else global_batch)
+            record["mfu"] = flops_per_token(model, seq_len) * n_tokens / seconds / (peak_flops * world)
+        log(record)
+        progress.update(1, loss=record["loss"], **{name: record[k] for name, k in
+                                                   (("acc", "reward_accuracy"), ("margin", "margin")) if k in record})
+        if held_out and ((options.eval_every and (step + 1) % options.eval_every == 0) or step + 1 == total_steps):
+            score_held_out(step + 1)
         if (step + 1) % options.save_every == 0 and step + 1 < total_steps:  # the end is saved by the export
             save_checkpoint(model, optimizer, scheduler, step + 1, out, rank)
-    bar.close()
+    progress.close()
+    if tracker is not None:
+        tracker.close()
 
     del optimizer, scheduler  # free AdamW's state (twice the weights) before gathering the full weights
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -626,6 +747,39 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
         save(out / "model", model.cfg, {k: v.to(compute_dtype) for k, v in full.items()}, tokenizer_from=model_dir)
         print(f"wrote {out / 'model'} and {out / 'curves.png'}")
     dist.barrier()
+
+
+def train_step(model, scheduler, examples: list[Example], reference: torch.Tensor | None, step: int,
+               options: Training, pad_id: int, ranks: Ranks) -> dict:
+    """Forward and backward over one global batch (gradients accumulated, clipped), without the optimizer step.
+
+    The metric sums stay on the device across micro-batches and the inputs reach it without blocking
+    (`to_device`), so nothing waits for the device until the one all_reduce and the one read at the end.
+    Returns {"loss", "dpo", "nll", ... averaged over the global batch, "grad_norm", "lr", "tokens" (real
+    tokens over every rank)}.
+    """
+    rank, world, device = ranks
+    sums = {}
+    n_real_tokens = 0
+    for micro in range(options.grad_accum):
+        idx = micro_batch(step, micro, len(examples), options, rank, world)
+        reference_rows = None if reference is None else reference[idx]
+        losses, metrics, n_tokens = step_losses(model, [examples[i] for i in idx], reference_rows, options, pad_id,
+                                                device)
+        (losses.sum() / (options.batch_size * options.grad_accum)).backward()  # FSDP averages over ranks
+        for k, v in {"loss": losses.detach(), **metrics}.items():
+            sums[k] = sums.get(k, 0) + v.double().sum()
+        n_real_tokens += n_tokens
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # the same on every rank
+    keys = sorted(sums)
+    totals = torch.stack([sums[k] for k in keys] + [torch.zeros((), dtype=torch.float64, device=device)])
+    totals[-1] += n_real_tokens  # a scalar argument of a kernel, not a copy from the host
+    dist.all_reduce(totals)
+    values = torch.cat([totals, grad_norm.detach().double().reshape(1)]).tolist()  # the step's one host sync
+    global_batch = global_batch_size(options, world)
+    record = {k: v / global_batch for k, v in zip(keys, values)}
+    return {**record, "grad_norm": values[-1], "lr": scheduler.get_last_lr()[0], "tokens": values[-2]}
 
 
 # -----------------------------------------------------------------------------

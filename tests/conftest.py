@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny random HF checkpoints (written by transformers, the oracle) and the demo model."""
+"""Shared fixtures and helpers: tiny random HF checkpoints (written by transformers, the oracle), the demo
+model, JSONL files, the trainer's reference run and the subprocess helpers. No test module imports another."""
 
 import importlib.util
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,3 +81,99 @@ def demo_dir() -> Path:
     from lidr.demo_model import DEFAULT_DIR, ensure
 
     return ensure(ROOT / DEFAULT_DIR)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """rows as JSON lines (a str is written as it is: a broken line on purpose); parent folders made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
+    return path
+
+
+def small_iteration(folder):
+    """en answers keyed by int ids, fr keyed by the same ids as strings; fr answer 3 is only spaces."""
+    write_jsonl(folder / "generate" / "en.jsonl", [{"id": i, "instruction": f"Q{i}", "response": f"A{i}"}
+                                                   for i in (1, 2, 3)])
+    write_jsonl(folder / "generate" / "fr.jsonl", [{"id": str(i), "instruction": f"Q{i} fr",
+                                                    "response": "   " if i == 3 else f"R{i}"} for i in (1, 2, 3)])
+    write_jsonl(folder / "translate" / "en-fr.jsonl", [{"id": i, "translation": f"A{i} fr", "translation_error": None}
+                                                       for i in (1, 2, 3)])
+    write_jsonl(folder / "translate" / "fr-en.jsonl", [
+        {"id": "1", "translation": "R1 en", "translation_error": None},
+        {"id": "2", "translation": " \n ", "translation_error": None}])  # whitespace: a failed translation
+    return folder
+
+
+def tensorboard_scalars(folder) -> dict:
+    """{tag: [(step, value), ...]} read back by TensorBoard's own EventAccumulator."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="pip install 'lidr[tensorboard]'")
+    events = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def kill_at_progress(cmd: list[str], done: int, total: int):
+    """Run cmd and SIGKILL it once its progress bar reads at least done/total (fails if it ends first)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = b""
+    while not any(int(n) >= done for n in re.findall(rb"(\d+)/%d" % total, progress)):
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, f"{cmd[1]} ended before it was killed: {progress.decode(errors='replace')}"
+        progress += chunk
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
+def run_subprocess(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run(args, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# the trainer's runs (tests/test_train*.py, tests/test_attention.py)
+
+STEPS = 5  # 20 pairs, global batch 4
+
+
+def pairs(n: int) -> list[dict]:
+    return [
+        {"id": f"p{i}", "prompt": f"Question {i}: what is {i} plus {i * 3}?" + " Please explain." * (i % 4),
+         "chosen": f"{i} plus {i * 3} is {i * 4}." + " Done." * (i % 3), "rejected": f"It is {i * 4 + 1}, I believe."}
+        for i in range(n)
+    ]
+
+
+def train_args(model, data, out, *extra):
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--lr", "1e-3", "--warmup-ratio", "0.2",
+            "--max-len", "96", *extra]
+
+
+def weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "model" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """STEPS global batches of 4 pairs, and two bad rows."""
+    bad = ["{not json", {"prompt": "p", "chosen": "same", "rejected": "same"}]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", [*pairs(4 * STEPS), *bad])
+
+
+@pytest.fixture(scope="session")
+def one_process(tiny_dir, data, tmp_path_factory) -> Path:
+    """The reference run: one plain process, 2 pairs per micro-batch, 2 accumulated (global batch 4)."""
+    from lidr.train import main
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    main(train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2"))
+    return out

@@ -7,8 +7,9 @@ packs into rows of different fill, so the last row carries padding. End to end, 
 attending sequence by sequence (the CUDA default) ends with the weights of the dense-mask run.
 """
 
+import pytest
 import torch
-from test_train import assert_same_weights, data, one_process, train_args, weights  # noqa: F401 (fixtures)
+from conftest import assert_same_weights, train_args, weights
 
 import lidr.train
 from lidr.checkpoint import load_model
@@ -77,7 +78,8 @@ def test_a_row_of_one_sequence_is_plain_causal_attention(tiny_dir):
         torch.testing.assert_close(model(tokens, positions, Documents(((17,), (17,)))), model(tokens), rtol=0, atol=1e-5)
 
 
-def test_training_sequence_by_sequence_gives_the_weights_of_the_dense_mask(one_process, tiny_dir, data, tmp_path,  # noqa: F811
+@pytest.mark.slow  # two whole training runs
+def test_training_sequence_by_sequence_gives_the_weights_of_the_dense_mask(one_process, tiny_dir, data, tmp_path,
                                                                            monkeypatch, capsys):
     monkeypatch.setattr(lidr.train, "dense_mask_default", lambda device: False)
     out = tmp_path / "documents"

@@ -1,13 +1,16 @@
-"""The DPO loss and the log-probabilities it reads, against closed-form values and plain log_softmax."""
+"""The DPO loss, its variants and the log-probabilities it reads, against closed-form values, TRL's
+DPOTrainer loss and plain log_softmax."""
 
 import math
+from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lidr.checkpoint import load
-from lidr.dpo import CHUNK_POSITIONS, dpo_loss, hidden_sequence_logps, sequence_logps
+from lidr.dpo import CHUNK_POSITIONS, dpo_loss, hidden_sequence_logps, preference_loss, sequence_logps
 from lidr.train import Example, forward_logps, pack
 
 
@@ -33,6 +36,86 @@ def test_dpo_loss_is_ln2_when_policy_equals_reference():
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, chosen.clone(), rejected.clone(), beta=0.1)
     torch.testing.assert_close(losses, torch.full((8,), math.log(2)))
     assert chosen_rewards.abs().max() == 0 and rejected_rewards.abs().max() == 0
+
+
+def trl_loss(loss_type: str, logps: torch.Tensor, lengths: torch.Tensor, beta: float, label_smoothing=0.0):
+    """TRL's DPOTrainer loss (its own `_compute_loss`) for one pair: logps and lengths are (policy chosen,
+    policy rejected, ref chosen, ref rejected) and (|y_c|, |y_r|). The model TRL calls is a stand-in that
+    returns per-token log-probs summing to the given ones over a completion mask of the given lengths,
+    and the trainer is the least object `_compute_loss` reads, so no model, data or accelerator is built."""
+    trl = pytest.importorskip("trl", reason="TRL is the bench peer: pip install 'lidr[bench]'")
+    width = int(lengths.max()) + 1
+    completion_mask = torch.zeros(2, width, dtype=torch.long)
+    log_probs = torch.zeros(2, width - 1, dtype=torch.float64)
+    for i in range(2):
+        completion_mask[i, 1 : 1 + lengths[i]] = 1
+        log_probs[i, : lengths[i]] = logps[i] / lengths[i]
+    zeros = torch.zeros(2, width - 1)
+    outputs = SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+    accelerator = SimpleNamespace(device="cpu", gather=lambda t: t, gather_for_metrics=lambda t: t)
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+        beta=beta, label_smoothing=label_smoothing, use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.zeros(2, width, dtype=torch.long), "attention_mask": torch.ones(2, width),
+              "completion_mask": completion_mask, "ref_chosen_logps": logps[2:3], "ref_rejected_logps": logps[3:4]}
+    return trl.DPOTrainer._compute_loss(trainer, lambda **kwargs: outputs, inputs, return_outputs=False).item()
+
+
+VARIANTS = [  # (lidr's --loss, --length-normalize, --label-smoothing, TRL's loss_type)
+    ("sigmoid", False, 0.0, "sigmoid"), ("ipo", False, 0.0, "ipo"), ("robust", False, 0.2, "robust"),
+    ("robust", False, 0.0, "sigmoid"), ("hinge", False, 0.0, "hinge"), ("sigmoid", True, 0.0, "sigmoid_norm"),
+]
+
+
+@pytest.mark.parametrize("loss, length_normalize, label_smoothing, trl_type", VARIANTS,
+                         ids=[f"{v[0]}{'-ln' if v[1] else ''}-eps{v[2]}" for v in VARIANTS])
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_each_loss_equals_trls_value(loss, length_normalize, label_smoothing, trl_type, beta):
+    torch.manual_seed(0)
+    n = 6
+    logps = -torch.rand(4, n, dtype=torch.float64) * 60  # policy chosen, policy rejected, ref chosen, ref rejected
+    logps[:2] = logps[2:] + torch.randn(2, n, dtype=torch.float64) * 3  # a policy near its reference
+    lengths = torch.randint(1, 40, (2, n))
+    losses, chosen_rewards, rejected_rewards = preference_loss(loss, *logps, *lengths, beta=beta,
+                                                               length_normalize=length_normalize,
+                                                               label_smoothing=label_smoothing)
+    for i in range(n):
+        assert losses[i].item() == pytest.approx(trl_loss(trl_type, logps[:, i], lengths[:, i], beta, label_smoothing),
+                                                 rel=1e-9, abs=1e-12), i
+    scale = lengths if length_normalize else torch.ones_like(lengths)
+    torch.testing.assert_close(chosen_rewards, beta * (logps[0] - logps[2]) / scale[0])
+    torch.testing.assert_close(rejected_rewards, beta * (logps[1] - logps[3]) / scale[1])
+
+
+@pytest.mark.parametrize("loss, label_smoothing", [("hinge", 0.0), ("robust", 0.3)])
+def test_length_normalized_variants_are_trls_loss_of_the_per_token_logps(loss, label_smoothing):
+    """TRL normalises only sigmoid (sigmoid_norm); hinge and robust with --length-normalize are TRL's
+    loss of the log-probs divided by their lengths (one-token completions carrying the per-token value)."""
+    torch.manual_seed(1)
+    logps, lengths = -torch.rand(4, 5, dtype=torch.float64) * 40, torch.randint(1, 30, (2, 5))
+    losses, _, _ = preference_loss(loss, *logps, *lengths, beta=0.5, length_normalize=True,
+                                   label_smoothing=label_smoothing)
+    per_token = logps / torch.cat([lengths, lengths])
+    for i in range(5):
+        want = trl_loss(loss, per_token[:, i], torch.ones(2, dtype=torch.long), 0.5, label_smoothing)
+        assert losses[i].item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_the_variants_at_policy_equal_reference_and_their_gradient_signs():
+    """Closed forms at h = 0: sigmoid and robust ln 2, hinge 1, ipo 1/(4β²); each pushes log π(y_c) up."""
+    beta = 0.25
+    for loss, want in [("sigmoid", math.log(2)), ("robust", math.log(2)), ("hinge", 1.0), ("ipo", 1 / (4 * beta**2))]:
+        chosen = torch.tensor([-12.0], requires_grad=True)
+        losses, _, _ = preference_loss(loss, chosen, torch.tensor([-9.0]), torch.tensor([-12.0]), torch.tensor([-9.0]),
+                                       torch.tensor([4]), torch.tensor([3]), beta=beta,
+                                       label_smoothing=0.1 if loss == "robust" else 0.0)
+        assert losses.item() == pytest.approx(want, rel=1e-6), loss
+        losses.sum().backward()
+        assert chosen.grad.item() < 0, loss
+    with pytest.raises(ValueError, match="ipo loss"):
+        preference_loss("ipo", *torch.zeros(4, 1), *torch.ones(2, 1), beta=0.1, length_normalize=True)
 
 
 def _reference_logps(logits, labels, mask):

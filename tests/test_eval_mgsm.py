@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, shared_data
-from test_generate import kill_at_progress
+from conftest import ROOT, kill_at_progress, shared_data
 
 import lidr.sampler
 from eval import mgsm

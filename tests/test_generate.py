@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_at_progress, write_jsonl
 
 from lidr.checkpoint import load
 from lidr.settings import SYSTEM_PROMPT
@@ -50,26 +50,8 @@ def hf_reply(hf_model, tokenizer, text, max_new_tokens, repetition_penalty=1.1):
     return tokenizer.decode(out)
 
 
-def write_jsonl(path, rows_or_lines):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows_or_lines))
-    return path
-
-
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def kill_at_progress(cmd: list[str], done: int, total: int):
-    """Run cmd and SIGKILL it once its progress bar reads at least done/total (fails if it ends first)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    progress = b""
-    while not any(int(n) >= done for n in re.findall(rb"(\d+)/%d" % total, progress)):
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        assert chunk, f"{cmd[1]} ended before it was killed: {progress.decode(errors='replace')}"
-        progress += chunk
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
 
 
 def test_prompt_mode_prints_the_reply(tiny_dir, tiny, tiny_hf, capsys):

@@ -1,6 +1,8 @@
 """The installed package: a wheel holds lidr/, eval/ and the judge's protocol files, and `eval` imports
-and runs from any folder after `pip install .` or `pip install -e .` (a fresh virtual environment
-over this interpreter's packages, from a copy of the sources, nothing fetched)."""
+and runs from any folder after `pip install .` or `pip install -e .`, from a copy of the sources, nothing
+fetched. Everything is built with the running environment's own tools (its pip and setuptools: the dev
+extra), and the nested virtual environment sees the running environment's packages (its site-packages
+folders, listed in a .pth file), whether the tests run in a virtual environment or in a base interpreter."""
 
 import json
 import os
@@ -12,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # every test here builds or installs the package
@@ -20,7 +23,7 @@ PROTOCOL_FILES = ["LICENSE", "README.md", "alpaca_eval_clf.txt", "configs.yaml"]
 
 PROBE = """
 import contextlib, io, json
-import eval.alpacaeval, eval.judge, eval.mgsm, lidr
+import eval.alpacaeval, eval.judge, eval.mgsm, lidr, torch
 
 def usage(main, argv):  # what `python -m eval.<module> ARGV` prints
     out = io.StringIO()
@@ -28,7 +31,8 @@ def usage(main, argv):  # what `python -m eval.<module> ARGV` prints
         main(argv)
     return out.getvalue()
 
-print(json.dumps({"eval": eval.mgsm.__file__, "lidr": lidr.__file__, "prompt": str(eval.judge.TEMPLATE_PATH),
+print(json.dumps({"eval": eval.mgsm.__file__, "lidr": lidr.__file__, "torch": torch.__file__,
+                  "prompt": str(eval.judge.TEMPLATE_PATH),
                   "messages": eval.judge.judge_messages("Q?", "a", "b"),
                   "help": [usage(eval.mgsm.main, ["--help"]), usage(eval.alpacaeval.main, ["judge", "--help"])]}))
 """
@@ -44,8 +48,27 @@ def source_copy(folder: Path) -> Path:
 
 
 def pip(*args, cwd):
-    subprocess.run([sys.executable, "-m", "pip", *args, "--no-deps", "--no-index", "--no-build-isolation",
-                    "--disable-pip-version-check", "-q"], cwd=cwd, check=True, capture_output=True)
+    """This environment's pip, offline; --no-build-isolation: the build uses this environment's setuptools."""
+    proc = subprocess.run([sys.executable, "-m", "pip", *args, "--no-deps", "--no-index", "--no-build-isolation",
+                           "--disable-pip-version-check", "-q"], cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def nested_environment(env_dir: Path) -> Path:
+    """A fresh virtual environment made by this interpreter's venv module that sees this environment's packages.
+
+    venv's system_site_packages would show the base interpreter's packages, not a virtual environment's;
+    instead the site-packages folders on this interpreter's path go into a .pth file (plain paths, so
+    the .pth files there, such as an editable install of this checkout, stay inactive). The nested
+    environment's own site-packages comes first, so what is installed there wins.
+    """
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    Path(site_dir, "_running_environment.pth").write_text("".join(p + "\n" for p in ours))
+    return python
 
 
 def run_elsewhere(python: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -72,8 +95,7 @@ def test_eval_imports_and_runs_from_another_folder(tmp_path, editable):
     (tmp_path / "src").mkdir()
     source = source_copy(tmp_path / "src")
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
-    python = env_dir / "bin" / "python"
+    python = nested_environment(env_dir)
     pip("--python", str(python), "install", *(["-e"] if editable else []), str(source), cwd=tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -82,6 +104,7 @@ def test_eval_imports_and_runs_from_another_folder(tmp_path, editable):
     assert probe.returncode == 0, probe.stderr
     found = json.loads(probe.stdout)
     home = source if editable else env_dir
+    assert found["torch"] == torch.__file__  # the running environment's packages, a virtual environment's included
     for key in ("eval", "lidr", "prompt"):
         assert Path(found[key]).resolve().is_relative_to(home.resolve()), (key, found[key])
     assert Path(found["prompt"]).read_bytes() == (ROOT / "eval" / "weighted_alpaca_eval_gpt4_turbo_multilingual"

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import shared_data
+from conftest import shared_data, small_iteration, write_jsonl
 
 from lidr.pairs import PairOptions, arithmetic, build_from_dir, build_pairs, read_translation_task_ids
 from lidr.translation import CLOSING_TAG, PREFILL, parse_translation, translation_prompt
@@ -37,11 +37,6 @@ def test_prompt_is_the_papers_template():
         "and </translated>."
     )
     assert PREFILL == "<translated>\n"
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def test_pairs_from_real_english_answers_and_french_self_translations(real, tmp_path):
@@ -195,20 +190,6 @@ def test_same_answer_filter_drops_pairs_that_end_in_the_same_number():
 
 # -----------------------------------------------------------------------------
 # the command on a small iteration folder: ids as text, empty answers, files it did not write
-
-
-def small_iteration(folder):
-    """en answers keyed by int ids, fr keyed by the same ids as strings; fr answer 3 is only spaces."""
-    write_jsonl(folder / "generate" / "en.jsonl", [{"id": i, "instruction": f"Q{i}", "response": f"A{i}"}
-                                                   for i in (1, 2, 3)])
-    write_jsonl(folder / "generate" / "fr.jsonl", [{"id": str(i), "instruction": f"Q{i} fr",
-                                                    "response": "   " if i == 3 else f"R{i}"} for i in (1, 2, 3)])
-    write_jsonl(folder / "translate" / "en-fr.jsonl", [{"id": i, "translation": f"A{i} fr", "translation_error": None}
-                                                       for i in (1, 2, 3)])
-    write_jsonl(folder / "translate" / "fr-en.jsonl", [
-        {"id": "1", "translation": "R1 en", "translation_error": None},
-        {"id": "2", "translation": " \n ", "translation_error": None}])  # whitespace: a failed translation
-    return folder
 
 
 def test_ids_compare_as_text_and_whitespace_is_no_answer(tmp_path):

@@ -3,7 +3,7 @@
 import json
 import random
 
-from conftest import shared_data
+from conftest import shared_data, small_iteration
 
 from lidr.pairs import read_translation_task_ids
 from lidr.sdrrl import SDRRLOptions, build_sdrrl_rows, code_switch, units
@@ -93,7 +93,6 @@ def test_code_switch_needs_aligned_units():
 
 def test_command_reads_ids_as_text_skips_whitespace_and_refuses_files_it_did_not_write(tmp_path):
     import pytest
-    from test_pairs import small_iteration
 
     from lidr.sdrrl import main
 

@@ -21,7 +21,8 @@ CHANGED = [  # a value other than the default for every field
     Training(objective="sft", beta=0.5, alpha=0.0, lr=3e-5, adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-6,
              weight_decay=0.1, lr_scheduler="cosine", warmup_ratio=0.2, grad_clip=2.0, epochs=3, batch_size=2,
              grad_accum=4, max_len=512, seed=7, save_every=9, activation_checkpointing=True, dtype="bfloat16",
-             chat_format="chatml"),
+             chat_format="chatml", loss="robust", length_normalize=True, label_smoothing=0.2, eval_split=0.1,
+             eval_every=5, report_to="tensorboard"),
     PairOptions(dominant="de", dominant_pairs="one", drop_identical=False, check_language=True, check_numbers=True,
                 drop_same_answer=True, min_chars=2, max_chars=100, failed_translation="drop-one", seed=4),
     SDRRLOptions(dominant="fr", include_english=False, reference_field="answer", code_switch_rows=0.25,
@@ -72,6 +73,9 @@ def test_a_flag_out_of_range_is_refused_naming_it(argv, message, capsys):
 @pytest.mark.parametrize("build, message", [
     (lambda: Training(lr=math.inf), "Training.lr: inf is not a finite number"),
     (lambda: Training(objective="ppo"), "Training.objective: 'ppo' is not one of 'dpo', 'sft'"),
+    (lambda: Training(label_smoothing=0.1), "Training.label_smoothing: 0.1 is the robust loss's; the sigmoid loss has none"),
+    (lambda: Training(loss="robust", label_smoothing=0.5), "Training.label_smoothing: 0.5 is above its greatest value 0.49"),
+    (lambda: Training(loss="ipo", length_normalize=True), "Training.length_normalize: the ipo loss is per token already"),
     (lambda: Decoding(max_new_tokens=10, repetition_penalty=0.0), "Decoding.repetition_penalty: 0.0 is not greater than 0.0"),
     (lambda: Decoding(max_new_tokens=10, repetition_penalty=1.0, top_p=0.0), "Decoding.top_p: 0.0 is not greater than 0.0"),
     (lambda: PairOptions(min_chars=-1), "PairOptions.min_chars: -1 is below its least value 0"),
@@ -87,7 +91,9 @@ def test_a_value_out_of_range_is_refused_from_python_too(build, message):
 
 def test_the_run_record_holds_every_setting_that_changes_the_result():
     record = settings.provenance(settings.TRAINING)
-    assert set(record) == {f.name for f in fields(Training)} - {"save_every", "activation_checkpointing"}
+    assert set(record) == {f.name for f in fields(Training)} - {"save_every", "activation_checkpointing", "eval_every",
+                                                                "report_to"}
+    assert record["loss"] == "sigmoid" and record["length_normalize"] is False  # the paper's loss, recorded
 
 
 def test_iterate_takes_the_stages_own_flags():

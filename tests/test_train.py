@@ -6,69 +6,17 @@ LlamaForCausalLM (for the exported folder and for the first step's NLL), ln 2 (t
 
 import json
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import STEPS, assert_same_weights, pairs, run_subprocess, train_args, weights, write_jsonl
 from safetensors.torch import load_file
 
 import lidr.train
 from lidr.checkpoint import load
 from lidr.tokenizer import Tokenizer
 from lidr.train import load_examples, main
-
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 5  # 20 pairs, global batch 4
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def pairs(n: int) -> list[dict]:
-    return [
-        {"id": f"p{i}", "prompt": f"Question {i}: what is {i} plus {i * 3}?" + " Please explain." * (i % 4),
-         "chosen": f"{i} plus {i * 3} is {i * 4}." + " Done." * (i % 3), "rejected": f"It is {i * 4 + 1}, I believe."}
-        for i in range(n)
-    ]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    bad = ["{not json", {"prompt": "p", "chosen": "same", "rejected": "same"}]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", [*pairs(4 * STEPS), *bad])
-
-
-def train_args(model, data, out, *extra):
-    return ["--model", str(model), "--data", str(data), "--out", str(out), "--lr", "1e-3", "--warmup-ratio", "0.2",
-            "--max-len", "96", *extra]
-
-
-def weights(out: Path) -> dict:
-    return load_file(out / "model" / "model.safetensors")
-
-
-def assert_same_weights(a: dict, b: dict, atol: float):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
-
-
-def run_subprocess(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run(args, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def one_process(tiny_dir, data, tmp_path_factory) -> Path:
-    """The reference run: one plain process, 2 pairs per micro-batch, 2 accumulated (global batch 4)."""
-    out = tmp_path_factory.mktemp("one") / "run"
-    main(train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2"))
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -230,6 +178,7 @@ def test_sigkill_during_a_save_then_rerun_gives_the_uninterrupted_weights(point,
     assert not list(out.glob("model.*")) and not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.old").exists()
 
 
+@pytest.mark.slow  # a whole training run
 def test_exported_folder_loads_in_lidr_and_transformers_with_identical_logits(one_process, tiny_dir):
     from transformers import LlamaForCausalLM
 
@@ -244,14 +193,14 @@ def test_exported_folder_loads_in_lidr_and_transformers_with_identical_logits(on
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, data, tmp_path, monkeypatch):
-    real_dpo_loss, calls = lidr.train.dpo_loss, []
+    real_loss, calls = lidr.train.preference_loss, []
 
     def nan_at_step_3(*args, **kwargs):
-        losses, chosen, rejected = real_dpo_loss(*args, **kwargs)
+        losses, chosen, rejected = real_loss(*args, **kwargs)
         calls.append(1)
         return (losses * math.nan if len(calls) == 3 else losses), chosen, rejected
 
-    monkeypatch.setattr(lidr.train, "dpo_loss", nan_at_step_3)
+    monkeypatch.setattr(lidr.train, "preference_loss", nan_at_step_3)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match="step 3: loss nan .* not finite"):
         main(train_args(tiny_dir, data, out, "--batch-size", "4", "--save-every", "2"))
@@ -264,6 +213,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, data, tmp_p
 # SFT (SDRRL)
 
 
+@pytest.mark.slow  # a whole training run
 def test_sft_objective_trains_on_responses(tiny_dir, tmp_path):
     from transformers import LlamaForCausalLM
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import data, one_process, run_subprocess, train_args, weights  # noqa: F401 (fixtures)
+from conftest import run_subprocess, train_args, weights
 
 from lidr.checkpoint import load
 from lidr.train import main
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # every test here trains in one or two processes 
 
 
 @pytest.fixture(scope="module")
-def one_process_bf16(tiny_dir, data, tmp_path_factory):  # noqa: F811
+def one_process_bf16(tiny_dir, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("bf16") / "run"
     main(train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2", "--dtype", "bfloat16"))
     return out
@@ -29,7 +29,7 @@ def log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_first_step_loss_matches_fp32_within_bf16_precision(one_process_bf16, one_process):  # noqa: F811
+def test_first_step_loss_matches_fp32_within_bf16_precision(one_process_bf16, one_process):
     bf16, fp32 = log(one_process_bf16)[0], log(one_process)[0]
     assert json.loads((one_process_bf16 / "run.json").read_text())["dtype"] == "bfloat16"
     assert bf16["dpo"] == fp32["dpo"]  # ln 2 in both: the reference is the policy in the same precision
@@ -39,7 +39,7 @@ def test_first_step_loss_matches_fp32_within_bf16_precision(one_process_bf16, on
     assert bf16["nll"] != fp32["nll"]  # it did compute in bf16
 
 
-def test_two_processes_train_the_same_bf16_weights_as_one(one_process_bf16, tiny_dir, data, tmp_path):  # noqa: F811
+def test_two_processes_train_the_same_bf16_weights_as_one(one_process_bf16, tiny_dir, data, tmp_path):
     out = tmp_path / "two"
     proc = run_subprocess([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_dpo.py", *train_args(tiny_dir, data, out, "--batch-size", "2", "--dtype", "bfloat16")])

@@ -30,6 +30,7 @@ def markdown_rows(stdout: str) -> list[list[str]]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: bench/gpu.py would run")
+@pytest.mark.slow  # a subprocess that imports torch
 def test_without_cuda_it_says_so_and_exits_2():
     proc = run_bench("--quick", timeout=120)
     assert proc.returncode == 2

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from test_train import pairs, write_jsonl
+from conftest import pairs, write_jsonl
 
 from lidr.train import main, parse_args
 
@@ -31,6 +31,7 @@ def test_a_typo_in_model_or_data_leaves_nothing_behind_and_the_corrected_command
     assert (out / "model" / "config.json").is_file()
 
 
+@pytest.mark.slow  # a whole training run
 def test_rerun_with_a_relative_path_to_the_same_data_is_the_same_run(tiny_dir, data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     main(args_for(tiny_dir, data, out))
@@ -67,6 +68,7 @@ def test_zero_is_an_argparse_error(flag, capsys):
     assert f"argument {flag}: 0 is below its least value 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a whole training run
 def test_rows_over_max_len_are_counted_in_the_data_report(tiny_dir, tmp_path, capsys):
     long_answer = {"prompt": "Say a lot.", "chosen": "word " * 200, "rejected": "no"}
     long_prompt = {"prompt": "Read: " + "blah " * 200 + "Yes or no?", "chosen": "Yes.", "rejected": "No."}

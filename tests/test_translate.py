@@ -5,8 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
-from test_generate import kill_at_progress
+from conftest import ROOT, kill_at_progress
 from tokenizers import Tokenizer as HFTokenizer
 
 import translate
