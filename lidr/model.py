@@ -17,9 +17,17 @@ How this departs from the reference (transformers' LlamaForCausalLM):
   token (left padding works as in `generate`); HF's plain forward counts from the first column.
 - Padding queries attend to themselves so that a fully padded row never turns into NaN; their
   outputs are meaningless and must be ignored by the caller (the loss masks them).
-- Packed rows (the trainer) can attend through `Documents`, one causal SDPA call per packed
-  sequence, instead of a dense [B, T, T] mask: on CUDA that runs flash kernels and skips the
-  masked blocks; it computes exactly what the dense block-diagonal mask does (tests/test_attention.py).
+- Packed rows (the trainer) can attend through `Documents` instead of a dense [B, T, T] mask: on
+  CUDA with flex attention (torch >= 2.5) one compiled flex_attention call per layer under a
+  document block mask built once per forward (GQA native, masked blocks skipped); elsewhere one
+  causal SDPA call per packed sequence (flash kernels on CUDA). Both compute what the dense
+  block-diagonal mask does (tests/test_attention.py: flex's forward on CPU, where torch has no flex
+  backward; the per-sequence loop's forward and gradients).
+- Decoding one token per row over a KV cache (`Filled`, from lidr.sampler) attends over each row's
+  filled positions only and keeps GQA native: the query heads sharing a kv head become one masked
+  SDPA call's query rows (CUDA: the memory-efficient kernel; SDPA with `enable_gqa` and a mask gets
+  the math kernel, which upcasts to fp32 and repeats k and v), or, in the compiled CUDA step, flex
+  attention reads only the blocks a row has filled (`filled_block_mask`).
 - No dropout, no attention/MLP biases, no `pretraining_tp`: configs that ask for them are refused.
 """
 
@@ -220,9 +228,10 @@ def document_block_mask(documents: Documents, T: int, device) -> "BlockMask":
 
 
 if flex_attention is not None:
-    # fused only when compiled (eager flex attention computes every score); the packed width changes
-    # from one micro-batch to the next, so its shapes are dynamic: one graph instead of one per width
-    compiled_flex_attention = torch.compile(flex_attention, dynamic=True)
+    # fused only when compiled (eager flex attention computes every score). The packed width changes
+    # from one micro-batch to the next: torch's automatic dynamic shapes compile the first width
+    # static and the second one dynamic, once, instead of one graph per width
+    compiled_flex_attention = torch.compile(flex_attention)
 
 
 # -----------------------------------------------------------------------------
@@ -390,7 +399,7 @@ class Llama(nn.Module):
         right). positions: optional [B, T]; by default counted from each row's first real token.
         Packed sequences (the trainer), with explicit positions: attention_mask a `Documents` (the
         sequence lengths of each row), or [B, T(query), T(key)], True where a query may attend a
-        key, used as given.
+        key, used as given. Decoding over a cache: a `Filled` (each row's filled cache length).
 
         cache: while generating (lidr.sampler.KVCache), what the generation keeps beside the
         model. Layer i stores this call's keys and values with `cache.layers[i].update(k, v)` and
