@@ -259,7 +259,7 @@ def filled_block_mask(lengths: torch.Tensor, cache_len: int) -> "BlockMask":
     n_blocks = cache_len // FLEX_BLOCK
     B = lengths.shape[0]
     kv_num_blocks = ((lengths + FLEX_BLOCK - 1) // FLEX_BLOCK).to(torch.int32).view(B, 1, 1)
-    kv_indices = torch.arange(n_blocks, dtype=torch.int32, device=lengths.device).expand(B, 1, 1, n_blocks)
+    kv_indices = torch.arange(n_blocks, dtype=torch.int32, device=lengths.device).repeat(B, 1, 1, 1)
 
     def filled(b, h, q_idx, kv_idx):
         return kv_idx < lengths[b]

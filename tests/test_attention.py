@@ -144,7 +144,8 @@ def test_decode_attention_matches_masked_sdpa(heads):
     H, KV = heads
     g = torch.Generator().manual_seed(0)
     B, L, D = 3, 2 * FLEX_BLOCK, 16
-    q, k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, KV, L, D, generator=g), torch.randn(B, KV, L, D, generator=g)
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, KV, L, D, generator=g), torch.randn(B, KV, L, D, generator=g)
     lengths = torch.tensor([1, 130, L])  # one position, a block and two, the whole cache
     want = reference_decode_attention(q, k, v, lengths)
     paths = {"grouped sdpa": lambda q, k, v: decode_attention(q, k, v, Filled(lengths))}
@@ -156,5 +157,6 @@ def test_decode_attention_matches_masked_sdpa(heads):
         assert (got - want).abs().max().item() <= 2e-2, name
     # a bucket of the cache (the eager step): the same as the whole cache
     bucket = 192
-    torch.testing.assert_close(decode_attention(q, k[:, :, :bucket], v[:, :, :bucket], Filled(lengths.clamp(max=bucket))),
-                               reference_decode_attention(q, k, v, lengths.clamp(max=bucket)), rtol=0, atol=1e-6)
+    in_bucket = lengths.clamp(max=bucket)
+    torch.testing.assert_close(decode_attention(q, k[:, :, :bucket], v[:, :, :bucket], Filled(in_bucket)),
+                               reference_decode_attention(q, k, v, in_bucket), rtol=0, atol=1e-6)

@@ -17,7 +17,8 @@ from lidr.settings import Decoding
 from lidr.tokenizer import Tokenizer
 
 WORDS = ["the", "cat", "sat", " on", "mat", "été", "déjà", "naïve", "日本語", "中文", "über", "ß", "🤖", "🎉",
-         "👩‍💻", "Привет", "мир", "</translated>", "<", ">", "\n", " ", "a", "ab", "ba", "é", "ñ", "😀😀", "x"]
+         "👩‍💻", "Привет", "мир", "</translated>", "<", ">", "\n", " ", "a", "ab", "ba", "é", "ñ", "😀😀",
+         "x"]
 
 
 @pytest.fixture(scope="module")
