@@ -226,7 +226,9 @@ class KVCache(nn.Module):
 
     def serves(self, model: Llama, batch_size: int, length: int, pack: bool) -> bool:
         """Whether a generation of batch_size slots and length positions can run on this cache."""
+        weight, k = model.embed_tokens.weight, self.layers[0].k
         return (not self.in_use and batch_size <= self.batch_size and length <= self.length and pack == self.pack
+                and (weight.dtype, weight.device) == (k.dtype, k.device)  # a model moved or cast since
                 and (not pack or weight_versions(model) == self.weight_versions))
 
     def keep(self, rows: torch.Tensor):

@@ -268,7 +268,8 @@ def test_compiled_flex_decode_step_matches_eager_and_is_one_graph(tiny):
 
 def test_one_cache_per_model_is_kept_and_reused(tiny):
     """A second generation runs on the first one's cache (the same buffers) and gives the same tokens; a
-    longer one replaces it; with packed weights, weights changed in place get a new cache and are used."""
+    longer one replaces it; with packed weights, weights changed in place get a new cache and are used; so
+    does a model cast since."""
     model, tokenizer = tiny
     prompts = [chat(tokenizer, q) for q in QUESTIONS[:3]]
     lidr.sampler.CACHES.pop(model, None)
@@ -294,6 +295,10 @@ def test_one_cache_per_model_is_kept_and_reused(tiny):
     finally:
         with torch.no_grad():
             model.lm_head.weight.mul_(-1)
+    plain = lidr.sampler.kv_cache(model, 3, 8, pack=False)  # as on a GPU: no weights in the cache
+    assert lidr.sampler.kv_cache(model, 3, 8, pack=False) is plain
+    assert lidr.sampler.kv_cache(model.to(torch.float64), 3, 8, pack=False).layers[0].k.dtype == torch.float64
+    model.to(torch.float32)
 
 
 def test_skipped_cuda_graphs_stop_a_compiled_generation():
