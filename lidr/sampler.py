@@ -35,8 +35,8 @@ CUDA the graphs it captured once are replayed by every later generation.
 Which attention runs where (lidr.model.decode_attention). Eager (the default, CPU and CUDA): a
 step attends over the filled part of the cache rounded up to LENGTH_BUCKET, through one masked
 SDPA call with the query heads that share a kv head as that head's query rows (GQA without
-copying k and v; on CUDA SDPA's memory-efficient kernel instead of the math kernel that a mask
-with `enable_gqa` gets). Compiled (`compile=True`, `fullgraph=True`), every shape of the decode
+copying k and v; a plain masked call, which CUDA can run with its memory-efficient kernel, where
+a mask with `enable_gqa` gets the math kernel; not yet measured on a GPU). Compiled (`compile=True`, `fullgraph=True`), every shape of the decode
 step is static: the batch is batch_size slots, or the smallest power of two that holds every
 prompt if that is fewer; compaction keeps a power of two of slots (idle ones fill it up). On CUDA
 the step attends through flex attention with a block mask built from the rows' lengths: it
