@@ -57,8 +57,7 @@ from lidr.iterate import Recipe, train_stage
 from lidr.iterate import run as run_iterations
 from lidr.jsonl import write_json_atomic, write_text_atomic
 from lidr.pairs import arithmetic, read_texts, read_translations
-from lidr.sampler import SamplingParams
-from lidr.settings import Training
+from lidr.settings import Decoding, Training
 from lidr.world import SYSTEM, WorldSettings, build
 
 LANGS = ["es", "fr", "de", "ru"]
@@ -92,8 +91,8 @@ def evaluate(model_dir: Path, name: str, problems: Path, out: Path, max_new_toke
         return json.loads(summary_path.read_text())
     print(f"[eval] {name} ...", flush=True)
     model, tokenizer = load(model_dir)
-    params = SamplingParams(max_new_tokens=max_new_tokens)  # greedy, no repetition penalty
-    return run_mgsm(model, tokenizer, problems, ALL_LANGS, out / name / "mgsm", params, batch_size=64,
+    decoding = Decoding(max_new_tokens=max_new_tokens, repetition_penalty=1.0)  # greedy, no repetition penalty
+    return run_mgsm(model, tokenizer, problems, ALL_LANGS, out / name / "mgsm", decoding, batch_size=64,
                     system=SYSTEM, template=template)
 
 

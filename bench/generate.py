@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from lidr.checkpoint import load  # noqa: E402
 from lidr.demo_model import DEFAULT_DIR, ensure  # noqa: E402
-from lidr.sampler import SamplingParams, generate  # noqa: E402
+from lidr.sampler import generate  # noqa: E402
+from lidr.settings import Decoding  # noqa: E402
 
 DEFAULT_PROMPTS = ROOT.parent / "shared" / "data" / "alpagasus" / "id_0_1000" / "en.jsonl"
 
@@ -52,8 +53,8 @@ def matvec_bandwidth(n: int = 8192, repeats: int = 20) -> float:
 
 
 def run_lidr(model, tokenizer, prompts, new_tokens, compile=False):
-    params = SamplingParams(max_new_tokens=new_tokens)
-    outs = generate(model, tokenizer, prompts, params, batch_size=len(prompts), compile=compile)
+    decoding = Decoding(max_new_tokens=new_tokens, repetition_penalty=1.0)  # greedy
+    outs = generate(model, tokenizer, prompts, decoding, batch_size=len(prompts), compile=compile)
     return [o.tokens for o in outs]
 
 

@@ -55,8 +55,8 @@ from lidr import settings
 from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, positive_int
 from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
-from lidr.rows import Prompt, check_outputs, open_model, sample_rows, sampling_params, too_long_reason
-from lidr.settings import derived_seed
+from lidr.rows import Prompt, check_outputs, open_model, sample_rows, too_long_reason
+from lidr.settings import Decoding, derived_seed
 from lidr.tokenizer import chat_messages
 
 BENCHMARK = "x-alpacaeval"
@@ -99,13 +99,15 @@ def report_dropped(lang: str, what: str, dropped: list[str]):
 # generation
 
 
-def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out: Path, params, batch_size: int,
-                     system: str | None, generator: str, limit: int | None = None,
+def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out: Path, decoding: Decoding,
+                     batch_size: int, system: str | None, generator: str, limit: int | None = None,
                      model_identity: dict | None = None) -> dict:
-    """model_identity: what the model is (eval.common.model_identity), recorded with each output."""
+    """decoding: the sampler's settings (its `system` is not read: the system turn is `system`).
+    model_identity: what the model is (eval.common.model_identity), recorded with each output."""
     summary = {"benchmark": BENCHMARK + "-outputs", "generator": generator, "languages": {}}
     read = {lang: read_items(prompts_dir / f"{lang}.json", ("instruction",)) for lang in langs}
-    settings = {"system": system, "generator": generator, "sampling": asdict(params)}
+    sampling = {name: value for name, value in asdict(decoding).items() if name != "system"}  # the turn: `system`
+    settings = {"system": system, "generator": generator, "sampling": sampling}
     identities = {lang: {"inputs": {"prompts": file_identity(prompts_dir / f"{lang}.json")}, "model": model_identity,
                          "settings": settings} for lang in langs}
     check_outputs(GENERATE, [(out / f"{lang}.jsonl", identities[lang], [out / f"{lang}.json"]) for lang in langs])
@@ -120,7 +122,7 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
             if too_long_reason(len(ids), context):
                 too_long.append(str(p["id"]))
             else:
-                to_answer.append(Prompt(str(p["id"]), ids, derived_seed(params.seed, i), p))
+                to_answer.append(Prompt(str(p["id"]), ids, derived_seed(decoding.seed, i), p))
 
         def make_row(prompt, completion):
             p = prompt.source
@@ -129,7 +131,7 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
                     "n_tokens": len(completion.tokens)}
 
         written, generated = sample_rows(to_answer, out / f"{lang}.jsonl", "id", make_row, lambda: (model, tokenizer),
-                                         params, made_by=GENERATE, identity=identities[lang], batch_size=batch_size,
+                                         decoding, made_by=GENERATE, identity=identities[lang], batch_size=batch_size,
                                          companions=[out / f"{lang}.json"])
         by_id = {str(row["id"]): row for row in written}
         rows = [by_id[str(p["id"])] for p in chosen if str(p["id"]) in by_id]
@@ -293,7 +295,7 @@ def main(argv=None):
         decoding = from_flags(args, settings.ALPACAEVAL)
         identity = model_identity(args.model, args.dtype, args.chat_format)
         model, tokenizer = open_model(args.model, args.device, args.dtype, args.chat_format)
-        generate_outputs(model, tokenizer, Path(args.prompts), args.langs, base / "outputs", sampling_params(decoding),
+        generate_outputs(model, tokenizer, Path(args.prompts), args.langs, base / "outputs", decoding,
                          args.batch_size, decoding.system, args.generator or Path(args.model).resolve().name,
                          args.limit, model_identity=identity)
     else:

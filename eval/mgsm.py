@@ -58,8 +58,8 @@ from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, posit
 from lidr.jsonl import file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
 from lidr.languages import checked_languages
-from lidr.rows import Prompt, check_outputs, open_model, sample_rows, sampling_params, too_long_reason
-from lidr.settings import derived_seed, template_text, user_turn
+from lidr.rows import Prompt, check_outputs, open_model, sample_rows, too_long_reason
+from lidr.settings import Decoding, derived_seed, template_text, user_turn
 from lidr.tokenizer import chat_messages
 
 MADE_BY = "eval.mgsm"
@@ -169,13 +169,14 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch_size: int,
+def run(model, tokenizer, data: Path, langs: list[str], out: Path, decoding: Decoding, batch_size: int,
         system: str | None, limit: int | None = None, template: str = settings.MGSM.prompt_template,
         model_identity: dict | None = None) -> dict:
     """Generate what is missing, score every row, and write {out}/summary.json; returns the summary.
 
-    template: the user turn, a name or a text with {instruction} and optionally {language}
-    (lidr.settings.user_turn; default: the repository's "alpaca" prompt).
+    decoding: the sampler's settings (its `system` and `prompt_template` are not read: the system
+    turn is `system`, the user turn `template`). template: a name or a text with {instruction} and
+    optionally {language} (lidr.settings.user_turn; default: the repository's "alpaca" prompt).
     model_identity: what the model under test is (eval.common.model_identity), recorded with each
     output; None where the caller keeps one folder per model (the demo).
     """
@@ -192,7 +193,8 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
             first = f"; first dropped: {dropped[0]}" if dropped else ""
             raise SystemExit(f"{path}: holds no usable question{first}")
         read[lang] = questions, dropped
-    settings = {"system": system, "template": template_text(template), "sampling": asdict(params)}
+    sampling = {name: value for name, value in asdict(decoding).items() if name not in ("system", "prompt_template")}
+    settings = {"system": system, "template": template_text(template), "sampling": sampling}
     identities = {lang: {"inputs": {"data": file_identity(data / f"{lang}.jsonl")}, "model": model_identity,
                          "settings": settings} for lang in langs}
     check_outputs(MADE_BY, [(out / f"{lang}.jsonl", identities[lang], ()) for lang in langs])
@@ -210,7 +212,7 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
             if too_long_reason(len(ids), context):
                 too_long.append(q["index"])
             else:
-                prompts.append(Prompt(str(q["index"]), ids, derived_seed(params.seed, q["index"]), q))
+                prompts.append(Prompt(str(q["index"]), ids, derived_seed(decoding.seed, q["index"]), q))
 
         def make_row(prompt, completion, lang=lang):
             q, answer = prompt.source, completion.text.strip()
@@ -219,7 +221,7 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
                     "n_tokens": len(completion.tokens), **score_answer(answer, q["gold"], lang)}
 
         rows, generated = sample_rows(prompts, out / f"{lang}.jsonl", "index", make_row, lambda: (model, tokenizer),
-                                      params, made_by=MADE_BY, identity=identities[lang], batch_size=batch_size)
+                                      decoding, made_by=MADE_BY, identity=identities[lang], batch_size=batch_size)
         wanted = {q["index"] for q in questions}
         rows = [r for r in rows if r["index"] in wanted]
         summary["languages"][lang] = summarize(rows)
@@ -260,7 +262,7 @@ def main(argv=None):
     decoding = from_flags(args, settings.MGSM)
     identity = model_identity(args.model, args.dtype, args.chat_format)
     model, tokenizer = open_model(args.model, args.device, args.dtype, args.chat_format)
-    run(model, tokenizer, Path(args.data), args.langs, Path(args.out) / args.name, sampling_params(decoding),
+    run(model, tokenizer, Path(args.data), args.langs, Path(args.out) / args.name, decoding,
         args.batch_size, decoding.system, args.limit, decoding.prompt_template, model_identity=identity)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lidr import settings
 from lidr.rows import (
-    Engine, cut_at_context, open_model, params_within_context, sample_file, sampling_params, too_long_reason,
+    Engine, cut_at_context, decoding_within_context, open_model, sample_file, too_long_reason,
 )
 from lidr.sampler import generate
 from lidr.settings import Decoding, template_text, user_turn
@@ -45,7 +45,7 @@ def generate_file(engine: Engine, prompts, out, decoding: Decoding = settings.AN
                        lambda tokenizer, row: tokenizer.encode_chat(chat_messages(
                            user_turn(decoding.prompt_template, row[field], lang), decoding.system)),
                        lambda completion: {out_field: completion.text}, run_settings,
-                       sampling_params(decoding, stop_strings), made_by="generate.py")
+                       decoding, stop_strings, made_by="generate.py")
 
 
 def answer(engine: Engine, text: str, decoding: Decoding = settings.ANSWERS, stop_strings=(),
@@ -57,6 +57,6 @@ def answer(engine: Engine, text: str, decoding: Decoding = settings.ANSWERS, sto
     reason = too_long_reason(len(prompt), context)
     if reason:
         raise SystemExit(f"--prompt: {reason}")
-    params = params_within_context(sampling_params(decoding, stop_strings), [len(prompt)], context)
-    completion = generate(model, tokenizer, [prompt], params, compile=engine.compile)[0]
+    decoding = decoding_within_context(decoding, [len(prompt)], context)
+    completion = generate(model, tokenizer, [prompt], decoding, stop_strings, compile=engine.compile)[0]
     return cut_at_context(completion, len(prompt), context, tokenizer).text

@@ -1,7 +1,7 @@
 """Running the sampler over rows: resumable, data parallel, bound to what the output is made from.
 
     from lidr.rows import Prompt, sample_rows
-    rows, generated = sample_rows([Prompt(key, ids, seed, source), ...], out, "id", make_row, load, params,
+    rows, generated = sample_rows([Prompt(key, ids, seed, source), ...], out, "id", make_row, load, decoding,
                                   made_by="generate.py", identity={...}, batch_size=16)
 
 Every stage that samples runs through `sample_rows`: answering prompts (lidr/generation.py),
@@ -54,7 +54,7 @@ from lidr.jsonl import (
     ResumableWriter, check_output, file_identity, read_complete_lines, read_records, record_output, usable_records,
     write_text_atomic,
 )
-from lidr.sampler import Completion, SamplingParams
+from lidr.sampler import Completion
 from lidr.settings import SAMPLING_BATCH_SIZE, Decoding, derived_seed
 from lidr.tokenizer import Tokenizer
 
@@ -71,12 +71,6 @@ class Engine:
     chat_format: str | None = None  # "llama3" | "chatml"; None: read from the folder
     batch_size: int = SAMPLING_BATCH_SIZE  # prompts decoded together
     compile: bool = False  # torch.compile the sampler's decode step
-
-
-def sampling_params(decoding: Decoding, stop_strings=()) -> SamplingParams:
-    return SamplingParams(max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
-                          top_k=decoding.top_k, top_p=decoding.top_p, repetition_penalty=decoding.repetition_penalty,
-                          seed=decoding.seed, stop_strings=tuple(stop_strings))
 
 
 # -----------------------------------------------------------------------------
@@ -119,14 +113,14 @@ def too_long_reason(prompt_len: int, context: int) -> str | None:
     return None
 
 
-def params_within_context(params: SamplingParams, prompt_lens: list[int], context: int) -> SamplingParams:
-    """params with max_new_tokens lowered to the most any of these prompts has room for, with a warning."""
+def decoding_within_context(decoding: Decoding, prompt_lens: list[int], context: int) -> Decoding:
+    """decoding with max_new_tokens lowered to the most any of these prompts has room for, with a warning."""
     room = context - min(prompt_lens, default=0)
-    if params.max_new_tokens <= room:
-        return params
-    print(f"warning: --max-new-tokens {params.max_new_tokens} reaches past the model's context of {context} "
+    if decoding.max_new_tokens <= room:
+        return decoding
+    print(f"warning: --max-new-tokens {decoding.max_new_tokens} reaches past the model's context of {context} "
           f"tokens; each reply ends where the context does (at most {room} new tokens here)", file=sys.stderr)
-    return dataclasses.replace(params, max_new_tokens=room)
+    return dataclasses.replace(decoding, max_new_tokens=room)
 
 
 def cut_at_context(completion: Completion, prompt_len: int, context: int, tokenizer) -> Completion:
@@ -184,14 +178,16 @@ class Prompt:
     source: object = None  # what make_row needs back: the input row, the question
 
 
-def sample_rows(prompts: list[Prompt], out, key: str, make_row, load, params: SamplingParams, *, made_by: str,
-                identity: dict, batch_size: int, compile: bool = False, companions=()) -> tuple[list[dict], int]:
+def sample_rows(prompts: list[Prompt], out, key: str, make_row, load, decoding: Decoding, *, made_by: str,
+                identity: dict, batch_size: int, stop_strings=(), compile: bool = False,
+                companions=()) -> tuple[list[dict], int]:
     """(OUT's rows in input order, how many were generated now) once every prompt has its row in OUT.
 
     prompts: in input order, each fitting the model's context (`too_long_reason`). make_row(prompt,
     completion) -> the output row, with the prompt's key under `key`; the completion is cut where
     the context ends. load() -> (model, tokenizer), called only when this rank has prompts to
-    answer. made_by, identity: what OUT is made from (see the module docstring); companions: other
+    answer. decoding, stop_strings: how the sampler samples (the prompts already hold the system
+    turn). made_by, identity: what OUT is made from (see the module docstring); companions: other
     files that belong to OUT. Under torchrun, rank 0 returns the rows and the others [].
     """
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -212,16 +208,16 @@ def sample_rows(prompts: list[Prompt], out, key: str, make_row, load, params: Sa
     if todo:
         model, tokenizer = load()
         context = model.cfg.max_seq_len
-        params = params_within_context(params, [len(prompt.tokens) for prompt in todo], context)
+        decoding = decoding_within_context(decoding, [len(prompt.tokens) for prompt in todo], context)
         with ResumableWriter(out.with_name(f"{out.name}.rank{rank}.partial"), key) as writer:
 
             def write(i: int, completion: Completion):
                 prompt = todo[i]
                 writer.write(make_row(prompt, cut_at_context(completion, len(prompt.tokens), context, tokenizer)))
 
-            sampler.generate(model, tokenizer, [prompt.tokens for prompt in todo], params, batch_size=batch_size,
-                             progress=rank == 0, seeds=[prompt.seed for prompt in todo], on_finish=write,
-                             compile=compile)
+            sampler.generate(model, tokenizer, [prompt.tokens for prompt in todo], decoding, stop_strings,
+                             batch_size=batch_size, progress=rank == 0, seeds=[prompt.seed for prompt in todo],
+                             on_finish=write, compile=compile)
     barrier()
     rows = merge(out, key, order) if rank == 0 else []
     if joined:
@@ -266,7 +262,7 @@ def read_prompts(path, field: str, out_field: str):
 
 
 def sample_file(engine: Engine, path, out, field: str, out_field: str, encode, result_fields, settings: dict,
-                params: SamplingParams, made_by: str) -> list[dict]:
+                decoding: Decoding, stop_strings, made_by: str) -> list[dict]:
     """Sample once for every row of the file at `path` that has a prompt in `field`; OUT's rows.
 
     encode(tokenizer, row) -> prompt ids; result_fields(completion) -> the fields added to the row
@@ -274,7 +270,8 @@ def sample_file(engine: Engine, path, out, field: str, out_field: str, encode, r
     new tokens. Bad rows (not JSON, not an object, no such field, an empty prompt, a prompt that
     fills the model's context) are reported with their line numbers, skipped and counted; an input
     with no usable row is refused, before anything is recorded. A row samples with
-    derived_seed(params.seed, its input line) (lidr/settings.py's seed rule).
+    derived_seed(decoding.seed, its input line) (lidr/settings.py's seed rule); a reply ends at any
+    of stop_strings.
     """
     rank = int(os.environ.get("RANK", 0))
     rows, bad, key = read_prompts(path, field, out_field)
@@ -290,7 +287,7 @@ def sample_file(engine: Engine, path, out, field: str, out_field: str, encode, r
             bad.append((line, reason))
             too_long += 1
         else:
-            prompts.append(Prompt(str(row["id"] if key == "id" else line), ids, derived_seed(params.seed, line),
+            prompts.append(Prompt(str(row["id"] if key == "id" else line), ids, derived_seed(decoding.seed, line),
                                   (line, row)))
     bad.sort()
     usable_records(path, prompts, bad, "prompt that fits the model's context")
@@ -309,8 +306,8 @@ def sample_file(engine: Engine, path, out, field: str, out_field: str, encode, r
     def load():
         return open_model(engine.model, engine.device, engine.dtype, engine.chat_format)
 
-    merged, generated = sample_rows(prompts, out, key, make_row, load, params, made_by=made_by, identity=identity,
-                                    batch_size=engine.batch_size, compile=engine.compile)
+    merged, generated = sample_rows(prompts, out, key, make_row, load, decoding, made_by=made_by, identity=identity,
+                                    batch_size=engine.batch_size, stop_strings=stop_strings, compile=engine.compile)
     if rank == 0:
         finish_reasons = Counter(row.get(out_field + "_meta", {}).get("finish_reason") for row in merged)
         print(f"{out}: {len(merged)} rows ({generated} generated now, {len(prompts) - generated} already there), "

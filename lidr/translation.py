@@ -35,7 +35,7 @@ from pathlib import Path
 
 from lidr import settings
 from lidr.languages import language_name
-from lidr.rows import Engine, sample_file, sampling_params
+from lidr.rows import Engine, sample_file
 from lidr.settings import PROMPT_TEMPLATES, Decoding, template_text
 from lidr.tokenizer import chat_messages
 
@@ -100,7 +100,7 @@ def translate_file(engine: Engine, source, out, to: str, decoding: Decoding = se
     run_settings = {"model": str(Path(engine.model).resolve()), "to": to, "field": field, **asdict(decoding)}
     rows = sample_file(engine, source, out, field, out_field,
                        lambda tokenizer, row: translation_prompt_ids(tokenizer, row[field], to, decoding.system),
-                       result_fields(out_field), run_settings, sampling_params(decoding, (CLOSING_TAG,)),
+                       result_fields(out_field), run_settings, decoding, (CLOSING_TAG,),
                        made_by="translate.py")
     if rows:
         errors = Counter(row.get(out_field + "_error") for row in rows)

@@ -436,36 +436,36 @@ def test_every_shared_reference_matches_its_prompts(tmp_path):
 def test_alpacaeval_generate_writes_model_outputs_and_resumes(tiny_dir, tmp_path, monkeypatch):
     import lidr.sampler
     from lidr.checkpoint import load
-    from lidr.sampler import SamplingParams
+    from lidr.settings import Decoding
 
     model, tokenizer = load(tiny_dir)
     prompts = tmp_path / "prompts"
     write_json(prompts / "fr.json", [{"id": 1, "dataset": "helpful_base", "instruction": "Dis bonjour."},
                                      {"id": 2, "dataset": "koala", "instruction": "Compte jusqu'à trois."},
                                      {"id": 3, "instruction": ""}])
-    params = SamplingParams(max_new_tokens=6, repetition_penalty=1.1)
+    decoding = Decoding(max_new_tokens=6, repetition_penalty=1.1)
     seen_prompts = []
     real_generate = lidr.sampler.generate
 
-    def recording_generate(model, tokenizer, prompts, params, **kwargs):
+    def recording_generate(model, tokenizer, prompts, *args, **kwargs):
         seen_prompts.extend(prompts)
-        return real_generate(model, tokenizer, prompts, params, **kwargs)
+        return real_generate(model, tokenizer, prompts, *args, **kwargs)
 
     monkeypatch.setattr(lidr.sampler, "generate", recording_generate)
     out = tmp_path / "out"
-    summary = alpacaeval.generate_outputs(model, tokenizer, prompts, ["fr"], out, params, 2, "Sys.", "M0")
+    summary = alpacaeval.generate_outputs(model, tokenizer, prompts, ["fr"], out, decoding, 2, "Sys.", "M0")
     rows = json.loads((out / "fr.json").read_text())
     assert [r["id"] for r in rows] == ["1", "2"]
     assert all(set(r) == {"generator", "dataset", "id", "instruction", "output"} for r in rows)
     assert rows[0]["generator"] == "M0" and rows[1]["dataset"] == "koala"
     assert seen_prompts[0] == tokenizer.encode_chat([{"role": "system", "content": "Sys."},
                                                      {"role": "user", "content": "Dis bonjour."}])
-    direct = real_generate(model, tokenizer, seen_prompts, params)
+    direct = real_generate(model, tokenizer, seen_prompts, decoding)
     assert [r["output"] for r in rows] == [c.text.strip() for c in direct]
     assert summary["languages"]["fr"]["dropped_prompts"] == 1 and summary["languages"]["fr"]["n"] == 2
     # rerun: nothing left to generate
     seen_prompts.clear()
-    alpacaeval.generate_outputs(model, tokenizer, prompts, ["fr"], out, params, 2, "Sys.", "M0")
+    alpacaeval.generate_outputs(model, tokenizer, prompts, ["fr"], out, decoding, 2, "Sys.", "M0")
     assert seen_prompts == []
     assert json.loads((out / "fr.json").read_text()) == rows
 
@@ -628,7 +628,7 @@ def test_judge_command_killed_mid_run_pays_no_request_twice(tmp_path):
 
 def test_alpacaeval_generate_refuses_other_prompts_and_counts_over_length_instructions(tiny_dir, tmp_path):
     from lidr.checkpoint import load
-    from lidr.sampler import SamplingParams
+    from lidr.settings import Decoding
 
     model, tokenizer = load(tiny_dir)  # a context of 256 tokens
     prompts, other = tmp_path / "prompts", tmp_path / "other"
@@ -636,19 +636,19 @@ def test_alpacaeval_generate_refuses_other_prompts_and_counts_over_length_instru
                                      {"id": 2, "instruction": "Wort " * 300}])
     write_json(other / "de.json", [{"id": 1, "instruction": "Sag tschüss."}])
     out = tmp_path / "out"
-    params = SamplingParams(max_new_tokens=4)
-    summary = alpacaeval.generate_outputs(model, tokenizer, prompts, ["de"], out, params, 2, "Sys.", "M0")
+    decoding = Decoding(max_new_tokens=4, repetition_penalty=1.0)
+    summary = alpacaeval.generate_outputs(model, tokenizer, prompts, ["de"], out, decoding, 2, "Sys.", "M0")
     assert summary["languages"]["de"]["too_long"] == 1 and summary["languages"]["de"]["n"] == 1
     assert [r["id"] for r in json.loads((out / "de.json").read_text())] == ["1"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(SystemExit, match=r"de\.jsonl: was made from other inputs.*inputs\.prompts\.path"):
-        alpacaeval.generate_outputs(model, tokenizer, other, ["de"], out, params, 2, "Sys.", "M0")
+        alpacaeval.generate_outputs(model, tokenizer, other, ["de"], out, decoding, 2, "Sys.", "M0")
     with pytest.raises(SystemExit, match=r"settings\.system: 'Sys\.' -> 'Other\.'"):
-        alpacaeval.generate_outputs(model, tokenizer, prompts, ["de"], out, params, 2, "Other.", "M0")
+        alpacaeval.generate_outputs(model, tokenizer, prompts, ["de"], out, decoding, 2, "Other.", "M0")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # a model_outputs.json this command did not write is left alone
     stray = tmp_path / "stray"
     write_json(stray / "de.json", [{"id": 1, "output": "mine"}])
     with pytest.raises(SystemExit, match=r"stray/de\.json: exists and was not written by eval\.alpacaeval generate"):
-        alpacaeval.generate_outputs(model, tokenizer, prompts, ["de"], stray, params, 2, "Sys.", "M0")
+        alpacaeval.generate_outputs(model, tokenizer, prompts, ["de"], stray, decoding, 2, "Sys.", "M0")
     assert json.loads((stray / "de.json").read_text()) == [{"id": 1, "output": "mine"}]

@@ -94,22 +94,22 @@ def test_bad_question_rows_are_dropped_and_counted(tmp_path):
 @pytest.mark.slow
 def test_mgsm_end_to_end_on_the_demo_model_resumes(demo_dir, tmp_path, monkeypatch):
     from lidr.checkpoint import load
-    from lidr.sampler import SamplingParams
+    from lidr.settings import Decoding
 
     model, tokenizer = load(demo_dir)
     data = shared_data("mgsm")
     langs, limit = ["en", "fr"], 2
-    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    decoding = Decoding(max_new_tokens=12, repetition_penalty=1.0)
     seen = []
     real_generate = lidr.sampler.generate
 
-    def recording_generate(model, tokenizer, prompts, params, **kwargs):
+    def recording_generate(model, tokenizer, prompts, *args, **kwargs):
         seen.extend(prompts)
-        return real_generate(model, tokenizer, prompts, params, **kwargs)
+        return real_generate(model, tokenizer, prompts, *args, **kwargs)
 
     monkeypatch.setattr(lidr.sampler, "generate", recording_generate)
     out = tmp_path / "M0" / "mgsm"
-    summary = mgsm.run(model, tokenizer, data, langs, out, params, 4, "You are a helpful assistant.", limit)
+    summary = mgsm.run(model, tokenizer, data, langs, out, decoding, 4, "You are a helpful assistant.", limit)
 
     # the paper's prompt, written out here, inside the demo model's ChatML format
     fr_question = json.loads(shared_data("mgsm", "fr.jsonl").read_text().splitlines()[0])["query"]
@@ -137,13 +137,13 @@ def test_mgsm_end_to_end_on_the_demo_model_resumes(demo_dir, tmp_path, monkeypat
 
     # a rerun generates nothing and gives the same summary
     seen.clear()
-    again = mgsm.run(model, tokenizer, data, langs, out, params, 4, "You are a helpful assistant.", limit)
+    again = mgsm.run(model, tokenizer, data, langs, out, decoding, 4, "You are a helpful assistant.", limit)
     assert seen == [] and again["languages"] == summary["languages"]
     # a crash that lost the last row (and left half a line): only that question is generated again
     path = out / "fr.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-1]) + lines[-1][:15])
-    mgsm.run(model, tokenizer, data, langs, out, params, 4, "You are a helpful assistant.", limit)
+    mgsm.run(model, tokenizer, data, langs, out, decoding, 4, "You are a helpful assistant.", limit)
     assert len(seen) == 1
     assert [json.loads(line) for line in path.read_text().splitlines()] == \
         [json.loads(line) for line in lines]

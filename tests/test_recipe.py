@@ -43,9 +43,9 @@ def test_a_templated_prompt_gives_the_same_tokens_as_the_text_written_into_the_p
     seen = []
     real_generate = lidr.sampler.generate
 
-    def recording_generate(model, tokenizer, prompts, params, **kwargs):
+    def recording_generate(model, tokenizer, prompts, decoding, *args, **kwargs):
         seen.append(prompts)
-        return real_generate(model, tokenizer, prompts, params, **kwargs)
+        return real_generate(model, tokenizer, prompts, decoding, *args, **kwargs)
 
     monkeypatch.setattr(lidr.sampler, "generate", recording_generate)
     engine = Engine(tiny_dir, batch_size=2)

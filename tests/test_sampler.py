@@ -1,7 +1,6 @@
 """The sampler against transformers (greedy generate, logits processors) and hand-computed answers."""
 
 import copy
-import math
 import shutil
 
 import pytest
@@ -10,10 +9,11 @@ from conftest import make_tiny_checkpoint
 
 import lidr.sampler
 from lidr.checkpoint import load
+from lidr.settings import Decoding
 from lidr.sampler import (
     Completion,
+    KVCache,
     PackedLinear,
-    SamplingParams,
     Session,
     apply_repetition_penalty,
     filter_top_k_top_p,
@@ -42,6 +42,11 @@ def tiny_hf(tiny_dir):
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def decoding(max_new_tokens=256, **settings):
+    """Greedy, no repetition penalty, unless settings say otherwise."""
+    return Decoding(max_new_tokens=max_new_tokens, **{"repetition_penalty": 1.0, **settings})
 
 
 def chat(tokenizer, text, prefill=""):
@@ -90,7 +95,9 @@ def assert_model_unchanged(model, snapshot):
 @pytest.mark.parametrize("variant", ["llama3", "llama31", "tied"])
 def test_cached_decode_equals_full_forward(tmp_path, variant, pack):
     """Every decode step's logits equal a full forward over the same prefix (two slots, ragged lengths),
-    with the CPU's packed and fused projections and without; the model itself is never changed."""
+    with the CPU's packed and fused projections and without, through each decode attention (masked SDPA
+    with the heads sharing a kv head as its query rows, over the whole cache or a bucket of it; flex
+    attention's block mask, eager here); the model itself is never changed."""
     model, _ = load(make_tiny_checkpoint(tmp_path / variant, variant))
     snapshot = model_snapshot(model)
     torch.manual_seed(0)
@@ -103,18 +110,20 @@ def test_cached_decode_equals_full_forward(tmp_path, variant, pack):
     def relative_error(got, want):
         return ((got - want).abs().max() / want.abs().max()).item()
 
-    with torch.inference_mode():
-        session = Session(model, batch_size=2, max_len=24, pack=pack)
-        assert (session.cache.layers[0].qkv_proj is not None) == pack
-        assert (session.cache.lm_head is not None) == pack
-        for slot, prompt in enumerate(prompts):
-            assert relative_error(session.prefill(slot, prompt)[0], full[slot][0]) <= 1e-5
-        for step in range(10):
-            positions = torch.tensor([len(p) + step for p in prompts])
-            logits = session.decode(fed[step], positions, length=24)
-            for slot in range(2):
-                assert relative_error(logits[slot], full[slot][step + 1]) <= 1e-5
-        assert_model_unchanged(model, snapshot)  # while the session is alive, too
+    # decode attention: SDPA over the whole cache, over the first 32 positions (a length bucket), flex attention
+    for length, flex in ((128, False), (32, False), (128, True)):
+        with torch.inference_mode():
+            session = Session(model, KVCache(model, batch_size=2, length=128, pack=pack))
+            assert (session.cache.layers[0].qkv_proj is not None) == pack
+            assert (session.cache.lm_head is not None) == pack
+            for slot, prompt in enumerate(prompts):
+                assert relative_error(session.prefill(slot, prompt)[0], full[slot][0]) <= 1e-5
+            for step in range(10):
+                positions = torch.tensor([len(p) + step for p in prompts])
+                logits = session.decode(fed[step], positions, length, flex=flex)
+                for slot in range(2):
+                    assert relative_error(logits[slot], full[slot][step + 1]) <= 1e-5, (length, flex)
+            assert_model_unchanged(model, snapshot)  # while the session is alive, too
 
 
 # -----------------------------------------------------------------------------
@@ -127,7 +136,7 @@ def test_greedy_matches_transformers(tiny, tiny_hf):
     prompts = [chat(tokenizer, q) for q in QUESTIONS]
     assert len({len(p) for p in prompts}) == len(prompts)
     finished = []
-    outs = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=24), batch_size=2,
+    outs = generate(model, tokenizer, prompts, decoding(max_new_tokens=24), batch_size=2,
                     on_finish=lambda i, c: finished.append((i, c)))
     for prompt, out in zip(prompts, outs):
         assert out.tokens == hf_greedy(tiny_hf, prompt, 24, tokenizer.stop_ids)
@@ -146,7 +155,7 @@ def test_greedy_matches_transformers_on_demo_model(demo_dir):
     questions = ["Tom has 26 apples. He buys 28 more. How many apples does he have?",
                  "Give three tips for staying healthy.", "Quelle est la capitale de la France ?"]
     prompts = [chat(tokenizer, q) for q in questions]
-    outs = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=64), batch_size=3)
+    outs = generate(model, tokenizer, prompts, decoding(max_new_tokens=64), batch_size=3)
     for prompt, out in zip(prompts, outs):
         expected = hf_greedy(hf_model, prompt, 64, tokenizer.stop_ids)
         assert out.tokens == expected
@@ -160,7 +169,7 @@ def test_compiled_decode_step_matches_eager(tiny):
     """compile=True (inductor; on CPU the packed products as lidr::packed_linear) = the eager sampler."""
     model, tokenizer = tiny
     prompts = [chat(tokenizer, q) for q in QUESTIONS[:3]]
-    params = SamplingParams(max_new_tokens=12, repetition_penalty=1.1)
+    params = decoding(max_new_tokens=12, repetition_penalty=1.1)
     eager = generate(model, tokenizer, prompts, params, batch_size=2)
     compiled = generate(model, tokenizer, prompts, params, batch_size=2, compile=True)
     assert [c.tokens for c in compiled] == [c.tokens for c in eager]
@@ -172,8 +181,8 @@ def test_batch_invariance(tiny):
     """A prompt's output is the same alone and inside a batch, greedy and sampled (per-request seeds)."""
     model, tokenizer = tiny
     prompts = [chat(tokenizer, q) for q in QUESTIONS]
-    for params in (SamplingParams(max_new_tokens=20),
-                   SamplingParams(max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.9, seed=3)):
+    for params in (decoding(max_new_tokens=20),
+                   decoding(max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.9, seed=3)):
         together = generate(model, tokenizer, prompts, params, batch_size=4)
         alone = [generate(model, tokenizer, [p], params, seeds=[params.seed + i])[0] for i, p in enumerate(prompts)]
         assert [o.tokens for o in together] == [o.tokens for o in alone]
@@ -183,11 +192,11 @@ def test_refill_and_compaction_with_early_stops(tiny):
     """Rows stopping at different steps free their slots; every row equals its own solo run."""
     model, tokenizer = tiny
     prompts = [chat(tokenizer, q) for q in QUESTIONS]
-    free = generate(model, with_stops(tokenizer, ()), prompts, SamplingParams(max_new_tokens=30), batch_size=5)
+    free = generate(model, with_stops(tokenizer, ()), prompts, decoding(max_new_tokens=30), batch_size=5)
     # stop on the 3rd token of prompt 0's output and the 12th of prompt 3's
     stops = {free[0].tokens[2], free[3].tokens[11]}
     stopping = with_stops(tokenizer, stops)
-    outs = generate(model, stopping, prompts, SamplingParams(max_new_tokens=30), batch_size=2)
+    outs = generate(model, stopping, prompts, decoding(max_new_tokens=30), batch_size=2)
     for o, f in zip(outs, free):
         cut = next((i for i, t in enumerate(f.tokens) if t in stops), None)
         assert o.tokens == f.tokens[:cut]
@@ -198,17 +207,17 @@ def test_refill_and_compaction_with_early_stops(tiny):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler (g++)")
 def test_compiled_compaction_sees_powers_of_two_and_compiles_once(tiny, monkeypatch):
-    """compile=True with rows stopping at different steps: the decode step only ever sees power-of-two
-    batch sizes (compaction pads with idle slots), its tokens equal eager's, and a second generation
-    (a new cache, new packed weights) compiles nothing new."""
+    """compile=True (fullgraph) with rows stopping at different steps: the decode step only ever sees
+    power-of-two batch sizes (compaction pads with idle slots), its tokens equal eager's, and a second
+    generation runs on the same cache (the same buffers) and compiles nothing new."""
     from torch._dynamo.utils import counters
 
     model, tokenizer = tiny
     prompts = [chat(tokenizer, q) for q in QUESTIONS]
-    free = generate(model, with_stops(tokenizer, ()), prompts, SamplingParams(max_new_tokens=30), batch_size=5)
+    free = generate(model, with_stops(tokenizer, ()), prompts, decoding(max_new_tokens=30), batch_size=5)
     # rows end at their 3rd, 10th, 12th and 21st tokens: 4, then 2, then 1 of them run after the host's reads
     stopping = with_stops(tokenizer, {free[0].tokens[2], free[2].tokens[9], free[3].tokens[11], free[1].tokens[20]})
-    params = SamplingParams(max_new_tokens=30)
+    params = decoding(max_new_tokens=30)
     eager = generate(model, stopping, prompts, params, batch_size=8)
     assert [len(e.tokens) for e in eager] == [2, 20, 9, 11, 30]
     sizes = []
@@ -223,9 +232,87 @@ def test_compiled_compaction_sees_powers_of_two_and_compiles_once(tiny, monkeypa
     assert [c.tokens for c in compiled] == [e.tokens for e in eager]
     assert set(sizes) == {8, 4, 2, 1}  # 5 prompts in 8 slots, then compacted three times
     graphs = counters["stats"]["unique_graphs"]
+    cache = lidr.sampler.CACHES[model]
+    addresses = [layer.k.data_ptr() for layer in cache.layers]
     again = generate(model, stopping, prompts, params, batch_size=8, compile=True)
     assert counters["stats"]["unique_graphs"] == graphs
+    assert lidr.sampler.CACHES[model] is cache and [layer.k.data_ptr() for layer in cache.layers] == addresses
     assert [c.tokens for c in again] == [e.tokens for e in eager]
+
+
+def test_compiled_flex_decode_step_matches_eager_and_is_one_graph(tiny):
+    """The CUDA default traced here on CPU: flex attention's block mask built from the rows' lengths inside
+    one fullgraph step gives eager SDPA's logits at every length, with one graph. The backend is aot_eager
+    (dynamo's graph, run by aten): inductor's CPU flex template refuses this step (NoValidChoicesError in
+    torch 2.13), which is why the compiled CPU step keeps the grouped SDPA."""
+    from torch._dynamo.utils import counters
+
+    model, _ = tiny
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 1000, (n,)) for n in (5, 130)]  # the second row fills two blocks
+    fed = torch.randint(0, 1000, (4, 2))
+    step = torch.compile(lidr.sampler.decode_logits, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch.inference_mode():
+        eager, compiled = (Session(model, KVCache(model, batch_size=2, length=256, pack=False)) for _ in range(2))
+        for slot, prompt in enumerate(prompts):
+            eager.prefill(slot, prompt)
+            compiled.prefill(slot, prompt)
+        graphs = counters["stats"]["unique_graphs"]
+        for i in range(4):
+            positions = torch.tensor([len(p) + i for p in prompts])
+            want = eager.decode(fed[i], positions, 256)
+            got = compiled.decode(fed[i], positions, 256, step, flex=True)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
+def test_one_cache_per_model_is_kept_and_reused(tiny):
+    """A second generation runs on the first one's cache (the same buffers) and gives the same tokens; a
+    longer one replaces it; with packed weights, weights changed in place get a new cache and are used; so
+    does a model cast since."""
+    model, tokenizer = tiny
+    prompts = [chat(tokenizer, q) for q in QUESTIONS[:3]]
+    lidr.sampler.CACHES.pop(model, None)
+    first = generate(model, tokenizer, prompts, decoding(8), batch_size=3)
+    cache = lidr.sampler.CACHES[model]
+    assert cache.batch_size == 3 and cache.length == 128 and not cache.in_use
+    addresses = [layer.k.data_ptr() for layer in cache.layers]
+    again = generate(model, tokenizer, prompts[:2], decoding(8), batch_size=2)
+    assert lidr.sampler.CACHES[model] is cache and [layer.k.data_ptr() for layer in cache.layers] == addresses
+    assert [o.tokens for o in again] == [o.tokens for o in first[:2]]
+    longer = generate(model, tokenizer, prompts[:1], decoding(120), batch_size=1)
+    assert longer[0].tokens[:8] == first[0].tokens
+    replaced = lidr.sampler.CACHES[model]
+    assert replaced is not cache and (replaced.batch_size, replaced.length) == (3, 256)
+    try:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1)  # exact, and undone below
+        flipped = generate(model, tokenizer, prompts, decoding(8), batch_size=3)
+        assert (lidr.sampler.CACHES[model] is not replaced) == lidr.sampler.packs(model)
+        lidr.sampler.CACHES.pop(model)
+        assert [o.tokens for o in generate(model, tokenizer, prompts, decoding(8), batch_size=3)] == \
+            [o.tokens for o in flipped] != [o.tokens for o in first]
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1)
+    plain = lidr.sampler.kv_cache(model, 3, 8, pack=False)  # as on a GPU: no weights in the cache
+    assert lidr.sampler.kv_cache(model, 3, 8, pack=False) is plain
+    assert lidr.sampler.kv_cache(model.to(torch.float64), 3, 8, pack=False).layers[0].k.dtype == torch.float64
+    model.to(torch.float32)
+
+
+def test_skipped_cuda_graphs_stop_a_compiled_generation():
+    """inductor counts each graph it runs without CUDA graphs; the sampler's check fails on any new one."""
+    from torch._dynamo.utils import counters
+
+    before = lidr.sampler.cuda_graph_skips()
+    lidr.sampler.check_cuda_graphs(before)  # none skipped
+    counters["inductor"]["cudagraph_skips"] += 1
+    try:
+        with pytest.raises(RuntimeError, match=r"without CUDA graphs \(1 graph\(s\) skipped\).*TORCH_LOGS=perf_hints"):
+            lidr.sampler.check_cuda_graphs(before)
+    finally:
+        counters["inductor"]["cudagraph_skips"] -= 1
 
 
 # -----------------------------------------------------------------------------
@@ -242,7 +329,7 @@ def test_generations_on_two_models_share_a_process(tiny, tiny_hf, tmp_path):
     other_hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     model, tokenizer = tiny
     prompts = [chat(tokenizer, q) for q in QUESTIONS]
-    params = SamplingParams(max_new_tokens=12)
+    params = decoding(max_new_tokens=12)
     expected = [hf_greedy(tiny_hf, p, 12, tokenizer.stop_ids) for p in prompts]
     expected_other = [hf_greedy(other_hf, p, 12, tokenizer.stop_ids) for p in prompts]
     assert expected != expected_other
@@ -277,20 +364,21 @@ def test_a_failed_start_leaves_the_model_as_it_was(tiny, tiny_hf, monkeypatch):
             built.append(self)
             super().__init__(*args)
 
+    lidr.sampler.CACHES.pop(model, None)  # the cache kept from earlier tests would be reused, not packed
     with monkeypatch.context() as patch:
         patch.setattr(lidr.sampler, "PackedLinear", FailingPackedLinear)
         with pytest.raises(RuntimeError, match="injected"):
-            generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=8))
-    assert len(built) == 5
+            generate(model, tokenizer, prompts, decoding(max_new_tokens=8))
+    assert len(built) == 5 and model not in lidr.sampler.CACHES
     assert_model_unchanged(model, snapshot)
 
     def fail(i, completion):
         raise KeyError("on_finish failed")
 
     with pytest.raises(KeyError, match="on_finish failed"):  # max_new_tokens=1: a row ends at its prefill
-        generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=1), on_finish=fail)
+        generate(model, tokenizer, prompts, decoding(max_new_tokens=1), on_finish=fail)
     assert_model_unchanged(model, snapshot)
-    outs = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=8), batch_size=2)
+    outs = generate(model, tokenizer, prompts, decoding(max_new_tokens=8), batch_size=2)
     assert [o.tokens for o in outs] == [hf_greedy(tiny_hf, p, 8, tokenizer.stop_ids) for p in prompts]
 
 
@@ -315,8 +403,8 @@ def test_repetition_penalty_matches_transformers(tiny, tiny_hf):
     # end to end: the penalty covers prompt and generated tokens, as transformers' does
     model, tokenizer = tiny
     prompt = chat(tokenizer, QUESTIONS[1])  # its plain greedy answer repeats itself
-    penalized = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=30, repetition_penalty=1.3))[0]
-    plain = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=30))[0]
+    penalized = generate(model, tokenizer, [prompt], decoding(max_new_tokens=30, repetition_penalty=1.3))[0]
+    plain = generate(model, tokenizer, [prompt], decoding(max_new_tokens=30))[0]
     assert penalized.tokens == hf_greedy(tiny_hf, prompt, 30, tokenizer.stop_ids, repetition_penalty=1.3)
     assert penalized.tokens != plain.tokens
 
@@ -349,7 +437,7 @@ def test_top_k_top_p_match_transformers():
 def test_sampling_frequencies_follow_the_filtered_distribution():
     """Draws from [.5, .3, .15, .05] with top_p=0.75 land on tokens 0 and 1 with odds .625 / .375."""
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    params = SamplingParams(temperature=1.0, top_p=0.75)
+    params = decoding(temperature=1.0, top_p=0.75)
     generator = torch.Generator().manual_seed(0)
     seen = torch.zeros(1, 4, dtype=torch.bool)
     draws = torch.tensor([sample(logits, seen, params, [generator]).item() for _ in range(4000)])
@@ -357,7 +445,7 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
     assert counts[2] == counts[3] == 0
     assert abs(counts[0] / 4000 - 0.625) < 0.03
     # temperature 2 flattens [.5, .3] to sqrt-proportional odds before top-p: .5^.5 / (.5^.5 + .3^.5 + .15^.5) ...
-    params = SamplingParams(temperature=2.0)
+    params = decoding(temperature=2.0)
     draws = torch.tensor([sample(logits, seen, params, [generator]).item() for _ in range(4000)])
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
     probs = probs / probs.sum()
@@ -368,16 +456,16 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
 def test_seeded_sampling_is_reproducible(tiny):
     model, tokenizer = tiny
     prompts = [chat(tokenizer, q) for q in QUESTIONS[:3]]
-    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=7)
+    params = decoding(max_new_tokens=16, temperature=1.0, seed=7)
     first = generate(model, tokenizer, prompts, params, batch_size=2)
     again = generate(model, tokenizer, prompts, params, batch_size=3)
-    other = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=16, temperature=1.0, seed=8))
-    greedy = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=16))
+    other = generate(model, tokenizer, prompts, decoding(max_new_tokens=16, temperature=1.0, seed=8))
+    greedy = generate(model, tokenizer, prompts, decoding(max_new_tokens=16))
     assert [o.tokens for o in first] == [o.tokens for o in again]
     assert [o.tokens for o in first] != [o.tokens for o in other]
     assert [o.tokens for o in first] != [o.tokens for o in greedy]
     # top_k=1 leaves one token to draw: sampling is then greedy
-    top1 = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=16, temperature=1.0, top_k=1))
+    top1 = generate(model, tokenizer, prompts, decoding(max_new_tokens=16, temperature=1.0, top_k=1))
     assert [o.tokens for o in top1] == [o.tokens for o in greedy]
 
 
@@ -389,7 +477,7 @@ def test_stop_string_cuts_text_and_tokens(tiny):
     model, tokenizer = tiny
     tokenizer = with_stops(tokenizer, ())
     prompt = chat(tokenizer, QUESTIONS[1])
-    free = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=30))[0]
+    free = generate(model, tokenizer, [prompt], decoding(max_new_tokens=30))[0]
     # a stop string straddling a boundary between two generated tokens, where it first occurs
     for i in range(3, 25):
         head, tail = tokenizer.decode(free.tokens[:i]), tokenizer.decode(free.tokens[i : i + 2])
@@ -399,7 +487,7 @@ def test_stop_string_cuts_text_and_tokens(tiny):
             break
     else:
         pytest.fail("the tiny model's output has no boundary to test")
-    out = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=30, stop_strings=("zzz-never", stop)))[0]
+    out = generate(model, tokenizer, [prompt], decoding(30), ("zzz-never", stop))[0]
     assert out.finish_reason == "stop_string"
     assert out.text == free.text[:start]
     # the tokens end with the one that completed the stop string
@@ -410,10 +498,10 @@ def test_stop_string_cuts_text_and_tokens(tiny):
 def test_stop_token_is_dropped(tiny):
     model, tokenizer = tiny
     prompt = chat(tokenizer, QUESTIONS[0])
-    free = generate(model, with_stops(tokenizer, ()), [prompt], SamplingParams(max_new_tokens=20))[0]
+    free = generate(model, with_stops(tokenizer, ()), [prompt], decoding(max_new_tokens=20))[0]
     stop = free.tokens[6]
     first = free.tokens.index(stop)
-    out = generate(model, with_stops(tokenizer, {stop}), [prompt], SamplingParams(max_new_tokens=20))[0]
+    out = generate(model, with_stops(tokenizer, {stop}), [prompt], decoding(max_new_tokens=20))[0]
     assert out == Completion(free.tokens[:first], tokenizer.decode(free.tokens[:first]), "stop_token")
 
 
@@ -422,33 +510,38 @@ def test_prefill_continues_the_assistant_turn(tiny, tiny_hf):
     model, tokenizer = tiny
     prompt = chat(tokenizer, QUESTIONS[1], prefill="<translated>\n")
     assert tokenizer.decode(prompt).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n<translated>\n")
-    out = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=20))[0]
+    out = generate(model, tokenizer, [prompt], decoding(max_new_tokens=20))[0]
     assert out.tokens == hf_greedy(tiny_hf, prompt, 20, tokenizer.stop_ids)
     assert not out.text.startswith("<translated>")
     # prefilling the model's own first 5 tokens yields the rest of its answer
     plain = chat(tokenizer, QUESTIONS[1])
-    full = generate(model, tokenizer, [plain], SamplingParams(max_new_tokens=20))[0]
-    rest = generate(model, tokenizer, [plain + full.tokens[:5]], SamplingParams(max_new_tokens=15))[0]
+    full = generate(model, tokenizer, [plain], decoding(max_new_tokens=20))[0]
+    rest = generate(model, tokenizer, [plain + full.tokens[:5]], decoding(max_new_tokens=15))[0]
     assert rest.tokens == full.tokens[5:]
 
 
 def test_max_new_tokens_and_bad_input(tiny):
     model, tokenizer = tiny
     prompts = [chat(tokenizer, q) for q in QUESTIONS[:3]]
-    greedy = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=9))
+    greedy = generate(model, tokenizer, prompts, decoding(max_new_tokens=9))
     for n in (1, 8, 9):  # around the host's read interval
-        outs = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=n), batch_size=2)
+        outs = generate(model, tokenizer, prompts, decoding(max_new_tokens=n), batch_size=2)
         assert [o.tokens for o in outs] == [g.tokens[:n] for g in greedy]
         assert all(o.finish_reason == "length" for o in outs)
-    assert generate(model, tokenizer, [], SamplingParams()) == []
+    assert generate(model, tokenizer, [], decoding()) == []
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        generate(model, tokenizer, [prompts[0], []], SamplingParams())
+        generate(model, tokenizer, [prompts[0], []], decoding())
     with pytest.raises(ValueError, match="prompt 1 holds token id 128256, outside the model's vocabulary of 128256"):
-        generate(model, tokenizer, [prompts[0], [5, model.cfg.vocab_size]], SamplingParams())
+        generate(model, tokenizer, [prompts[0], [5, model.cfg.vocab_size]], decoding())
     with pytest.raises(ValueError, match="finish_reason must be one of"):
         Completion([1], "a", "eos")
-    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
-                dict(repetition_penalty=0), dict(stop_strings="</translated>"), dict(stop_strings=("",))):
-        with pytest.raises(ValueError):
-            SamplingParams(**bad)
-    assert math.isclose(SamplingParams().top_p, 1.0)
+    for bad, message in ((dict(max_new_tokens=0), "Decoding.max_new_tokens: 0 is below its least value 1"),
+                         (dict(temperature=-1), "Decoding.temperature: -1 is below its least value 0.0"),
+                         (dict(top_p=0), "Decoding.top_p: 0 is not greater than 0.0"),
+                         (dict(top_k=-1), "Decoding.top_k: -1 is below its least value 0"),
+                         (dict(repetition_penalty=0), "Decoding.repetition_penalty: 0 is not greater than 0.0")):
+        with pytest.raises(ValueError, match=message):
+            decoding(**{"max_new_tokens": 4, **bad})
+    for stops in ("</translated>", ("",)):
+        with pytest.raises(ValueError, match="stop_strings must be a sequence of non-empty strings"):
+            generate(model, tokenizer, prompts, decoding(max_new_tokens=4), stops)
