@@ -42,7 +42,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from lidr import settings
+from lidr import cluster, settings
 from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, positive_int
 from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
@@ -98,7 +98,9 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
     settings = {"system": system, "generator": generator, "sampling": asdict(params)}
     identities = {lang: {"inputs": {"prompts": file_identity(prompts_dir / f"{lang}.json")}, "model": model_identity,
                          "settings": settings} for lang in langs}
-    check_outputs(GENERATE, [(out / f"{lang}.jsonl", identities[lang], [out / f"{lang}.json"]) for lang in langs])
+    cluster.on_rank0(lambda: check_outputs(GENERATE, [(out / f"{lang}.jsonl", identities[lang], [out / f"{lang}.json"])
+                                                       for lang in langs]))
+    rank, _ = cluster.rank_and_world()
     context = model.cfg.max_seq_len
     for lang in langs:
         prompts, dropped = read[lang]
@@ -121,6 +123,8 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
         written, generated = sample_rows(to_answer, out / f"{lang}.jsonl", "id", make_row, lambda: (model, tokenizer),
                                          params, made_by=GENERATE, identity=identities[lang], batch_size=batch_size,
                                          companions=[out / f"{lang}.json"])
+        if rank != 0:  # the other ranks of a torchrun launch hold no rows
+            continue
         by_id = {str(row["id"]): row for row in written}
         rows = [by_id[str(p["id"])] for p in chosen if str(p["id"]) in by_id]
         write_json_atomic(out / f"{lang}.json", [
@@ -137,7 +141,8 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
         }
         print(f"{lang}: {len(rows)} outputs ({generated} generated now, {len(too_long)} instructions too long for "
               f"the model's context) -> {out / f'{lang}.json'}")
-    write_json_atomic(out / "summary.json", summary)
+    if rank == 0:
+        write_json_atomic(out / "summary.json", summary)
     return summary
 
 
@@ -246,6 +251,7 @@ def main(argv=None):
             if not (Path(args.prompts) / f"{lang}.json").is_file():
                 parser.error(f"{Path(args.prompts) / f'{lang}.json'}: no such file")
         decoding = from_flags(args, settings.ALPACAEVAL)
+        cluster.check_shared(base / "outputs", args.model)  # under torchrun: every node sees OUT and the model
         identity = model_identity(args.model, args.dtype, args.chat_format)
         model, tokenizer = open_model(args.model, args.device, args.dtype, args.chat_format)
         generate_outputs(model, tokenizer, Path(args.prompts), args.langs, base / "outputs", sampling_params(decoding),

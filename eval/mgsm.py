@@ -52,7 +52,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from eval.common import check_langs, model_identity
-from lidr import settings
+from lidr import cluster, settings
 from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, positive_int
 from lidr.jsonl import file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
@@ -197,7 +197,7 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
     settings = {"system": system, "template": template, "sampling": asdict(params)}
     identities = {lang: {"inputs": {"data": file_identity(data / f"{lang}.jsonl")}, "model": model_identity,
                          "settings": settings} for lang in langs}
-    check_outputs(MADE_BY, [(out / f"{lang}.jsonl", identities[lang], ()) for lang in langs])
+    cluster.on_rank0(lambda: check_outputs(MADE_BY, [(out / f"{lang}.jsonl", identities[lang], ()) for lang in langs]))
     context = model.cfg.max_seq_len
     for lang in langs:
         questions, dropped = read[lang]
@@ -238,7 +238,8 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
         "accuracy": sum(s["accuracy"] for s in scored) / len(scored) if scored else None,
         "off_target": sum(s["off_target"] for s in scored) / len(scored) if scored else None,
     }
-    write_json_atomic(out / "summary.json", summary)
+    if cluster.rank_and_world()[0] == 0:  # the other ranks of a torchrun launch hold no rows
+        write_json_atomic(out / "summary.json", summary)
     return summary
 
 
@@ -260,6 +261,7 @@ def main(argv=None):
         if not (Path(args.data) / f"{lang}.jsonl").is_file():
             parser.error(f"{Path(args.data) / f'{lang}.jsonl'}: no such file")
     decoding = from_flags(args, settings.MGSM)
+    cluster.check_shared(Path(args.out) / args.name, args.model)  # under torchrun: every node sees OUT and the model
     identity = model_identity(args.model, args.dtype, args.chat_format)
     model, tokenizer = open_model(args.model, args.device, args.dtype, args.chat_format)
     run(model, tokenizer, Path(args.data), args.langs, Path(args.out) / args.name, sampling_params(decoding),

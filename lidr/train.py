@@ -89,6 +89,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from lidr import cluster
 from lidr.checkpoint import check, default_dtype, folder_identity, load_model, read_config, save
 from lidr.cli import add_flags, flags_argv, from_flags
 from lidr.dpo import dpo_loss, hidden_sequence_logps
@@ -323,11 +324,14 @@ def reference_logps(model, examples: list[Example], pad_id: int, options: Traini
 
 def saved_reference_logps(path: Path, fingerprint: dict, compute, rank: int) -> torch.Tensor:
     """The table saved at `path` for these inputs, or compute() once and save it there (rank 0)."""
-    if path.exists():
-        saved = torch.load(path)
-        if saved["fingerprint"] != fingerprint:
+
+    def saved():  # decided on rank 0
+        if path.exists() and torch.load(path)["fingerprint"] != fingerprint:
             raise SystemExit(f"{path} was computed for other data or another model; use a fresh --out")
-        return saved["logps"]
+        return path.exists()
+
+    if cluster.on_rank0(saved):
+        return torch.load(path)["logps"]
     table = compute()
     if rank == 0:
         torch.save({"fingerprint": fingerprint, "logps": table}, path.with_suffix(".tmp"))
@@ -459,6 +463,7 @@ def train(model_dir, data, out, options: Training = TRAINING):
     if options.dtype is None:
         options = replace(options, dtype=str(default_dtype(ranks.device)).removeprefix("torch."))
     try:
+        cluster.check_shared(out, model_dir)  # under torchrun: every node sees OUT and the same model
         run(Path(model_dir), Path(data), Path(out), options, ranks)
     finally:
         dist.destroy_process_group()
@@ -510,11 +515,16 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
     torch.manual_seed(options.seed)
     tokenizer, examples, counts, identity = read_inputs(model_dir, data, options, world)
     run_file = out / "run.json"
-    if run_file.exists():  # refused before anything in OUT is touched
-        changes = identity_changes(json.loads(run_file.read_text()), identity)
-        if changes:
-            raise SystemExit(f"{out} holds a run made from other inputs or settings ({'; '.join(changes)}); "
-                             f"rerun the same command or use a fresh --out")
+
+    def same_run():  # refused before anything in OUT is touched
+        if run_file.exists():
+            changes = identity_changes(json.loads(run_file.read_text()), identity)
+            if changes:
+                raise SystemExit(f"{out} holds a run made from other inputs or settings ({'; '.join(changes)}); "
+                                 f"rerun the same command or use a fresh --out")
+        return identity
+
+    identity = cluster.on_rank0(same_run)  # rank 0's view: resolved paths and file times differ across nodes
     global_batch = global_batch_size(options, world)
     total_steps = len(examples) // global_batch * options.epochs
     dist.barrier()
@@ -531,7 +541,7 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
               f"global batch {global_batch} = {options.batch_size} × {options.grad_accum} accumulation × {world}; "
               f"{total_steps} steps")
     dist.barrier()
-    if (out / "model" / "config.json").is_file():  # the export is written atomically: the run is complete
+    if cluster.on_rank0((out / "model" / "config.json").is_file):  # the export is atomic: the run is complete
         if rank == 0:
             print(f"{out / 'model'} exists: this run finished earlier, nothing to do")
         return
@@ -549,7 +559,7 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
     warmup_steps = max(1, round(options.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
     start = 0
-    checkpoint_dir = latest_checkpoint(out)
+    checkpoint_dir = cluster.on_rank0(lambda: latest_checkpoint(out))
     if checkpoint_dir is not None:
         start = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, rank)
         if rank == 0:
@@ -654,3 +664,7 @@ def options_argv(options: Training) -> list[str]:
 def main(argv=None):
     args = parse_args(argv)
     train(args.model, args.data, args.out, options_from(args))
+
+
+if __name__ == "__main__":
+    main()
