@@ -115,3 +115,35 @@ def test_two_nodes_seeing_other_models_refuse_on_every_rank_and_write_nothing(ti
         assert "the model folder model is not shared across nodes: rank 1 (on " in agent.stderr, agent.stderr[-3000:]
     assert [folder_contents(node) for node in nodes] == before
     assert folder_contents(tmp_path) == sorted(["node0", "node1", *(f"node{i}/{p}" for i in (0, 1) for p in before[i])])
+
+
+def test_iterate_on_two_nodes_trains_what_one_process_trains(tiny_dir, data, tmp_path):
+    """One iterate.py per node (node 0 and node 1, each in its own working folder, WORK shared), the
+    iteration's generation, translation and pairs done earlier: both launch `-m lidr.train` at one c10d
+    rendezvous; node 1 waits for node 0's marker; M1 is the one-process run's weights."""
+    iteration = tmp_path / "work" / "iter1"
+    (iteration / "done").mkdir(parents=True)
+    for name in ("generate", "translate", "pairs"):
+        (iteration / "done" / name).write_text("")
+    shutil.copy(data, iteration / "pairs.jsonl")
+    trainer = ["--lr", "1e-3", "--warmup-ratio", "0.2", "--max-len", "96", "--batch-size", "2"]
+    train_main(["--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "one"), *trainer,
+                "--grad-accum", "2"])
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    nodes = []
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+        cmd = [sys.executable, str(ROOT / "iterate.py"), "--model", str(tiny_dir), "--work", str(tmp_path / "work"),
+               "--prompts", str(tmp_path / "prompts"), "--langs", "fr", "--nnodes", "2", "--node-rank", str(rank),
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--", *trainer]
+        nodes.append(subprocess.Popen(cmd, cwd=tmp_path / f"node{rank}", env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    for stdout, _ in outputs:
+        assert "-m lidr.train" in stdout and "--rdzv-id=work-work-iter1-train" in stdout
+    assert f"[iter 1/1] train: waiting for node 0 to mark it done ({iteration / 'done' / 'train'})" in outputs[1][0]
+    assert_same_weights(load_file(iteration / "train" / "model" / "model.safetensors"),
+                        load_file(tmp_path / "one" / "model" / "model.safetensors"), atol=1e-5)
+    assert folder_contents(tmp_path / "node0") == folder_contents(tmp_path / "node1") == []
