@@ -6,17 +6,19 @@
         --iterations 2 --nproc 8
     python iterate.py ... --nproc 8 --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --rdzv-id lidr-8b
 
-The second runs on each of 2 nodes, R = 0 on one, 1 on the other, WORK on a filesystem both see
-(lidr/iterate.py `Nodes`: node 0 runs pairs and writes the done markers; every torchrun stage
-meets at HOST's c10d rendezvous). Iteration t reads PROMPTS' t-th folder ({lang}.jsonl with {id, instruction}), or the last one
+Iteration t reads PROMPTS' t-th folder ({lang}.jsonl with {id, instruction}), or the last one
 given when there are fewer folders than iterations, and runs in WORK/iter{t}/: generate ->
 translate -> pairs (or SDRRL rows) -> train (lidr/iterate.py, which says what each stage writes
 and how a rerun resumes). With --nproc N > 1 generation and translation run under torchrun (data
-parallel), and so does training (FSDP) unless --train-nproc says otherwise; with 1 (and one node) they
-run inside this process. Everything after `--` sets the trainer (lidr/train.py's flags, e.g. -- --lr 1e-6
+parallel), and so does training (FSDP) unless --train-nproc says otherwise; with 1 they run inside
+this process. Everything after `--` sets the trainer (lidr/train.py's flags, e.g. -- --lr 1e-6
 --epochs 2). Every default is the paper's (lidr/settings.py); the answers, self-translation,
 pair and SFT-row flags are those of generate.py, translate.py, lidr.pairs and lidr.sdrrl, with the
 prefixes translate-, pairs- and sdrrl-.
+
+The second command runs on each of 2 nodes, R = 0 on one and 1 on the other, WORK on a filesystem
+both see: node 0 runs pairs and writes the done markers, and every torchrun stage meets at HOST's
+c10d rendezvous (lidr/iterate.py `Nodes`).
 """
 
 import argparse
@@ -46,8 +48,8 @@ def parse_args(argv=None):
                              "(lidr/sdrrl.py) and the SFT objective")
     parser.add_argument("--iterations", type=positive_int, default=1)
     parser.add_argument("--nproc", type=positive_int, default=1,
-                        help="processes per node for generation and translation (torchrun when > 1 or on several nodes, "
-                             "else in this process)")
+                        help="processes per node for generation and translation (torchrun when > 1 or on "
+                             "several nodes, else in this process)")
     parser.add_argument("--train-nproc", type=positive_int, default=None,
                         help="processes per node for training (default: --nproc)")
     nodes = parser.add_argument_group("nodes (one iterate.py per node, the same flags but --node-rank)")

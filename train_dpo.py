@@ -3,6 +3,8 @@
     python train_dpo.py --model M0 --data pairs.jsonl --out runs/M1
     torchrun --standalone --nproc_per_node=8 train_dpo.py --model M0 --data pairs.jsonl --out runs/M1
 
+`python train_dpo.py` is `python -m lidr.train` (the multi-node command is in lidr/train.py).
+
 The flags set lidr/settings.py's Training (defaults: the paper's β and α, lidr's choices for the
 rest); the loop, and how it departs from the paper, is lidr/train.py `train`; the loss is
 lidr/dpo.py. Rerunning the same command resumes from OUT/checkpoint.

@@ -3,6 +3,8 @@
     # 1. the model's outputs (greedy, repetition penalty 1.1, 2,048 new tokens, as the paper)
     python -m eval.alpacaeval generate --model runs/M1 --out runs/eval/M1 \\
         --prompts ../shared/data/x-alpacaeval/prompts --langs en es ru de fr
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
+        -m eval.alpacaeval generate ...       # on each node (or --standalone on one); OUT shared (lidr/cluster.py)
     # 2. pairwise judgements against the reference outputs, with an API judge ...
     OPENAI_API_KEY=... python -m eval.alpacaeval judge --out runs/eval/M1 --langs en es ru de fr \\
         --reference ../shared/data/x-alpacaeval/reference-gpt-4-turbo-2024-04-09 \\

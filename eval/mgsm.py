@@ -4,6 +4,9 @@
         --data ../shared/data/mgsm --langs en es ru de fr ja sw th zh bn te
     python -m eval.mgsm --model runs/M1 --out runs/eval/M1 --name gsm8k \\
         --data ../shared/data/gsm8k/test --langs en de es fr ru
+    torchrun --standalone --nproc_per_node=8 -m eval.mgsm ...      # the questions shared among 8 ranks
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
+        -m eval.mgsm ...                                           # on each node; OUT shared (lidr/cluster.py)
 
 Every question is put to the model in the paper's prompt (below), inside the model's chat format,
 after the system turn, and answered as the repository's MGSM script decodes: greedily, with the

@@ -10,7 +10,7 @@ The command line over it (`python generate.py` in a checkout is the same command
     python -m lidr.generation --model DIR --prompts ../shared/data/mgsm/fr.jsonl --field query --out-field answer --out mgsm_fr.jsonl
     torchrun --standalone --nproc_per_node=8 -m lidr.generation --model DIR --prompts IN.jsonl --out OUT.jsonl
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
-        -m lidr.generation --model DIR --prompts IN.jsonl --out OUT.jsonl      # on each node; OUT shared (lidr/cluster.py)
+        -m lidr.generation --model DIR --prompts IN.jsonl --out OUT.jsonl    # on each node, OUT shared
 
 IN is JSONL or a JSON list of objects; `--field` names the prompt (AlpaGasus and X-AlpacaEval:
 `instruction`, MGSM: `query`). An output row is the input row plus `out_field` (the reply) and

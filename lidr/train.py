@@ -2,7 +2,8 @@
 
     python train_dpo.py --model M0 --data pairs.jsonl --out runs/M1                  # one process
     torchrun --standalone --nproc_per_node=8 train_dpo.py --model M0 --data pairs.jsonl --out runs/M1
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 train_dpo.py ...  # OUT shared
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
+        -m lidr.train --model M0 --data pairs.jsonl --out runs/M1   # on each node; OUT shared (lidr/cluster.py)
     python train_dpo.py --objective sft --model M0 --data sft.jsonl --out runs/M0-sft  # SDRRL rows
     python train_dpo.py --dtype bfloat16 ...   # bf16 compute, fp32 master weights (the GPU default, on CPU)
     train("M0", "pairs.jsonl", "runs/M1", Training(lr=1e-6))        # the same, from Python (lidr/settings.py)
@@ -61,8 +62,10 @@ How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx
   Neither flex_attention (no backward on CPU, so its gradients cannot be tested there;
   bench/gpu.py times it beside lidr's) nor a varlen kernel (flash-attn, torch.nn.attention.varlen:
   CUDA only) is used.
-- OUT must be one filesystem seen by every node. The nccl/MFU/per-sequence attention paths have
-  not been run on a GPU yet (bench/gpu.py runs them); the tests cover gloo in fp32 and bf16.
+- OUT must be one folder seen by every node: every rank checks that it is (and that it sees the same
+  model) before anything is written, and rank 0 alone decides what a rerun resumes (lidr/cluster.py).
+  The nccl/MFU/per-sequence attention paths have not been run on a GPU yet (bench/gpu.py runs them);
+  the tests cover gloo in fp32 and bf16.
 """
 
 import argparse
