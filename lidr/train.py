@@ -94,9 +94,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lidr import cluster
 from lidr.checkpoint import check, default_dtype, folder_identity, load_model, read_config, save
-from lidr.cli import add_flags, flags_argv, from_flags
+from lidr.cli import add_flags, flags_argv, from_flags, positive_int, setting_type
 from lidr.dpo import dpo_loss, hidden_sequence_logps
 from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
+from lidr.memory import GB, fits, largest_micro_batch, plan, training_peak
 from lidr.model import Documents, Llama, rope_inv_freq
 from lidr.settings import TRAINING, Training, provenance
 from lidr.tokenizer import Tokenizer, chat_messages
@@ -505,6 +506,23 @@ def read_inputs(model_dir: Path, data: Path, options: Training, world: int):
     return tokenizer, examples, counts, identity
 
 
+def checkpointing_where_needed(model_dir: Path, examples: list[Example], options: Training, world: int, device):
+    """(options with activation_checkpointing decided, why, or None) where it is unset: on CUDA, on
+    when the plan (lidr/memory.py) says the largest micro-batch does not fit without it; else off."""
+    if options.activation_checkpointing is not None:
+        return options, None
+    if torch.device(device).type != "cuda":
+        return replace(options, activation_checkpointing=False), None
+    memory_gb = torch.cuda.get_device_properties(device).total_memory / GB
+    tokens, _, _ = largest_micro_batch(examples, options.batch_size, options.max_len)
+    peak = training_peak(read_config(model_dir), world, getattr(torch, options.dtype).itemsize, tokens, False)
+    if fits(peak, memory_gb):
+        return replace(options, activation_checkpointing=False), None
+    return replace(options, activation_checkpointing=True), (
+        f"activation checkpointing on: without it the plan estimates {sum(peak.values()) / GB:.1f} GB per GPU, more "
+        f"than this {memory_gb:.0f} GB GPU holds (lidr/memory.py; --no-activation-checkpointing to turn it off)")
+
+
 def format_counts(counts: Counter) -> str:
     dropped = ", ".join(f"{v} {k}" for k, v in counts.items() if v and k not in ("read", "kept", "prompt truncated"))
     return f"dropped: {dropped or 'none'}; {counts['prompt truncated']} prompts truncated"
@@ -528,6 +546,7 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
         return identity
 
     identity = cluster.on_rank0(same_run)  # rank 0's view: resolved paths and file times differ across nodes
+    options, why = cluster.on_rank0(lambda: checkpointing_where_needed(model_dir, examples, options, world, device))
     global_batch = global_batch_size(options, world)
     total_steps = len(examples) // global_batch * options.epochs
     dist.barrier()
@@ -543,6 +562,8 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
         print(f"{world} rank(s) on {device.type}, {identity['dtype']} compute, packed rows attending {attention}; "
               f"global batch {global_batch} = {options.batch_size} × {options.grad_accum} accumulation × {world}; "
               f"{total_steps} steps")
+        if why:
+            print(why)
     dist.barrier()
     if cluster.on_rank0((out / "model" / "config.json").is_file):  # the export is atomic: the run is complete
         if rank == 0:
@@ -644,9 +665,24 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder of M_t (policy and reference)")
     p.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected} (dpo) or {prompt, response} (sft)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint, reference log-probs, log, exported model")
+    p.add_argument("--out", help="run folder: checkpoint, reference log-probs, log, exported model (required but "
+                                 "with --plan)")
     add_training_flags(p)
-    return p.parse_args(argv)
+    fit = p.add_argument_group("plan: will it fit? (lidr/memory.py; no weights are read, nothing is written)")
+    fit.add_argument("--plan", action="store_true", help="print the per-GPU peak estimate and exit: 0 if it fits, "
+                                                         "1 with the settings that would make it fit")
+    fit.add_argument("--gpus", type=positive_int, default=max(1, torch.cuda.device_count()),
+                     help="GPUs the run spans, every node's (default: this machine's, %(default)s)")
+    fit.add_argument("--gpu-memory", type=setting_type(float, {"above": 0}), default=default_gpu_memory(),
+                     help="GB of memory per GPU (default: this machine's GPU, else 80)")
+    args = p.parse_args(argv)
+    if not args.plan and args.out is None:
+        p.error("the following arguments are required: --out")
+    return args
+
+
+def default_gpu_memory() -> float:
+    return torch.cuda.get_device_properties(0).total_memory / GB if torch.cuda.is_available() else 80.0
 
 
 def add_training_flags(p: argparse.ArgumentParser):
@@ -664,9 +700,32 @@ def options_argv(options: Training) -> list[str]:
     return flags_argv(options)
 
 
+def plan_run(model_dir, data, options: Training, gpus: int, gpu_memory_gb: float):
+    """--plan: the per-GPU peak estimate printed, from config.json, the tokenizer and the data (no
+    weights); exits 0 when the run fits, else with the sentence naming what would make it fit."""
+    try:
+        cfg = read_config(model_dir)
+        tokenizer = Tokenizer.from_folder(model_dir, chat_format=options.chat_format)
+        examples, counts = load_examples(data, tokenizer, options.objective, options.max_len)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    if not examples:
+        raise SystemExit(f"{data}: no usable row of {counts['read']} ({format_counts(counts)})")
+    dtype_bytes = getattr(torch, options.dtype or "bfloat16").itemsize  # the GPU default
+    ok, breakdown, verdict = plan(cfg, examples, options.batch_size, options.max_len, dtype_bytes, gpus,
+                                  gpu_memory_gb, options.activation_checkpointing)
+    print(breakdown)
+    if not ok:
+        raise SystemExit(verdict)
+    print(verdict)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    train(args.model, args.data, args.out, options_from(args))
+    if args.plan:
+        plan_run(args.model, args.data, options_from(args), args.gpus, args.gpu_memory)
+    else:
+        train(args.model, args.data, args.out, options_from(args))
 
 
 if __name__ == "__main__":
