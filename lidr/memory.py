@@ -1,6 +1,6 @@
 """Will a training run fit? The per-GPU peak of lidr/train.py, estimated from config.json and the data.
 
-    python train_dpo.py --model Meta-Llama-3-8B-Instruct --data pairs.jsonl --out runs/M1 --plan --gpus 8 --gpu-memory 80
+    python train_dpo.py --model Meta-Llama-3-8B-Instruct --data pairs.jsonl --plan --gpus 8 --gpu-memory 80
     peak = training_peak(cfg, gpus=8, dtype_bytes=2, tokens=8192, activation_checkpointing=True)  # {part: bytes}
 
 The trainer keeps fp32 master weights, fp32 gradients and AdamW's fp32 state sharded over every
@@ -20,9 +20,9 @@ peak per GPU is the sum of:
                                                                  its fp32 copy for the reduce-scatter
     activations, no checkpointing    T·L·A,  A = 8·d + b·(4·d + 3·d_q + 2·d_kv + 4·f)
     activations, checkpointing       T·L·b·d + T·A               each block's input, and one block recomputed
-    logits                           T·d·(b + 4) + C·V·(2·b + 12)   the final norm's saved input and output, and one
-                                                                 chunk of logits with its fp32 log-softmax, forward and
-                                                                 backward
+    logits                           T·d·(b + 4) + C·V·(2·b + 12)
+                                                                 the final norm's saved input and output, and one chunk
+                                                                 of logits with its fp32 log-softmax, forward and back
 
 A is what one block saves per token for its backward: each RMSNorm's fp32 input (4·d) and its
 rounded and scaled outputs (2·b·d); q and k after RoPE and v (d_q + 2·d_kv), attention's output
@@ -108,8 +108,9 @@ def plan(cfg: LlamaConfig, examples: list, batch_size: int, max_len: int, dtype_
     chosen = with_ac if use_ac else without
     usable = USABLE_SHARE * gpu_memory_gb
     lines = [f"plan: {gpus} GPU(s) of {gpu_memory_gb:g} GB, {parameter_counts(cfg)[0] / 1e9:.2f}B parameters, "
-             f"{dtype_bytes}-byte compute dtype; the largest micro-batch is {tokens:,} tokens ({batch_size} rows "
-             f"packed into {rows} × {width})",
+             f"{dtype_bytes}-byte compute dtype; the largest micro-batch is {tokens:,} tokens (the "
+             f"{batch_size * len(examples[0].responses)} sequences of its {batch_size} longest rows packed into "
+             f"{rows} rows of {width})",
              f"  {'per GPU, GB':<28}{'no checkpointing':>18}{'checkpointing':>16}"]
     lines += [f"  {part:<28}{without[part] / GB:>18.2f}{with_ac[part] / GB:>16.2f}" for part in PARTS]
     lines.append(f"  {'total':<28}{sum(without.values()) / GB:>18.2f}{sum(with_ac.values()) / GB:>16.2f}"

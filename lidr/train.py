@@ -6,6 +6,7 @@
         -m lidr.train --model M0 --data pairs.jsonl --out runs/M1   # on each node; OUT shared (lidr/cluster.py)
     python train_dpo.py --objective sft --model M0 --data sft.jsonl --out runs/M0-sft  # SDRRL rows
     python train_dpo.py --dtype bfloat16 ...   # bf16 compute, fp32 master weights (the GPU default, on CPU)
+    python train_dpo.py ... --plan --gpus 8 --gpu-memory 80   # will it fit? the per-GPU peak (lidr/memory.py)
     train("M0", "pairs.jsonl", "runs/M1", Training(lr=1e-6))        # the same, from Python (lidr/settings.py)
 
 Rows: {"prompt", "chosen", "rejected"} (DPO) or {"prompt", "response"} (SFT), optional "system",
@@ -30,8 +31,10 @@ One run, in order:
    filled from the HF folder read once on rank 0 and broadcast. The shards are fp32 master
    weights (AdamW's state is fp32 too); --dtype is the compute dtype that each forward gathers
    them in (bfloat16 by default on GPU, float32 on CPU), gradients are reduce-scattered in fp32
-   (FSDP2's MixedPrecisionPolicy; nccl on GPU, gloo on CPU). A plain `python` launch makes a
-   one-rank process group, so every launch runs the same code.
+   (FSDP2's MixedPrecisionPolicy; nccl on GPU, gloo on CPU). On CUDA, unless
+   --[no-]activation-checkpointing says otherwise, each block is recomputed in backward when the
+   memory plan (lidr/memory.py) says the largest micro-batch does not fit without it (printed).
+   A plain `python` launch makes a one-rank process group, so every launch runs the same code.
 3. Reference log-probs (DPO): the policy, still M_t, scores every pair once, each rank a slice;
    the table is gathered and saved as OUT/reference_logps.pt and reused on resume. During
    training only the policy is in memory.

@@ -3,6 +3,7 @@ and `train_dpo.py --plan` for Llama-3-8B's real config.json (no weights) on 1 an
 
 import gc
 import json
+import math
 import shutil
 
 import pytest
@@ -139,3 +140,70 @@ def long_pairs(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def llama3_8b_config_only(tmp_path_factory):
+    """config.json and the tokenizer of Llama-3-8B-Instruct, and no weights."""
+    folder = tmp_path_factory.mktemp("llama3-8b")
+    (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
+    shutil.copy(llama3_tokenizer_json(), folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": LLAMA3_TEMPLATE, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def long_pairs(tmp_path_factory):
+    """Pairs of about 1,000-token sequences, as LIDR's answers (up to 2,400 tokens) and their translations make."""
+    rows = [{"prompt": f"Question {i}: explain photosynthesis in detail.",
+             "chosen": " ".join(f"Step {k} of the light reactions moves electron {i}." for k in range(90)),
+             "rejected": " ".join(f"Step {k} of the Calvin cycle fixes carbon {i}." for k in range(90))}
+            for i in range(16)]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def run_plan(folder, data, flags, capsys) -> tuple[int, str, dict]:
+    """(exit status, the verdict, {part: (GB without checkpointing, GB with)}) of `train_dpo.py --plan`."""
+    try:
+        lidr.train.main(["--model", str(folder), "--data", str(data), "--plan", *flags])
+        status, verdict = 0, None
+    except SystemExit as e:
+        status, verdict = 1, e.code
+    lines = capsys.readouterr().out.splitlines()
+    verdict = verdict or lines[-1]
+    table = {line[2:30].strip(): tuple(map(float, line[30:].split()[:2]))
+             for line in lines[2:] if line.startswith("  ")}
+    return status, verdict, table
+
+
+def gpus_to_fit(table: dict, gpus: int, column: int) -> int:
+    """The fewest GPUs on which the plan's total fits in 72 GB, from its table for `gpus`: the sharded
+    16 bytes per parameter shrink with more GPUs, the rest does not."""
+    sharded = 16 * LLAMA3_8B_PARAMETERS / 1e9
+    rest = table["total"][column] - sharded / gpus
+    return math.ceil(sharded / (72 - rest))
+
+
+def test_plan_for_llama3_8b_on_1_and_on_8_gpus(llama3_8b_config_only, long_pairs, capsys):
+    """No weights: config.json, the tokenizer and the data. The static parts are closed forms of
+    8,030,261,248 parameters (16 bytes each, sharded); 1 GPU does not fit, 8 do, with checkpointing."""
+    folder, P = llama3_8b_config_only, LLAMA3_8B_PARAMETERS
+    status, verdict, table = run_plan(folder, long_pairs, ["--gpus", "1", "--gpu-memory", "80"], capsys)
+    assert status == 1
+    assert table["sharded weights (fp32)"] == (round(4 * P / 1e9, 2),) * 2
+    assert table["AdamW state (fp32)"] == (round(8 * P / 1e9, 2),) * 2
+    assert verdict.startswith("does not fit: ") and "activation checkpointing on (on because it is needed)" in verdict
+    assert verdict.endswith(f"it would fit with {gpus_to_fit(table, 1, 1)} GPUs"), verdict
+    status, verdict, table = run_plan(folder, long_pairs, ["--gpus", "8", "--gpu-memory", "80"], capsys)
+    assert status == 0
+    assert table["sharded weights (fp32)"] == (round(4 * P / 8 / 1e9, 2),) * 2
+    assert table["AdamW state (fp32)"] == (round(8 * P / 8 / 1e9, 2),) * 2
+    without, with_ac = table["total"]
+    assert without > 72 > with_ac  # 90% of 80 GB is usable
+    assert verdict == f"fits: {with_ac:.1f} GB per GPU with activation checkpointing on (on because it is needed)"
+    status, verdict, table = run_plan(folder, long_pairs, ["--gpus", "8", "--gpu-memory", "80",
+                                                           "--no-activation-checkpointing"], capsys)
+    assert status == 1 and verdict.endswith(
+        "it would fit with --activation-checkpointing or --batch-size 3 (and --grad-accum to keep the global batch) "
+        f"or {gpus_to_fit(table, 8, 0)} GPUs"), verdict
