@@ -204,7 +204,7 @@ def sample_rows(prompts: list[Prompt], out, key: str, make_row, load, params: Sa
         record_output(out, made_by, identity)
         merge(out, key, order)  # what an interrupted run left in partial files
     barrier()
-    done = {str(row[key]) for row in read_complete_lines(out)} & set(order)
+    done = cluster.on_rank0(lambda: {str(row[key]) for row in read_complete_lines(out)} & set(order))
     todo = [prompt for prompt in prompts if prompt.key not in done][rank::world]
 
     if todo:

@@ -674,18 +674,13 @@ def parse_args(argv=None):
     fit = p.add_argument_group("plan: will it fit? (lidr/memory.py; no weights are read, nothing is written)")
     fit.add_argument("--plan", action="store_true", help="print the per-GPU peak estimate and exit: 0 if it fits, "
                                                          "1 with the settings that would make it fit")
-    fit.add_argument("--gpus", type=positive_int, default=max(1, torch.cuda.device_count()),
-                     help="GPUs the run spans, every node's (default: this machine's, %(default)s)")
-    fit.add_argument("--gpu-memory", type=setting_type(float, {"above": 0}), default=default_gpu_memory(),
+    fit.add_argument("--gpus", type=positive_int, help="GPUs the run spans, every node's (default: this machine's)")
+    fit.add_argument("--gpu-memory", type=setting_type(float, {"above": 0}),
                      help="GB of memory per GPU (default: this machine's GPU, else 80)")
     args = p.parse_args(argv)
     if not args.plan and args.out is None:
         p.error("the following arguments are required: --out")
     return args
-
-
-def default_gpu_memory() -> float:
-    return torch.cuda.get_device_properties(0).total_memory / GB if torch.cuda.is_available() else 80.0
 
 
 def add_training_flags(p: argparse.ArgumentParser):
@@ -703,9 +698,13 @@ def options_argv(options: Training) -> list[str]:
     return flags_argv(options)
 
 
-def plan_run(model_dir, data, options: Training, gpus: int, gpu_memory_gb: float):
+def plan_run(model_dir, data, options: Training, gpus: int | None, gpu_memory_gb: float | None):
     """--plan: the per-GPU peak estimate printed, from config.json, the tokenizer and the data (no
-    weights); exits 0 when the run fits, else with the sentence naming what would make it fit."""
+    weights); exits 0 when the run fits, else with the sentence naming what would make it fit.
+    gpus, gpu_memory_gb None: this machine's GPUs (80 GB where it has none)."""
+    cuda = torch.cuda.is_available()
+    gpus = gpus or max(1, torch.cuda.device_count())
+    gpu_memory_gb = gpu_memory_gb or (torch.cuda.get_device_properties(0).total_memory / GB if cuda else 80.0)
     try:
         cfg = read_config(model_dir)
         tokenizer = Tokenizer.from_folder(model_dir, chat_format=options.chat_format)
