@@ -207,3 +207,32 @@ def test_plan_for_llama3_8b_on_1_and_on_8_gpus(llama3_8b_config_only, long_pairs
     assert status == 1 and verdict.endswith(
         "it would fit with --activation-checkpointing or --batch-size 3 (and --grad-accum to keep the global batch) "
         f"or {gpus_to_fit(table, 8, 0)} GPUs"), verdict
+
+
+def test_on_cuda_unset_activation_checkpointing_turns_on_where_the_plan_needs_it(llama3_8b_config_only, long_pairs,
+                                                                                  monkeypatch):
+    """8 ranks of Llama-3-8B on 80 GB GPUs need it (82 GB without), on H200s (141 GB) they do not; a value
+    the user set is kept. The GPU's memory is what torch.cuda reports (here stood in for: no GPU in CI)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from lidr.tokenizer import Tokenizer
+    from lidr.train import checkpointing_where_needed, load_examples
+
+    examples, _ = load_examples(long_pairs, Tokenizer.from_folder(llama3_8b_config_only), "dpo", TRAINING.max_len)
+    options = replace(TRAINING, dtype="bfloat16")
+    tokens = largest_micro_batch(examples, options.batch_size, options.max_len)[0]
+    without = sum(training_peak(LlamaConfig.from_hf(LLAMA3_8B), 8, 2, tokens, False).values()) / GB  # the --plan's
+    for memory_gb, needed in ((80, True), (141, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device: SimpleNamespace(total_memory=memory_gb * GB))
+        decided, why = checkpointing_where_needed(llama3_8b_config_only, examples, options, 8, torch.device("cuda", 0))
+        assert decided.activation_checkpointing is needed
+        assert (why is not None) is needed
+        if why:
+            assert why.startswith(f"activation checkpointing on: without it the plan estimates {without:.1f} GB")
+        kept, why = checkpointing_where_needed(llama3_8b_config_only, examples,
+                                               replace(options, activation_checkpointing=not needed), 8, "cuda")
+        assert kept.activation_checkpointing is not needed and why is None
+    decided, _ = checkpointing_where_needed(llama3_8b_config_only, examples, options, 8, torch.device("cpu"))
+    assert decided.activation_checkpointing is False
