@@ -101,6 +101,17 @@ def test_two_nodes_sharing_out_train_the_weights_of_one_process(tiny_dir, data, 
                         load_file(tmp_path / "one" / "model" / "model.safetensors"), atol=1e-5)
 
 
+def test_two_nodes_not_sharing_the_training_out_refuse_on_every_rank_and_write_nothing(tiny_dir, data, tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    agents = two_nodes("lidr.train", train_args(tiny_dir, data, "runs/M1"), nodes)
+    for agent in agents:
+        assert agent.returncode != 0
+        assert "runs/M1 is not shared across nodes: rank 1 (on " in agent.stderr, agent.stderr[-3000:]
+    assert folder_contents(nodes[0]) == folder_contents(nodes[1]) == []
+
+
 def test_two_nodes_seeing_other_models_refuse_on_every_rank_and_write_nothing(tiny_dir, data, tmp_path):
     """OUT is shared, but the relative --model names another checkpoint on each node."""
     nodes = [tmp_path / "node0", tmp_path / "node1"]

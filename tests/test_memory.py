@@ -1,7 +1,6 @@
 """The memory plan (lidr/memory.py): the estimate against the peak measured in a CPU training step,
 and `train_dpo.py --plan` for Llama-3-8B's real config.json (no weights) on 1 and on 8 GPUs of 80 GB."""
 
-import gc
 import json
 import math
 import shutil
@@ -77,8 +76,6 @@ def measured_peak(folder, examples: list[Example], activation_checkpointing: boo
         for event in allocations(prof):
             held += event.extra_fields.alloc_size  # negative for a free
             peak = max(peak, held)
-        del model, optimizer, state
-        gc.collect()
         return alive + peak
     finally:
         dist.destroy_process_group()
@@ -115,29 +112,6 @@ def test_estimate_errs_on_the_large_side_by_less_than_40_percent(hf, checkpointi
 
 # -----------------------------------------------------------------------------
 # --plan for Llama-3-8B
-
-
-@pytest.fixture(scope="module")
-def llama3_8b_config_only(tmp_path_factory):
-    """config.json and the tokenizer of Llama-3-8B-Instruct, and no weights."""
-    folder = tmp_path_factory.mktemp("llama3-8b")
-    (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
-    shutil.copy(llama3_tokenizer_json(), folder / "tokenizer.json")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": LLAMA3_TEMPLATE, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def long_pairs(tmp_path_factory):
-    """Pairs of about 1,000-token sequences, as LIDR's answers and translations of up to 2,400 tokens make."""
-    rows = [{"prompt": f"Question {i}: explain photosynthesis in detail.",
-             "chosen": " ".join(f"chosen{i} step {k} of the light reactions." for k in range(110)),
-             "rejected": " ".join(f"rejected{i} step {k} of the Calvin cycle." for k in range(110))}
-            for i in range(16)]
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
