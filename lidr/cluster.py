@@ -83,16 +83,19 @@ def on_rank0(decide):
 def checkpoint_fingerprint(folder) -> str | None:
     """sha256 over a model folder's config, index and tokenizer files and its weight files' names
     and sizes (not their paths or times: a copy on each node has the same fingerprint); None when
-    there is no config.json."""
+    there is no config.json, the error when a file cannot be read."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         return None
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        if path.suffix == ".safetensors":
-            digest.update(f"{path.name} {path.stat().st_size}\n".encode())
-        elif path.suffix == ".json":
-            digest.update(f"{path.name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    try:
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            if path.suffix == ".safetensors":
+                digest.update(f"{path.name} {path.stat().st_size}\n".encode())
+            elif path.suffix == ".json":
+                digest.update(f"{path.name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    except OSError as e:
+        return f"unreadable ({e})"
     return digest.hexdigest()
 
 
@@ -128,7 +131,8 @@ def check_shared(out, model=None):
         name, levels = shared[0]
         if name is None:
             raise SystemExit(levels)
-        mine = out.parents[levels - 1] if levels else out
+        ancestors = [out, *out.parents]
+        mine = ancestors[min(levels, len(ancestors) - 1)]  # where this rank's OUT puts rank 0's folder
         try:
             seen = (mine / name).read_text() == name
         except OSError:
@@ -149,7 +153,7 @@ def check_shared(out, model=None):
     if other is not None:
 
         def sees(r):
-            return "no checkpoint" if views[r][2] is None else f"checkpoint {views[r][2][:12]}"
+            return "no checkpoint" if views[r][2] is None else f"checkpoint {views[r][2][:24]}"
 
         raise SystemExit(f"the model folder {model} is not shared across nodes: rank {other} (on {views[other][3]}) "
                          f"sees {sees(other)} there, rank 0 {sees(0)}; share it, or copy it whole to every node")
