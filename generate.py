@@ -1,67 +1,12 @@
-"""Answer a file of prompts with a model: resumable, data parallel under torchrun, rows kept in input order.
+"""Answer a file of prompts with a model: the command line of lidr/generation.py, `python -m lidr.generation`.
 
-    python generate.py --model models/smollm2-135m-instruct --prompt "Tom has 26 apples. He buys 28 more. How many apples does he have?"
-    python generate.py --model DIR --prompts ../shared/data/alpagasus/id_0_1000/en.jsonl --out runs/M0/generate_en.jsonl
-    python generate.py --model DIR --prompts ../shared/data/mgsm/fr.jsonl --field query --out-field answer --out mgsm_fr.jsonl
+    python generate.py --model DIR --prompts IN.jsonl --out OUT.jsonl
     torchrun --standalone --nproc_per_node=8 generate.py --model DIR --prompts IN.jsonl --out OUT.jsonl
 
-IN is JSONL or a JSON list of objects; `--field` names the prompt (AlpaGasus and X-AlpacaEval:
-`instruction`, MGSM: `query`). Each prompt becomes one user turn, in --prompt-template (the prompt
-as it is by default; `--prompt-template alpaca --lang fr`: the repository's "Below is an
-instruction..." prompt of its reasoning runs, in French), after the system turn (the
-paper's "You are a helpful assistant." unless --system says otherwise), in the model's chat
-format. An output row is the input row plus `--out-field` (the reply) and `<out-field>_meta`
-(the settings that made it, the finish reason, the number of new tokens). The defaults are the
-paper's (lidr/settings.py ANSWERS).
-
-The stage is `lidr.generation.generate_file`; bad rows, over-length prompts, resuming (rerun the
-same command), torchrun, input order and OUT.made-from.json (a rerun with another input, model or
-settings is refused, naming what changed) are lidr/rows.py's.
+Its flags, the multi-node command and how it departs from the paper: lidr/generation.py.
 """
 
-import argparse
-
-from lidr import settings
-from lidr.cli import add_engine_flags, add_flags, engine_from, from_flags
-from lidr.generation import answer, generate_file
-from lidr.settings import user_turn
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_flags(parser, batch_size=settings.SAMPLING_BATCH_SIZE)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts", help="input file: JSONL or a JSON list of objects")
-    source.add_argument("--prompt", help="answer this one prompt and print the reply")
-    parser.add_argument("--out", help="output JSONL (required with --prompts)")
-    parser.add_argument("--field", default="instruction", help="the input field holding the prompt (default: %(default)s)")
-    parser.add_argument("--out-field", default="response", help="the output field for the reply (default: %(default)s)")
-    parser.add_argument("--lang", help="the prompts' language, for a --prompt-template that names {language} (e.g. fr)")
-    add_flags(parser, settings.ANSWERS, title="decoding (defaults: the paper's, lidr/settings.py ANSWERS)")
-    parser.add_argument("--stop", action="append", default=[], metavar="STRING",
-                        help="end a reply where this string appears, cut before it (repeatable)")
-    args = parser.parse_args(argv)
-    if args.prompts and not args.out:
-        parser.error("--prompts needs --out")
-    if args.prompt is not None and not args.prompt.strip():
-        parser.error("--prompt is empty")
-    if "" in args.stop:
-        parser.error("--stop needs a non-empty string")
-    try:
-        user_turn(args.prompt_template, "", args.lang)
-    except ValueError as e:
-        parser.error(f"--prompt-template/--lang: {e}")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    engine, decoding = engine_from(args), from_flags(args, settings.ANSWERS)
-    if args.prompt is not None:
-        print(answer(engine, args.prompt, decoding, args.stop, args.lang))
-    else:
-        generate_file(engine, args.prompts, args.out, decoding, args.field, args.out_field, args.stop, args.lang)
-
+from lidr.generation import main
 
 if __name__ == "__main__":
     main()

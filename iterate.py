@@ -4,6 +4,7 @@
         --prompts ../shared/data/alpagasus/id_0_1000,../shared/data/alpagasus/id_1000_2000 \\
         --translation-task-ids ../shared/data/alpagasus/translation_task_ids.jsonl \\
         --iterations 2 --nproc 8
+    python iterate.py ... --nproc 8 --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --rdzv-id lidr-8b
 
 Iteration t reads PROMPTS' t-th folder ({lang}.jsonl with {id, instruction}), or the last one
 given when there are fewer folders than iterations, and runs in WORK/iter{t}/: generate ->
@@ -20,15 +21,20 @@ or --no-translation-tasks, so that the translation-request rule is never lost by
 The paper's reasoning run (its MGSM gains): the GSM8K training prompts, each asked in the
 repository's "Below is an instruction..." template (--prompt-template alpaca); README, "The MGSM
 recipe".
+
+The second command runs on each of 2 nodes, R = 0 on one and 1 on the other, WORK on a filesystem
+both see: node 0 runs pairs and writes the done markers, and every torchrun stage meets at HOST's
+c10d rendezvous (lidr/iterate.py `Nodes`).
 """
 
 import argparse
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from lidr import settings
 from lidr.cli import add_flags, from_flags, positive_int
-from lidr.iterate import Recipe, run
+from lidr.iterate import Nodes, Recipe, run
 from lidr.pairs import PairOptions
 from lidr.sdrrl import SDRRLOptions
 from lidr.train import add_training_flags, options_from
@@ -48,9 +54,17 @@ def parse_args(argv=None):
                              "(lidr/sdrrl.py) and the SFT objective")
     parser.add_argument("--iterations", type=positive_int, default=1)
     parser.add_argument("--nproc", type=positive_int, default=1,
-                        help="processes for generation and translation (torchrun when > 1, else in this process)")
+                        help="processes per node for generation and translation (torchrun when > 1 or on "
+                             "several nodes, else in this process)")
     parser.add_argument("--train-nproc", type=positive_int, default=None,
-                        help="processes for training (default: --nproc)")
+                        help="processes per node for training (default: --nproc)")
+    nodes = parser.add_argument_group("nodes (one iterate.py per node, the same flags but --node-rank)")
+    nodes.add_argument("--nnodes", type=positive_int, default=1, help="nodes the run spans (default: %(default)s)")
+    nodes.add_argument("--node-rank", type=int, default=0,
+                       help="0 on the node that runs pairs and writes the done markers, 1 .. nnodes-1 on the others")
+    nodes.add_argument("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous every torchrun stage meets at "
+                                               "(HOST: one of the nodes, as the others reach it)")
+    nodes.add_argument("--rdzv-id", help="the run's name, the same on every node (default: the name of WORK)")
     parser.add_argument("--batch-size", type=positive_int, default=settings.SAMPLING_BATCH_SIZE,
                         help="generation batch per process (default: %(default)s)")
     parser.add_argument("--swap-pairs", action="store_true",
@@ -73,6 +87,10 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
+    if not 0 <= args.node_rank < args.nnodes:
+        parser.error(f"--node-rank {args.node_rank} is not in 0 .. {args.nnodes - 1} (--nnodes {args.nnodes})")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        parser.error(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT")
     trainer = argparse.ArgumentParser(prog="iterate.py ... --", description="the trainer's flags (lidr/train.py)")
     add_training_flags(trainer)
     return args, options_from(trainer.parse_args(argv[split + 1:]))
@@ -86,8 +104,9 @@ def main(argv=None):
         pairs=replace(from_flags(args, PairOptions(), "pairs-"), dominant=args.dominant),
         sft_rows=replace(from_flags(args, SDRRLOptions(), "sdrrl-"), dominant=args.dominant),
         translation_task_ids=args.translation_task_ids, swap_pairs=args.swap_pairs, training=training)
+    nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id or Path(args.work).resolve().name)
     return run(args.model, args.prompts.split(","), args.work, recipe, args.iterations, args.batch_size, args.nproc,
-               args.train_nproc or args.nproc)
+               args.train_nproc or args.nproc, nodes)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     # 1. the model's outputs (greedy, repetition penalty 1.1, 2,048 new tokens, as the paper)
     python -m eval.alpacaeval generate --model runs/M1 --out runs/eval/M1 \\
         --prompts ../shared/data/x-alpacaeval/prompts --langs en es ru de fr
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
+        -m eval.alpacaeval generate ...       # on each node (or --standalone on one); OUT shared (lidr/cluster.py)
     # 2. pairwise judgements against the reference outputs, with an API judge ...
     OPENAI_API_KEY=... python -m eval.alpacaeval judge --out runs/eval/M1 --langs en es ru de fr \\
         --reference ../shared/data/x-alpacaeval/reference-gpt-4-turbo-2024-04-09 \\
@@ -51,7 +53,7 @@ import importlib.util
 from dataclasses import asdict
 from pathlib import Path
 
-from lidr import settings
+from lidr import cluster, settings
 from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, positive_int
 from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
@@ -110,7 +112,9 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
     settings = {"system": system, "generator": generator, "sampling": sampling}
     identities = {lang: {"inputs": {"prompts": file_identity(prompts_dir / f"{lang}.json")}, "model": model_identity,
                          "settings": settings} for lang in langs}
-    check_outputs(GENERATE, [(out / f"{lang}.jsonl", identities[lang], [out / f"{lang}.json"]) for lang in langs])
+    cluster.on_rank0(lambda: check_outputs(GENERATE, [(out / f"{lang}.jsonl", identities[lang], [out / f"{lang}.json"])
+                                                       for lang in langs]))
+    rank, _ = cluster.rank_and_world()
     context = model.cfg.max_seq_len
     for lang in langs:
         prompts, dropped = read[lang]
@@ -133,6 +137,8 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
         written, generated = sample_rows(to_answer, out / f"{lang}.jsonl", "id", make_row, lambda: (model, tokenizer),
                                          decoding, made_by=GENERATE, identity=identities[lang], batch_size=batch_size,
                                          companions=[out / f"{lang}.json"])
+        if rank != 0:  # the other ranks of a torchrun launch hold no rows
+            continue
         by_id = {str(row["id"]): row for row in written}
         rows = [by_id[str(p["id"])] for p in chosen if str(p["id"]) in by_id]
         write_json_atomic(out / f"{lang}.json", [
@@ -149,7 +155,8 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
         }
         print(f"{lang}: {len(rows)} outputs ({generated} generated now, {len(too_long)} instructions too long for "
               f"the model's context) -> {out / f'{lang}.json'}")
-    write_json_atomic(out / "summary.json", summary)
+    if rank == 0:
+        write_json_atomic(out / "summary.json", summary)
     return summary
 
 
@@ -293,6 +300,7 @@ def main(argv=None):
             if not (Path(args.prompts) / f"{lang}.json").is_file():
                 parser.error(f"{Path(args.prompts) / f'{lang}.json'}: no such file")
         decoding = from_flags(args, settings.ALPACAEVAL)
+        cluster.check_shared(base / "outputs", args.model)  # under torchrun: every node sees OUT and the model
         identity = model_identity(args.model, args.dtype, args.chat_format)
         model, tokenizer = open_model(args.model, args.device, args.dtype, args.chat_format)
         generate_outputs(model, tokenizer, Path(args.prompts), args.langs, base / "outputs", decoding,

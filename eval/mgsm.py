@@ -4,6 +4,9 @@
         --data ../shared/data/mgsm --langs en es ru de fr ja sw th zh bn te
     python -m eval.mgsm --model runs/M1 --out runs/eval/M1 --name gsm8k \\
         --data ../shared/data/gsm8k/test --langs en de es fr ru
+    torchrun --standalone --nproc_per_node=8 -m eval.mgsm ...      # the questions shared among 8 ranks
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
+        -m eval.mgsm ...                                           # on each node; OUT shared (lidr/cluster.py)
 
 Every question is put to the model in the repository's MGSM prompt (--prompt-template alpaca, the
 default: lidr/settings.py PROMPT_TEMPLATES; docs/method.md §1.8), inside the model's chat format,
@@ -53,7 +56,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from eval.common import check_langs, model_identity
-from lidr import settings
+from lidr import cluster, settings
 from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, positive_int
 from lidr.jsonl import file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
@@ -197,7 +200,7 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, decoding: Dec
     settings = {"system": system, "template": template_text(template), "sampling": sampling}
     identities = {lang: {"inputs": {"data": file_identity(data / f"{lang}.jsonl")}, "model": model_identity,
                          "settings": settings} for lang in langs}
-    check_outputs(MADE_BY, [(out / f"{lang}.jsonl", identities[lang], ()) for lang in langs])
+    cluster.on_rank0(lambda: check_outputs(MADE_BY, [(out / f"{lang}.jsonl", identities[lang], ()) for lang in langs]))
     context = model.cfg.max_seq_len
     for lang in langs:
         questions, dropped = read[lang]
@@ -238,7 +241,8 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, decoding: Dec
         "accuracy": sum(s["accuracy"] for s in scored) / len(scored) if scored else None,
         "off_target": sum(s["off_target"] for s in scored) / len(scored) if scored else None,
     }
-    write_json_atomic(out / "summary.json", summary)
+    if cluster.rank_and_world()[0] == 0:  # the other ranks of a torchrun launch hold no rows
+        write_json_atomic(out / "summary.json", summary)
     return summary
 
 
@@ -260,6 +264,7 @@ def main(argv=None):
         if not (Path(args.data) / f"{lang}.jsonl").is_file():
             parser.error(f"{Path(args.data) / f'{lang}.jsonl'}: no such file")
     decoding = from_flags(args, settings.MGSM)
+    cluster.check_shared(Path(args.out) / args.name, args.model)  # under torchrun: every node sees OUT and the model
     identity = model_identity(args.model, args.dtype, args.chat_format)
     model, tokenizer = open_model(args.model, args.device, args.dtype, args.chat_format)
     run(model, tokenizer, Path(args.data), args.langs, Path(args.out) / args.name, decoding,

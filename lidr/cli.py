@@ -75,9 +75,10 @@ def add_flags(parser, defaults, prefix: str = "", skip=(), title: str | None = N
         flag, default, meta = "--" + prefix + f.name.replace("_", "-"), getattr(defaults, f.name), f.metadata
         help_text = meta.get("help", "").replace("%", "%%")
         dest = (prefix + f.name).replace("-", "_")
-        if isinstance(default, bool):
+        if isinstance(default, bool) or f.type == bool | None:  # None: unset, the command decides
+            state = {True: "on", False: "off", None: "unset"}[default]
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
-                               help=f"{help_text} (default: {'on' if default else 'off'})")
+                               help=f"{help_text} (default: {state})")
         elif "choices" in meta:
             group.add_argument(flag, dest=dest, choices=meta["choices"], default=default,
                                help=f"{help_text} (default: %(default)s)")
@@ -110,8 +111,8 @@ def flags_argv(values, prefix: str = "", skip=()) -> list[str]:
         value, flag = getattr(values, f.name), "--" + prefix + f.name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + prefix + f.name.replace("_", "-"))
-        elif value is None and "choices" in f.metadata:
-            continue  # None is the default of every setting with choices
+        elif value is None and ("choices" in f.metadata or f.type == bool | None):
+            continue  # None is the default of every setting with choices, and of every yes/no/unset one
         else:
             argv += [flag, "" if value is None else str(value)]
     return argv

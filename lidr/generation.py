@@ -3,11 +3,22 @@ model's chat format.
 
     from lidr.generation import generate_file
     generate_file(Engine("runs/M0"), "../shared/data/alpagasus/id_0_1000/fr.jsonl", "runs/lidr/iter1/generate/fr.jsonl")
-    python generate.py --model DIR --prompts IN.jsonl --out OUT.jsonl        # the command line over it
 
-An output row is the input row plus `out_field` (the reply) and `<out_field>_meta` (the settings
-that made it, the finish reason, the number of new tokens). The rows of the file, resuming,
-torchrun, the record of what OUT is made from and over-length prompts: lidr/rows.py.
+The command line over it (`python generate.py` in a checkout is the same command):
+
+    python -m lidr.generation --model models/smollm2-135m-instruct --prompt "Tom has 26 apples. He buys 28 more. How many apples does he have?"
+    python -m lidr.generation --model DIR --prompts ../shared/data/alpagasus/id_0_1000/en.jsonl --out runs/M0/generate_en.jsonl
+    python -m lidr.generation --model DIR --prompts ../shared/data/mgsm/fr.jsonl --field query --out-field answer --out mgsm_fr.jsonl
+    torchrun --standalone --nproc_per_node=8 -m lidr.generation --model DIR --prompts IN.jsonl --out OUT.jsonl
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
+        -m lidr.generation --model DIR --prompts IN.jsonl --out OUT.jsonl    # on each node, OUT shared
+
+IN is JSONL or a JSON list of objects; `--field` names the prompt (AlpaGasus and X-AlpacaEval:
+`instruction`, MGSM: `query`). An output row is the input row plus `out_field` (the reply) and
+`<out_field>_meta` (the settings that made it, the finish reason, the number of new tokens). The
+rows of the file, bad rows, over-length prompts, resuming (rerun the same command), torchrun,
+input order and OUT.made-from.json (a rerun with another input, model or settings is refused,
+naming what changed): lidr/rows.py.
 
 How this departs from the paper: its settings are the defaults (lidr/settings.py ANSWERS: greedy,
 repetition penalty 1.1, at most 2,400 new tokens, the system turn "You are a helpful assistant.",
@@ -16,10 +27,12 @@ reasoning runs (GSM8K prompts) wrap each prompt in its "Below is an instruction.
 prompt_template "alpaca" with the prompts' language (README, "the MGSM recipe").
 """
 
+import argparse
 from dataclasses import asdict
 from pathlib import Path
 
 from lidr import settings
+from lidr.cli import add_engine_flags, add_flags, engine_from, from_flags
 from lidr.rows import (
     Engine, cut_at_context, decoding_within_context, open_model, sample_file, too_long_reason,
 )
@@ -60,3 +73,47 @@ def answer(engine: Engine, text: str, decoding: Decoding = settings.ANSWERS, sto
     decoding = decoding_within_context(decoding, [len(prompt)], context)
     completion = generate(model, tokenizer, [prompt], decoding, stop_strings, compile=engine.compile)[0]
     return cut_at_context(completion, len(prompt), context, tokenizer).text
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_flags(parser, batch_size=settings.SAMPLING_BATCH_SIZE)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="input file: JSONL or a JSON list of objects")
+    source.add_argument("--prompt", help="answer this one prompt and print the reply")
+    parser.add_argument("--out", help="output JSONL (required with --prompts)")
+    parser.add_argument("--field", default="instruction", help="the input field holding the prompt (default: %(default)s)")
+    parser.add_argument("--out-field", default="response", help="the output field for the reply (default: %(default)s)")
+    parser.add_argument("--lang", help="the prompts' language, for a --prompt-template that names {language} (e.g. fr)")
+    add_flags(parser, settings.ANSWERS, title="decoding (defaults: the paper's, lidr/settings.py ANSWERS)")
+    parser.add_argument("--stop", action="append", default=[], metavar="STRING",
+                        help="end a reply where this string appears, cut before it (repeatable)")
+    args = parser.parse_args(argv)
+    if args.prompts and not args.out:
+        parser.error("--prompts needs --out")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("--prompt is empty")
+    if "" in args.stop:
+        parser.error("--stop needs a non-empty string")
+    try:
+        user_turn(args.prompt_template, "", args.lang)
+    except ValueError as e:
+        parser.error(f"--prompt-template/--lang: {e}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    engine, decoding = engine_from(args), from_flags(args, settings.ANSWERS)
+    if args.prompt is not None:
+        print(answer(engine, args.prompt, decoding, args.stop, args.lang))
+    else:
+        generate_file(engine, args.prompts, args.out, decoding, args.field, args.out_field, args.stop, args.lang)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,8 +26,17 @@ not the method) reverses every pair.
 
 A finished stage leaves WORK/iter{t}/done/{stage} and is skipped on a rerun; an interrupted stage
 resumes (each stage picks up its own partial outputs). A stage runs in this process, or, when
-nproc > 1, under torchrun: generation and translation data parallel (generate.py, translate.py),
-training with FSDP (train_dpo.py), the same functions behind a command line.
+nproc > 1, under torchrun: generation and translation data parallel (`-m lidr.generation`,
+`-m lidr.translation`), training with FSDP (`-m lidr.train`), the same functions behind a command
+line, launched as modules so that an installed package needs no checkout.
+
+On several nodes (`Nodes`), iterate.py runs once on each, with the same flags but --node-rank,
+and every torchrun stage is launched on every node with the c10d rendezvous (--rdzv-endpoint, and
+an id per stage made from --rdzv-id and the stage's output); WORK must be one shared folder (each
+stage checks that it is, lidr/cluster.py). Node 0 runs the single-process stages (pairs, SFT
+rows), decides when too few rows leave M_t unchanged, and writes the done markers; the other
+nodes write nothing: they take their part in each torchrun stage, then wait for node 0's marker
+(`follow`).
 
 How this departs from the paper: the paper ran generation and translation with vLLM and
 training with LLaMA-Factory; here each is lidr's own. Pairs keep every language's dominant pairs
@@ -52,7 +61,8 @@ from lidr.settings import Decoding, Training
 from lidr.train import global_batch_size, options_argv, read_examples, split_held_out, train
 from lidr.translation import translate_file
 
-ROOT = Path(__file__).resolve().parents[1]  # where generate.py, translate.py and train_dpo.py are
+# how long a node other than node 0 waits for node 0 to mark a stage done before it gives up
+FOLLOWER_WAIT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -74,39 +84,64 @@ class Recipe:
 # running a stage: here, or under torchrun
 
 
-def torchrun(script: str, argv: list, nproc: int):
-    """Run one of lidr's command lines (a thin door over the function the in-process path calls)
-    under torchrun; a failure stops the iteration."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / script), *map(str, argv)]
+@dataclass(frozen=True)
+class Nodes:
+    """The nodes a run spans; iterate.py runs on each, the same flags but `rank`."""
+
+    count: int = 1  # --nnodes
+    rank: int = 0  # --node-rank: 0 runs the single-process stages and writes the done markers
+    endpoint: str | None = None  # --rdzv-endpoint HOST:PORT, the c10d rendezvous of every torchrun stage
+    job: str = "lidr"  # --rdzv-id: each stage's rendezvous id is this, then the stage's output
+
+
+def torchrun_argv(module: str, argv: list, nproc: int, nodes: Nodes, out) -> list[str]:
+    """The command that runs one of lidr's command-line modules under torchrun, on this node and,
+    with several nodes, on every node alike (the rendezvous id names the stage's output)."""
+    if nodes.count == 1:
+        where = ["--standalone"]
+    else:
+        rendezvous_id = "-".join([nodes.job, *Path(out).with_suffix("").parts[-3:]])
+        where = [f"--nnodes={nodes.count}", "--rdzv-backend=c10d", f"--rdzv-endpoint={nodes.endpoint}",
+                 f"--rdzv-id={rendezvous_id}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}", "-m", module,
+            *map(str, argv)]
+
+
+def torchrun(module: str, argv: list, nproc: int, nodes: Nodes, out):
+    """Run one of lidr's command-line modules (over the function the in-process path calls) under
+    torchrun; a failure stops the iteration."""
+    cmd = torchrun_argv(module, argv, nproc, nodes, out)
     print("  $ " + shlex.join(cmd), flush=True)
     result = subprocess.run(cmd)
     if result.returncode != 0:
-        raise SystemExit(f"{script} failed (exit {result.returncode}); rerun the same command to resume")
+        raise SystemExit(f"{module} failed (exit {result.returncode}); rerun the same command to resume")
 
 
-def generate_stage(model, prompts, out, decoding: Decoding, batch_size: int, nproc: int, lang: str):
-    if nproc == 1:
+def generate_stage(model, prompts, out, decoding: Decoding, batch_size: int, nproc: int, lang: str,
+                   nodes: Nodes = Nodes()):
+    if nproc == 1 and nodes.count == 1:
         generate_file(Engine(model, batch_size=batch_size), prompts, out, decoding, lang=lang)
     else:
-        torchrun("generate.py", ["--model", model, "--prompts", prompts, "--out", out, "--batch-size", batch_size,
-                                 "--lang", lang, *flags_argv(decoding)], nproc)
+        torchrun("lidr.generation", ["--model", model, "--prompts", prompts, "--out", out, "--batch-size", batch_size,
+                                     "--lang", lang, *flags_argv(decoding)], nproc, nodes, out)
 
 
 def translate_stage(model, source, out, to: str, decoding: Decoding, batch_size: int, nproc: int,
-                    field: str = "response"):
-    if nproc == 1:
+                    field: str = "response", nodes: Nodes = Nodes()):
+    if nproc == 1 and nodes.count == 1:
         translate_file(Engine(model, batch_size=batch_size), source, out, to, decoding, field=field)
-    else:  # translation asks in its own prompt: translate.py has no --prompt-template
-        torchrun("translate.py", ["--model", model, "--in", source, "--to", to, "--out", out, "--field", field,
-                                  "--batch-size", batch_size, *flags_argv(decoding, skip=("prompt_template",))], nproc)
+    else:  # translation asks in its own prompt: it has no --prompt-template
+        torchrun("lidr.translation", ["--model", model, "--in", source, "--to", to, "--out", out, "--field", field,
+                                      "--batch-size", batch_size, *flags_argv(decoding, skip=("prompt_template",))],
+                 nproc, nodes, out)
 
 
-def train_stage(model, data, out, options: Training, nproc: int):
-    if nproc == 1:
+def train_stage(model, data, out, options: Training, nproc: int, nodes: Nodes = Nodes()):
+    if nproc == 1 and nodes.count == 1:
         train(model, data, out, options)
     else:
-        torchrun("train_dpo.py", ["--model", model, "--data", data, "--out", out, *options_argv(options)], nproc)
+        torchrun("lidr.train", ["--model", model, "--data", data, "--out", out, *options_argv(options)], nproc,
+                 nodes, out)
 
 
 def stage(folder: Path, name: str, label: str, run_stage):
@@ -123,15 +158,34 @@ def stage(folder: Path, name: str, label: str, run_stage):
     print(f"[{label}] {name}: finished in {time.time() - start:.0f}s", flush=True)
 
 
+def follow(folder: Path, name: str, label: str, joint_part=None):
+    """A stage on a node other than node 0: `joint_part()` (its torchrun launches, which need every
+    node) unless node 0 marked the stage done, then wait for node 0's marker; nothing is written."""
+    marker = folder / "done" / name
+    if marker.exists():
+        print(f"[{label}] {name}: done earlier, skipped", flush=True)
+        return
+    if joint_part is not None:
+        print(f"[{label}] {name} ...", flush=True)
+        joint_part()
+    print(f"[{label}] {name}: waiting for node 0 to mark it done ({marker})", flush=True)
+    deadline = time.time() + FOLLOWER_WAIT_S
+    while not marker.exists():
+        if time.time() > deadline:
+            raise SystemExit(f"{marker}: node 0 has not marked {name} done in {FOLLOWER_WAIT_S} s; see its output, "
+                             f"then rerun the same command on every node")
+        time.sleep(2)
+
+
 # -----------------------------------------------------------------------------
 # one iteration, and several
 
 
 def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size: int = settings.SAMPLING_BATCH_SIZE,
-                  nproc: int = 1, train_nproc: int = 1) -> Path:
+                  nproc: int = 1, train_nproc: int = 1, nodes: Nodes = Nodes()) -> Path:
     """One iteration in `folder` from model M_t (a folder) over the prompt files prompts/{lang}.jsonl
-    ({id, instruction}); returns the folder of M_{t+1}. nproc: processes for generation and
-    translation, train_nproc for training (torchrun when > 1)."""
+    ({id, instruction}); returns the folder of M_{t+1}. nproc: processes per node for generation
+    and translation, train_nproc for training (torchrun when > 1, or on several nodes)."""
     folder, prompts = Path(folder), Path(prompts)
     en, langs = recipe.pairs.dominant, list(recipe.langs)
 
@@ -139,7 +193,7 @@ def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size
         for i, lang in enumerate([en, *langs], 1):
             print(f"[{label}] generate {lang} ({i}/{len(langs) + 1})", flush=True)
             generate_stage(model, prompts / f"{lang}.jsonl", folder / "generate" / f"{lang}.jsonl", recipe.answers,
-                           batch_size, nproc, lang)
+                           batch_size, nproc, lang, nodes)
 
     def translate():  # y_en -> l, and (LIDR) y_l -> en; SDRRL: y_en -> l, and its reference answers a_en -> l
         reference = recipe.sft_rows.reference_field if recipe.method == "sdrrl" else None
@@ -151,7 +205,7 @@ def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size
         for i, (source, target, field, out) in enumerate(jobs, 1):
             print(f"[{label}] translate {source} -> {target}, {field} ({i}/{len(jobs)})", flush=True)
             translate_stage(model, folder / "generate" / f"{source}.jsonl", out, target, recipe.translation,
-                            batch_size, nproc, field)
+                            batch_size, nproc, field, nodes)
 
     def pairs():  # (x_l, y_en->l beats y_l) and (x_en, y_en beats y_l->en)
         task_ids = read_translation_task_ids(recipe.translation_task_ids)
@@ -181,28 +235,36 @@ def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size
     def train_next():  # M_t -> M_{t+1}, M_t the reference
         options = replace(recipe.training, objective="sft") if recipe.method == "sdrrl" else recipe.training
         _, examples, counts = read_examples(Path(model), data, options)  # the rows the trainer would keep
-        global_batch = global_batch_size(options, train_nproc)
+        global_batch = global_batch_size(options, train_nproc * nodes.count)
         n_train = len(split_held_out(examples, options.eval_split, options.seed)[0])  # less --eval-split's held out
         if n_train < global_batch:  # M_t and its own translations agree (almost) everywhere: nothing to learn
             print(f"[{label}] train: {len(examples)} usable rows of {counts['read']} in {data} do not fill one "
                   f"global batch of {global_batch}; M_t+1 is M_t ({model})", flush=True)
-            write_json_atomic(unchanged, {"rows": counts["read"], "usable_rows": len(examples),
-                                          "global_batch": global_batch, "model": str(model)})
+            if nodes.rank == 0:
+                write_json_atomic(unchanged, {"rows": counts["read"], "usable_rows": len(examples),
+                                              "global_batch": global_batch, "model": str(model)})
             return
-        train_stage(model, data, folder / "train", options, train_nproc)
+        train_stage(model, data, folder / "train", options, train_nproc, nodes)
 
-    stage(folder, "generate", label, generate)
-    stage(folder, "translate", label, translate)
-    if recipe.method == "lidr":
-        stage(folder, "pairs", label, pairs)
-    else:
-        stage(folder, "sdrrl", label, sdrrl_rows)
-    stage(folder, "train", label, train_next)
+    if nodes.rank == 0:
+        stage(folder, "generate", label, generate)
+        stage(folder, "translate", label, translate)
+        if recipe.method == "lidr":
+            stage(folder, "pairs", label, pairs)
+        else:
+            stage(folder, "sdrrl", label, sdrrl_rows)
+        stage(folder, "train", label, train_next)
+    else:  # the same torchrun launches as node 0; node 0 alone writes
+        follow(folder, "generate", label, generate)
+        follow(folder, "translate", label, translate)
+        follow(folder, "pairs" if recipe.method == "lidr" else "sdrrl", label)
+        follow(folder, "train", label, train_next)
     return Path(model) if unchanged.exists() else folder / "train" / "model"
 
 
 def run(model, prompt_dirs: list, work, recipe: Recipe, iterations: int | None = None,
-        batch_size: int = settings.SAMPLING_BATCH_SIZE, nproc: int = 1, train_nproc: int = 1) -> list[Path]:
+        batch_size: int = settings.SAMPLING_BATCH_SIZE, nproc: int = 1, train_nproc: int = 1,
+        nodes: Nodes = Nodes()) -> list[Path]:
     """Iterations 1..iterations (default: one per prompt folder) from M_0 = model in WORK/iter{t};
     iteration t reads the t-th prompt folder, or the last one when there are fewer. Returns [M1, M2, ...]."""
     iterations = iterations or len(prompt_dirs)
@@ -210,7 +272,7 @@ def run(model, prompt_dirs: list, work, recipe: Recipe, iterations: int | None =
     for t in range(1, iterations + 1):
         label = f"iter {t}/{iterations}"
         model = run_iteration(model, prompt_dirs[min(t, len(prompt_dirs)) - 1], Path(work) / f"iter{t}", recipe,
-                              label, batch_size, nproc, train_nproc)
+                              label, batch_size, nproc, train_nproc, nodes)
         print(f"[{label}] M{t} -> {model}", flush=True)
         models.append(model)
     return models

@@ -18,7 +18,9 @@ key). Then, in one place:
   rename) and deletes them. A torn last line is dropped and redone; a key already in OUT is never
   generated again.
 - Data parallel: under torchrun each rank takes every world-th remaining prompt, loads its own
-  model (on its own GPU: `open_model`), and only barriers travel between ranks (gloo).
+  model (on its own GPU: `open_model`), and only barriers and small objects travel between ranks
+  (gloo), on one node or several (lidr/cluster.py: the commands, the check that every node sees
+  OUT and the same model, before anything is written; OUT's record is checked by rank 0 alone).
 - One over-length policy: a prompt that fills the model's context cannot be answered (the caller
   leaves it out and counts it: `too_long_reason`); a reply ends where the context does, so a row
   gets at most context − its prompt's tokens new tokens (finish reason "length"), and a
@@ -42,13 +44,12 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from lidr import sampler
+from lidr import cluster, sampler
 from lidr.checkpoint import check, default_dtype, folder_identity, load
 from lidr.jsonl import (
     ResumableWriter, check_output, file_identity, read_complete_lines, read_records, record_output, usable_records,
@@ -190,19 +191,16 @@ def sample_rows(prompts: list[Prompt], out, key: str, make_row, load, decoding: 
     turn). made_by, identity: what OUT is made from (see the module docstring); companions: other
     files that belong to OUT. Under torchrun, rank 0 returns the rows and the others [].
     """
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    rank, world = cluster.join()
     out = Path(out)
-    check_outputs(made_by, [(out, identity, companions)])  # every rank refuses alike
-    joined = world > 1 and not dist.is_initialized()
-    if joined:
-        dist.init_process_group("gloo", timeout=timedelta(days=1))  # only barriers travel between ranks
+    cluster.on_rank0(lambda: check_outputs(made_by, [(out, identity, companions)]))  # every rank refuses alike
     barrier = dist.barrier if world > 1 else (lambda: None)
     order = {prompt.key: i for i, prompt in enumerate(prompts)}
     if rank == 0:
         record_output(out, made_by, identity)
         merge(out, key, order)  # what an interrupted run left in partial files
     barrier()
-    done = {str(row[key]) for row in read_complete_lines(out)} & set(order)
+    done = cluster.on_rank0(lambda: {str(row[key]) for row in read_complete_lines(out)} & set(order))
     todo = [prompt for prompt in prompts if prompt.key not in done][rank::world]
 
     if todo:
@@ -220,8 +218,6 @@ def sample_rows(prompts: list[Prompt], out, key: str, make_row, load, decoding: 
                              on_finish=write, compile=compile)
     barrier()
     rows = merge(out, key, order) if rank == 0 else []
-    if joined:
-        dist.destroy_process_group()
     return rows, len(prompts) - len(done)
 
 
@@ -273,7 +269,8 @@ def sample_file(engine: Engine, path, out, field: str, out_field: str, encode, r
     derived_seed(decoding.seed, its input line) (lidr/settings.py's seed rule); a reply ends at any
     of stop_strings.
     """
-    rank = int(os.environ.get("RANK", 0))
+    rank, _ = cluster.join()
+    cluster.check_shared(out, engine.model)  # under torchrun: every node sees OUT and the same model
     rows, bad, key = read_prompts(path, field, out_field)
     identity = {"inputs": {"prompts": file_identity(path)}, "model": folder_identity(engine.model),
                 "settings": {**settings, "field": field, "out_field": out_field,

@@ -234,8 +234,9 @@ class Training:
                                  "lidr's choice", low=1)
     seed: int = setting(0, "the order of the rows in each epoch: derived_seed(seed, epoch)", low=0)
     save_every: int = setting(100, "steps between checkpoints", low=1, provenance=False)
-    activation_checkpointing: bool = setting(False, "recompute each block in backward (less memory, ~1/3 more "
-                                                    "compute)", provenance=False)
+    activation_checkpointing: bool | None = setting(None, "recompute each block in backward (less memory, ~1/3 more "
+                                                           "compute); unset: on CUDA, on when the run needs it to fit "
+                                                           "(lidr/memory.py), else off", provenance=False)
     dtype: str | None = setting(None, "compute dtype of parameters and activations; master weights, optimizer state "
                                       "and gradient reduction stay float32 (None: bfloat16 on CUDA, float32 on CPU)",
                                 choices=("float32", "bfloat16"))

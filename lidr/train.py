@@ -2,9 +2,11 @@
 
     python train_dpo.py --model M0 --data pairs.jsonl --out runs/M1                  # one process
     torchrun --standalone --nproc_per_node=8 train_dpo.py --model M0 --data pairs.jsonl --out runs/M1
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 train_dpo.py ...  # OUT shared
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
+        -m lidr.train --model M0 --data pairs.jsonl --out runs/M1   # on each node; OUT shared (lidr/cluster.py)
     python train_dpo.py --objective sft --model M0 --data sft.jsonl --out runs/M0-sft  # SDRRL rows
     python train_dpo.py --dtype bfloat16 ...   # bf16 compute, fp32 master weights (the GPU default, on CPU)
+    python train_dpo.py ... --plan --gpus 8 --gpu-memory 80   # will it fit? the per-GPU peak (lidr/memory.py)
     train("M0", "pairs.jsonl", "runs/M1", Training(lr=1e-6))        # the same, from Python (lidr/settings.py)
 
 Rows: {"prompt", "chosen", "rejected"} (DPO) or {"prompt", "response"} (SFT), optional "system",
@@ -29,8 +31,10 @@ One run, in order:
    filled from the HF folder read once on rank 0 and broadcast. The shards are fp32 master
    weights (AdamW's state is fp32 too); --dtype is the compute dtype that each forward gathers
    them in (bfloat16 by default on GPU, float32 on CPU), gradients are reduce-scattered in fp32
-   (FSDP2's MixedPrecisionPolicy; nccl on GPU, gloo on CPU). A plain `python` launch makes a
-   one-rank process group, so every launch runs the same code.
+   (FSDP2's MixedPrecisionPolicy; nccl on GPU, gloo on CPU). On CUDA, unless
+   --[no-]activation-checkpointing says otherwise, each block is recomputed in backward when the
+   memory plan (lidr/memory.py) says the largest micro-batch does not fit without it (printed).
+   A plain `python` launch makes a one-rank process group, so every launch runs the same code.
 3. Reference log-probs (DPO): the policy, still M_t, scores every pair once (the held-out ones
    too), each rank a slice; the table is gathered and saved as OUT/reference_logps.pt and reused
    on resume. During training only the policy is in memory.
@@ -69,8 +73,10 @@ How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx
   Neither flex_attention (no backward on CPU, so its gradients cannot be tested there;
   bench/gpu.py times it beside lidr's) nor a varlen kernel (flash-attn, torch.nn.attention.varlen:
   CUDA only) is used.
-- OUT must be one filesystem seen by every node. The nccl/MFU/per-sequence attention paths have
-  not been run on a GPU yet (bench/gpu.py runs them); the tests cover gloo in fp32 and bf16.
+- OUT must be one folder seen by every node: every rank checks that it is (and that it sees the same
+  model) before anything is written, and rank 0 alone decides what a rerun resumes (lidr/cluster.py).
+  The nccl/MFU/per-sequence attention paths have not been run on a GPU yet (bench/gpu.py runs them);
+  the tests cover gloo in fp32 and bf16.
 """
 
 import argparse
@@ -98,10 +104,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from lidr import cluster
 from lidr.checkpoint import check, default_dtype, folder_identity, load_model, read_config, save
-from lidr.cli import add_flags, flags_argv, from_flags
+from lidr.cli import add_flags, flags_argv, from_flags, positive_int, setting_type
 from lidr.dpo import hidden_sequence_logps, preference_loss
 from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
+from lidr.memory import GB, fits, largest_micro_batch, plan, training_peak
 from lidr.model import Documents, Llama, rope_inv_freq
 from lidr.progress import Progress
 from lidr.settings import TRAINING, Training, derived_seed, provenance
@@ -362,11 +370,14 @@ def reference_logps(model, examples: list[Example], pad_id: int, options: Traini
 
 def saved_reference_logps(path: Path, fingerprint: dict, compute, rank: int) -> torch.Tensor:
     """The table saved at `path` for these inputs, or compute() once and save it there (rank 0)."""
-    if path.exists():
-        saved = torch.load(path)
-        if saved["fingerprint"] != fingerprint:
+
+    def saved():  # decided on rank 0
+        if path.exists() and torch.load(path)["fingerprint"] != fingerprint:
             raise SystemExit(f"{path} was computed for other data or another model; use a fresh --out")
-        return saved["logps"]
+        return path.exists()
+
+    if cluster.on_rank0(saved):
+        return torch.load(path)["logps"]
     table = compute()
     if rank == 0:
         torch.save({"fingerprint": fingerprint, "logps": table}, path.with_suffix(".tmp"))
@@ -578,6 +589,7 @@ def train(model_dir, data, out, options: Training = TRAINING):
     if options.dtype is None:
         options = replace(options, dtype=str(default_dtype(ranks.device)).removeprefix("torch."))
     try:
+        cluster.check_shared(out, model_dir)  # under torchrun: every node sees OUT and the same model
         run(Path(model_dir), Path(data), Path(out), options, ranks)
     finally:
         dist.destroy_process_group()
@@ -618,6 +630,23 @@ def read_inputs(model_dir: Path, data: Path, options: Training, world: int):
     return tokenizer, examples, counts, identity
 
 
+def checkpointing_where_needed(model_dir: Path, examples: list[Example], options: Training, world: int, device):
+    """(options with activation_checkpointing decided, why, or None) where it is unset: on CUDA, on
+    when the plan (lidr/memory.py) says the largest micro-batch does not fit without it; else off."""
+    if options.activation_checkpointing is not None:
+        return options, None
+    if torch.device(device).type != "cuda":
+        return replace(options, activation_checkpointing=False), None
+    memory_gb = torch.cuda.get_device_properties(device).total_memory / GB
+    tokens, _, _ = largest_micro_batch(examples, options.batch_size, options.max_len)
+    peak = training_peak(read_config(model_dir), world, getattr(torch, options.dtype).itemsize, tokens, False)
+    if fits(peak, memory_gb):
+        return replace(options, activation_checkpointing=False), None
+    return replace(options, activation_checkpointing=True), (
+        f"activation checkpointing on: without it the plan estimates {sum(peak.values()) / GB:.1f} GB per GPU, more "
+        f"than this {memory_gb:.0f} GB GPU holds (lidr/memory.py; --no-activation-checkpointing to turn it off)")
+
+
 def format_counts(counts: Counter) -> str:
     dropped = ", ".join(f"{v} {k}" for k, v in counts.items() if v and k not in ("read", "kept", "prompt truncated"))
     return f"dropped: {dropped or 'none'}; {counts['prompt truncated']} prompts truncated"
@@ -629,11 +658,17 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
     torch.manual_seed(options.seed)
     tokenizer, examples, counts, identity = read_inputs(model_dir, data, options, world)
     run_file = out / "run.json"
-    if run_file.exists():  # refused before anything in OUT is touched
-        changes = identity_changes(json.loads(run_file.read_text()), identity)
-        if changes:
-            raise SystemExit(f"{out} holds a run made from other inputs or settings ({'; '.join(changes)}); "
-                             f"rerun the same command or use a fresh --out")
+
+    def same_run():  # refused before anything in OUT is touched
+        if run_file.exists():
+            changes = identity_changes(json.loads(run_file.read_text()), identity)
+            if changes:
+                raise SystemExit(f"{out} holds a run made from other inputs or settings ({'; '.join(changes)}); "
+                                 f"rerun the same command or use a fresh --out")
+        return identity
+
+    identity = cluster.on_rank0(same_run)  # rank 0's view: resolved paths and file times differ across nodes
+    options, why = cluster.on_rank0(lambda: checkpointing_where_needed(model_dir, examples, options, world, device))
     global_batch = global_batch_size(options, world)
     train_indices, held_out_indices = split_held_out(examples, options.eval_split, options.seed)
     total_steps = len(train_indices) // global_batch * options.epochs
@@ -650,8 +685,10 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
         print(f"{world} rank(s) on {device.type}, {identity['dtype']} compute, packed rows attending {attention}; "
               f"global batch {global_batch} = {options.batch_size} × {options.grad_accum} accumulation × {world}; "
               f"{total_steps} steps")
+        if why:
+            print(why)
     dist.barrier()
-    if (out / "model" / "config.json").is_file():  # the export is written atomically: the run is complete
+    if cluster.on_rank0((out / "model" / "config.json").is_file):  # the export is atomic: the run is complete
         if rank == 0:
             print(f"{out / 'model'} exists: this run finished earlier, nothing to do")
         return
@@ -679,7 +716,7 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, options.lr_scheduler))
     start = 0
-    checkpoint_dir = latest_checkpoint(out)
+    checkpoint_dir = cluster.on_rank0(lambda: latest_checkpoint(out))
     if checkpoint_dir is not None:
         start = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, rank)
         if rank == 0:
@@ -790,9 +827,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder of M_t (policy and reference)")
     p.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected} (dpo) or {prompt, response} (sft)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint, reference log-probs, log, exported model")
+    p.add_argument("--out", help="run folder: checkpoint, reference log-probs, log, exported model (required but "
+                                 "with --plan)")
     add_training_flags(p)
-    return p.parse_args(argv)
+    fit = p.add_argument_group("plan: will it fit? (lidr/memory.py; no weights are read, nothing is written)")
+    fit.add_argument("--plan", action="store_true", help="print the per-GPU peak estimate and exit: 0 if it fits, "
+                                                         "1 with the settings that would make it fit")
+    fit.add_argument("--gpus", type=positive_int, help="GPUs the run spans, every node's (default: this machine's)")
+    fit.add_argument("--gpu-memory", type=setting_type(float, {"above": 0}),
+                     help="GB of memory per GPU (default: this machine's GPU, else 80)")
+    args = p.parse_args(argv)
+    if not args.plan and args.out is None:
+        p.error("the following arguments are required: --out")
+    return args
 
 
 def add_training_flags(p: argparse.ArgumentParser):
@@ -810,6 +857,37 @@ def options_argv(options: Training) -> list[str]:
     return flags_argv(options)
 
 
+def plan_run(model_dir, data, options: Training, gpus: int | None, gpu_memory_gb: float | None):
+    """--plan: the per-GPU peak estimate printed, from config.json, the tokenizer and the data (no
+    weights); exits 0 when the run fits, else with the sentence naming what would make it fit.
+    gpus, gpu_memory_gb None: this machine's GPUs (80 GB where it has none)."""
+    cuda = torch.cuda.is_available()
+    gpus = gpus or max(1, torch.cuda.device_count())
+    gpu_memory_gb = gpu_memory_gb or (torch.cuda.get_device_properties(0).total_memory / GB if cuda else 80.0)
+    try:
+        cfg = read_config(model_dir)
+        tokenizer = Tokenizer.from_folder(model_dir, chat_format=options.chat_format)
+        examples, counts = load_examples(data, tokenizer, options.objective, options.max_len)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    if not examples:
+        raise SystemExit(f"{data}: no usable row of {counts['read']} ({format_counts(counts)})")
+    dtype_bytes = getattr(torch, options.dtype or "bfloat16").itemsize  # the GPU default
+    ok, breakdown, verdict = plan(cfg, examples, options.batch_size, options.max_len, dtype_bytes, gpus,
+                                  gpu_memory_gb, options.activation_checkpointing)
+    print(breakdown)
+    if not ok:
+        raise SystemExit(verdict)
+    print(verdict)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    train(args.model, args.data, args.out, options_from(args))
+    if args.plan:
+        plan_run(args.model, args.data, options_from(args), args.gpus, args.gpu_memory)
+    else:
+        train(args.model, args.data, args.out, options_from(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,14 @@
 
     from lidr.translation import translate_file
     translate_file(Engine("runs/M0"), "iter1/generate/en.jsonl", "iter1/translate/en-fr.jsonl", "fr")
-    python translate.py --model M0 --in IN.jsonl --field response --to fr --out OUT.jsonl   # the command line
+
+The command line over it (`python translate.py` in a checkout is the same command):
+
+    python -m lidr.translation --model M0 --in runs/lidr/iter1/generate/en.jsonl --field response --to fr \\
+        --out runs/lidr/iter1/translate/en-fr.jsonl
+    torchrun --standalone --nproc_per_node=8 -m lidr.translation ...     # data parallel, like lidr.generation
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
+        -m lidr.translation ...                                           # on each node; OUT shared (lidr/cluster.py)
 
 The model M_t translates its own answers (LIDR step 3): y_en into every other language, and each
 y_l into English. The user turn wraps the text in <sentence> tags, asks for the result inside
@@ -29,12 +36,14 @@ turn "You are a helpful assistant."). A small model may loop on the pre-filled <
 without a penalty (SmolLM2-135M does): its callers raise it visibly (demo.py).
 """
 
+import argparse
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 from lidr import settings
-from lidr.languages import language_name
+from lidr.cli import add_engine_flags, add_flags, engine_from, from_flags
+from lidr.languages import LANGUAGES, language_name
 from lidr.rows import Engine, sample_file
 from lidr.settings import PROMPT_TEMPLATES, Decoding, template_text
 from lidr.tokenizer import chat_messages
@@ -107,3 +116,31 @@ def translate_file(engine: Engine, source, out, to: str, decoding: Decoding = se
         failed = sum(n for reason, n in errors.items() if reason)
         print(f"{out}: {failed} failed translations" + (f" ({dict(errors)})" if failed else ""))
     return rows
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_flags(parser, batch_size=settings.SAMPLING_BATCH_SIZE,
+                     model_help="HF checkpoint folder (the model translates its own answers)")
+    parser.add_argument("--in", dest="source", required=True, help="input JSONL (e.g. generate.py's output)")
+    parser.add_argument("--field", default="response", help="the field to translate (default: %(default)s)")
+    parser.add_argument("--to", required=True, choices=sorted(LANGUAGES), help="target language code")
+    parser.add_argument("--out", required=True, help="output JSONL")
+    parser.add_argument("--out-field", default="translation", help="field for the translation (default: %(default)s)")
+    add_flags(parser, settings.TRANSLATION, skip=("prompt_template",),  # translation asks in its own prompt
+              title="decoding (defaults: the paper's, lidr/settings.py TRANSLATION)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    translate_file(engine_from(args), args.source, args.out, args.to, from_flags(args, settings.TRANSLATION),
+                   args.field, args.out_field)
+
+
+if __name__ == "__main__":
+    main()

@@ -68,7 +68,7 @@ def test_stop_string_cuts_the_reply(tiny_dir, tiny, tiny_hf, capsys):
     cli.main(["--model", str(tiny_dir), "--prompt", "Tom has 26 apples.", "--max-new-tokens", "10", "--stop", stop])
     assert capsys.readouterr().out == reply[: reply.index(stop)] + "\n"
     with pytest.raises(SystemExit):
-        cli.parse_args(["--model", str(tiny_dir), "--prompt", "Hi", "--stop", ""])
+        cli.main(["--model", str(tiny_dir), "--prompt", "Hi", "--stop", ""])
     assert "--stop needs a non-empty string" in capsys.readouterr().err
 
 

@@ -69,11 +69,8 @@ def test_a_templated_prompt_gives_the_same_tokens_as_the_text_written_into_the_p
 
 
 def test_generate_refuses_a_template_that_needs_a_language_without_one(capsys):
-    import importlib.util
+    from lidr import generation as cli
 
-    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "generate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     with pytest.raises(SystemExit):
         cli.parse_args(["--model", "M", "--prompts", "P", "--out", "O", "--prompt-template", "alpaca"])
     assert "names {language}: say which language" in capsys.readouterr().err
