@@ -53,6 +53,7 @@ from eval.mgsm import run as run_mgsm
 from eval.report import write_report
 from lidr import settings
 from lidr.checkpoint import load
+from lidr.cli import command
 from lidr.iterate import Recipe, train_stage
 from lidr.iterate import run as run_iterations
 from lidr.jsonl import write_json_atomic, write_text_atomic
@@ -326,6 +327,7 @@ def run_smollm2(args, size: dict, work: Path):
     finish_report(models, work / "eval", work, learned, extra={"iterations": data})
 
 
+@command()
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("world", "smollm2"), default="world",

@@ -20,7 +20,7 @@ settings is refused, naming what changed) are lidr/rows.py's.
 import argparse
 
 from lidr import settings
-from lidr.cli import add_engine_flags, add_flags, engine_from, from_flags
+from lidr.cli import add_engine_flags, add_flags, command, engine_from, from_flags
 from lidr.generation import answer, generate_file
 
 
@@ -46,6 +46,7 @@ def parse_args(argv=None):
     return args
 
 
+@command()
 def main(argv=None):
     args = parse_args(argv)
     engine, decoding = engine_from(args), from_flags(args, settings.ANSWERS)

@@ -21,7 +21,7 @@ import sys
 from dataclasses import replace
 
 from lidr import settings
-from lidr.cli import add_flags, from_flags, positive_int
+from lidr.cli import add_flags, command, from_flags, positive_int
 from lidr.iterate import Recipe, run
 from lidr.pairs import PairOptions
 from lidr.sdrrl import SDRRLOptions
@@ -67,6 +67,7 @@ def parse_args(argv=None):
     return args, options_from(trainer.parse_args(argv[split + 1:]))
 
 
+@command()
 def main(argv=None):
     args, training = parse_args(argv)
     recipe = Recipe(

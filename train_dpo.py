@@ -8,9 +8,11 @@ rest); the loop, and how it departs from the paper, is lidr/train.py `train`; th
 lidr/dpo.py. Rerunning the same command resumes from OUT/checkpoint.
 """
 
+from lidr.cli import command
 from lidr.train import options_from, parse_args, train
 
 
+@command()
 def main(argv=None):
     args = parse_args(argv)
     train(args.model, args.data, args.out, options_from(args))

@@ -16,7 +16,7 @@ lidr/rows.py's, as for generate.py.
 import argparse
 
 from lidr import settings
-from lidr.cli import add_engine_flags, add_flags, engine_from, from_flags
+from lidr.cli import add_engine_flags, add_flags, command, engine_from, from_flags
 from lidr.languages import LANGUAGES
 from lidr.translation import translate_file
 
@@ -34,6 +34,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@command()
 def main(argv=None):
     args = parse_args(argv)
     translate_file(engine_from(args), args.source, args.out, args.to, from_flags(args, settings.TRANSLATION),

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from eval.common import check_langs, model_identity
 from lidr import settings
-from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, positive_int
+from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, command, from_flags, positive_int
 from lidr.jsonl import file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
 from lidr.languages import checked_languages, language_name
@@ -242,6 +242,7 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, params, batch
     return summary
 
 
+@command()
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_flags(parser, batch_size=settings.EVAL_BATCH_SIZE,

@@ -48,7 +48,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lidr.cli import add_flags, from_flags
+from lidr.cli import add_flags, command, from_flags
 from lidr.jsonl import check_output, file_identity, read_records, record_output, write_json_atomic, write_text_atomic
 from lidr.languages import checked_languages
 from lidr.settings import check_settings, setting
@@ -283,6 +283,7 @@ def write_pairs(pairs, report, out_jsonl, out_report):
     write_json_atomic(out_report, report)
 
 
+@command("rerun the same command (its outputs are written whole or not at all)")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")

@@ -90,7 +90,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lidr.checkpoint import check, default_dtype, folder_identity, load_model, read_config, save
-from lidr.cli import add_flags, flags_argv, from_flags
+from lidr.cli import add_flags, command, flags_argv, from_flags
 from lidr.dpo import dpo_loss, hidden_sequence_logps
 from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
 from lidr.model import Documents, Llama, rope_inv_freq
@@ -651,6 +651,7 @@ def options_argv(options: Training) -> list[str]:
     return flags_argv(options)
 
 
+@command()
 def main(argv=None):
     args = parse_args(argv)
     train(args.model, args.data, args.out, options_from(args))
