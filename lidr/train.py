@@ -92,11 +92,15 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from lidr.checkpoint import check, default_dtype, folder_identity, load_model, read_config, save
 from lidr.cli import add_flags, command, flags_argv, from_flags
 from lidr.dpo import dpo_loss, hidden_sequence_logps
-from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
+from lidr.jsonl import (
+    OutputLock, check_folder, file_identity, hold_lock, read_records, record_output, record_path,
+    remove_stale_temporaries, write_json_atomic,
+)
 from lidr.model import Documents, Llama, rope_inv_freq
 from lidr.settings import TRAINING, Training, provenance
 from lidr.tokenizer import Tokenizer, chat_messages
 
+MADE_BY = "lidr.train"  # the owner named in OUT.made-from.json
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
 # dense bf16 peak of the GPUs MFU is reported for (matched against torch.cuda.get_device_name)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -502,6 +506,38 @@ def format_counts(counts: Counter) -> str:
     return f"dropped: {dropped or 'none'}; {counts['prompt truncated']} prompts truncated"
 
 
+def claim_run_folder(out: Path, identity: dict) -> OutputLock:
+    """Rank 0's hold on OUT: its lock (one process per run folder), then OUT claimed as this run's
+    (OUT.made-from.json beside it: the marker that lets a rerun resume and write in it), checked
+    once more under the lock. A killed export's leftovers (OUT/model.tmp<pid>) go."""
+    lock = hold_lock(out, MADE_BY)
+    check_folder(out, MADE_BY, identity)
+    out.mkdir(parents=True, exist_ok=True)
+    record_output(out, MADE_BY, identity)
+    remove_stale_temporaries(out / "model")
+    return lock
+
+
+def exported(out: Path) -> bool:
+    """Whether this run exported OUT/model: its record OUT/model.made-from.json, written after the
+    export's rename, and the folder. An OUT/model without that record is not this run's: refused,
+    never replaced."""
+    model = out / "model"
+    recorded = record_path(model).is_file()
+    if not recorded and (model.exists() or model.is_symlink()):
+        raise SystemExit(f"{model}: exists, but this run never recorded exporting it (no {record_path(model).name}); "
+                         f"it is left as it is: move it away and rerun the same command to export again")
+    return recorded and (model / "config.json").is_file()
+
+
+def remove_temporaries(out: Path):
+    """What an interrupted save or export left in OUT, once the run has succeeded."""
+    for folder in (out / "checkpoint.tmp", out / "checkpoint.old"):
+        shutil.rmtree(folder, ignore_errors=True)
+    (out / "reference_logps.tmp").unlink(missing_ok=True)
+    remove_stale_temporaries(out / "model")
+
+
 def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks):
     """The run in order (the module docstring's steps 1-6), on one rank of the group."""
     from tqdm import tqdm
@@ -510,20 +546,14 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
     torch.manual_seed(options.seed)
     tokenizer, examples, counts, identity = read_inputs(model_dir, data, options, world)
     run_file = out / "run.json"
-    if run_file.exists():  # refused before anything in OUT is touched
-        changes = identity_changes(json.loads(run_file.read_text()), identity)
-        if changes:
-            raise SystemExit(f"{out} holds a run made from other inputs or settings ({'; '.join(changes)}); "
-                             f"rerun the same command or use a fresh --out")
+    check_folder(out, MADE_BY, identity)  # a folder of the user's, or a run on other inputs: refused untouched
     global_batch = global_batch_size(options, world)
     total_steps = len(examples) // global_batch * options.epochs
     dist.barrier()
+    lock = claim_run_folder(out, identity) if rank == 0 else None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_file, identity)
         write_json_atomic(out / "data_report.json", dict(counts))
-        for stale in out.glob("model.tmp*"):  # an export killed before its rename
-            shutil.rmtree(stale)
         print(f"{data}: {counts['read']} rows read, {counts['kept']} kept ({format_counts(counts)}); "
               f"counts in {out / 'data_report.json'}")
         attention = "through a dense mask" if dense_mask_default(device) else "sequence by sequence"
@@ -531,9 +561,10 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
               f"global batch {global_batch} = {options.batch_size} × {options.grad_accum} accumulation × {world}; "
               f"{total_steps} steps")
     dist.barrier()
-    if (out / "model" / "config.json").is_file():  # the export is written atomically: the run is complete
+    if exported(out):
         if rank == 0:
             print(f"{out / 'model'} exists: this run finished earlier, nothing to do")
+            lock.release()
         return
 
     compute_dtype = getattr(torch, identity["dtype"])
@@ -619,7 +650,10 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
     if rank == 0:
         plot_curves(log_path, out / "curves.png")  # before the export: once OUT/model exists a rerun stops
         save(out / "model", model.cfg, {k: v.to(compute_dtype) for k, v in full.items()}, tokenizer_from=model_dir)
+        record_output(out / "model", MADE_BY, {"run": str(out.resolve()), "steps": total_steps})
+        remove_temporaries(out)
         print(f"wrote {out / 'model'} and {out / 'curves.png'}")
+        lock.release()
     dist.barrier()
 
 
