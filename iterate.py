@@ -50,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--swap-pairs", action="store_true",
                         help="a control, not the method: every pair's chosen and rejected exchanged before training")
     parser.add_argument("--translation-task-ids", help="JSONL of prompt ids that are translation requests")
+    parser.add_argument("--redo-from", choices=("generate", "translate", "pairs", "sdrrl", "train"),
+                        help="where WORK's done stages were made from other inputs or settings (refused otherwise): "
+                             "delete that stage's outputs and every later one's (only files lidr wrote) and redo them")
     add_flags(parser, settings.ANSWERS, title="answers: M_t answering the prompts (defaults: the paper's, "
                                               "lidr/settings.py ANSWERS)")
     add_flags(parser, settings.TRANSLATION, prefix="translate-",
@@ -77,7 +80,7 @@ def main(argv=None):
         sft_rows=replace(from_flags(args, SDRRLOptions(), "sdrrl-"), dominant=args.dominant),
         translation_task_ids=args.translation_task_ids, swap_pairs=args.swap_pairs, training=training)
     return run(args.model, args.prompts.split(","), args.work, recipe, args.iterations, args.batch_size, args.nproc,
-               args.train_nproc or args.nproc)
+               args.train_nproc or args.nproc, args.redo_from)
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ class ResumableWriter:
 
     def __init__(self, path: str | os.PathLike, key: str):
         self.path, self.key = Path(path), key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = hold_lock(self.path, "a resumable writer")  # one process appends to a file
         self.rows, torn_at = read_output_rows(self.path)
         missing = next((n for n, row in enumerate(self.rows, 1) if key not in row), None)
         if missing is not None:
@@ -165,6 +165,7 @@ class ResumableWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        self.lock.release()
 
     def __enter__(self):
         return self
@@ -271,6 +272,30 @@ def check_folder(out: str | os.PathLike, made_by: str, identity: dict) -> bool:
     return False
 
 
+def remove_own_output(out: str | os.PathLike, made_by: str, companions=()) -> bool:
+    """Delete OUT (a file or a folder), its record, its partial and temporary files and its
+    `companions`, when its record proves that `made_by` wrote it; True when it did. An output
+    without that record is left as it is, and so are its companions."""
+    out = Path(out)
+    record = record_path(out)
+    try:
+        recorded_by = json.loads(record.read_text(encoding="utf-8"))["made_by"]
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return False
+    if recorded_by != made_by:
+        return False
+    leftovers = [*out.parent.glob(glob.escape(out.name) + ".rank*.partial"),
+                 *out.parent.glob(glob.escape(out.name) + ".tmp*")]
+    for path in (out, *companions, *leftovers):
+        path = Path(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    record.unlink()
+    return True
+
+
 # -----------------------------------------------------------------------------
 # one process per output
 
@@ -328,6 +353,8 @@ def hold_lock(out: str | os.PathLike, command: str) -> OutputLock:
             holder = read_lock(lock)
             if holder is None:
                 continue  # released meanwhile
+            if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+                return OutputLock(lock)  # this process's own (a call that stopped before releasing it)
             if holder.get("host") != me["host"]:
                 raise SystemExit(f"{out}: in use by process {holder.get('pid')} on {holder.get('host')} "
                                  f"({holder.get('command')}), says {lock}; if that process has ended, delete {lock} "

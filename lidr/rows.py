@@ -51,12 +51,12 @@ import torch.distributed as dist
 from lidr import sampler
 from lidr.checkpoint import check, default_dtype, folder_identity, load
 from lidr.jsonl import (
-    ResumableWriter, check_output, file_identity, read_complete_lines, read_records, record_output, usable_records,
-    write_text_atomic,
+    ResumableWriter, check_output, file_identity, hold_lock, read_complete_lines, read_records, record_output,
+    usable_records, write_text_atomic,
 )
 from lidr.sampler import Completion, SamplingParams
 from lidr.settings import SAMPLING_BATCH_SIZE, Decoding
-from lidr.tokenizer import Tokenizer
+from lidr.tokenizer import CHAT_FORMATS, Tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -71,6 +71,14 @@ class Engine:
     chat_format: str | None = None  # "llama3" | "chatml"; None: read from the folder
     batch_size: int = SAMPLING_BATCH_SIZE  # prompts decoded together
     compile: bool = False  # torch.compile the sampler's decode step
+
+    def __post_init__(self):  # refused when built, before any stage records an output made with it
+        if self.dtype not in (None, *DTYPES):
+            raise ValueError(f"Engine.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.chat_format not in (None, *CHAT_FORMATS):
+            raise ValueError(f"Engine.chat_format: {self.chat_format!r} is not one of {', '.join(CHAT_FORMATS)}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"Engine.batch_size: {self.batch_size!r} is not a whole number of at least 1")
 
 
 def sampling_params(decoding: Decoding, stop_strings=()) -> SamplingParams:
@@ -196,6 +204,7 @@ def sample_rows(prompts: list[Prompt], out, key: str, make_row, load, params: Sa
     """
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     out = Path(out)
+    lock = hold_lock(out, made_by) if rank == 0 else None  # one process per output: rank 0 holds OUT.lock
     check_outputs(made_by, [(out, identity, companions)])  # every rank refuses alike
     joined = world > 1 and not dist.is_initialized()
     if joined:
@@ -224,6 +233,8 @@ def sample_rows(prompts: list[Prompt], out, key: str, make_row, load, params: Sa
                              compile=compile)
     barrier()
     rows = merge(out, key, order) if rank == 0 else []
+    if lock is not None:
+        lock.release()
     if joined:
         dist.destroy_process_group()
     return rows, len(prompts) - len(done)
