@@ -17,6 +17,7 @@ their flags into plain values here, at the door: nothing below a command line re
 import argparse
 import errno
 import functools
+import os
 import sys
 from dataclasses import fields, replace
 
@@ -141,6 +142,8 @@ def os_error_sentence(error: OSError, resume: str) -> str:
     if error.filename2 is not None:
         path = f"{path} -> {error.filename2}"
     what = WHAT_TO_DO.get(error.errno, error.strerror or str(error))
+    if error.errno == errno.EEXIST and os.path.isfile(error.filename or ""):  # a folder was to be made there
+        what = "it is a file where a folder is needed: choose another path"
     again = f"; then {resume}" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
     return f"{path}: {what}{again} ({error.strerror or type(error).__name__})"
 
