@@ -101,6 +101,7 @@ from lidr.settings import TRAINING, Training, provenance
 from lidr.tokenizer import Tokenizer, chat_messages
 
 MADE_BY = "lidr.train"  # the owner named in OUT.made-from.json
+REFERENCE_KEYS = ("model", "data", "max_len", "dtype")  # what the reference log-probs are computed from
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
 # dense bf16 peak of the GPUs MFU is reported for (matched against torch.cuda.get_device_name)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -511,11 +512,28 @@ def claim_run_folder(out: Path, identity: dict) -> OutputLock:
     (OUT.made-from.json beside it: the marker that lets a rerun resume and write in it), checked
     once more under the lock. A killed export's leftovers (OUT/model.tmp<pid>) go."""
     lock = hold_lock(out, MADE_BY)
-    check_folder(out, MADE_BY, identity)
+    check_run_folder(out, identity)
     out.mkdir(parents=True, exist_ok=True)
     record_output(out, MADE_BY, identity)
     remove_stale_temporaries(out / "model")
     return lock
+
+
+def check_run_folder(out: Path, identity: dict):
+    """lidr.jsonl.check_folder, except that a run of this trainer that never logged a step may start
+    again with other training settings on the same model, data, length and dtype (what its
+    reference table is bound to): a learning rate that stopped it with a NaN at the first step is
+    corrected, not refused."""
+    try:
+        recorded = json.loads(record_path(out).read_text(encoding="utf-8"))
+        same_inputs = recorded["made_by"] == MADE_BY and all(
+            recorded["identity"].get(k) == json.loads(json.dumps(identity[k])) for k in REFERENCE_KEYS)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        same_inputs = False
+    log = out / "log.jsonl"
+    started = (log.is_file() and log.stat().st_size > 0) or latest_checkpoint(out) is not None or (out / "model").exists()
+    if not (same_inputs and not started):
+        check_folder(out, MADE_BY, identity)
 
 
 def exported(out: Path) -> bool:
@@ -546,7 +564,7 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
     torch.manual_seed(options.seed)
     tokenizer, examples, counts, identity = read_inputs(model_dir, data, options, world)
     run_file = out / "run.json"
-    check_folder(out, MADE_BY, identity)  # a folder of the user's, or a run on other inputs: refused untouched
+    check_run_folder(out, identity)  # a folder of the user's, or a run on other inputs: refused untouched
     global_batch = global_batch_size(options, world)
     total_steps = len(examples) // global_batch * options.epochs
     dist.barrier()
@@ -569,7 +587,7 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
 
     compute_dtype = getattr(torch, identity["dtype"])
     model = build_model(model_dir, device, compute_dtype, options.activation_checkpointing)
-    fingerprint = {k: identity[k] for k in ("model", "data", "max_len", "dtype")}
+    fingerprint = {k: identity[k] for k in REFERENCE_KEYS}
     reference = None
     if options.objective == "dpo":
         reference = saved_reference_logps(out / "reference_logps.pt", fingerprint, rank=rank, compute=lambda: (

@@ -240,6 +240,39 @@ def test_mgsm_gold_answers_are_read_exactly_or_dropped_and_counted(tmp_path):
     assert len(dropped) == 1 and dropped[0].startswith(f"{path}:5: no reference number")
 
 
+@pytest.mark.slow
+def test_a_run_stopped_at_its_first_step_takes_a_corrected_learning_rate(tiny_dir, tmp_path, monkeypatch):
+    import math
+
+    import lidr.train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(4))
+    real_dpo_loss = lidr.train.dpo_loss
+    monkeypatch.setattr(lidr.train, "dpo_loss", lambda *a, **k: tuple(t * math.nan for t in real_dpo_loss(*a, **k)))
+    with pytest.raises(SystemExit, match="step 1: loss nan"):
+        train_main(tiny_dir, data, tmp_path / "run", "--lr", "1e3")
+    monkeypatch.setattr(lidr.train, "dpo_loss", real_dpo_loss)
+    with pytest.raises(SystemExit, match=r"other inputs or other settings \(data\."):  # other data: still refused
+        train_main(tiny_dir, write_jsonl(tmp_path / "other.jsonl", pairs(5)), tmp_path / "run")
+    train_main(tiny_dir, data, tmp_path / "run", "--lr", "1e-5")  # today: refused, "lr: 1000.0 -> 1e-05"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["lr"] == 1e-5
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_decoding_values_that_give_garbage_are_refused(capsys):
+    from lidr.settings import Decoding, Training
+
+    for build, message in ((lambda: Decoding(max_new_tokens=1, repetition_penalty=1.0, temperature=1e-40),
+                            "Decoding.temperature: 1e-40 is neither 0 nor at least 1e-05"),
+                           (lambda: Decoding(max_new_tokens=1, repetition_penalty=1e-39),
+                            "Decoding.repetition_penalty: 1e-39 is below its least value 0.01"),
+                           (lambda: Decoding(max_new_tokens=1, repetition_penalty=1.0, seed=2**64),
+                            "Decoding.seed: 18446744073709551616 is above its greatest value"),
+                           (lambda: Training(seed=2**60), "Training.seed: 1152921504606846976 is above")):
+        with pytest.raises(ValueError, match=message):
+            build()
+
+
 def test_an_engine_that_cannot_work_is_refused_before_anything_is_recorded(tiny_dir, tmp_path):
     from lidr.rows import Engine
 
