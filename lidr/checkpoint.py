@@ -10,7 +10,9 @@ device and fills it tensor by tensor, shard by shard, straight into the requeste
 device: the weights exist once (an 8B model loads in about 16 GB of host memory in bf16).
 Every tensor is checked: a missing, unexpected or misshapen one, or a shard the index names but
 the folder lacks, stops the load with the file and tensor named; so do a config.json that lacks a
-key and a truncated or corrupt safetensors file. `check` does all of these checks from the files'
+key, a truncated or corrupt safetensors file, and a tokenizer that does not belong to the model
+(`check_tokenizer_fits`: the chat format's special tokens, config.json's bos/eos ids, the
+vocabulary within the embedding). `check` does all of these checks from the files'
 headers without reading the weights, for a stage to run before it records what its output is made
 from; `folder_identity` says which checkpoint that is (see lidr/jsonl.py `check_output`). What
 `save` writes, transformers' `LlamaForCausalLM.from_pretrained` reads, and so does `load`.

@@ -12,6 +12,8 @@ one flag (its default, help and range from the field), `from_flags` turns the pa
 the dataclass, and `flags_argv` is the inverse of both, for iterate's torchrun launches. So a new
 setting is one new field, and every command that takes that dataclass has its flag. Commands turn
 their flags into plain values here, at the door: nothing below a command line reads a Namespace.
+Every command's `main` is decorated with `command()`: an operating-system error (a read-only
+folder, a full disk, a parent path that is a file) or Ctrl-C ends in one line, not a traceback.
 """
 
 import argparse

@@ -18,8 +18,15 @@ With method "sdrrl" (the related SDRRL, lidr/sdrrl.py) translation goes only fro
 3 writes sdrrl.jsonl (supervised rows: English answers and their self-translations) and stage 4
 trains on it with the SFT objective. `swap_pairs` (a control, not the method) reverses every pair.
 
-A finished stage leaves WORK/iter{t}/done/{stage} and is skipped on a rerun; an interrupted stage
-resumes (each stage picks up its own partial outputs). A stage runs in this process, or, when
+A finished stage leaves WORK/iter{t}/done/{stage}, a record of what it was made from
+(`stage_identities`: M_t, the prompt files, the languages, the stage's settings, and the stage
+before it), and is skipped on a rerun that would make it from the same; an interrupted stage
+resumes (each stage picks up its own partial outputs). Before the first stage the languages, the
+model folder and every prompt folder are checked, WORK is locked (one iterate.py per work
+folder), and every done-marker is compared with this command: a difference is refused, naming the
+marker and what changed, or with --redo-from STAGE that stage and every later one are made again
+(their outputs deleted only where their records prove lidr wrote them; anything else is left for
+the stage to refuse by name). A stage runs in this process, or, when
 nproc > 1, under torchrun: generation and translation data parallel (generate.py, translate.py),
 training with FSDP (train_dpo.py), the same functions behind a command line.
 

@@ -1,8 +1,9 @@
 """Reading inputs and writing outputs that survive a crash and know what they were made from.
 
-- `read_records(path)`: JSONL (one object a line) or a JSON list; bad rows come back with their
-  line numbers and a reason instead of stopping the run. `usable_records` refuses, in a sentence,
-  an input where no row is usable.
+- `read_records(path)`: JSONL (one object a line) or a JSON list; bad rows (a line that is not
+  JSON, not an object, not UTF-8) come back with their line numbers and a reason instead of
+  stopping the run; a UTF-8 byte-order mark is not part of the first row. `usable_records`
+  refuses, in a sentence, an input where no row is usable.
 - `ResumableWriter(path, key)`: appends one JSON line per finished row and flushes it. Reopening
   the same path reads what is already there and tells the caller which keys are done (compared
   as text: the id 3 and the id "3" are one key), so a rerun never redoes or duplicates a row. A
@@ -16,7 +17,15 @@
   once the inputs have been read and checked; `bind_outputs` does both for several outputs.
   Every stage of lidr that writes a resumable or derived output uses these, and nothing else
   decides whether a rerun may go on.
-- `write_json_atomic(path, obj)`: small reports and configs, replaced in one rename.
+  `check_folder` is the same for a folder a command fills (a training run): a user's non-empty
+  folder is refused, naming what is there. `remove_own_output` deletes an output only when its
+  record proves which command wrote it (iterate.py --redo-from).
+- One process per output: `hold_lock(out, command)` creates OUT.lock atomically (O_EXCL) with the
+  holder's pid, host and command; a second process is refused in a sentence, a lock whose
+  process is dead on this host is taken over, one from another host is reported, never broken.
+- `write_json_atomic(path, obj)`: small reports and configs, replaced in one rename; the
+  temporaries a killed writer left beside it (PATH.tmp<pid> of a dead process) go with the next
+  successful write (`remove_stale_temporaries`).
 """
 
 import atexit

@@ -13,6 +13,8 @@ key). Then, in one place:
 - Bound to its inputs: OUT.made-from.json records what OUT is made from (the caller's identity:
   input files, model folder, settings). A rerun with other ones is refused, naming what changed,
   before anything is written, and so is an OUT that this command did not write (lidr/jsonl.py).
+- One process per output: rank 0 holds OUT.lock while it runs (lidr.jsonl.hold_lock); a second
+  command on the same OUT is refused in a sentence.
 - Resumable: each rank appends finished rows to OUT.rank<r>.partial, flushed row by row; at the
   start and at the end rank 0 merges the partial files into OUT in input order (one atomic
   rename) and deletes them. A torn last line is dropped and redone; a key already in OUT is never

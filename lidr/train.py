@@ -21,10 +21,13 @@ One run, in order:
    OUT/data_report.json). A prompt that does not fit beside its longer response in --max-len
    keeps its last tokens (the end of the question and the assistant header the reply follows);
    a row whose response does not fit beside the assistant header alone is dropped. Responses
-   are never cut: a cut response would lose its end-of-turn token. Then OUT/run.json records
-   the settings and the inputs' identity (resolved paths, the data's sha256, the model folder's
-   config hash and weight file sizes and times); a rerun on other inputs or settings is refused,
-   naming what changed, before anything in OUT is touched.
+   are never cut: a cut response would lose its end-of-turn token. Then rank 0 locks OUT (OUT.lock:
+   one process per run folder) and claims it: OUT.made-from.json (beside it, as every lidr output
+   has) and OUT/run.json record the settings and the inputs' identity (resolved paths, the data's
+   sha256, the model folder's config hash and weight file sizes and times). An existing
+   non-empty folder without that record (a user's) is refused, naming what is in it; a rerun on
+   other inputs or settings is refused, naming what changed, before anything in OUT is touched
+   (a run that never logged a step may take other training settings on the same inputs).
 2. The policy is built on the meta device, `fully_shard`-ed per block and then at the root, and
    filled from the HF folder read once on rank 0 and broadcast. The shards are fp32 master
    weights (AdamW's state is fp32 too); --dtype is the compute dtype that each forward gathers
@@ -45,8 +48,9 @@ One run, in order:
    before the optimizer step and before any save.
 6. Export, in place of a last checkpoint: OUT/model, an HF folder (lidr.checkpoint.save,
    gathered on rank 0, built beside its place and renamed into it) in the compute dtype, and
-   OUT/curves.png. Once OUT/model exists, a rerun has nothing to do; a
-   crash before it resumes from the last checkpoint.
+   OUT/curves.png; then OUT/model.made-from.json, and the temporaries of interrupted saves go.
+   Once OUT/model and its record exist, a rerun has nothing to do; a crash before it resumes
+   from the last checkpoint; an OUT/model without its record is refused, never replaced.
 
 How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx):
 - The paper's learning rate, epochs, batch and length are unpublished; the defaults here are
