@@ -142,7 +142,7 @@ def test_a_rerun_with_another_setting_is_refused_before_any_work_naming_it(tiny_
 
 
 def test_redo_from_removes_only_what_the_stage_can_prove_it_wrote(tiny_dir, tmp_path):
-    from lidr.iterate import plan
+    from lidr.iterate import plan, write_marker
     from lidr.jsonl import record_output
 
     work, prompts, recipe = iterate_case(tiny_dir, tmp_path)
@@ -152,9 +152,16 @@ def test_redo_from_removes_only_what_the_stage_can_prove_it_wrote(tiny_dir, tmp_
     users = work / "iter1" / "generate" / "notes.jsonl"
     write_rows(users, [{"mine": 1}])
     other = replace(recipe, answers=replace(recipe.answers, max_new_tokens=3))
+    trained, kept = work / "iter1" / "train", work / "iter1" / "pairs.jsonl"
+    (trained / "model").mkdir(parents=True)
+    record_output(trained, "lidr.train", {"old": True})
+    kept.write_text("pairs the user wrote by hand\n")  # no record: not provably lidr.pairs'
+    write_marker(work / "iter1", "pairs", {"old": True})
     plan(tiny_dir, [prompts], work, other, 1, 1, redo_from="generate")
     assert not generated.exists() and not record_path(generated).exists()
     assert users.exists() and not (work / "iter1" / "done" / "generate").exists()
+    assert not trained.exists() and not record_path(trained).exists()
+    assert kept.read_text() == "pairs the user wrote by hand\n" and not (work / "iter1" / "done" / "pairs").exists()
 
 
 def test_languages_and_prompt_folders_are_checked_before_the_first_stage(tiny_dir, tmp_path):
