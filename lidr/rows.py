@@ -53,7 +53,7 @@ import torch.distributed as dist
 from lidr import sampler
 from lidr.checkpoint import check, default_dtype, folder_identity, load
 from lidr.jsonl import (
-    ResumableWriter, check_output, file_identity, hold_lock, read_complete_lines, read_records, record_output,
+    ResumableWriter, check_output, file_identity, hold_lock, lock_path, read_complete_lines, read_records, record_output,
     usable_records, write_text_atomic,
 )
 from lidr.sampler import Completion, SamplingParams
@@ -171,6 +171,7 @@ def merge(out: Path, key: str, order: dict) -> list[dict]:
         write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged))
         for path in parts:
             path.unlink()
+            lock_path(path).unlink(missing_ok=True)  # a killed writer's: no writer is open while merging
     return merged
 
 

@@ -108,6 +108,20 @@ def test_stale_temporaries_of_dead_processes_go_and_a_live_ones_stay(tmp_path, s
     assert not dead.exists() and live.exists() and user.read_text() == "a template of the user's"
 
 
+def test_a_killed_ranks_partial_file_and_its_lock_go_once_merged(tmp_path):
+    from lidr.jsonl import ResumableWriter
+    from lidr.rows import merge
+
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.rank1.partial"
+    writer = ResumableWriter(partial, "id")
+    writer.write({"id": "2", "text": "b"})
+    writer.file.close()  # killed: its lock stays behind
+    lock_path(partial).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    assert merge(out, "id", {"1": 0, "2": 1}) == [{"id": "2", "text": "b"}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
 # -----------------------------------------------------------------------------
 # 2. the pipeline bound to its inputs
 
