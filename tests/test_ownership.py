@@ -213,6 +213,19 @@ def test_a_second_process_is_refused_a_dead_ones_lock_taken_over_another_hosts_r
     assert len(read_records(out)[0]) == 4 and not lock.exists()
 
 
+def test_a_second_generation_on_one_output_is_refused_before_it_writes(tiny_dir, tmp_path, sleeper):
+    from lidr import settings
+    from lidr.generation import generate_file
+    from lidr.rows import Engine
+
+    prompts = write_rows(tmp_path / "in.jsonl", [{"id": 1, "instruction": "Hi"}])
+    out = tmp_path / "out.jsonl"
+    lock_path(out).write_text(json.dumps({"pid": sleeper, "host": socket.gethostname(), "command": "generate.py"}))
+    with pytest.raises(SystemExit, match=rf"out\.jsonl: in use by process {sleeper} on this host \(generate\.py\)"):
+        generate_file(Engine(tiny_dir, device="cpu"), prompts, out, replace(settings.ANSWERS, max_new_tokens=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl.lock"]
+
+
 def test_hold_lock_is_atomic_between_processes(tmp_path):
     """Two processes race for one lock: exactly one holds it."""
     code = ("import sys, time; from lidr.jsonl import hold_lock\n"
