@@ -25,8 +25,9 @@ recomputed from every row at the end of each run; eval/report.py reads it.
 Input: a folder of {lang}.jsonl files, rows {query, response} (MGSM) or {instruction, final_answer}
 (translated GSM8K); a row missing them, or whose reference answer is not one number (`read_gold`:
 integers, decimals, fractions and powers of ten are read exactly, never as their last number), is
-dropped and counted; a file with no usable row is refused. A question too long for the model's context is not answered and is counted
-("too_long"); an answer ends where the context does (lidr/rows.py's policy, every stage's).
+dropped and counted; a file with no usable row is refused. A question too long for the model's
+context is not answered and is counted ("too_long"); an answer ends where the context does
+(lidr/rows.py's policy, every stage's).
 
 Reading the last number (`extract_last_number`): digits of any script (Bengali ১২, Thai ๑๒,
 Devanagari १२, full-width １２ — Unicode decimal digits; superscripts such as m² are not digits);
@@ -119,7 +120,8 @@ def extract_last_number(text: str) -> float | None:
 
 
 FRACTION = re.compile(r"(?P<sign>[-\u2212])?(?P<num>\d+)\s*/\s*(?P<den>\d+)")
-EXPONENT = re.compile(r"(?P<mantissa>[-\u2212]?\d+(?:\.\d+)?)\s*(?:[eE]|[x×*·]\s*10\s*(?:\^|\*\*))\s*(?P<exp>[-+]?\d+)")
+EXPONENT = re.compile(r"(?P<mantissa>[-\u2212]?\d+(?:\.\d+)?)\s*(?:[eE]|[x×*·]\s*10\s*(?:\^|\*\*))"
+                      r"\s*(?P<exp>[-+]?\d+)")
 
 
 def read_gold(value) -> float | None:

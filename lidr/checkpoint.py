@@ -187,11 +187,12 @@ def check_tokenizer_fits(folder, cfg: LlamaConfig, tokenizer: Tokenizer):
             raise ValueError(f"{path}: the {tokenizer.chat_format} chat format needs the special token {token!r}, "
                              f"which this tokenizer lacks or reads as plain text; tokenizer and model do not match")
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
-    for name, ids, allowed in (("bos_token_id", [cfg.bos_token_id], special), ("eos_token_id", eos, tokenizer.stop_ids)):
+    turn_ends = f"a token a {tokenizer.chat_format} turn ends with"
+    for name, ids, allowed, kind in (("bos_token_id", [cfg.bos_token_id], special, "a special token"),
+                                     ("eos_token_id", eos, tokenizer.stop_ids, turn_ends)):
         for token_id in ids:
             if token_id is not None and token_id not in allowed:
                 token = tokenizer.tok.id_to_token(token_id) if isinstance(token_id, int) else None
-                kind = "a special token" if name == "bos_token_id" else f"a token a {tokenizer.chat_format} turn ends with"
                 raise ValueError(f"{config}: {name} {token_id!r} is {token!r} in {path}, not {kind}; "
                                  f"tokenizer and model do not match")
 

@@ -189,7 +189,8 @@ def stage(folder: Path, name: str, label: str, run_stage, identity: dict, result
     print(f"[{label}] {name} ...", flush=True)
     start = time.time()
     run_stage()
-    write_marker(folder, name, identity, seconds=round(time.time() - start), **({"result": str(result())} if result else {}))
+    done = {"result": str(result())} if result else {}
+    write_marker(folder, name, identity, seconds=round(time.time() - start), **done)
     print(f"[{label}] {name}: finished in {time.time() - start:.0f}s", flush=True)
 
 
@@ -281,9 +282,11 @@ def run_iteration(model, prompts, folder, recipe: Recipe, label: str, batch_size
     identities = stage_identities(model, prompts, recipe, train_nproc)
     steps = dict(zip(stage_names(recipe), (generate, translate, pairs if recipe.method == "lidr" else sdrrl_rows,
                                            train_next)))
+    def next_model():  # what the train stage gives the next iteration
+        return Path(model) if unchanged.exists() else folder / "train" / "model"
+
     for name, run_stage in steps.items():
-        stage(folder, name, label, run_stage, identities[name],
-              result=(lambda: Path(model) if unchanged.exists() else folder / "train" / "model") if name == "train" else None)
+        stage(folder, name, label, run_stage, identities[name], result=next_model if name == "train" else None)
     return Path(read_marker(folder / "done" / "train")["result"])
 
 

@@ -58,7 +58,7 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[
             items = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as e:
             line = data[:e.start].count(b"\n") + 1
-            raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+            raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(items, list):

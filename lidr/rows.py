@@ -53,8 +53,8 @@ import torch.distributed as dist
 from lidr import sampler
 from lidr.checkpoint import check, default_dtype, folder_identity, load
 from lidr.jsonl import (
-    ResumableWriter, check_output, file_identity, hold_lock, lock_path, read_complete_lines, read_records, record_output,
-    usable_records, write_text_atomic,
+    ResumableWriter, check_output, file_identity, hold_lock, lock_path, read_complete_lines, read_records,
+    record_output, usable_records, write_text_atomic,
 )
 from lidr.sampler import Completion, SamplingParams
 from lidr.settings import SAMPLING_BATCH_SIZE, Decoding

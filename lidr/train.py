@@ -535,7 +535,8 @@ def check_run_folder(out: Path, identity: dict):
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         same_inputs = False
     log = out / "log.jsonl"
-    started = (log.is_file() and log.stat().st_size > 0) or latest_checkpoint(out) is not None or (out / "model").exists()
+    logged = log.is_file() and log.stat().st_size > 0
+    started = logged or latest_checkpoint(out) is not None or (out / "model").exists()
     if not (same_inputs and not started):
         check_folder(out, MADE_BY, identity)
 

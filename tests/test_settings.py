@@ -69,7 +69,8 @@ def test_a_flag_out_of_range_is_refused_naming_it(argv, message, capsys):
 @pytest.mark.parametrize("build, message", [
     (lambda: Training(lr=math.inf), "Training.lr: inf is not a finite number"),
     (lambda: Training(objective="ppo"), "Training.objective: 'ppo' is not one of 'dpo', 'sft'"),
-    (lambda: Decoding(max_new_tokens=10, repetition_penalty=0.0), "Decoding.repetition_penalty: 0.0 is below its least value 0.01"),
+    (lambda: Decoding(max_new_tokens=10, repetition_penalty=0.0),
+     "Decoding.repetition_penalty: 0.0 is below its least value 0.01"),
     (lambda: Decoding(max_new_tokens=10, repetition_penalty=1.0, top_p=0.0), "Decoding.top_p: 0.0 is not greater than 0.0"),
     (lambda: PairOptions(min_chars=-1), "PairOptions.min_chars: -1 is below its least value 0"),
     (lambda: SDRRLOptions(code_switch_rows=2.0), "SDRRLOptions.code_switch_rows: 2.0 is above its greatest value 1.0"),
