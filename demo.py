@@ -53,7 +53,8 @@ from eval.mgsm import run as run_mgsm
 from eval.report import write_report
 from lidr import settings
 from lidr.checkpoint import load
-from lidr.iterate import Recipe, train_stage
+from lidr.cli import command
+from lidr.iterate import Recipe, stage_identities, train_stage, write_marker
 from lidr.iterate import run as run_iterations
 from lidr.jsonl import write_json_atomic, write_text_atomic
 from lidr.pairs import arithmetic, read_texts, read_translations
@@ -113,14 +114,15 @@ def run_lidr(name: str, m0: Path, prompts: list[Path], work: Path, how: Recipe, 
     return run_iterations(m0, prompts, work, how, batch_size=BATCH_SIZE, train_nproc=train_nproc)
 
 
-def copy_first_generation(source: Path, target: Path):
-    """Iteration 1's answers and translations from `source` (same M0, same prompts, greedy: identical)."""
+def copy_first_generation(source: Path, target: Path, m0: Path, prompts: list[Path], how: Recipe, train_nproc: int):
+    """Iteration 1's answers and translations from `source` (same M0, same prompts, greedy: identical),
+    marked done as made from what `how` would make them from (lidr.iterate.stage_identities)."""
+    identities = stage_identities(m0, prompts[0], how, train_nproc)
     for stage in ("generate", "translate"):
         if (target / "iter1" / "done" / stage).exists():
             continue
         shutil.copytree(source / "iter1" / stage, target / "iter1" / stage, dirs_exist_ok=True)
-        (target / "iter1" / "done").mkdir(parents=True, exist_ok=True)
-        (target / "iter1" / "done" / stage).write_text(f"copied from {source / 'iter1' / stage}\n")
+        write_marker(target / "iter1", stage, identities[stage], copied_from=str(source / "iter1" / stage))
 
 
 # -----------------------------------------------------------------------------
@@ -243,9 +245,9 @@ def run_world(args, size: dict, work: Path):
     checked = replace(lidr_recipe, pairs=replace(lidr_recipe.pairs, check_numbers=size["check_numbers"]))
     lidr = run_lidr("LIDR", models["M0"], prompts, work / "lidr", checked, args.train_nproc)
     add({"M1": lidr[0], "M2": lidr[1]})
-    copy_first_generation(work / "lidr", work / "sdrrl")
-    sdrrl = run_lidr("SDRRL", models["M0"], prompts, work / "sdrrl", replace(lidr_recipe, method="sdrrl"),
-                     args.train_nproc)
+    sdrrl_recipe = replace(lidr_recipe, method="sdrrl")
+    copy_first_generation(work / "lidr", work / "sdrrl", models["M0"], prompts, sdrrl_recipe, args.train_nproc)
+    sdrrl = run_lidr("SDRRL", models["M0"], prompts, work / "sdrrl", sdrrl_recipe, args.train_nproc)
     add({"SDRRL-1": sdrrl[0], "SDRRL-2": sdrrl[1]})
     runs = {"LIDR": work / "lidr", "SDRRL": work / "sdrrl"}
     if args.controls:
@@ -255,9 +257,9 @@ def run_world(args, size: dict, work: Path):
         broken = run_lidr("broken translation", models["broken-M0"], prompts, work / "broken", lidr_recipe,
                           args.train_nproc)
         add({"broken-M1": broken[0], "broken-M2": broken[1]})
-        copy_first_generation(work / "lidr", work / "swapped")
-        swapped = run_lidr("swapped pairs", models["M0"], prompts, work / "swapped",
-                           replace(checked, swap_pairs=True), args.train_nproc)
+        swapped_recipe = replace(checked, swap_pairs=True)
+        copy_first_generation(work / "lidr", work / "swapped", models["M0"], prompts, swapped_recipe, args.train_nproc)
+        swapped = run_lidr("swapped pairs", models["M0"], prompts, work / "swapped", swapped_recipe, args.train_nproc)
         add({"swapped-M1": swapped[0], "swapped-M2": swapped[1]})
         add({"gold-SFT": gold_sft(world, models["M0"], work / "gold", size["train"], args.train_nproc)})
         runs.update({"broken": work / "broken", "swapped": work / "swapped"})
@@ -325,6 +327,7 @@ def run_smollm2(args, size: dict, work: Path):
     finish_report(models, work / "eval", work, learned, extra={"iterations": data})
 
 
+@command()
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("world", "smollm2"), default="world",

@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lidr import settings
-from lidr.cli import add_flags, from_flags, positive_int
+from lidr.cli import add_flags, command, from_flags, positive_int
 from lidr.iterate import Nodes, Recipe, run
 from lidr.pairs import PairOptions
 from lidr.sdrrl import SDRRLOptions
@@ -75,6 +75,9 @@ def parse_args(argv=None):
                             "English; the AlpaGasus sets: ../shared/data/alpagasus/translation_task_ids.jsonl)")
     tasks.add_argument("--no-translation-tasks", action="store_true",
                        help="say that no prompt is a translation request (e.g. GSM8K)")
+    parser.add_argument("--redo-from", choices=("generate", "translate", "pairs", "sdrrl", "train"),
+                        help="where WORK's done stages were made from other inputs or settings (refused otherwise): "
+                             "delete that stage's outputs and every later one's (only files lidr wrote) and redo them")
     add_flags(parser, settings.ANSWERS, title="answers: M_t answering the prompts (defaults: the paper's, "
                                               "lidr/settings.py ANSWERS)")
     add_flags(parser, settings.TRANSLATION, prefix="translate-", skip=("prompt_template",),
@@ -96,6 +99,7 @@ def parse_args(argv=None):
     return args, options_from(trainer.parse_args(argv[split + 1:]))
 
 
+@command()
 def main(argv=None):
     args, training = parse_args(argv)
     recipe = Recipe(
@@ -106,7 +110,7 @@ def main(argv=None):
         translation_task_ids=args.translation_task_ids, swap_pairs=args.swap_pairs, training=training)
     nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id or Path(args.work).resolve().name)
     return run(args.model, args.prompts.split(","), args.work, recipe, args.iterations, args.batch_size, args.nproc,
-               args.train_nproc or args.nproc, nodes)
+               args.train_nproc or args.nproc, nodes, args.redo_from)
 
 
 if __name__ == "__main__":

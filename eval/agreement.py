@@ -28,6 +28,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from lidr.cli import command
 from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 
 FIELDS = ("prompt", "chosen", "rejected", "lang")
@@ -90,6 +91,7 @@ def run(judge, pairs_path: Path, out: Path, sample: int | None, seed: int, both_
     return summary
 
 
+@command("rerun the same command")
 def main(argv=None):
     from eval.judge import add_judge_args, judge_folder_name, make_judge
 

@@ -54,7 +54,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lidr import cluster, settings
-from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, positive_int
+from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, command, from_flags, positive_int
 from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
 from lidr.rows import Prompt, check_outputs, open_model, sample_rows, too_long_reason
@@ -264,6 +264,7 @@ def length_controlled_win_rate(annotations: list[dict]) -> dict:
 # command line
 
 
+@command()
 def main(argv=None):
     from eval.common import check_langs, model_identity
     from eval.judge import add_judge_args, judge_folder_name, make_judge

@@ -27,9 +27,11 @@ question). {out}/{name}/summary.json holds accuracy and off-target rate per lang
 recomputed from every row at the end of each run; eval/report.py reads it.
 
 Input: a folder of {lang}.jsonl files, rows {query, response} (MGSM) or {instruction, final_answer}
-(translated GSM8K); a row missing them is dropped and counted; a file with no usable row is
-refused. A question too long for the model's context is not answered and is counted
-("too_long"); an answer ends where the context does (lidr/rows.py's policy, every stage's).
+(translated GSM8K); a row missing them, or whose reference answer is not one number (`read_gold`:
+integers, decimals, fractions and powers of ten are read exactly, never as their last number), is
+dropped and counted; a file with no usable row is refused. A question too long for the model's
+context is not answered and is counted ("too_long"); an answer ends where the context does
+(lidr/rows.py's policy, every stage's).
 
 Reading the last number (`extract_last_number`): digits of any script (Bengali ১২, Thai ๑๒,
 Devanagari १२, full-width １２ — Unicode decimal digits; superscripts such as m² are not digits);
@@ -50,6 +52,7 @@ How this departs from the paper and its repository:
 """
 
 import argparse
+import math
 import re
 import unicodedata
 from dataclasses import asdict
@@ -57,7 +60,7 @@ from pathlib import Path
 
 from eval.common import check_langs, model_identity
 from lidr import cluster, settings
-from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, from_flags, positive_int
+from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, command, from_flags, positive_int
 from lidr.jsonl import file_identity, read_records, write_json_atomic
 from lidr.langid import detect_language
 from lidr.languages import checked_languages
@@ -116,6 +119,31 @@ def extract_last_number(text: str) -> float | None:
     return -value if last.group("sign") else value
 
 
+FRACTION = re.compile(r"(?P<sign>[-\u2212])?(?P<num>\d+)\s*/\s*(?P<den>\d+)")
+EXPONENT = re.compile(r"(?P<mantissa>[-\u2212]?\d+(?:\.\d+)?)\s*(?:[eE]|[x×*·]\s*10\s*(?:\^|\*\*))"
+                      r"\s*(?P<exp>[-+]?\d+)")
+
+
+def read_gold(value) -> float | None:
+    """The exact value of a reference answer, or None when it is not one number: a JSON number, or
+    a text that is wholly one number as `extract_last_number` reads numbers ("18", "1,000", "-3",
+    "2.5"), a fraction ("1/2", "-3 / 4") or a power of ten ("1e3", "2.5×10^3"). Never the last number
+    of a longer text: "1/2" is 0.5, not 2."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    text = to_ascii_digits(str(value)).strip()
+    if (m := FRACTION.fullmatch(text)) and int(m["den"]):
+        return (-1 if m["sign"] else 1) * int(m["num"]) / int(m["den"])
+    if m := EXPONENT.fullmatch(text):
+        return float(m["mantissa"].replace("\u2212", "-")) * 10.0 ** int(m["exp"])
+    if (m := NUMBER.fullmatch(text)) and m.group("body"):
+        value = parse_number(m.group("body"))
+        return -value if m.group("sign") else value
+    return None
+
+
 def same_number(prediction: float | None, gold: float) -> bool:
     return prediction is not None and abs(prediction - gold) <= 1e-6 * max(1.0, abs(gold))
 
@@ -137,9 +165,10 @@ def read_questions(path: Path) -> tuple[list[dict], list[str]]:
         if not isinstance(question, str) or not question.strip():
             dropped.append((n, f"{path}:{n}: no question (field 'query' or 'instruction')"))
             continue
-        gold = extract_last_number(str(gold_text)) if gold_text is not None else None
+        gold = read_gold(gold_text)
         if gold is None:
-            dropped.append((n, f"{path}:{n}: no reference number (field 'response' or 'final_answer'): {gold_text!r}"))
+            dropped.append((n, f"{path}:{n}: no reference number: field 'response' or 'final_answer' is not one "
+                               f"number ({gold_text!r})"))
             continue
         questions.append({"index": n, "question": question, "gold_text": str(gold_text), "gold": gold})
     return questions, [reason for _, reason in sorted(dropped)]
@@ -246,6 +275,7 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, decoding: Dec
     return summary
 
 
+@command()
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_flags(parser, batch_size=settings.EVAL_BATCH_SIZE,

@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lidr.cli import command
 from lidr.jsonl import write_text_atomic
 
 # metric key in summary.json -> (title, number format, standard-error key)
@@ -166,6 +167,7 @@ def write_report(models: dict[str, Path], out: Path, paper: bool = False) -> Pat
     return report
 
 
+@command("rerun the same command")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=FOLDER",

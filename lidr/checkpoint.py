@@ -10,7 +10,9 @@ device and fills it tensor by tensor, shard by shard, straight into the requeste
 device: the weights exist once (an 8B model loads in about 16 GB of host memory in bf16).
 Every tensor is checked: a missing, unexpected or misshapen one, or a shard the index names but
 the folder lacks, stops the load with the file and tensor named; so do a config.json that lacks a
-key and a truncated or corrupt safetensors file. `check` does all of these checks from the files'
+key, a truncated or corrupt safetensors file, and a tokenizer that does not belong to the model
+(`check_tokenizer_fits`: the chat format's special tokens, config.json's bos/eos ids, the
+vocabulary within the embedding). `check` does all of these checks from the files'
 headers without reading the weights, for a stage to run before it records what its output is made
 from; `folder_identity` says which checkpoint that is (see lidr/jsonl.py `check_output`). What
 `save` writes, transformers' `LlamaForCausalLM.from_pretrained` reads, and so does `load`.
@@ -37,6 +39,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 DEFAULT_SHARD_BYTES = 5 * 2**30
+# the tokens each chat format writes: each must be one special token of the folder's tokenizer
+CHAT_TOKENS = {"llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+               "chatml": ("<|im_start|>", "<|im_end|>")}
 
 
 def default_dtype(device) -> torch.dtype:
@@ -162,13 +167,34 @@ def check(folder, chat_format: str | None = None) -> tuple[LlamaConfig, Tokenize
     what a stage checks before it records that its output is made from this folder."""
     cfg = read_config(folder)
     tokenizer = Tokenizer.from_folder(folder, chat_format=chat_format)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(
-            f"{Path(folder) / 'tokenizer.json'}: {tokenizer.vocab_size} tokens do not fit the model's "
-            f"embedding (embed_tokens.weight has {cfg.vocab_size} rows); tokenizer and weights do not match"
-        )
+    check_tokenizer_fits(folder, cfg, tokenizer)
     weight_plan(folder, cfg)
     return cfg, tokenizer
+
+
+def check_tokenizer_fits(folder, cfg: LlamaConfig, tokenizer: Tokenizer):
+    """ValueError, naming the file, unless the tokenizer belongs to the model: its vocabulary fits
+    the embedding, the chat format's tokens are special tokens of it, and config.json's bos and
+    eos ids are special tokens there (each eos id one a turn ends with). A tokenizer copied from
+    another model passes none of these and would make the model answer with empty or foreign text."""
+    path, config = Path(folder) / "tokenizer.json", Path(folder) / "config.json"
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{path}: {tokenizer.vocab_size} tokens do not fit the model's embedding (embed_tokens.weight "
+                         f"has {cfg.vocab_size} rows); tokenizer and weights do not match")
+    special = {i: t.content for i, t in tokenizer.tok.get_added_tokens_decoder().items() if t.special}
+    for token in CHAT_TOKENS[tokenizer.chat_format]:
+        if tokenizer.tok.token_to_id(token) not in special:
+            raise ValueError(f"{path}: the {tokenizer.chat_format} chat format needs the special token {token!r}, "
+                             f"which this tokenizer lacks or reads as plain text; tokenizer and model do not match")
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    turn_ends = f"a token a {tokenizer.chat_format} turn ends with"
+    for name, ids, allowed, kind in (("bos_token_id", [cfg.bos_token_id], special, "a special token"),
+                                     ("eos_token_id", eos, tokenizer.stop_ids, turn_ends)):
+        for token_id in ids:
+            if token_id is not None and token_id not in allowed:
+                token = tokenizer.tok.id_to_token(token_id) if isinstance(token_id, int) else None
+                raise ValueError(f"{config}: {name} {token_id!r} is {token!r} in {path}, not {kind}; "
+                                 f"tokenizer and model do not match")
 
 
 def load(folder, device="cpu", dtype=torch.float32, chat_format: str | None = None):

@@ -12,9 +12,15 @@ one flag (its default, help and range from the field), `from_flags` turns the pa
 the dataclass, and `flags_argv` is the inverse of both, for iterate's torchrun launches. So a new
 setting is one new field, and every command that takes that dataclass has its flag. Commands turn
 their flags into plain values here, at the door: nothing below a command line reads a Namespace.
+Every command's `main` is decorated with `command()`: an operating-system error (a read-only
+folder, a full disk, a parent path that is a file) or Ctrl-C ends in one line, not a traceback.
 """
 
 import argparse
+import errno
+import functools
+import os
+import sys
 from dataclasses import fields, replace
 
 import torch
@@ -116,3 +122,53 @@ def flags_argv(values, prefix: str = "", skip=()) -> list[str]:
         else:
             argv += [flag, "" if value is None else str(value)]
     return argv
+
+
+# -----------------------------------------------------------------------------
+# the top of every command: the operating system's refusals and Ctrl-C as one sentence
+
+WHAT_TO_DO = {
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EDQUOT: "the disk quota is used up: free some space",
+    errno.EROFS: "it is on a read-only filesystem: choose a writable place",
+    errno.EACCES: "permission denied: choose a place you may write, or change its permissions",
+    errno.EPERM: "operation not permitted: choose a place you may write, or change its permissions",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "it is a folder, not a file: name a file",
+    errno.ENOENT: "no such file or folder",
+    errno.EEXIST: "it exists already: choose another path",
+}
+
+
+def os_error_sentence(error: OSError, resume: str) -> str:
+    """One line for an operating-system error: the path, what happened and what to do."""
+    path = error.filename if error.filename is not None else "a file"
+    if error.filename2 is not None:
+        path = f"{path} -> {error.filename2}"
+    what = WHAT_TO_DO.get(error.errno, error.strerror or str(error))
+    if error.errno == errno.EEXIST and os.path.isfile(error.filename or ""):  # a folder was to be made there
+        what = "it is a file where a folder is needed: choose another path"
+    again = f"; then {resume}" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{path}: {what}{again} ({error.strerror or type(error).__name__})"
+
+
+def command(resume: str = "rerun the same command to resume"):
+    """Decorate a command's `main`: an OSError (a read-only folder, a full disk, a parent path that
+    is a file, a missing permission) ends in one line naming the path and what to do, Ctrl-C in one
+    line and exit status 130; `resume` says what a rerun does (every lidr command writes its
+    outputs resumably or atomically). A traceback is left for lidr's own bugs."""
+
+    def wrap(main):
+        @functools.wraps(main)
+        def door(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"interrupted (Ctrl-C); {resume}", file=sys.stderr)
+                raise SystemExit(130) from None
+            except OSError as e:
+                raise SystemExit(os_error_sentence(e, resume)) from None
+
+        return door
+
+    return wrap

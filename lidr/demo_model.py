@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from lidr.checkpoint import save
+from lidr.cli import command
 from lidr.model import LlamaConfig
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,8 +133,13 @@ def build_tokenizer(reader):
 
 
 def convert(out_dir: str | Path = DEFAULT_DIR) -> Path:
-    """Write the demo model as an HF folder at out_dir (atomically) and return its path."""
+    """Write the demo model as an HF folder at out_dir (atomically) and return its path; an existing
+    out_dir is someone else's folder and is refused, never replaced."""
     from gguf import GGUFReader
+
+    if Path(out_dir).exists():
+        raise SystemExit(f"{out_dir}: exists and holds no config.json of a converted model; it is left as it is: "
+                         f"choose another --out")
 
     reader = GGUFReader(gguf_path())
     cfg = read_config(reader)
@@ -165,6 +171,7 @@ def ensure(out_dir: str | Path = DEFAULT_DIR) -> Path:
     return out_dir
 
 
+@command()
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(DEFAULT_DIR), help="folder to write (default: %(default)s)")

@@ -32,7 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lidr import settings
-from lidr.cli import add_engine_flags, add_flags, engine_from, from_flags
+from lidr.cli import add_engine_flags, add_flags, command, engine_from, from_flags
 from lidr.rows import (
     Engine, cut_at_context, decoding_within_context, open_model, sample_file, too_long_reason,
 )
@@ -106,6 +106,7 @@ def parse_args(argv=None):
     return args
 
 
+@command()
 def main(argv=None):
     args = parse_args(argv)
     engine, decoding = engine_from(args), from_flags(args, settings.ANSWERS)

@@ -1,8 +1,9 @@
 """Reading inputs and writing outputs that survive a crash and know what they were made from.
 
-- `read_records(path)`: JSONL (one object a line) or a JSON list; bad rows come back with their
-  line numbers and a reason instead of stopping the run. `usable_records` refuses, in a sentence,
-  an input where no row is usable.
+- `read_records(path)`: JSONL (one object a line) or a JSON list; bad rows (a line that is not
+  JSON, not an object, not UTF-8) come back with their line numbers and a reason instead of
+  stopping the run; a UTF-8 byte-order mark is not part of the first row. `usable_records`
+  refuses, in a sentence, an input where no row is usable.
 - `ResumableWriter(path, key)`: appends one JSON line per finished row and flushes it. Reopening
   the same path reads what is already there and tells the caller which keys are done (compared
   as text: the id 3 and the id "3" are one key), so a rerun never redoes or duplicates a row. A
@@ -16,15 +17,30 @@
   once the inputs have been read and checked; `bind_outputs` does both for several outputs.
   Every stage of lidr that writes a resumable or derived output uses these, and nothing else
   decides whether a rerun may go on.
-- `write_json_atomic(path, obj)`: small reports and configs, replaced in one rename.
+  `check_folder` is the same for a folder a command fills (a training run): a user's non-empty
+  folder is refused, naming what is there. `remove_own_output` deletes an output only when its
+  record proves which command wrote it (iterate.py --redo-from).
+- One process per output: `hold_lock(out, command)` creates OUT.lock atomically (O_EXCL) with the
+  holder's pid, host and command; a second process is refused in a sentence, a lock whose
+  process is dead on this host is taken over, one from another host is reported, never broken.
+- `write_json_atomic(path, obj)`: small reports and configs, replaced in one rename; the
+  temporaries a killed writer left beside it (PATH.tmp<pid> of a dead process) go with the next
+  successful write (`remove_stale_temporaries`).
 """
 
+import atexit
+import glob
 import hashlib
 import json
 import os
+import shutil
+import socket
+import time
 from pathlib import Path
 
 RECORD_SUFFIX = ".made-from.json"
+BOM = "\ufeff".encode()
+LOCK_SUFFIX = ".lock"
 
 
 def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
@@ -35,11 +51,14 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes().removeprefix(BOM)  # a byte-order mark some editors write is not part of the first row
     rows, bad = [], []
-    if path.suffix == ".json" or text.lstrip().startswith("["):
+    if path.suffix == ".json" or data.lstrip().startswith(b"["):
         try:
-            items = json.loads(text)
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(items, list):
@@ -50,8 +69,13 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[
             else:
                 bad.append((n, "not a JSON object"))
         return rows, bad
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 and friends sit inside JSON strings
-        if not line.strip():
+    for n, raw in enumerate(data.split(b"\n"), 1):  # not splitlines(): U+2028 and friends sit inside JSON strings
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append((n, f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"))
             continue
         try:
             item = json.loads(line)
@@ -120,7 +144,7 @@ class ResumableWriter:
 
     def __init__(self, path: str | os.PathLike, key: str):
         self.path, self.key = Path(path), key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = hold_lock(self.path, "a resumable writer")  # one process appends to a file
         self.rows, torn_at = read_output_rows(self.path)
         missing = next((n for n, row in enumerate(self.rows, 1) if key not in row), None)
         if missing is not None:
@@ -150,6 +174,7 @@ class ResumableWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        self.lock.release()
 
     def __enter__(self):
         return self
@@ -238,6 +263,168 @@ def bind_outputs(made_by: str, bindings: list[tuple]):
         record_output(out, made_by, identity)
 
 
+def check_folder(out: str | os.PathLike, made_by: str, identity: dict) -> bool:
+    """check_output for a folder that a command fills (a training run): True when OUT is this
+    command's own run on the same inputs (OUT.made-from.json beside it), False when OUT is absent
+    or an empty folder; an existing file, or a non-empty folder without that record, is refused,
+    naming what is there. Reads only; `record_output(out, ...)` claims the folder."""
+    out = Path(out)
+    if record_path(out).exists():
+        return check_output(out, made_by, identity)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"{out}: is a file, not a folder; it is left as it is: choose another --out")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present:
+        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise SystemExit(f"{out}: is a folder that {made_by} did not make (no {record_path(out).name} beside it; "
+                         f"it holds {shown}); it is left as it is: choose a new or empty --out")
+    return False
+
+
+def remove_own_output(out: str | os.PathLike, made_by: str, companions=()) -> bool:
+    """Delete OUT (a file or a folder), its record, its partial and temporary files and its
+    `companions`, when its record proves that `made_by` wrote it; True when it did. An output
+    without that record is left as it is, and so are its companions."""
+    out = Path(out)
+    record = record_path(out)
+    try:
+        recorded_by = json.loads(record.read_text(encoding="utf-8"))["made_by"]
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return False
+    if recorded_by != made_by:
+        return False
+    leftovers = [*out.parent.glob(glob.escape(out.name) + ".rank*.partial"),
+                 *out.parent.glob(glob.escape(out.name) + ".tmp*")]
+    for path in (out, *companions, *leftovers):
+        path = Path(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    record.unlink()
+    return True
+
+
+# -----------------------------------------------------------------------------
+# one process per output
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + LOCK_SUFFIX)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+class OutputLock:
+    """This process's hold on an output (OUT.lock); released by `release`, on leaving a `with`, or at exit."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        atexit.register(self.release)
+
+    def release(self):
+        atexit.unregister(self.release)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def hold_lock(out: str | os.PathLike, command: str) -> OutputLock:
+    """Take the advisory lock of the output (file or folder) `out` for this process, or refuse in a
+    sentence naming the process that holds it. The lock is OUT.lock, created atomically (O_EXCL)
+    and holding {pid, host, command}. A lock whose process no longer runs on this host is stale and
+    taken over; a lock from another host is reported and never broken (its process may still run).
+    Under torchrun only rank 0 calls this."""
+    out = Path(out)
+    lock = lock_path(out)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(lock)
+            if holder is None:
+                continue  # released meanwhile
+            if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+                return OutputLock(lock)  # this process's own (a call that stopped before releasing it)
+            if holder.get("host") != me["host"]:
+                raise SystemExit(f"{out}: in use by process {holder.get('pid')} on {holder.get('host')} "
+                                 f"({holder.get('command')}), says {lock}; if that process has ended, delete {lock} "
+                                 f"and rerun") from None
+            if process_alive(holder.get("pid", -1)):
+                raise SystemExit(f"{out}: in use by process {holder['pid']} on this host ({holder.get('command')}); "
+                                 f"wait for it to end, or stop it, then rerun") from None
+            take_over_stale(lock, holder)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        return OutputLock(lock)
+    raise SystemExit(f"{out}: its lock {lock} keeps changing hands; another process is starting on it, rerun later")
+
+
+def read_lock(lock: Path) -> dict | None:
+    """The holder a lock file names; None when it is gone. A lock still empty or unreadable after
+    a few seconds (its writer died between creating and filling it) names a dead process."""
+    try:
+        text = lock.read_text(encoding="utf-8")
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(text)
+        if isinstance(holder, dict) and isinstance(holder.get("pid"), int):
+            return holder
+    except json.JSONDecodeError:
+        pass
+    if age < 5:
+        time.sleep(0.2)
+        return read_lock(lock)
+    return {"pid": -1, "host": socket.gethostname(), "command": "unreadable lock"}
+
+
+def take_over_stale(lock: Path, holder: dict):
+    """Move a stale lock aside, unless another process took it over between our read and the move."""
+    aside = lock.with_name(f"{lock.name}.stale{os.getpid()}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return
+    moved = read_lock(aside) if aside.exists() else None
+    if moved is not None and moved != holder and moved.get("pid") != -1:  # a live lock: put it back
+        try:
+            os.link(aside, lock)
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: str | os.PathLike):
+    """Delete the PATH.tmp<pid> files and folders (what `write_text_atomic` and lidr.checkpoint.save
+    build before their rename) left by processes of this host that no longer run."""
+    path = Path(path)
+    for tmp in path.parent.glob(glob.escape(path.name) + ".tmp*"):
+        pid = tmp.name[len(path.name) + 4:]
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
+            shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+
+
 def write_json_atomic(path: str | os.PathLike, obj, indent: int = 2):
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
@@ -251,3 +438,4 @@ def write_text_atomic(path: str | os.PathLike, text: str):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    remove_stale_temporaries(path)  # a killed run's leftovers do not outlive one that succeeds

@@ -55,8 +55,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lidr.cli import add_flags, from_flags
-from lidr.jsonl import check_output, file_identity, read_records, record_output, write_json_atomic, write_text_atomic
+from lidr.cli import add_flags, command, from_flags
+from lidr.jsonl import (
+    check_output, file_identity, hold_lock, read_records, record_output, write_json_atomic, write_text_atomic,
+)
 from lidr.languages import checked_languages
 from lidr.settings import check_settings, seeded, setting, user_turn
 
@@ -326,12 +328,14 @@ def build_from_dir(folder, langs, options=PairOptions(), translation_task_ids=fr
 def write_pairs(pairs, report, out_jsonl, out_report):
     """Write the pairs and their report, over an earlier pairs file only when lidr.pairs made it
     from the same inputs and options (report["made_from"]); refuse, naming the file, otherwise."""
-    check_output(out_jsonl, "lidr.pairs", report["made_from"], companions=[out_report])
-    record_output(out_jsonl, "lidr.pairs", report["made_from"])
-    write_text_atomic(out_jsonl, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-    write_json_atomic(out_report, report)
+    with hold_lock(out_jsonl, "lidr.pairs"):  # one process per output
+        check_output(out_jsonl, "lidr.pairs", report["made_from"], companions=[out_report])
+        record_output(out_jsonl, "lidr.pairs", report["made_from"])
+        write_text_atomic(out_jsonl, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        write_json_atomic(out_report, report)
 
 
+@command("rerun the same command (its outputs are written whole or not at all)")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")

@@ -13,6 +13,8 @@ key). Then, in one place:
 - Bound to its inputs: OUT.made-from.json records what OUT is made from (the caller's identity:
   input files, model folder, settings). A rerun with other ones is refused, naming what changed,
   before anything is written, and so is an OUT that this command did not write (lidr/jsonl.py).
+- One process per output: rank 0 holds OUT.lock while it runs (lidr.jsonl.hold_lock); a second
+  command on the same OUT is refused in a sentence.
 - Resumable: each rank appends finished rows to OUT.rank<r>.partial, flushed row by row; at the
   start and at the end rank 0 merges the partial files into OUT in input order (one atomic
   rename) and deletes them. A torn last line is dropped and redone; a key already in OUT is never
@@ -52,12 +54,12 @@ import torch.distributed as dist
 from lidr import cluster, sampler
 from lidr.checkpoint import check, default_dtype, folder_identity, load
 from lidr.jsonl import (
-    ResumableWriter, check_output, file_identity, read_complete_lines, read_records, record_output, usable_records,
-    write_text_atomic,
+    ResumableWriter, check_output, file_identity, hold_lock, lock_path, read_complete_lines, read_records,
+    record_output, usable_records, write_text_atomic,
 )
 from lidr.sampler import Completion
 from lidr.settings import SAMPLING_BATCH_SIZE, Decoding, derived_seed
-from lidr.tokenizer import Tokenizer
+from lidr.tokenizer import CHAT_FORMATS, Tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -72,6 +74,14 @@ class Engine:
     chat_format: str | None = None  # "llama3" | "chatml"; None: read from the folder
     batch_size: int = SAMPLING_BATCH_SIZE  # prompts decoded together
     compile: bool = False  # torch.compile the sampler's decode step
+
+    def __post_init__(self):  # refused when built, before any stage records an output made with it
+        if self.dtype not in (None, *DTYPES):
+            raise ValueError(f"Engine.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.chat_format not in (None, *CHAT_FORMATS):
+            raise ValueError(f"Engine.chat_format: {self.chat_format!r} is not one of {', '.join(CHAT_FORMATS)}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"Engine.batch_size: {self.batch_size!r} is not a whole number of at least 1")
 
 
 # -----------------------------------------------------------------------------
@@ -156,6 +166,7 @@ def merge(out: Path, key: str, order: dict) -> list[dict]:
         write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged))
         for path in parts:
             path.unlink()
+            lock_path(path).unlink(missing_ok=True)  # a killed writer's: no writer is open while merging
     return merged
 
 
@@ -193,7 +204,13 @@ def sample_rows(prompts: list[Prompt], out, key: str, make_row, load, decoding: 
     """
     rank, world = cluster.join()
     out = Path(out)
-    cluster.on_rank0(lambda: check_outputs(made_by, [(out, identity, companions)]))  # every rank refuses alike
+    locks = []
+
+    def claim():  # rank 0 holds OUT.lock (one process per output) and checks that this command may write OUT
+        locks.append(hold_lock(out, made_by))
+        check_outputs(made_by, [(out, identity, companions)])
+
+    cluster.on_rank0(claim)  # every rank refuses alike
     barrier = dist.barrier if world > 1 else (lambda: None)
     order = {prompt.key: i for i, prompt in enumerate(prompts)}
     if rank == 0:
@@ -218,6 +235,8 @@ def sample_rows(prompts: list[Prompt], out, key: str, make_row, load, decoding: 
                              on_finish=write, compile=compile)
     barrier()
     rows = merge(out, key, order) if rank == 0 else []
+    for lock in locks:
+        lock.release()
     return rows, len(prompts) - len(done)
 
 

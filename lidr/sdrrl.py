@@ -47,8 +47,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lidr.cli import add_flags, from_flags
-from lidr.jsonl import check_output, file_identity, record_output, write_json_atomic, write_text_atomic
+from lidr.cli import add_flags, command, from_flags
+from lidr.jsonl import check_output, file_identity, hold_lock, record_output, write_json_atomic, write_text_atomic
 from lidr.languages import checked_languages
 from lidr.pairs import id_set_digest, read_texts, read_translation_task_ids, read_translations, read_user_turns
 from lidr.settings import check_settings, seeded, setting
@@ -186,12 +186,14 @@ def write_rows(rows, report, out):
     """The rows and their report (beside `out`), over an earlier output only when lidr.sdrrl made it
     from the same inputs and options; refuse, naming the file, otherwise."""
     out_report = out.with_name(out.stem + "_report.json")
-    check_output(out, "lidr.sdrrl", report["made_from"], companions=[out_report])
-    record_output(out, "lidr.sdrrl", report["made_from"])
-    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_json_atomic(out_report, report)
+    with hold_lock(out, "lidr.sdrrl"):  # one process per output
+        check_output(out, "lidr.sdrrl", report["made_from"], companions=[out_report])
+        record_output(out, "lidr.sdrrl", report["made_from"])
+        write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_json_atomic(out_report, report)
 
 
+@command("rerun the same command (its outputs are written whole or not at all)")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")

@@ -109,14 +109,16 @@ def user_turn(template: str, instruction: str, lang: str | None = None) -> str:
     return text.replace("{instruction}", instruction)  # last: braces inside the instruction stay as they are
 
 
-def setting(default, help: str, *, low=None, high=None, above=None, choices=None, check=None, provenance: bool = True):
-    """A dataclass field that is also a command-line flag (default MISSING: a required field): `help` says what it is and where its
-    default comes from; low/high (inclusive) and above (exclusive) bound a number, choices a text,
-    check(value) -> why the value is refused or None, for any other rule. provenance False: the
-    value does not change what a run computes (e.g. how often it saves) and is left out of its
-    record."""
-    bounds = {k: v for k, v in (("low", low), ("high", high), ("above", above), ("choices", choices), ("check", check))
-              if v is not None}
+def setting(default, help: str, *, low=None, high=None, above=None, zero_or_from=None, choices=None, check=None,
+            provenance: bool = True):
+    """A dataclass field that is also a command-line flag (default MISSING: a required field): `help`
+    says what it is and where its default comes from; low/high (inclusive) and above (exclusive)
+    bound a number, zero_or_from refuses the values strictly between 0 and it (0 is a mode of its
+    own, e.g. greedy), choices bound a text, check(value) -> why the value is refused or None, for
+    any other rule. provenance False: the value does not change what a run computes (e.g. how often
+    it saves) and is left out of its record."""
+    bounds = {k: v for k, v in (("low", low), ("high", high), ("above", above), ("zero_or_from", zero_or_from),
+                                ("choices", choices), ("check", check)) if v is not None}
     return field(default=default, metadata={"help": help, "provenance": provenance, **bounds})
 
 
@@ -139,6 +141,8 @@ def out_of_range(value, meta) -> str | None:
         return f"{value} is above its greatest value {meta['high']}"
     if "above" in meta and value <= meta["above"]:
         return f"{value} is not greater than {meta['above']}"
+    if "zero_or_from" in meta and 0 < value < meta["zero_or_from"]:
+        return f"{value} is neither 0 nor at least {meta['zero_or_from']}"
     return None
 
 
@@ -168,16 +172,17 @@ class Decoding:
 
     max_new_tokens: int = setting(MISSING, "at most this many new tokens per reply; lowered, with a warning, to what the "
                                         "model's context leaves", low=1)
-    repetition_penalty: float = setting(MISSING, "vLLM's meaning, 1 = off", above=0.0)
+    # below 0.01 (or a temperature below 1e-5, vLLM's greedy threshold) the scaled logits overflow float32: garbage text
+    repetition_penalty: float = setting(MISSING, "vLLM's meaning, 1 = off", low=0.01, high=100.0)
     prompt_template: str = setting("plain", "the user turn: a name (plain: the prompt as it is; alpaca: the LIDR "
                                             "repository's 'Below is an instruction...' prompt of its reasoning runs "
                                             "and MGSM) or a text with {instruction} and optionally {language}",
                                    check=template_problem)
     system: str | None = setting(SYSTEM_PROMPT, "system turn before every prompt; '' for none (the chat template's own)")
-    temperature: float = setting(0.0, "0 = greedy", low=0.0)
+    temperature: float = setting(0.0, "0 = greedy", low=0.0, zero_or_from=1e-5)
     top_p: float = setting(1.0, "nucleus sampling; 1 = off", above=0.0, high=1.0)
     top_k: int = setting(0, "0 = off", low=0)
-    seed: int = setting(0, "a row samples with derived_seed(seed, its input line)", low=0)
+    seed: int = setting(0, "a row samples with derived_seed(seed, its input line)", low=0, high=2**62)
 
     def __post_init__(self):
         check_settings(self)
@@ -232,7 +237,7 @@ class Training:
     max_len: int = setting(2048, "tokens of prompt + response; a longer prompt keeps its last tokens, a row whose "
                                  "response does not fit is dropped (both counted in OUT/data_report.json); "
                                  "lidr's choice", low=1)
-    seed: int = setting(0, "the order of the rows in each epoch: derived_seed(seed, epoch)", low=0)
+    seed: int = setting(0, "the order of the rows in each epoch: derived_seed(seed, epoch)", low=0, high=2**62)
     save_every: int = setting(100, "steps between checkpoints", low=1, provenance=False)
     activation_checkpointing: bool | None = setting(None, "recompute each block in backward (less memory, ~1/3 more "
                                                            "compute); unset: on CUDA, on when the run needs it to fit "

@@ -23,10 +23,13 @@ One run, in order:
    OUT/data_report.json). A prompt that does not fit beside its longer response in --max-len
    keeps its last tokens (the end of the question and the assistant header the reply follows);
    a row whose response does not fit beside the assistant header alone is dropped. Responses
-   are never cut: a cut response would lose its end-of-turn token. Then OUT/run.json records
-   the settings and the inputs' identity (resolved paths, the data's sha256, the model folder's
-   config hash and weight file sizes and times); a rerun on other inputs or settings is refused,
-   naming what changed, before anything in OUT is touched.
+   are never cut: a cut response would lose its end-of-turn token. Then rank 0 locks OUT (OUT.lock:
+   one process per run folder) and claims it: OUT.made-from.json (beside it, as every lidr output
+   has) and OUT/run.json record the settings and the inputs' identity (resolved paths, the data's
+   sha256, the model folder's config hash and weight file sizes and times). An existing
+   non-empty folder without that record (a user's) is refused, naming what is in it; a rerun on
+   other inputs or settings is refused, naming what changed, before anything in OUT is touched
+   (a run that never logged a step may take other training settings on the same inputs).
 2. The policy is built on the meta device, `fully_shard`-ed per block and then at the root, and
    filled from the HF folder read once on rank 0 and broadcast. The shards are fp32 master
    weights (AdamW's state is fp32 too); --dtype is the compute dtype that each forward gathers
@@ -56,8 +59,9 @@ One run, in order:
    before the optimizer step and before any save.
 6. Export, in place of a last checkpoint: OUT/model, an HF folder (lidr.checkpoint.save,
    gathered on rank 0, built beside its place and renamed into it) in the compute dtype, and
-   OUT/curves.png. Once OUT/model exists, a rerun has nothing to do; a
-   crash before it resumes from the last checkpoint.
+   OUT/curves.png; then OUT/model.made-from.json, and the temporaries of interrupted saves go.
+   Once OUT/model and its record exist, a rerun has nothing to do; a crash before it resumes
+   from the last checkpoint; an OUT/model without its record is refused, never replaced.
 
 How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx):
 - The paper's learning rate, epochs, batch and length are unpublished; the defaults here are
@@ -106,9 +110,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lidr import cluster
 from lidr.checkpoint import check, default_dtype, folder_identity, load_model, read_config, save
-from lidr.cli import add_flags, flags_argv, from_flags, positive_int, setting_type
+from lidr.cli import add_flags, command, flags_argv, from_flags, positive_int, setting_type
 from lidr.dpo import hidden_sequence_logps, preference_loss
-from lidr.jsonl import file_identity, identity_changes, read_records, write_json_atomic
+from lidr.jsonl import (
+    OutputLock, check_folder, file_identity, hold_lock, read_records, record_output, record_path,
+    remove_stale_temporaries, write_json_atomic,
+)
 from lidr.memory import GB, fits, largest_micro_batch, plan, training_peak
 from lidr.model import Documents, Llama, rope_inv_freq
 from lidr.progress import Progress
@@ -116,6 +123,8 @@ from lidr.settings import TRAINING, Training, derived_seed, provenance
 from lidr.tokenizer import Tokenizer, chat_messages
 from lidr.tracking import Tracker
 
+MADE_BY = "lidr.train"  # the owner named in OUT.made-from.json
+REFERENCE_KEYS = ("model", "data", "max_len", "dtype")  # what the reference log-probs are computed from
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
 # dense bf16 peak of the GPUs MFU is reported for (matched against torch.cuda.get_device_name)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -652,6 +661,56 @@ def format_counts(counts: Counter) -> str:
     return f"dropped: {dropped or 'none'}; {counts['prompt truncated']} prompts truncated"
 
 
+def claim_run_folder(out: Path, identity: dict) -> OutputLock:
+    """Rank 0's hold on OUT: its lock (one process per run folder), then OUT claimed as this run's
+    (OUT.made-from.json beside it: the marker that lets a rerun resume and write in it), checked
+    once more under the lock. A killed export's leftovers (OUT/model.tmp<pid>) go."""
+    lock = hold_lock(out, MADE_BY)
+    check_run_folder(out, identity)
+    out.mkdir(parents=True, exist_ok=True)
+    record_output(out, MADE_BY, identity)
+    remove_stale_temporaries(out / "model")
+    return lock
+
+
+def check_run_folder(out: Path, identity: dict):
+    """lidr.jsonl.check_folder, except that a run of this trainer that never logged a step may start
+    again with other training settings on the same model, data, length and dtype (what its
+    reference table is bound to): a learning rate that stopped it with a NaN at the first step is
+    corrected, not refused."""
+    try:
+        recorded = json.loads(record_path(out).read_text(encoding="utf-8"))
+        same_inputs = recorded["made_by"] == MADE_BY and all(
+            recorded["identity"].get(k) == json.loads(json.dumps(identity[k])) for k in REFERENCE_KEYS)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        same_inputs = False
+    log = out / "log.jsonl"
+    logged = log.is_file() and log.stat().st_size > 0
+    started = logged or latest_checkpoint(out) is not None or (out / "model").exists()
+    if not (same_inputs and not started):
+        check_folder(out, MADE_BY, identity)
+
+
+def exported(out: Path) -> bool:
+    """Whether this run exported OUT/model: its record OUT/model.made-from.json, written after the
+    export's rename, and the folder. An OUT/model without that record is not this run's: refused,
+    never replaced."""
+    model = out / "model"
+    recorded = record_path(model).is_file()
+    if not recorded and (model.exists() or model.is_symlink()):
+        raise SystemExit(f"{model}: exists, but this run never recorded exporting it (no {record_path(model).name}); "
+                         f"it is left as it is: move it away and rerun the same command to export again")
+    return recorded and (model / "config.json").is_file()
+
+
+def remove_temporaries(out: Path):
+    """What an interrupted save or export left in OUT, once the run has succeeded."""
+    for folder in (out / "checkpoint.tmp", out / "checkpoint.old"):
+        shutil.rmtree(folder, ignore_errors=True)
+    (out / "reference_logps.tmp").unlink(missing_ok=True)
+    remove_stale_temporaries(out / "model")
+
+
 def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks):
     """The run in order (the module docstring's steps 1-6), on one rank of the group."""
     rank, world, device = ranks
@@ -659,12 +718,8 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
     tokenizer, examples, counts, identity = read_inputs(model_dir, data, options, world)
     run_file = out / "run.json"
 
-    def same_run():  # refused before anything in OUT is touched
-        if run_file.exists():
-            changes = identity_changes(json.loads(run_file.read_text()), identity)
-            if changes:
-                raise SystemExit(f"{out} holds a run made from other inputs or settings ({'; '.join(changes)}); "
-                                 f"rerun the same command or use a fresh --out")
+    def same_run():  # a folder of the user's, or a run on other inputs: refused untouched
+        check_run_folder(out, identity)
         return identity
 
     identity = cluster.on_rank0(same_run)  # rank 0's view: resolved paths and file times differ across nodes
@@ -673,12 +728,11 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
     train_indices, held_out_indices = split_held_out(examples, options.eval_split, options.seed)
     total_steps = len(train_indices) // global_batch * options.epochs
     dist.barrier()
+    locks = []  # rank 0's hold on OUT
+    cluster.on_rank0(lambda: locks.append(claim_run_folder(out, identity)))  # every rank refuses alike
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_file, identity)
         write_json_atomic(out / "data_report.json", dict(counts))
-        for stale in out.glob("model.tmp*"):  # an export killed before its rename
-            shutil.rmtree(stale)
         print(f"{data}: {counts['read']} rows read, {counts['kept']} kept ({format_counts(counts)}); "
               f"counts in {out / 'data_report.json'}")
         attention = "through a dense mask" if dense_mask_default(device) else "sequence by sequence"
@@ -688,14 +742,16 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
         if why:
             print(why)
     dist.barrier()
-    if cluster.on_rank0((out / "model" / "config.json").is_file):  # the export is atomic: the run is complete
+    if cluster.on_rank0(lambda: exported(out)):  # the run is complete
         if rank == 0:
             print(f"{out / 'model'} exists: this run finished earlier, nothing to do")
+            for lock in locks:
+                lock.release()
         return
 
     compute_dtype = getattr(torch, identity["dtype"])
     model = build_model(model_dir, device, compute_dtype, options.activation_checkpointing)
-    fingerprint = {k: identity[k] for k in ("model", "data", "max_len", "dtype")}
+    fingerprint = {k: identity[k] for k in REFERENCE_KEYS}
     reference = None
     if options.objective == "dpo":  # every usable pair, held-out ones included, in one pass
         reference = saved_reference_logps(out / "reference_logps.pt", fingerprint, rank=rank, compute=lambda: (
@@ -782,7 +838,11 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
     if rank == 0:
         plot_curves(log_path, out / "curves.png")  # before the export: once OUT/model exists a rerun stops
         save(out / "model", model.cfg, {k: v.to(compute_dtype) for k, v in full.items()}, tokenizer_from=model_dir)
+        record_output(out / "model", MADE_BY, {"run": str(out.resolve()), "steps": total_steps})
+        remove_temporaries(out)
         print(f"wrote {out / 'model'} and {out / 'curves.png'}")
+        for lock in locks:
+            lock.release()
     dist.barrier()
 
 
@@ -881,6 +941,7 @@ def plan_run(model_dir, data, options: Training, gpus: int | None, gpu_memory_gb
     print(verdict)
 
 
+@command()
 def main(argv=None):
     args = parse_args(argv)
     if args.plan:

@@ -42,7 +42,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lidr import settings
-from lidr.cli import add_engine_flags, add_flags, engine_from, from_flags
+from lidr.cli import add_engine_flags, add_flags, command, engine_from, from_flags
 from lidr.languages import LANGUAGES, language_name
 from lidr.rows import Engine, sample_file
 from lidr.settings import PROMPT_TEMPLATES, Decoding, template_text
@@ -136,6 +136,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@command()
 def main(argv=None):
     args = parse_args(argv)
     translate_file(engine_from(args), args.source, args.out, args.to, from_flags(args, settings.TRANSLATION),

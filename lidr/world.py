@@ -54,7 +54,8 @@ from pathlib import Path
 
 import torch
 
-from lidr.jsonl import write_json_atomic, write_text_atomic
+from lidr.cli import command
+from lidr.jsonl import check_folder, hold_lock, record_output, write_json_atomic, write_text_atomic
 from lidr.problems import OBJECTS, PEOPLE, draw, ru_count, write_problem
 from lidr.translation import CLOSING_TAG, PREFILL, translation_prompt
 
@@ -273,6 +274,7 @@ def init_model(tokenizer_dir: Path, out: Path, settings: WorldSettings) -> Path:
     return out
 
 
+@command()
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the corpus, splits, tokenizer and init")
@@ -284,8 +286,12 @@ def main(argv=None):
         else:
             parser.add_argument(flag, type=type(value), default=value, help=f"default: {value}")
     args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    print(json.dumps(build(out, WorldSettings(**args)), indent=2))
+    out, settings = Path(args.pop("out")), WorldSettings(**args)
+    with hold_lock(out, "lidr.world"):
+        check_folder(out, "lidr.world", asdict(settings))  # a folder of the user's, or another world: refused
+        record_output(out, "lidr.world", asdict(settings))  # claimed: a killed build is rebuilt by the same command
+        report = build(out, settings)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

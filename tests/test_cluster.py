@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from safetensors.torch import load_file
-from test_train import assert_same_weights, pairs, train_args, write_jsonl
+from conftest import assert_same_weights, pairs, train_args, write_jsonl
 
 from lidr.generation import main as generate_main
 from lidr.train import main as train_main

@@ -69,20 +69,23 @@ def test_an_iteration_with_fewer_pairs_than_one_batch_keeps_its_model(tiny_dir, 
     decision counts the rows the trainer would keep (here 4 lines, 3 usable: one has chosen == rejected)."""
     from dataclasses import replace
 
-    from lidr.iterate import Recipe, run_iteration
+    from lidr.iterate import Recipe, run_iteration, stage_identities, write_marker
     from lidr.settings import TRAINING
 
-    folder = tmp_path / "iter2"
-    (folder / "done").mkdir(parents=True)
+    folder, prompts = tmp_path / "iter2", tmp_path / "prompts"
+    prompts.mkdir()
+    for lang in ("en", "fr"):
+        (prompts / f"{lang}.jsonl").write_text('{"id": "1", "instruction": "Q"}\n')
+    recipe = Recipe(langs=("fr",), training=replace(TRAINING, batch_size=2, grad_accum=1))
+    identities = stage_identities(tiny_dir, prompts, recipe, train_nproc=2)
     for name in ("generate", "translate", "pairs"):  # finished earlier: only training is left
-        (folder / "done" / name).write_text("")
+        write_marker(folder, name, identities[name])
     pair = {"id": "1", "lang": "fr", "direction": "non_dominant", "prompt": "Q", "chosen": "a", "rejected": "b"}
     rows = [pair] * 3 + [{**pair, "rejected": "a"}]
     (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    recipe = Recipe(langs=("fr",), training=replace(TRAINING, batch_size=2, grad_accum=1))
-    assert run_iteration(tiny_dir, tmp_path / "prompts", folder, recipe, "iter 2/2", train_nproc=2) == tiny_dir
+    assert run_iteration(tiny_dir, prompts, folder, recipe, "iter 2/2", train_nproc=2) == tiny_dir
     assert json.loads((folder / "train" / "unchanged.json").read_text()) == {
         "rows": 4, "usable_rows": 3, "global_batch": 4, "model": str(tiny_dir)}
     assert (folder / "done" / "train").exists() and not (folder / "train" / "model").exists()
     # a rerun finds the stage done and gives M_t again
-    assert run_iteration(tiny_dir, tmp_path / "prompts", folder, recipe, "iter 2/2", train_nproc=2) == tiny_dir
+    assert run_iteration(tiny_dir, prompts, folder, recipe, "iter 2/2", train_nproc=2) == tiny_dir

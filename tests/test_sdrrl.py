@@ -7,7 +7,7 @@ from conftest import shared_data, small_iteration
 
 from lidr.pairs import read_translation_task_ids
 from lidr.sdrrl import SDRRLOptions, build_sdrrl_rows, code_switch, units
-from test_pairs import write_jsonl
+from conftest import write_jsonl
 
 
 def real_inputs():

@@ -46,7 +46,7 @@ def test_rerun_on_changed_data_is_refused_naming_it_before_anything_is_touched(t
     main(args_for(tiny_dir, data, out))
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     write_jsonl(data, pairs(5))
-    with pytest.raises(SystemExit, match=r"other inputs or settings \(data\.sha256: .*data\.size: "):
+    with pytest.raises(SystemExit, match=r"other inputs or other settings \(data\.sha256: .*data\.size: "):
         main(args_for(tiny_dir, data, out))
     with pytest.raises(SystemExit, match=r"lr: 5e-07 -> 0\.001"):
         main(args_for(tiny_dir, data, out, "--lr", "1e-3"))
