@@ -312,7 +312,7 @@ def test_decoding_values_that_give_garbage_are_refused(capsys):
                             "Decoding.repetition_penalty: 1e-39 is below its least value 0.01"),
                            (lambda: Decoding(max_new_tokens=1, repetition_penalty=1.0, seed=2**64),
                             "Decoding.seed: 18446744073709551616 is above its greatest value"),
-                           (lambda: Training(seed=2**60), "Training.seed: 1152921504606846976 is above")):
+                           (lambda: Training(seed=2**63), "Training.seed: 9223372036854775808 is above")):
         with pytest.raises(ValueError, match=message):
             build()
 

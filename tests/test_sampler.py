@@ -539,7 +539,7 @@ def test_max_new_tokens_and_bad_input(tiny):
                          (dict(temperature=-1), "Decoding.temperature: -1 is below its least value 0.0"),
                          (dict(top_p=0), "Decoding.top_p: 0 is not greater than 0.0"),
                          (dict(top_k=-1), "Decoding.top_k: -1 is below its least value 0"),
-                         (dict(repetition_penalty=0), "Decoding.repetition_penalty: 0 is not greater than 0.0")):
+                         (dict(repetition_penalty=0), "Decoding.repetition_penalty: 0 is below its least value 0.01")):
         with pytest.raises(ValueError, match=message):
             decoding(**{"max_new_tokens": 4, **bad})
     for stops in ("</translated>", ("",)):

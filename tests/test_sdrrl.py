@@ -3,11 +3,10 @@
 import json
 import random
 
-from conftest import shared_data, small_iteration
+from conftest import shared_data, small_iteration, write_jsonl
 
 from lidr.pairs import read_translation_task_ids
 from lidr.sdrrl import SDRRLOptions, build_sdrrl_rows, code_switch, units
-from conftest import write_jsonl
 
 
 def real_inputs():
