@@ -46,7 +46,7 @@ What the numbers count:
   than that and gets no credit for it: its row says how many positions it attends. GB/s is
   compared with the measured copy bandwidth.
 - MFU = training FLOPs per token (lidr.train.flops_per_token) x tokens/s over the datasheet dense
-  bf16 peak of this SKU (DATASHEET_BF16), and apart over the measured matmul rate.
+  bf16 peak of this SKU (lidr.hardware.DATASHEET_BF16), and apart over the measured matmul rate.
 - Correctness: relative error ||out - ref|| / ||ref|| against an fp32 reference on the same (bf16)
   inputs; tolerances beside each row (bf16 lands between 1e-3 and 1e-2).
 
@@ -90,6 +90,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lidr.hardware import datasheet_peak  # noqa: E402
 from lidr.model import Documents, Llama, LlamaConfig, document_attention, rope_inv_freq  # noqa: E402
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
@@ -104,10 +105,6 @@ TINY = LlamaConfig(vocab_size=1024, dim=128, n_layers=2, n_heads=4, n_kv_heads=2
 # default time limit of each section, seconds (9 minutes in all: the full run fits a 10-minute window)
 SECTION_SECONDS = {"preflight": 40, "machine": 20, "correctness": 90, "attention": 80, "decode": 230, "train": 50,
                    "torchrun": 50}
-
-# NVIDIA datasheets, dense (not 2:4 sparse) bf16 tensor-core FLOP/s
-DATASHEET_BF16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H200 NVL": 835e12,
-                  "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 # tolerances of the bf16 checks, on ||out - ref|| / ||ref|| against fp32
 BF16_FORWARD = 1e-2  # one attention or one forward's output
@@ -317,29 +314,6 @@ def cuda_graph_skips() -> int:
 
 # -----------------------------------------------------------------------------
 # preflight: versions, SKU, compiler, which SDPA backend each call site gets
-
-
-def datasheet_peak(name: str, memory_bytes: int, sm_count: int) -> tuple[str | None, float | None]:
-    """(SKU, dense bf16 FLOP/s) from the device name; the memory size and SM count settle the H100's three SKUs."""
-    upper = name.upper()
-    if "GH200" in upper:
-        sku = "GH200"
-    elif "H200" in upper:
-        sku = "H200 NVL" if "NVL" in upper else "H200"
-    elif "H100" in upper:
-        if "NVL" in upper or (sm_count == 132 and memory_bytes > 90e9):  # NVL: 94 GB; SXM: 80 GB, both 132 SMs
-            sku = "H100 NVL"
-        elif "PCIE" in upper or sm_count == 114:
-            sku = "H100 PCIe"
-        else:
-            sku = "H100 SXM"
-    elif "A100" in upper:
-        sku = "A100"
-    elif "L40S" in upper:
-        sku = "L40S"
-    else:
-        return None, None
-    return sku, DATASHEET_BF16[sku]
 
 
 def c_compiler() -> str | None:

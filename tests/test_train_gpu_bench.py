@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu  # noqa: E402
 
 from lidr.checkpoint import load  # noqa: E402
+from lidr.hardware import datasheet_peak  # noqa: E402
 
 
 def run_bench(*args, timeout=150) -> subprocess.CompletedProcess:
@@ -153,7 +154,7 @@ def test_without_a_c_compiler_every_compiled_row_is_skipped_with_the_reason(tmp_
 ])
 def test_the_datasheet_peak_is_the_skus(name, memory_gb, sms, sku, tflops):
     """NVIDIA's datasheets, dense bf16 (half the sparse figure they headline)."""
-    found, flops = gpu.datasheet_peak(name, int(memory_gb * 1e9), sms)
+    found, flops = datasheet_peak(name, int(memory_gb * 1e9), sms)
     assert (found, None if flops is None else round(flops / 1e12)) == (sku, tflops)
 
 
