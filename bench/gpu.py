@@ -482,6 +482,7 @@ class AttentionPath:
     compiles: bool = False  # built by torch.compile (skipped without a C compiler)
     in_lidr: bool = True  # False: a candidate lidr does not run today
     unavailable: str = ""  # why attend is None
+    reads: Callable | None = None  # decode: (DecodeBatch) -> cache positions read, all rows together
 
 
 @dataclass
@@ -542,7 +543,8 @@ def flex_filled_attention(setup: Setup) -> AttentionPath:
             block_masks[id(batch)] = filled_block_mask(batch.lengths, batch.k.shape[2])
         return filled_flex(batch.q, batch.k, batch.v, batch.lengths, block_masks[id(batch)])
 
-    return AttentionPath(attend, compiles=True)
+    return AttentionPath(attend, compiles=True, reads=lambda b: sum(flex_read_length(int(n), b.k.shape[2])
+                                                                    for n in b.lengths))
 
 
 def cache_length(max_len: int) -> int:
@@ -592,12 +594,13 @@ def train_attention_paths(setup: Setup) -> dict[str, AttentionPath]:
 def decode_attention_paths(setup: Setup) -> dict[str, AttentionPath]:
     return {
         "grouped SDPA over the filled length, 64-bucket (lidr eager step)":
-            AttentionPath(lambda b: grouped_decode_sdpa(b, bucket(b))),
+            AttentionPath(lambda b: grouped_decode_sdpa(b, bucket(b)), reads=lambda b: len(b.lengths) * bucket(b)),
         "flex attention over the filled 128-blocks (lidr compiled step on CUDA)": flex_filled_attention(setup),
         "grouped SDPA over the whole cache (lidr compiled step on CPU)":
-            AttentionPath(lambda b: grouped_decode_sdpa(b, b.k.shape[2])),
+            AttentionPath(lambda b: grouped_decode_sdpa(b, b.k.shape[2]), reads=lambda b: b.k.shape[0] * b.k.shape[2]),
         "SDPA with enable_gqa and a mask over the filled length, 64-bucket": AttentionPath(
-            lambda b: sdpa(b.q, b.k[:, :, :bucket(b)], b.v[:, :, :bucket(b)], b.mask[..., :bucket(b)]), in_lidr=False),
+            lambda b: sdpa(b.q, b.k[:, :, :bucket(b)], b.v[:, :, :bucket(b)], b.mask[..., :bucket(b)]), in_lidr=False,
+            reads=lambda b: len(b.lengths) * bucket(b)),
     }
 
 
@@ -677,7 +680,8 @@ def section_attention(table, setup: Setup, machine: Machine):
     batch = decode_batch(setup, max(setup.batches))
     reference = reference_attention(batch.q, batch.k, batch.v, batch.mask)
     per_position = 2 * dc.n_kv_heads * dc.head_dim * 2  # k and v, bf16
-    useful_bytes = int(batch.lengths.sum()) * per_position
+    filled = int(batch.lengths.sum())
+    useful_bytes = filled * per_position
     shape = (f"decode batch {len(batch.lengths)}, filled {int(batch.lengths.min())}-{int(batch.lengths.max())} "
              f"of {cache_length(setup.max_len)}")
     for name, path in decode_attention_paths(setup).items():
@@ -690,9 +694,11 @@ def section_attention(table, setup: Setup, machine: Machine):
         def measure(path=path, what=what):
             error = relative_error(path.attend(batch), reference)
             seconds = median_seconds(lambda: path.attend(batch), setup.repeats)
+            read = path.reads(batch)
             table.check("attention", what, f"{seconds * 1e6:.0f} us, {useful_bytes / seconds / 1e9:,.0f} GB/s of "
-                        f"filled KV; bf16 vs fp32 {error:.1e} (< {BF16_FORWARD:g})", within(error, BF16_FORWARD),
-                        seconds=seconds, error=error, kv_bytes_per_s=useful_bytes / seconds)
+                        f"filled KV (attends {read:,} of {filled:,} filled positions); bf16 vs fp32 {error:.1e} "
+                        f"(< {BF16_FORWARD:g})", within(error, BF16_FORWARD), seconds=seconds, error=error,
+                        kv_bytes_per_s=useful_bytes / seconds, positions_attended=read, positions_filled=filled)
 
         table.guarded("attention", what, measure)
     del batch, reference

@@ -95,6 +95,13 @@ def test_cpu_dry_run_runs_every_section_and_records_every_path(tmp_path):
     assert gpu.cache_length(setup.max_len) == 128
     assert attended["batch 1: lidr eager (grouped SDPA over the filled length)"] == 64
     assert attended["batch 1: lidr compiled (flex attention over the filled blocks, CUDA graphs)"] == 128
+    # the attention section's decode rows (one row filled to 16): the bucket of 64, one 128-block, the whole cache
+    reads = {r["what"].split(": ", 1)[1]: r["positions_attended"] for r in record["rows"]
+             if r["section"] == "attention" and "positions_attended" in r}
+    assert reads == {"grouped SDPA over the filled length, 64-bucket (lidr eager step)": 64,
+                     "flex attention over the filled 128-blocks (lidr compiled step on CUDA)": 128,
+                     "grouped SDPA over the whole cache (lidr compiled step on CPU)": 128,
+                     "SDPA with enable_gqa and a mask over the filled length, 64-bucket (not in lidr)": 64}
 
 
 def test_a_section_subset_runs_only_those_after_the_preflight():
