@@ -17,7 +17,7 @@ Sections (preflight always runs first; --sections picks among the others):
 - preflight: torch, CUDA, cuDNN, transformers and Triton versions; the GPU, its SKU and datasheet
   dense bf16 peak; a C compiler for Triton (without one every compiled row is a SKIP with the
   reason); flash_attn; which SDPA backend each of lidr's attention call sites gets (prefill,
-  masked decode, packed training per sequence, the dense training mask; GQA on), and which
+  the grouped decode call, packed training per sequence, the dense training mask), and which
   backends would accept it.
 - machine: the two ceilings, measured: device-to-device copy bandwidth (bytes read + written) and
   the bf16 matmul rate on random data.
@@ -25,11 +25,16 @@ Sections (preflight always runs first; --sections picks among the others):
   against fp32 for the forward, for every decode path (prefill, then teacher-forced steps; rows
   of different lengths) and every packed-training path (log-probs and gradients); lidr's
   generate(compile=True) gives the eager greedy tokens.
-- attention: every attention path alone at the real shapes (prefill, decode, training forward +
-  backward), each checked in bf16 against an fp32 reference and timed (median of CUDA events).
+- attention: every attention path alone at the real shapes (prefill; decode: lidr's grouped SDPA
+  over the length bucket and over the whole cache, its flex attention over the filled blocks, and
+  SDPA with enable_gqa for comparison; training forward + backward: lidr's flex document mask, its
+  per-sequence loop, the dense mask), each checked in bf16 against an fp32 reference and timed
+  (median of CUDA events).
 - decode: a Llama-3-8B-shaped model with random bf16 weights, checked against transformers' on
   the same tensors; prompts of 512 tokens in a cache of 2,912 positions (+ LIDR's 2,400 new
-  tokens), batch 1, 16 and 64; lidr's decode paths and transformers' `generate` with its default
+  tokens; lidr's KVCache rounds it up to 2,944, 23 blocks of 128), batch 1, 16 and 64; lidr's
+  decode paths (generate's eager step; its compiled step, flex attention under CUDA graphs) and
+  transformers' `generate` with its default
   dynamic cache and with its static cache compiled; lidr / transformers ratios. A CUDA graph that
   inductor declines to capture in lidr's compiled step is a FAIL.
 - train: a DPO step of a Llama-3.2-1B-shaped model (FSDP2, one rank, bf16 compute, fp32 master
@@ -42,18 +47,19 @@ What the numbers count:
   timed apart; each path runs twice and the second pass's steps after `warm_steps` are timed.
 - Bytes per decode step = the weights streamed (every parameter but the embedding table, which a
   step reads one row of; a tied table counts once, as the output projection) + the KV cache of
-  the positions filled at that step. A path that attends over more (the whole cache) reads more
-  than that and gets no credit for it: its row says how many positions it attends. GB/s is
-  compared with the measured copy bandwidth.
+  the positions filled at that step. A path that attends over more reads more than that and gets
+  no credit for it: its row says how many positions it attends (lidr's eager step: the filled
+  part rounded up to 64, LENGTH_BUCKET; its flex step: the filled blocks of 128, FLEX_BLOCK;
+  transformers' static cache: the whole cache). GB/s is compared with the measured copy bandwidth.
 - MFU = training FLOPs per token (lidr.train.flops_per_token) x tokens/s over the datasheet dense
-  bf16 peak of this SKU (DATASHEET_BF16), and apart over the measured matmul rate.
+  bf16 peak of this SKU (lidr.hardware.DATASHEET_BF16), and apart over the measured matmul rate.
 - Correctness: relative error ||out - ref|| / ||ref|| against an fp32 reference on the same (bf16)
   inputs; tolerances beside each row (bf16 lands between 1e-3 and 1e-2).
 
 How this departs from a user's run: random weights; every prompt of a batch has the same length
-(Setup.prompt_len); lidr's decode rows drive its Session (prefill one prompt at a time, then the
-sampler's greedy step) without generate()'s host reads every 8 steps; transformers' rows time
-`generate` itself, whose step syncs with the host (a StoppingCriteria takes the times). The
+(Setup.prompt_len); lidr's decode rows drive its Session on the model's kept KV cache (prefill one
+prompt at a time, then the sampler's greedy step) without generate()'s host reads every 8 steps;
+transformers' rows time `generate` itself, whose step syncs with the host (a StoppingCriteria takes the times). The
 attention and decode paths come from small tables (train_attention_paths, decode_attention_paths,
 prefill_attention_paths, DECODE_PATHS, TRANSFORMERS_PATHS, TRAIN_PACKINGS): a new path is one more entry.
 
@@ -79,6 +85,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,7 +97,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lidr.model import Documents, Llama, LlamaConfig, document_attention, rope_inv_freq  # noqa: E402
+from lidr.hardware import datasheet_peak  # noqa: E402
+import lidr.model  # noqa: E402
+from lidr.model import (FLEX_BLOCK, Documents, Filled, Llama, LlamaConfig, decode_attention,  # noqa: E402
+                        document_attention, document_block_mask, filled_block_mask, rope_inv_freq)
+from lidr.sampler import LENGTH_BUCKET, Session, cuda_graph_skips, decode_logits, kv_cache  # noqa: E402
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                         head_dim=128, rope_theta=500000.0, max_seq_len=8192)
@@ -104,10 +115,6 @@ TINY = LlamaConfig(vocab_size=1024, dim=128, n_layers=2, n_heads=4, n_kv_heads=2
 # default time limit of each section, seconds (9 minutes in all: the full run fits a 10-minute window)
 SECTION_SECONDS = {"preflight": 40, "machine": 20, "correctness": 90, "attention": 80, "decode": 230, "train": 50,
                    "torchrun": 50}
-
-# NVIDIA datasheets, dense (not 2:4 sparse) bf16 tensor-core FLOP/s
-DATASHEET_BF16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H200 NVL": 835e12,
-                  "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 # tolerances of the bf16 checks, on ||out - ref|| / ||ref|| against fp32
 BF16_FORWARD = 1e-2  # one attention or one forward's output
@@ -145,11 +152,11 @@ class Setup:
 GPU = Setup("cuda", CHECK_8B_HEADS, LLAMA3_8B, LLAMA32_1B, copy_bytes=2 * 2**30, matmul_n=8192, prompt_len=512,
             max_new_tokens=2400,  # LIDR's answers (lidr/settings.py ANSWERS): compiled decode attends over 2,912
             warm_steps=4, steps=64, batches=(1, 16, 64), row_len=2048, attention_rows=8, n_pairs=8, doc_counts=(2, 8),
-            repeats=10, compile_options={"mode": "reduce-overhead", "dynamic": False})
+            repeats=10, compile_options={"mode": "reduce-overhead", "dynamic": False, "fullgraph": True})
 GPU_QUICK = replace(GPU, steps=32, batches=(1,), n_pairs=4, doc_counts=(2,), repeats=5)
 CPU_DRY_RUN = Setup("cpu", TINY, TINY, TINY, copy_bytes=2**24, matmul_n=256, prompt_len=16, max_new_tokens=48,
                     warm_steps=2, steps=4, batches=(1, 2), row_len=128, attention_rows=2, n_pairs=2, doc_counts=(2, 4),
-                    repeats=2, compile_options={"backend": "eager", "dynamic": False})
+                    repeats=2, compile_options={"backend": "eager", "dynamic": False, "fullgraph": True})
 CPU_DRY_RUN_QUICK = replace(CPU_DRY_RUN, batches=(1,), doc_counts=(2,))
 
 
@@ -308,38 +315,8 @@ def within(error: float, tolerance: float) -> bool:
     return error < tolerance  # False for NaN
 
 
-def cuda_graph_skips() -> int:
-    """How many times inductor has declined to capture a CUDA graph in this process (its own counter)."""
-    from torch._dynamo.utils import counters
-
-    return counters["inductor"]["cudagraph_skips"]
-
-
 # -----------------------------------------------------------------------------
 # preflight: versions, SKU, compiler, which SDPA backend each call site gets
-
-
-def datasheet_peak(name: str, memory_bytes: int, sm_count: int) -> tuple[str | None, float | None]:
-    """(SKU, dense bf16 FLOP/s) from the device name; the memory size and SM count settle the H100's three SKUs."""
-    upper = name.upper()
-    if "GH200" in upper:
-        sku = "GH200"
-    elif "H200" in upper:
-        sku = "H200 NVL" if "NVL" in upper else "H200"
-    elif "H100" in upper:
-        if "NVL" in upper or (sm_count == 132 and memory_bytes > 90e9):  # NVL: 94 GB; SXM: 80 GB, both 132 SMs
-            sku = "H100 NVL"
-        elif "PCIE" in upper or sm_count == 114:
-            sku = "H100 PCIe"
-        else:
-            sku = "H100 SXM"
-    elif "A100" in upper:
-        sku = "A100"
-    elif "L40S" in upper:
-        sku = "L40S"
-    else:
-        return None, None
-    return sku, DATASHEET_BF16[sku]
 
 
 def c_compiler() -> str | None:
@@ -351,7 +328,8 @@ def c_compiler() -> str | None:
 
 
 def sdpa_call_sites(setup: Setup) -> dict:
-    """lidr's SDPA calls at this setup's shapes, bf16, GQA on: name -> (q, k, v, attn_mask, is_causal, needs grad)."""
+    """lidr's SDPA calls at this setup's shapes, bf16: name -> (q, k, v, attn_mask, is_causal, needs grad, enable_gqa).
+    The decode step's is the grouped call of lidr.model.decode_attention: q [B, KV, H / KV, D], no enable_gqa."""
     dev, dc, tc = setup.device, setup.decode_cfg, setup.train_cfg
 
     def qkv(cfg, batch, q_len, kv_len, grad):
@@ -360,30 +338,36 @@ def sdpa_call_sites(setup: Setup) -> dict:
                             requires_grad=grad) for _ in range(2))
         return q, k, v
 
-    batch, length, half = max(setup.batches), setup.max_len, setup.row_len // 2
-    # the masks as lidr builds them: decode_logits' [B, 1, L] and pack's [R, T, T], given a head axis by Llama.forward
+    batch, half = max(setup.batches), setup.row_len // 2
+    length = eager_decode_length(setup.prompt_len + 1, cache_length(setup.max_len))  # the eager step's first bucket
+    # the masks as lidr builds them: decode_attention's [B, 1, 1, L] and pack's [R, T, T] (a head axis from forward)
     positions = torch.full((batch,), setup.prompt_len, device=dev)
-    decode_mask = (torch.arange(length, device=dev) <= positions[:, None])[:, None][:, None]
+    decode_mask = (torch.arange(length, device=dev) <= positions[:, None])[:, None, None]
+    q, k, v = qkv(dc, batch, 1, length, False)
+    grouped_q = q.view(batch, dc.n_kv_heads, dc.n_heads // dc.n_kv_heads, dc.head_dim)
     segments = (torch.arange(setup.row_len, device=dev) // half).repeat(2, 1)
     causal = torch.ones(setup.row_len, setup.row_len, dtype=torch.bool, device=dev).tril()
     dense = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
     return {
-        "prefill (causal, no mask)": (*qkv(dc, 1, setup.prompt_len, setup.prompt_len, False), None, True, False),
-        f"decode step (bool mask over {length} positions)": (*qkv(dc, batch, 1, length, False), decode_mask, False,
-                                                             False),
-        "packed training, one call per sequence (causal, backward)": (*qkv(tc, 1, half, half, True), None, True, True),
-        "packed training, dense mask (backward)": (*qkv(tc, 2, setup.row_len, setup.row_len, True), dense, False, True),
+        "prefill (causal, no mask)": (*qkv(dc, 1, setup.prompt_len, setup.prompt_len, False), None, True, False,
+                                      True),
+        f"decode step, grouped (bool mask over {length} positions)": (grouped_q, k, v, decode_mask, False, False,
+                                                                      False),
+        "packed training, one call per sequence (causal, backward)": (*qkv(tc, 1, half, half, True), None, True, True,
+                                                                      True),
+        "packed training, dense mask (backward)": (*qkv(tc, 2, setup.row_len, setup.row_len, True), dense, False, True,
+                                                   True),
     }
 
 
-def sdpa_backends(q, k, v, mask, causal: bool, grad: bool) -> tuple[str, list[str], str]:
+def sdpa_backends(q, k, v, mask, causal: bool, grad: bool, gqa: bool) -> tuple[str, list[str], str]:
     """(the backend SDPA picks, the backends that accept the call when forced alone, why flash refused it)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     names = {SDPBackend.FLASH_ATTENTION: "flash", SDPBackend.EFFICIENT_ATTENTION: "efficient",
              SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.MATH: "math"}
     try:  # private, but it is the dispatcher's own choice; guarded for other torch versions
-        chosen = names.get(SDPBackend(torch._fused_sdp_choice(q, k, v, mask, 0.0, causal, enable_gqa=True)), "?")
+        chosen = names.get(SDPBackend(torch._fused_sdp_choice(q, k, v, mask, 0.0, causal, enable_gqa=gqa)), "?")
     except (AttributeError, TypeError, ValueError, RuntimeError) as e:
         chosen = f"unknown ({type(e).__name__})"
     accepted, flash_refusal = [], ""
@@ -392,7 +376,7 @@ def sdpa_backends(q, k, v, mask, causal: bool, grad: bool) -> tuple[str, list[st
             warnings.simplefilter("always")
             try:
                 with sdpa_kernel(backend):
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
                     if grad:
                         out.backward(torch.ones_like(out))
                 accepted.append(name)
@@ -451,8 +435,8 @@ def section_preflight(table, setup: Setup, machine: Machine):
         table.add("preflight", "flash_attn", "not installed: lidr's prefill runs SDPA")
 
     env["sdpa"] = {}
-    for site, (q, k, v, mask, causal, grad) in sdpa_call_sites(setup).items():
-        chosen, accepted, flash_refusal = sdpa_backends(q, k, v, mask, causal, grad)
+    for site, (q, k, v, mask, causal, grad, gqa) in sdpa_call_sites(setup).items():
+        chosen, accepted, flash_refusal = sdpa_backends(q, k, v, mask, causal, grad, gqa)
         env["sdpa"][site] = {"chosen": chosen, "accepted": accepted, "flash_refusal": flash_refusal}
         line = f"{chosen} (accepted alone: {', '.join(accepted) or 'none'})"
         if flash_refusal and chosen != "flash":
@@ -498,6 +482,7 @@ class AttentionPath:
     compiles: bool = False  # built by torch.compile (skipped without a C compiler)
     in_lidr: bool = True  # False: a candidate lidr does not run today
     unavailable: str = ""  # why attend is None
+    reads: Callable | None = None  # decode: (DecodeBatch) -> cache positions read, all rows together
 
 
 @dataclass
@@ -508,7 +493,6 @@ class PackedRows:
     k: torch.Tensor
     v: torch.Tensor
     documents: Documents
-    segments: torch.Tensor  # [rows, T]: which sequence each position belongs to
     dense_mask: torch.Tensor  # [rows, 1, T, T]: same sequence and key not after query
 
 
@@ -517,81 +501,78 @@ class DecodeBatch:
     """Decode attention inputs: one query per row over a cache of which each row fills its own length."""
 
     q: torch.Tensor  # [B, H, 1, D]
-    k: torch.Tensor  # [B, KV, max_len, D]
+    k: torch.Tensor  # [B, KV, cache_len, D]: cache_len = max_len rounded up to FLEX_BLOCK, as lidr's KVCache
     v: torch.Tensor
     lengths: torch.Tensor  # [B] positions filled per row
-    mask: torch.Tensor  # [B, 1, 1, max_len]
+    mask: torch.Tensor  # [B, 1, 1, cache_len]
 
 
-def flex_attention_fn(setup: Setup):
-    """flex_attention, compiled on CUDA (uncompiled it materialises the scores), or None when torch lacks it."""
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-    except ImportError:
-        return None
-    return torch.compile(flex_attention, dynamic=False) if setup.device == "cuda" else flex_attention
-
-
-def flex_document_attention(setup: Setup) -> AttentionPath:
-    flex = flex_attention_fn(setup)
-    if flex is None:
-        return AttentionPath(None, in_lidr=False, unavailable="this torch has no flex_attention")
+def flex_documents_attention(setup: Setup) -> AttentionPath:
+    """lidr's packed training on CUDA: Documents -> document_block_mask, built once per micro-batch (outside the
+    timed calls), then compiled_flex_attention in every layer."""
+    if lidr.model.flex_attention is None:
+        return AttentionPath(None, unavailable="this torch has no flex_attention")
     if setup.device == "cpu":  # torch raises NotImplementedError for it
-        return AttentionPath(None, in_lidr=False, unavailable="flex_attention has no backward on CPU")
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    block_masks = {}  # built once per inputs, outside the timed calls (a trainer builds one per micro-batch)
+        return AttentionPath(None, unavailable="flex_attention has no backward on CPU")
+    block_masks = {}
 
     def attend(rows: PackedRows):
         if id(rows) not in block_masks:
-            segments = rows.segments
+            block_masks[id(rows)] = document_block_mask(rows.documents, rows.q.shape[2], rows.q.device)
+        return lidr.model.compiled_flex_attention(rows.q, rows.k, rows.v, block_mask=block_masks[id(rows)],
+                                                  enable_gqa=True)
 
-            def same_sequence(b, h, q_idx, kv_idx):
-                return (segments[b, q_idx] == segments[b, kv_idx]) & (q_idx >= kv_idx)
-
-            R, _, T, _ = rows.q.shape
-            block_masks[id(rows)] = create_block_mask(same_sequence, R, None, T, T, device=rows.q.device)
-        return flex(rows.q, rows.k, rows.v, block_mask=block_masks[id(rows)], enable_gqa=True)
-
-    return AttentionPath(attend, compiles=True, in_lidr=False)
+    return AttentionPath(attend, compiles=True)
 
 
-def flex_decode_attention(setup: Setup) -> AttentionPath:
-    flex = flex_attention_fn(setup)
-    if flex is None:
-        return AttentionPath(None, in_lidr=False, unavailable="this torch has no flex_attention")
-    from torch.nn.attention.flex_attention import create_block_mask
+def flex_filled_attention(setup: Setup) -> AttentionPath:
+    """lidr's compiled decode step on CUDA: decode_attention through filled_block_mask (built once per step for every
+    layer, so outside the timed calls), compiled as generate(compile=True) compiles its step."""
+    if lidr.model.flex_attention is None:
+        return AttentionPath(None, unavailable="this torch has no flex_attention")
 
-    block_masks = {}  # built once per inputs, outside the timed calls (a decoder builds one per step for all layers)
+    def filled_flex(q, k, v, lengths, block_mask):
+        return decode_attention(q, k, v, Filled(lengths, block_mask))
+
+    if setup.device == "cuda":  # uncompiled, flex attention computes every score
+        filled_flex = torch.compile(filled_flex, fullgraph=True, dynamic=False)
+    block_masks = {}
 
     def attend(batch: DecodeBatch):
         if id(batch) not in block_masks:
-            lengths = batch.lengths
+            block_masks[id(batch)] = filled_block_mask(batch.lengths, batch.k.shape[2])
+        return filled_flex(batch.q, batch.k, batch.v, batch.lengths, block_masks[id(batch)])
 
-            def filled(b, h, q_idx, kv_idx):
-                return kv_idx < lengths[b]
-
-            B, _, length, _ = batch.k.shape
-            block_masks[id(batch)] = create_block_mask(filled, B, None, 1, length, device=batch.q.device)
-        return flex(batch.q, batch.k, batch.v, block_mask=block_masks[id(batch)], enable_gqa=True)
-
-    return AttentionPath(attend, compiles=True, in_lidr=False)
+    return AttentionPath(attend, compiles=True, reads=lambda b: sum(flex_read_length(int(n), b.k.shape[2])
+                                                                    for n in b.lengths))
 
 
-def eager_decode_length(filled: int, max_len: int) -> int:
+def cache_length(max_len: int) -> int:
+    """Positions per row of the KVCache generate() allocates for max_len: rounded up to FLEX_BLOCK (lidr.sampler)."""
+    return -(-max_len // FLEX_BLOCK) * FLEX_BLOCK
+
+
+def eager_decode_length(filled: int, cache_len: int) -> int:
     """Cache positions lidr's eager decode step attends: the filled part rounded up to LENGTH_BUCKET."""
-    from lidr.sampler import LENGTH_BUCKET
+    return min(cache_len, -(-filled // LENGTH_BUCKET) * LENGTH_BUCKET)
 
-    return min(max_len, -(-filled // LENGTH_BUCKET) * LENGTH_BUCKET)
+
+def flex_read_length(filled: int, cache_len: int) -> int:
+    """Cache positions lidr's flex decode reads: the filled blocks of FLEX_BLOCK positions."""
+    return min(cache_len, -(-filled // FLEX_BLOCK) * FLEX_BLOCK)
 
 
 def sdpa(q, k, v, mask=None, causal=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
-def bucketed_decode_sdpa(batch: DecodeBatch):
-    n = eager_decode_length(int(batch.lengths.max()), batch.k.shape[2])
-    return sdpa(batch.q, batch.k[:, :, :n], batch.v[:, :, :n], batch.mask[..., :n])
+def grouped_decode_sdpa(batch: DecodeBatch, n: int):
+    """lidr's decode_attention without a block mask (grouped SDPA) over the first n cache positions."""
+    return decode_attention(batch.q, batch.k[:, :, :n], batch.v[:, :, :n], Filled(batch.lengths))
+
+
+def bucket(batch: DecodeBatch) -> int:
+    return eager_decode_length(int(batch.lengths.max()), batch.k.shape[2])
 
 
 def flash_attn_prefill(q, k, v):
@@ -602,19 +583,24 @@ def flash_attn_prefill(q, k, v):
 
 def train_attention_paths(setup: Setup) -> dict[str, AttentionPath]:
     return {
-        "Documents: one causal SDPA call per sequence (lidr on CUDA)":
+        "Documents: flex attention's document mask (lidr on CUDA)": flex_documents_attention(setup),
+        "Documents: one causal SDPA call per sequence (lidr on CUDA without flex attention)":
             AttentionPath(lambda r: document_attention(r.q, r.k, r.v, r.documents, True)),
         "dense mask SDPA (lidr on CPU, pack(dense_mask=True))":
             AttentionPath(lambda r: sdpa(r.q, r.k, r.v, r.dense_mask)),
-        "flex_attention, document block mask": flex_document_attention(setup),
     }
 
 
 def decode_attention_paths(setup: Setup) -> dict[str, AttentionPath]:
     return {
-        "masked SDPA over the whole cache (lidr compiled step)": AttentionPath(lambda b: sdpa(b.q, b.k, b.v, b.mask)),
-        "masked SDPA over the filled length, 64-bucket (lidr eager step)": AttentionPath(bucketed_decode_sdpa),
-        "flex_attention, per-row lengths": flex_decode_attention(setup),
+        "grouped SDPA over the filled length, 64-bucket (lidr eager step)":
+            AttentionPath(lambda b: grouped_decode_sdpa(b, bucket(b)), reads=lambda b: len(b.lengths) * bucket(b)),
+        "flex attention over the filled 128-blocks (lidr compiled step on CUDA)": flex_filled_attention(setup),
+        "grouped SDPA over the whole cache (lidr compiled step on CPU)":
+            AttentionPath(lambda b: grouped_decode_sdpa(b, b.k.shape[2]), reads=lambda b: b.k.shape[0] * b.k.shape[2]),
+        "SDPA with enable_gqa and a mask over the filled length, 64-bucket": AttentionPath(
+            lambda b: sdpa(b.q, b.k[:, :, :bucket(b)], b.v[:, :, :bucket(b)], b.mask[..., :bucket(b)]), in_lidr=False,
+            reads=lambda b: len(b.lengths) * bucket(b)),
     }
 
 
@@ -650,13 +636,13 @@ def packed_rows(setup: Setup, n_docs: int) -> PackedRows:
     q = torch.randn(rows, cfg.n_heads, T, cfg.head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(rows, cfg.n_kv_heads, T, cfg.head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
-    return PackedRows(q, k, v, documents, segments, dense_mask)
+    return PackedRows(q, k, v, documents, dense_mask)
 
 
 def decode_batch(setup: Setup, batch: int) -> DecodeBatch:
     """Rows filled to lengths spread from the prompt to twice that (within the cache)."""
-    cfg, device, max_len = setup.decode_cfg, setup.device, setup.max_len
-    lengths = torch.linspace(setup.prompt_len, min(2 * setup.prompt_len, max_len), batch).long().to(device)
+    cfg, device, max_len = setup.decode_cfg, setup.device, cache_length(setup.max_len)
+    lengths = torch.linspace(setup.prompt_len, min(2 * setup.prompt_len, setup.max_len), batch).long().to(device)
     mask = (torch.arange(max_len, device=device) < lengths[:, None])[:, None, None]
     q = torch.randn(batch, cfg.n_heads, 1, cfg.head_dim, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(batch, cfg.n_kv_heads, max_len, cfg.head_dim, device=device, dtype=torch.bfloat16)
@@ -694,9 +680,10 @@ def section_attention(table, setup: Setup, machine: Machine):
     batch = decode_batch(setup, max(setup.batches))
     reference = reference_attention(batch.q, batch.k, batch.v, batch.mask)
     per_position = 2 * dc.n_kv_heads * dc.head_dim * 2  # k and v, bf16
-    useful_bytes = int(batch.lengths.sum()) * per_position
+    filled = int(batch.lengths.sum())
+    useful_bytes = filled * per_position
     shape = (f"decode batch {len(batch.lengths)}, filled {int(batch.lengths.min())}-{int(batch.lengths.max())} "
-             f"of {setup.max_len}")
+             f"of {cache_length(setup.max_len)}")
     for name, path in decode_attention_paths(setup).items():
         what = f"{shape}: {name}" + ("" if path.in_lidr else " (not in lidr)")
         reason = skip_reason(path, machine)
@@ -707,9 +694,11 @@ def section_attention(table, setup: Setup, machine: Machine):
         def measure(path=path, what=what):
             error = relative_error(path.attend(batch), reference)
             seconds = median_seconds(lambda: path.attend(batch), setup.repeats)
+            read = path.reads(batch)
             table.check("attention", what, f"{seconds * 1e6:.0f} us, {useful_bytes / seconds / 1e9:,.0f} GB/s of "
-                        f"filled KV; bf16 vs fp32 {error:.1e} (< {BF16_FORWARD:g})", within(error, BF16_FORWARD),
-                        seconds=seconds, error=error, kv_bytes_per_s=useful_bytes / seconds)
+                        f"filled KV (attends {read:,} of {filled:,} filled positions); bf16 vs fp32 {error:.1e} "
+                        f"(< {BF16_FORWARD:g})", within(error, BF16_FORWARD), seconds=seconds, error=error,
+                        kv_bytes_per_s=useful_bytes / seconds, positions_attended=read, positions_filled=filled)
 
         table.guarded("attention", what, measure)
     del batch, reference
@@ -751,27 +740,36 @@ def section_attention(table, setup: Setup, machine: Machine):
 
 @dataclass(frozen=True)
 class DecodePath:
-    step: Callable  # (setup) -> the step function Session.decode takes
-    attended: Callable  # (positions filled, cache length) -> positions the step attends
-    compiles: bool = False
+    """One of generate()'s decode steps: eager (grouped SDPA over the length bucket) or compiled with generate's
+    settings (flex attention over the filled blocks on CUDA, under CUDA graphs; grouped SDPA over the whole cache
+    on CPU)."""
+
+    compiles: bool
 
 
-def compiled_decode_step(setup: Setup):
-    from lidr.sampler import decode_logits
+def decode_step(path: DecodePath, setup: Setup) -> tuple[Callable, bool]:
+    """(the step function Session.decode takes, whether it attends through flex attention), as generate() picks."""
+    if not path.compiles:
+        return decode_logits, False
+    flex = setup.device == "cuda" and lidr.model.flex_attention is not None
+    return torch.compile(decode_logits, **setup.compile_options), flex  # generate(compile=True)'s settings
 
-    return torch.compile(decode_logits, **setup.compile_options)  # generate(compile=True)'s settings on CUDA
+
+def step_length(compiles: bool, filled: int, cache_len: int) -> int:
+    """The `length` generate() passes to Session.decode: the whole cache compiled (with flex too), else the bucket."""
+    return cache_len if compiles else eager_decode_length(filled, cache_len)
 
 
-def eager_decode_step(setup: Setup):
-    from lidr.sampler import decode_logits
-
-    return decode_logits
+def attended_positions(compiles: bool, flex: bool, filled: int, cache_len: int) -> int:
+    """Cache positions a step reads: the filled 128-blocks (flex), the whole cache (compiled SDPA), the bucket."""
+    if flex:
+        return flex_read_length(filled, cache_len)
+    return step_length(compiles, filled, cache_len)
 
 
 DECODE_PATHS = {
-    "lidr eager (filled length)": DecodePath(eager_decode_step, eager_decode_length),
-    "lidr compiled (CUDA graphs, whole cache)": DecodePath(compiled_decode_step, lambda filled, max_len: max_len,
-                                                           compiles=True),
+    "lidr eager (grouped SDPA over the filled length)": DecodePath(compiles=False),
+    "lidr compiled (flex attention over the filled blocks, CUDA graphs)": DecodePath(compiles=True),
 }
 
 
@@ -879,22 +877,22 @@ def kv_bytes_per_position(cfg: LlamaConfig, dtype=torch.bfloat16) -> int:
 
 
 # -----------------------------------------------------------------------------
-# driving lidr's Session (today's API: lidr.sampler.Session, decode_logits, generate + SamplingParams)
+# driving lidr's Session (lidr.sampler: kv_cache, Session, decode_logits; generate + Decoding)
 
 
-def lidr_step_logits(model, prompts, forced: torch.Tensor, max_len: int, step_fn, attended) -> torch.Tensor:
+def lidr_step_logits(model, prompts, forced: torch.Tensor, max_len: int, path: DecodePath, setup: Setup):
     """Prefill each prompt, then decode forced[:, j] at step j: logits [B, 1 + steps, vocab] (prefill first), fp32."""
-    from lidr.sampler import Session
-
     device = model.embed_tokens.weight.device
+    step_fn, flex = decode_step(path, setup)
     with torch.inference_mode():
-        session = Session(model, len(prompts), max_len)
+        session = Session(model, kv_cache(model, len(prompts), max_len))  # the model's kept cache, as generate's
         out = [torch.cat([session.prefill(slot, torch.tensor(p, device=device)).float()
                           for slot, p in enumerate(prompts)])]
         positions = torch.tensor([len(p) for p in prompts], device=device)
         for j in range(forced.shape[1]):
             filled = max(map(len, prompts)) + j + 1
-            logits = session.decode(forced[:, j].to(device), positions, attended(filled, max_len), step_fn)
+            length = step_length(path.compiles, filled, session.cache.length)
+            logits = session.decode(forced[:, j].to(device), positions, length, step_fn, flex)
             out.append(logits.float().clone())  # a CUDA-graph output is overwritten by the next replay
             positions = positions + 1
     return torch.stack(out, 1)
@@ -907,16 +905,16 @@ class DecodePass:
     steps_s: float  # the timed steps
 
 
-def lidr_decode_pass(model, prompts, max_len: int, warm_steps: int, steps: int, step_fn, attended) -> DecodePass:
-    """One generation as lidr's sampler runs it (prefill one prompt at a time, then greedy steps), timed in parts."""
-    from lidr.sampler import Session
-
+def lidr_decode_pass(model, prompts, max_len: int, warm_steps: int, steps: int, compiles: bool, step_fn,
+                     flex: bool) -> DecodePass:
+    """One generation as lidr's sampler runs it (prefill one prompt at a time, then greedy steps), timed in parts.
+    The model's kept KV cache, as generate() takes it: a compiled step replays the CUDA graphs of the first pass."""
     device = model.embed_tokens.weight.device
     prompt_len = len(prompts[0])
     with torch.inference_mode():
         synchronize()
         start = time.perf_counter()
-        session = Session(model, len(prompts), max_len)
+        session = Session(model, kv_cache(model, len(prompts), max_len))
         tokens = torch.cat([session.prefill(slot, torch.tensor(p, device=device)).float().argmax(-1)
                             for slot, p in enumerate(prompts)])
         positions = torch.full((len(prompts),), prompt_len, device=device)
@@ -926,7 +924,8 @@ def lidr_decode_pass(model, prompts, max_len: int, warm_steps: int, steps: int, 
             if j == warm_steps:
                 synchronize()
                 marks.append(time.perf_counter())
-            logits = session.decode(tokens, positions, attended(prompt_len + j + 1, max_len), step_fn)
+            length = step_length(compiles, prompt_len + j + 1, session.cache.length)
+            logits = session.decode(tokens, positions, length, step_fn, flex)
             tokens = logits.float().argmax(-1)  # the sampler's greedy step
             positions = positions + 1
         synchronize()
@@ -973,7 +972,8 @@ class DecodeTiming:
     graph_skips: int  # CUDA graphs inductor declined during the two passes
 
 
-def timed_twice(run_pass, setup: Setup, attended) -> DecodeTiming:
+def timed_twice(run_pass, setup: Setup, attended: Callable[[int], int]) -> DecodeTiming:
+    """attended(positions filled) -> positions a step reads."""
     skips = cuda_graph_skips()
     first, second = run_pass(), run_pass()
     steps = range(setup.warm_steps, setup.warm_steps + setup.steps)
@@ -981,7 +981,7 @@ def timed_twice(run_pass, setup: Setup, attended) -> DecodeTiming:
     return DecodeTiming(prefill_s=second.prefill_s,
                         first_pass_extra_s=(first.warm_s + first.steps_s) - (second.warm_s + second.steps_s),
                         step_s=second.steps_s / setup.steps, filled=statistics.mean(filled),
-                        attended=statistics.mean(attended(n, setup.max_len) for n in filled),
+                        attended=statistics.mean(attended(n) for n in filled),
                         graph_skips=cuda_graph_skips() - skips)
 
 
@@ -990,11 +990,12 @@ def timed_twice(run_pass, setup: Setup, attended) -> DecodeTiming:
 
 
 def lidr_generate_tokens(model, prompts, new_tokens: int, compile: bool) -> list[list[int]]:
-    """lidr's generate, greedy, no stops (the one call of today's generate API in this file)."""
-    from lidr.sampler import SamplingParams, generate
+    """lidr's generate, greedy, no stops."""
+    from lidr.sampler import generate
+    from lidr.settings import Decoding
 
-    params = SamplingParams(max_new_tokens=new_tokens)
-    return [c.tokens for c in generate(model, NoStops(), prompts, params, batch_size=len(prompts), compile=compile)]
+    decoding = Decoding(max_new_tokens=new_tokens, temperature=0.0)
+    return [c.tokens for c in generate(model, NoStops(), prompts, decoding, batch_size=len(prompts), compile=compile)]
 
 
 def synthetic_pairs(n_pairs: int, row_len: int, vocab: int, seed: int = 0):
@@ -1035,11 +1036,48 @@ def pack_dense(examples, row_len, device):
     return pack(examples, 0, row_len, device, dense_mask=True)
 
 
-# how packed rows attend in training: name -> (examples, row_len, device) -> lidr.train.Packed
+@dataclass(frozen=True)
+class TrainPacking:
+    """How packed rows attend in training."""
+
+    pack: Callable  # (examples, row_len, device) -> lidr.train.Packed
+    flex: bool | None = None  # Documents through flex attention (True) or the per-sequence loop (False); None: dense
+
+
 TRAIN_PACKINGS = {
-    "Documents, one SDPA call per sequence (lidr on CUDA)": pack_documents,
-    "dense mask (lidr on CPU)": pack_dense,
+    "Documents, flex attention's document mask (lidr on CUDA)": TrainPacking(pack_documents, flex=True),
+    "Documents, one SDPA call per sequence (lidr on CUDA without flex attention)": TrainPacking(pack_documents,
+                                                                                                flex=False),
+    "dense mask (lidr on CPU)": TrainPacking(pack_dense),
 }
+
+
+def packing_skip(packing: TrainPacking, setup: Setup, machine: Machine) -> str | None:
+    """Why this machine cannot run a packing (forward and backward), or None."""
+    if not packing.flex:
+        return None
+    if lidr.model.flex_attention is None:
+        return "this torch has no flex_attention"
+    if setup.device != "cuda":
+        return "flex_attention has no backward on CPU (lidr runs Documents through it on CUDA only)"
+    if not machine.can_compile:
+        return machine.compile_skip
+    return None
+
+
+@contextmanager
+def attending_as(packing: TrainPacking):
+    """Documents attend as the packing says: flex attention where lidr.model.flex_documents picks it (CUDA), the
+    per-sequence loop where flex is False (flex_documents switched off meanwhile, so the loop is timed on CUDA too)."""
+    if packing.flex is not False:
+        yield
+        return
+    flex_documents = lidr.model.flex_documents
+    lidr.model.flex_documents = lambda device: False
+    try:
+        yield
+    finally:
+        lidr.model.flex_documents = flex_documents
 
 
 def logps_and_grads(model, batch):
@@ -1081,7 +1119,7 @@ def section_correctness(table, setup: Setup, machine: Machine):
 
         def measure(name=name, path=path, what=what):
             skips = cuda_graph_skips()
-            got = lidr_step_logits(bf16, prompts, forced, max_len, path.step(setup), path.attended)
+            got = lidr_step_logits(bf16, prompts, forced, max_len, path, setup)
             error = relative_error(got, expected)
             table.check("correctness", what, f"{error:.1e} (< {BF16_MODEL:g})", within(error, BF16_MODEL), error=error)
             if path.compiles and device == "cuda":
@@ -1100,8 +1138,14 @@ def section_correctness(table, setup: Setup, machine: Machine):
             p.requires_grad_(True)
     ref_logps, ref_grads = logps_and_grads(reference, pack_dense(examples, 120, device))
     for name, packing in TRAIN_PACKINGS.items():
+        reason = packing_skip(packing, setup, machine)
+        if reason:
+            table.skip("correctness", f"training path {name}", reason)
+            continue
+
         def measure(name=name, packing=packing):
-            logps, grads = logps_and_grads(bf16, packing(examples, 120, device))
+            with attending_as(packing):
+                logps, grads = logps_and_grads(bf16, packing.pack(examples, 120, device))
             error = relative_error(logps, ref_logps)
             grad_error = max(relative_error(grads[n], ref_grads[n]) for n in grads)
             table.check("correctness", f"training path {name}: log-probs, bf16 vs fp32 dense", f"{error:.1e} "
@@ -1167,19 +1211,24 @@ def section_decode(table, setup: Setup, machine: Machine):
     for batch in setup.batches:
         prompts = random_prompts(batch, setup.prompt_len, cfg.vocab_size, seed=batch)
         speeds, shares = {}, {}
-        sides = [(name, path, lambda p=path: lidr_decode_pass(model, prompts, setup.max_len, setup.warm_steps,
-                                                                setup.steps, p.step(setup), p.attended))
-                 for name, path in DECODE_PATHS.items()]
-        sides += [(name, path, lambda p=path: transformers_decode_pass(hf, prompts, setup, p.generate_kwargs(setup)))
-                  for name, path in TRANSFORMERS_PATHS.items()]
-        for name, path, run_pass in sides:
+        sides = []
+        for name, path in DECODE_PATHS.items():
+            step_fn, flex = decode_step(path, setup)
+            sides.append((name, path, lambda p=path, s=step_fn, f=flex: lidr_decode_pass(
+                model, prompts, setup.max_len, setup.warm_steps, setup.steps, p.compiles, s, f),
+                lambda n, p=path, f=flex: attended_positions(p.compiles, f, n, cache_length(setup.max_len))))
+        for name, path in TRANSFORMERS_PATHS.items():
+            sides.append((name, path,
+                          lambda p=path: transformers_decode_pass(hf, prompts, setup, p.generate_kwargs(setup)),
+                          lambda n, p=path: p.attended(n, setup.max_len)))
+        for name, path, run_pass, attended in sides:
             what = f"batch {batch}: {name}"
             if path.compiles and not machine.can_compile:
                 table.skip("decode", what, machine.compile_skip)
                 continue
 
-            def measure(name=name, path=path, run_pass=run_pass, what=what):
-                timing = timed_twice(run_pass, setup, path.attended)
+            def measure(name=name, path=path, run_pass=run_pass, attended=attended, what=what):
+                timing = timed_twice(run_pass, setup, attended)
                 line, numbers = decode_row(timing, batch, weights, kv_per_position, machine)
                 speeds[name], shares[name] = numbers["tokens_per_s"], numbers.get("share_of_copy")
                 table.add("decode", what, line, **numbers)
@@ -1244,11 +1293,17 @@ def section_train(table, setup: Setup, machine: Machine):
         table.add("train", "micro-batch", f"{n_pairs} pairs = {2 * n_pairs} sequences of {seq_len:,} tokens in rows of "
                   f"{setup.row_len:,}; {flops_per_token(model, seq_len) / 1e9:.3g} GFLOP per token")
         for name, packing in TRAIN_PACKINGS.items():
+            reason = packing_skip(packing, setup, machine)
+            if reason:
+                table.skip("train", f"DPO step, {name}", reason)
+                continue
+
             def measure(name=name, packing=packing):
-                batch = packing(examples, setup.row_len, device)
+                batch = packing.pack(examples, setup.row_len, device)
 
                 def step():
-                    logps, lengths = forward_logps(model, batch)
+                    with attending_as(packing):
+                        logps, lengths = forward_logps(model, batch)
                     losses, _, _ = dpo_loss(logps[:n_pairs], logps[n_pairs:], reference[:, 0], reference[:, 1], 0.1)
                     (losses - logps[:n_pairs] / lengths[:n_pairs]).mean().backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -74,9 +74,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from lidr.model import FLEX_BLOCK, Filled, Llama, filled_block_mask, flex_attention
+from lidr.progress import Progress
 from lidr.settings import Decoding
 
 SYNC_EVERY = 8  # decode steps between two reads of the sampled tokens by the host
@@ -463,7 +463,8 @@ def generate(
     the prompt's business, not the sampler's). stop_strings: a row ends at the token that completes
     one. seeds: one per prompt (default decoding.seed + i). on_finish(i, completion) is called as
     each row finishes (rows finish out of order). compile: torch.compile the decode step (see the
-    module docstring).
+    module docstring). progress: rows done and tokens/s on stderr (`lidr.progress.Progress`: a bar
+    on a terminal, a plain line now and then in a log file).
     """
     check_stop_strings(stop_strings)
     vocab = model.cfg.vocab_size
@@ -500,7 +501,7 @@ def generate(
     live = torch.zeros(batch_size, dtype=torch.long, device=device)  # 1 for slots holding a running row
     seen = torch.zeros(batch_size, vocab, dtype=torch.bool, device=device)  # for the repetition penalty
     recent = torch.zeros(batch_size, SYNC_EVERY, dtype=torch.long, device=device)
-    bar = tqdm(total=len(prompts), disable=not progress, unit="prompt", dynamic_ncols=True)
+    bar = Progress(len(prompts), "generate", enabled=progress)  # a bar on a terminal, plain lines in a log
     start, n_generated = time.perf_counter(), 0
 
     def finish(slot: int, completion: Completion):
@@ -511,8 +512,7 @@ def generate(
         n_generated += row.count
         if on_finish is not None:
             on_finish(row.index, completion)
-        bar.update(1)
-        bar.set_postfix_str(f"{n_generated / (time.perf_counter() - start):.1f} tok/s", refresh=False)
+        bar.update(1, **{"tok/s": n_generated / (time.perf_counter() - start)})
 
     def fill(session: Session, slot: int):
         """Prefill waiting prompts into an empty slot until one is still running (or none waits)."""

@@ -71,16 +71,16 @@ How this departs from the paper / the reference (LLaMA-Factory DPO with pref_ftx
 - The SFT objective averages each sequence's token NLL, then the sequences (the same per-sequence
   mean as the NLL term of DPO), rather than averaging over all tokens of the batch.
 - The reference is the policy before training in the same precision; no separate reference model.
-- Packed rows attend sequence by sequence on CUDA (one causal SDPA call per sequence, flash
-  kernels, no [rows, W, W] mask) and through a dense block-diagonal mask on CPU, where SDPA's
-  masked kernel measured faster; both compute the same attention (tests/test_attention.py).
-  Neither flex_attention (no backward on CPU, so its gradients cannot be tested there;
-  bench/gpu.py times it beside lidr's) nor a varlen kernel (flash-attn, torch.nn.attention.varlen:
-  CUDA only) is used.
+- Packed rows attend as `Documents` on CUDA (flex attention's document mask, compiled, where
+  `lidr.model.flex_documents` says torch has it; else one causal SDPA call per sequence; no
+  [rows, W, W] mask either way) and through a dense block-diagonal mask on CPU, where SDPA's
+  masked kernel measured faster; all compute the same attention (tests/test_attention.py; flex's
+  forward only, as torch has no flex backward on CPU). No varlen kernel (flash-attn,
+  torch.nn.attention.varlen: CUDA only) is used.
 - OUT must be one folder seen by every node: every rank checks that it is (and that it sees the same
   model) before anything is written, and rank 0 alone decides what a rerun resumes (lidr/cluster.py).
-  The nccl/MFU/per-sequence attention paths have not been run on a GPU yet (bench/gpu.py runs them);
-  the tests cover gloo in fp32 and bf16.
+  The nccl/MFU/flex attention paths have not been run on a GPU yet (bench/gpu.py runs them); the
+  tests cover gloo in fp32 and bf16.
 """
 
 import argparse
@@ -112,12 +112,13 @@ from lidr import cluster
 from lidr.checkpoint import check, default_dtype, folder_identity, load_model, read_config, save
 from lidr.cli import add_flags, command, flags_argv, from_flags, positive_int, setting_type
 from lidr.dpo import hidden_sequence_logps, preference_loss
+from lidr.hardware import datasheet_peak
 from lidr.jsonl import (
     OutputLock, check_folder, file_identity, hold_lock, read_records, record_output, record_path,
     remove_stale_temporaries, write_json_atomic,
 )
 from lidr.memory import GB, fits, largest_micro_batch, plan, training_peak
-from lidr.model import Documents, Llama, rope_inv_freq
+from lidr.model import Documents, Llama, flex_documents, rope_inv_freq
 from lidr.progress import Progress
 from lidr.settings import TRAINING, Training, derived_seed, provenance
 from lidr.tokenizer import Tokenizer, chat_messages
@@ -126,8 +127,6 @@ from lidr.tracking import Tracker
 MADE_BY = "lidr.train"  # the owner named in OUT.made-from.json
 REFERENCE_KEYS = ("model", "data", "max_len", "dtype")  # what the reference log-probs are computed from
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
-# dense bf16 peak of the GPUs MFU is reported for (matched against torch.cuda.get_device_name)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 # -----------------------------------------------------------------------------
@@ -194,7 +193,7 @@ class Packed:
 
     tokens: torch.Tensor  # [R, W]
     positions: torch.Tensor  # [R, W], from 0 at each sequence's start
-    # each row's sequence lengths (attention sequence by sequence), or the same as a dense
+    # each row's sequence lengths (flex document mask or sequence by sequence), or the same as a dense
     # [R, W, W] mask: query and key in the same sequence, key not after query
     attention_mask: Documents | torch.Tensor
     labels: torch.Tensor  # [R, W]: the next token
@@ -203,9 +202,10 @@ class Packed:
 
 
 def dense_mask_default(device) -> bool:
-    """Whether packed rows attend through a dense mask (CPU) or sequence by sequence (`Documents`, CUDA).
+    """Whether packed rows attend through a dense mask (CPU) or as `Documents` (CUDA).
 
-    On CUDA the per-sequence calls run flash kernels and no [R, W, W] mask exists. On CPU the
+    On CUDA `Documents` runs flex attention's document mask where `lidr.model.flex_documents` says
+    torch has it (else one flash SDPA call per sequence), and no [R, W, W] mask exists. On CPU the
     dense masked kernel is faster: 0.13 s against 0.65 s for attention forward + backward over
     two 512-token rows of three sequences (SmolLM2's 9 heads, 3 kv heads; 2 cores).
     """
@@ -735,7 +735,9 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
         write_json_atomic(out / "data_report.json", dict(counts))
         print(f"{data}: {counts['read']} rows read, {counts['kept']} kept ({format_counts(counts)}); "
               f"counts in {out / 'data_report.json'}")
-        attention = "through a dense mask" if dense_mask_default(device) else "sequence by sequence"
+        attention = "through a dense mask"
+        if not dense_mask_default(device):
+            attention = "through flex attention's document mask" if flex_documents(device) else "sequence by sequence"
         print(f"{world} rank(s) on {device.type}, {identity['dtype']} compute, packed rows attending {attention}; "
               f"global batch {global_batch} = {options.batch_size} × {options.grad_accum} accumulation × {world}; "
               f"{total_steps} steps")
@@ -800,8 +802,8 @@ def run(model_dir: Path, data: Path, out: Path, options: Training, ranks: Ranks)
         score_held_out(0)
     peak_flops = None
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        props = torch.cuda.get_device_properties(device)
+        _, peak_flops = datasheet_peak(props.name, props.total_memory, props.multi_processor_count)
     model.train()
     for step in range(start, total_steps):
         t0 = time.perf_counter()

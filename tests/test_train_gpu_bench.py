@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu  # noqa: E402
 
 from lidr.checkpoint import load  # noqa: E402
+from lidr.hardware import datasheet_peak  # noqa: E402
 
 
 def run_bench(*args, timeout=150) -> subprocess.CompletedProcess:
@@ -65,8 +66,11 @@ def test_cpu_dry_run_runs_every_section_and_records_every_path(tmp_path):
             assert any(w.endswith(name) or w.endswith(name + " (not in lidr)") for w in whats), name
     for name in gpu.DECODE_PATHS:
         assert f"decode path {name}: prefill + 6 steps, bf16 vs fp32" in whats
-    for name in gpu.TRAIN_PACKINGS:
-        assert f"training path {name}: gradients (worst tensor), bf16 vs fp32 dense" in whats
+    for name, packing in gpu.TRAIN_PACKINGS.items():
+        if packing.flex:  # no flex backward on CPU: one row says so
+            assert f"training path {name}" in whats
+        else:
+            assert f"training path {name}: gradients (worst tensor), bf16 vs fp32 dense" in whats
         assert f"DPO step, {name}" in whats
 
     # bytes per decode step: TINY's weights without the embedding table (closed form), + the KV of the filled positions
@@ -84,9 +88,20 @@ def test_cpu_dry_run_runs_every_section_and_records_every_path(tmp_path):
         assert r["bytes_per_s"] == pytest.approx(r["bytes_per_step"] / r["step_s"])
         assert r["share_of_copy"] == pytest.approx(r["bytes_per_s"] / copy)
         assert r["positions_filled"] == filled
-        assert filled <= r["positions_attended"] <= setup.max_len  # the dynamic cache reads the filled part only
+        assert filled <= r["positions_attended"] <= gpu.cache_length(setup.max_len)
     attended = {r["what"]: r["positions_attended"] for r in decode_rows}
-    assert attended["batch 1: transformers, dynamic cache (default)"] == filled
+    assert attended["batch 1: transformers, dynamic cache (default)"] == filled  # it reads the filled part only
+    # lidr's cache of 16 + 48 positions is one block of 128; eager reads the 64-bucket, compiled on CPU the whole cache
+    assert gpu.cache_length(setup.max_len) == 128
+    assert attended["batch 1: lidr eager (grouped SDPA over the filled length)"] == 64
+    assert attended["batch 1: lidr compiled (flex attention over the filled blocks, CUDA graphs)"] == 128
+    # the attention section's decode rows (one row filled to 16): the bucket of 64, one 128-block, the whole cache
+    reads = {r["what"].split(": ", 1)[1]: r["positions_attended"] for r in record["rows"]
+             if r["section"] == "attention" and "positions_attended" in r}
+    assert reads == {"grouped SDPA over the filled length, 64-bucket (lidr eager step)": 64,
+                     "flex attention over the filled 128-blocks (lidr compiled step on CUDA)": 128,
+                     "grouped SDPA over the whole cache (lidr compiled step on CPU)": 128,
+                     "SDPA with enable_gqa and a mask over the filled length, 64-bucket (not in lidr)": 64}
 
 
 def test_a_section_subset_runs_only_those_after_the_preflight():
@@ -132,7 +147,7 @@ def test_without_a_c_compiler_every_compiled_row_is_skipped_with_the_reason(tmp_
     compiled = [name for name, path in gpu.DECODE_PATHS.items() if path.compiles]
     assert compiled and {f"decode path {name}: prefill + 6 steps, bf16 vs fp32" for name in compiled} <= skipped
     assert "generate(compile=True) gives the eager greedy tokens (fp32, tiny model)" not in skipped  # CPU: its own reason
-    assert any(w.endswith("flex_attention, per-row lengths (not in lidr)") for w in skipped)
+    assert any(w.endswith("flex attention over the filled 128-blocks (lidr compiled step on CUDA)") for w in skipped)
     assert not table.failed()
     eager = [name for name, path in gpu.DECODE_PATHS.items() if not path.compiles]
     assert all(any(r["what"].startswith(f"decode path {name}") and r["status"] == "ok" for r in table.rows)
@@ -153,7 +168,7 @@ def test_without_a_c_compiler_every_compiled_row_is_skipped_with_the_reason(tmp_
 ])
 def test_the_datasheet_peak_is_the_skus(name, memory_gb, sms, sku, tflops):
     """NVIDIA's datasheets, dense bf16 (half the sparse figure they headline)."""
-    found, flops = gpu.datasheet_peak(name, int(memory_gb * 1e9), sms)
+    found, flops = datasheet_peak(name, int(memory_gb * 1e9), sms)
     assert (found, None if flops is None else round(flops / 1e12)) == (sku, tflops)
 
 
