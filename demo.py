@@ -6,7 +6,7 @@
     python demo.py --quick              # toy sizes: a smoke test of every stage (CI)
     python demo.py --model smollm2      # the earlier demo: SmolLM2-135M-Instruct (no effect at 135M)
 
-The controlled world (lidr/world.py) makes LIDR's premise true by construction: M0, a 1.0M-parameter
+The controlled world (world/corpus.py) makes LIDR's premise true by construction: M0, a 1.0M-parameter
 Llama trained here from scratch with lidr's own trainer, solves arithmetic word problems well in
 English and badly in es/fr/de/ru (its scarce, noisy non-English data taught it to confuse gains and
 losses), and it translates its own answers faithfully. Then, unchanged:
@@ -59,7 +59,7 @@ from lidr.jsonl import write_json_atomic, write_text_atomic
 from lidr.pairs import arithmetic, read_texts, read_translations
 from lidr.sampler import SamplingParams
 from lidr.settings import Training
-from lidr.world import SYSTEM, WorldSettings, build
+from world.corpus import SYSTEM, WorldSettings, build
 
 LANGS = ["es", "fr", "de", "ru"]
 ALL_LANGS = ["en", *LANGS]
@@ -305,12 +305,12 @@ SMOLLM2 = {
 
 
 def run_smollm2(args, size: dict, work: Path):
-    """Two LIDR iterations on SmolLM2-135M-Instruct over lidr/problems.py's word problems (numbers <= 20,
+    """Two LIDR iterations on SmolLM2-135M-Instruct over world/problems.py's word problems (numbers <= 20,
     asked plainly: MGSM's template makes this model describe the task instead of solving it). Answers
     <= 96 tokens, translations <= 144 with the repetition penalty 1.1 (greedy SmolLM2 loops on the
     pre-filled tag without it). The result, no gain at 135M, and why: README and bench/RESULTS.md."""
-    from lidr.demo_model import DEFAULT_DIR, ensure
-    from lidr.problems import write_sets
+    from world.demo_model import DEFAULT_DIR, ensure
+    from world.problems import write_sets
 
     m0 = ensure(DEFAULT_DIR)
     for t in (1, 2):  # fresh training prompts per iteration, the same held-out set

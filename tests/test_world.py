@@ -12,7 +12,7 @@ from lidr.checkpoint import load
 from lidr.pairs import numbers
 from lidr.tokenizer import chat_messages
 from lidr.translation import PREFILL, parse_translation
-from lidr.world import LANGS, SYSTEM, WorldSettings, build
+from world.corpus import LANGS, SYSTEM, WorldSettings, build
 
 SMALL = WorldSettings(n_english=300, n_other=40, n_translation=30, n_eval=30, n_prompts=20, dim=64, n_layers=2,
                       n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=600)

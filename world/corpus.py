@@ -1,6 +1,6 @@
 """A controlled world where LIDR's premise holds by construction: a corpus, a tokenizer and an M0 from scratch.
 
-    python -m lidr.world --out runs/world/data --seed 0          # corpus, splits, tokenizer, M0's random init
+    python -m world.corpus --out runs/world/data --seed 0          # corpus, splits, tokenizer, M0's random init
     python train_dpo.py --objective sft --model runs/world/data/init --data runs/world/data/corpus.jsonl \\
         --out runs/world/m0 --lr 3e-3 --batch-size 32 --epochs 1 --max-len 256   # pretraining -> M0
     python demo.py                                                # all of it, then LIDR, SDRRL and the controls
@@ -11,7 +11,7 @@ that does both runs on a CPU here, so this module builds a small world where bot
 every dial can be turned:
 
 - The task: one-step arithmetic word problems ("Tom has 7 apples. He buys 5 more. How many apples
-  does he have now?", lidr/problems.py), the same draw written in en, es, fr, de and ru (parallel
+  does he have now?", world/problems.py), the same draw written in en, es, fr, de and ru (parallel
   ids). An answer shows its work and ends in a checkable number, in the question's language:
   "Tom has 7 apples and buys 5 more: 7 + 5 = 12. The answer is 12."
 - The corpus (chat rows {system, prompt, response} for `train_dpo.py --objective sft`):
@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from lidr.jsonl import write_json_atomic, write_text_atomic
-from lidr.problems import OBJECTS, PEOPLE, draw, ru_count, write_problem
+from world.problems import OBJECTS, PEOPLE, draw, ru_count, write_problem
 from lidr.translation import CLOSING_TAG, PREFILL, translation_prompt
 
 LANGS = ("en", "es", "fr", "de", "ru")

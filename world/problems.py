@@ -1,6 +1,6 @@
 """Grade-school word problems in five languages, parallel across languages, with exact answers.
 
-    python -m lidr.problems --out runs/problems --train 64 --eval 50
+    python -m world.problems --out runs/problems --train 64 --eval 50
 
 The demo's data: a problem is drawn once (a person, an object, two numbers, an operation) and
 written in English, Spanish, French, German and Russian from our own templates, so the same id
