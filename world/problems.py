@@ -42,6 +42,16 @@ OBJECTS = [
     {"en": "stickers", "es": ("pegatinas", "f"), "fr": "autocollants", "de": "Aufkleber", "ru": ("наклейка", "наклейки", "наклеек")},
 ]
 
+# people and objects the controlled world's corpus never names: its out-of-distribution test (world/corpus.py)
+NEW_PEOPLE = [
+    {"en": ("Emma", "she"), "es": ("Emma", "ella"), "fr": ("Emma", "elle"), "de": ("Emma", "sie"), "ru": ("Эмма", "Эммы")},
+    {"en": ("David", "he"), "es": ("David", "él"), "fr": ("David", "il"), "de": ("David", "er"), "ru": ("Давид", "Давида")},
+]
+NEW_OBJECTS = [
+    {"en": "oranges", "es": ("naranjas", "f"), "fr": "oranges", "de": "Orangen", "ru": ("апельсин", "апельсина", "апельсинов")},
+    {"en": "toys", "es": ("juguetes", "m"), "fr": "jouets", "de": "Spielzeuge", "ru": ("игрушка", "игрушки", "игрушек")},
+]
+
 
 def ru_count(n: int, forms: tuple[str, str, str]) -> str:
     """Russian noun form after the numeral n: 1 яблоко, 2 яблока, 5 яблок, 21 яблоко, 11 яблок."""
