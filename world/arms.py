@@ -104,16 +104,12 @@ def pretrain(world: Path, out: Path, options: Training, train_nproc: int) -> Pat
 # the arms
 
 
-def copy_iteration1(source: Path, target: Path, stages=("generate", "translate")):
-    """Iteration 1's stage outputs from `source` (same M0, same prompts, greedy: identical)."""
-    for name in stages:
+def copy_iteration1(source: Path, target: Path):
+    """Iteration 1's answers and translations from `source` (same M0, same prompts, greedy: identical)."""
+    for name in ("generate", "translate"):
         if (target / "iter1" / "done" / name).exists():
             continue
-        if name == "pairs":
-            for file in ("pairs.jsonl", "pairs_report.json"):
-                shutil.copy(source / "iter1" / file, target / "iter1" / file)
-        else:
-            shutil.copytree(source / "iter1" / name, target / "iter1" / name, dirs_exist_ok=True)
+        shutil.copytree(source / "iter1" / name, target / "iter1" / name, dirs_exist_ok=True)
         (target / "iter1" / "done").mkdir(parents=True, exist_ok=True)
         (target / "iter1" / "done" / name).write_text(f"copied from {source / 'iter1'}\n")
 
@@ -135,9 +131,11 @@ def checked_sdrrl_rows(folder: Path, how: Recipe) -> tuple[list, dict]:
     if not how.pairs.check_numbers:
         return rows, report
     english = read_texts(folder / "generate" / f"{how.pairs.dominant}.jsonl", "response")
-    kept = [r for r in rows if r["kind"] == "english" or arithmetic(r["response"]) == arithmetic(english[r["id"]])]
+    kept = []
     for row in rows:
-        if row["kind"] != "english" and arithmetic(row["response"]) != arithmetic(english[row["id"]]):
+        if row["kind"] == "english" or arithmetic(row["response"]) == arithmetic(english[row["id"]]):
+            kept.append(row)
+        else:
             counts = report["per_language"][row["lang"]]
             counts["dropped:numbers_changed"] = counts.get("dropped:numbers_changed", 0) + 1
     report["rows"] = len(kept)
