@@ -1,7 +1,7 @@
 """The controlled world as a study: every arm over seeds with 95% intervals, the gain against pair accuracy, and a
 world whose English is imperfect too.
 
-    python bench/world_study.py                          # seeds 0-4, two runs at a time: about 45 min, 2 idle cores
+    python bench/world_study.py                          # seeds 0-4, two demo runs at a time (OMP_NUM_THREADS=1)
     python bench/world_study.py --seeds 0 1 2 3 4 5 6 --jobs 1
     python bench/world_study.py --summarize-only         # the tables and the plot again from finished runs
 
