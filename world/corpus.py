@@ -65,7 +65,7 @@ from world.problems import NEW_OBJECTS, NEW_PEOPLE, OBJECTS, PEOPLE, draw, ru_co
 from lidr.translation import CLOSING_TAG, PREFILL, translation_prompt
 
 LANGS = ("en", "es", "fr", "de", "ru")
-SPLITS = ("dev", "test", "ood")  # evaluation sets, each split/{lang}.jsonl
+SPLITS = ("test", "dev", "ood")  # evaluation sets, each split/{lang}.jsonl: test is reported, dev beside it
 # a problem names PEOPLE[i] and OBJECTS[j]; the indices past the corpus's lists name the out-of-distribution ones
 ALL_PEOPLE, ALL_OBJECTS = PEOPLE + NEW_PEOPLE, OBJECTS + NEW_OBJECTS
 SYSTEM = "You are a helpful assistant."
