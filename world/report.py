@@ -136,7 +136,8 @@ def made_rows(folder: Path) -> dict:
         per_lang = json.loads((folder / "pairs_report.json").read_text())["per_language"]
         return {lang: f"{c['non_dominant']} / {c['dominant']}" for lang, c in per_lang.items()}
     per_lang = json.loads((folder / "sdrrl_report.json").read_text())["per_language"]
-    return {lang: str(c.get("target", 0) + c.get("code_switched", 0)) for lang, c in per_lang.items()}
+    return {lang: str(c.get("target", 0) + c.get("code_switched", 0) - c.get("dropped:numbers_changed", 0))
+            for lang, c in per_lang.items()}
 
 
 def learning_summary(runs: dict[str, Path]) -> tuple[str, dict]:
