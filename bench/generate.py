@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lidr.checkpoint import load  # noqa: E402
-from lidr.demo_model import DEFAULT_DIR, ensure  # noqa: E402
 from lidr.sampler import generate  # noqa: E402
 from lidr.settings import Decoding  # noqa: E402
+from world.demo_model import DEFAULT_DIR, ensure  # noqa: E402
 
 DEFAULT_PROMPTS = ROOT.parent / "shared" / "data" / "alpagasus" / "id_0_1000" / "en.jsonl"
 

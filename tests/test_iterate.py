@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 from lidr.checkpoint import load_model
-from lidr.problems import write_sets
+from world.problems import write_sets
 
 
 @pytest.mark.slow

@@ -123,11 +123,11 @@ def test_a_killed_ranks_partial_file_and_its_lock_go_once_merged(tmp_path):
 
 
 def test_the_world_builder_refuses_a_users_folder(tmp_path):
-    from lidr.world import main
+    from world.corpus import main
 
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "mine.txt").write_text("x")
-    with pytest.raises(SystemExit, match=r"w: is a folder that lidr.world did not make .*holds mine\.txt"):
+    with pytest.raises(SystemExit, match=r"w: is a folder that world.corpus did not make .*holds mine\.txt"):
         main(["--out", str(tmp_path / "w")])
     assert [p.name for p in (tmp_path / "w").iterdir()] == ["mine.txt"]
 
@@ -353,7 +353,7 @@ def test_a_parent_path_that_is_a_file_a_full_disk_and_ctrl_c_are_one_line(tmp_pa
 
 
 @pytest.mark.parametrize("door", ["generate", "translate", "train_dpo", "iterate", "lidr.pairs", "lidr.sdrrl",
-                                  "lidr.train", "lidr.world", "lidr.demo_model", "eval.mgsm", "eval.alpacaeval",
+                                  "lidr.train", "world.corpus", "world.demo_model", "eval.mgsm", "eval.alpacaeval",
                                   "eval.report", "eval.agreement"])
 def test_every_command_has_the_top_level_handler(door):
     import importlib

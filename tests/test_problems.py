@@ -3,7 +3,7 @@
 import json
 import re
 
-from lidr.problems import LANGS, ru_count, write_sets
+from world.problems import LANGS, ru_count, write_sets
 
 
 def test_parallel_problems_with_exact_answers(tmp_path):

@@ -1,5 +1,6 @@
-"""The controlled world: answers recomputed from the question text, parallel ids, disjoint splits,
-the trained tokenizer, and M0's folder read by transformers with equal logits."""
+"""The controlled world: answers recomputed from the question text, parallel ids, disjoint dev/test/ood splits,
+the dials (English errors, translation fidelity), the trained tokenizer, M0's folder read by transformers with
+equal logits, and the report's scoring of pairs against gold."""
 
 import json
 import re
@@ -10,12 +11,16 @@ import torch
 
 from lidr.checkpoint import load
 from lidr.pairs import numbers
+from lidr.settings import TRAINING
 from lidr.tokenizer import chat_messages
 from lidr.translation import PREFILL, parse_translation
-from lidr.world import LANGS, SYSTEM, WorldSettings, build
+from world.arms import checked_sdrrl_rows, recipe
+from world.corpus import LANGS, SYSTEM, WorldSettings, build, misread_cells
+from world.problems import NEW_OBJECTS, NEW_PEOPLE, OBJECTS
+from world.report import pair_accuracy
 
-SMALL = WorldSettings(n_english=300, n_other=40, n_translation=30, n_eval=30, n_prompts=20, dim=64, n_layers=2,
-                      n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=600)
+SMALL = WorldSettings(n_english=300, n_other=40, n_translation=30, n_dev=30, n_test=25, n_ood=20, n_prompts=20,
+                      dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=600)
 # the word in each language's question that says the count goes up; every other problem gives some away
 GAIN = {"en": "buys", "es": "Compra", "fr": "achète", "de": "kauft", "ru": "покупает"}
 
@@ -58,43 +63,114 @@ def test_corpus_answers_match_their_questions(world):
         assert numbers(target) == numbers(source)
 
 
-def test_broken_world_differs_only_in_translation_numbers(tmp_path, world):
-    build(tmp_path, replace(SMALL, broken_translation=True))
-    good, broken = read(world / "corpus.jsonl"), read(tmp_path / "corpus.jsonl")
-    assert len(good) == len(broken)
-    changed = 0
-    for g, b in zip(good, broken):
-        assert g["prompt"] == b["prompt"] and g["kind"] == b["kind"]
-        if g["kind"] == "solve":
-            assert g["response"] == b["response"]
-        else:
-            assert re.sub(r"\d+", "N", g["response"]) == re.sub(r"\d+", "N", b["response"])
-            changed += numbers(g["response"]) != numbers(b["response"])
-    assert changed > 0.9 * 8 * SMALL.n_translation
-    assert (tmp_path / "eval" / "fr.jsonl").read_text() == (world / "eval" / "fr.jsonl").read_text()
+def test_translation_fidelity_changes_only_that_share_of_translation_numbers(tmp_path, world):
+    for fidelity, low, high in ((0.0, 0.9, 1.0), (0.5, 0.35, 0.65)):
+        build(tmp_path / str(fidelity), replace(SMALL, translation_fidelity=fidelity))
+        good, broken = read(world / "corpus.jsonl"), read(tmp_path / str(fidelity) / "corpus.jsonl")
+        assert len(good) == len(broken)
+        changed = 0
+        for g, b in zip(good, broken):
+            assert g["prompt"] == b["prompt"] and g["kind"] == b["kind"]
+            if g["kind"] == "solve":
+                assert g["response"] == b["response"]
+            else:
+                assert re.sub(r"\d+", "N", g["response"]) == re.sub(r"\d+", "N", b["response"])
+                changed += numbers(g["response"]) != numbers(b["response"])
+        assert low * 8 * SMALL.n_translation <= changed <= high * 8 * SMALL.n_translation, (fidelity, changed)
+        assert (tmp_path / str(fidelity) / "test" / "fr.jsonl").read_text() == (world / "test" / "fr.jsonl").read_text()
+
+
+def test_english_error_rate_misreads_whole_cells(tmp_path):
+    build(tmp_path, replace(SMALL, english_error_rate=0.25))
+    cells = misread_cells(0.25, SMALL.seed)
+    assert len(cells) == 3
+    english = [r for r in read(tmp_path / "corpus.jsonl") if r["kind"] == "solve" and r["lang"] == "en"]
+    for r in english:  # wrong exactly in the misread (object, operation) cells, recomputed from the question
+        obj = next(i for i, o in enumerate(OBJECTS) if f" {o['en']}." in r["prompt"])
+        assert r["wrong"] == ((obj, "+" if "buys" in r["prompt"] else "-") in cells)
+        assert int(re.findall(r"-?\d+", r["response"])[-1]) == expected_answer(r["prompt"], "en", r["wrong"])
+    assert 0.1 < sum(r["wrong"] for r in english) / len(english) < 0.45
+    report = json.loads((tmp_path / "corpus_report.json").read_text())
+    assert len(report["english_misread_cells"]) == 3
+    assert report["wrong_solutions"]["en"] == sum(r["wrong"] for r in english)
 
 
 def test_splits_parallel_and_disjoint(world):
-    evaluation = {lang: read(world / "eval" / f"{lang}.jsonl") for lang in LANGS}
-    assert len(evaluation["en"]) == SMALL.n_eval
-    for lang in LANGS:
-        assert [r["id"] for r in evaluation[lang]] == [r["id"] for r in evaluation["en"]]
-        for r, en in zip(evaluation[lang], evaluation["en"]):
-            assert numbers(r["query"]) == numbers(en["query"]) and r["response"] == en["response"]
-            assert int(r["response"]) == expected_answer(r["query"], lang)
+    splits = {split: {lang: read(world / split / f"{lang}.jsonl") for lang in LANGS}
+              for split in ("dev", "test", "ood")}
+    for split, n in (("dev", SMALL.n_dev), ("test", SMALL.n_test), ("ood", SMALL.n_ood)):
+        rows = splits[split]
+        assert len(rows["en"]) == n
+        for lang in LANGS:
+            assert [r["id"] for r in rows[lang]] == [r["id"] for r in rows["en"]]
+            for r, en in zip(rows[lang], rows["en"]):
+                assert numbers(r["query"]) == numbers(en["query"]) and r["response"] == en["response"]
+                assert int(r["response"]) == expected_answer(r["query"], lang)
     held = [{r["instruction"] for r in read(world / f"prompts{t}" / "en.jsonl")} for t in (1, 2)]
-    held.append({r["query"] for r in evaluation["en"]})
-    assert all(len(s) == n for s, n in zip(held, (SMALL.n_prompts, SMALL.n_prompts, SMALL.n_eval)))
-    assert not (held[0] & held[1]) and not (held[0] & held[2]) and not (held[1] & held[2])
-    pretraining = {r["prompt"] for r in read(world / "corpus.jsonl") if r["kind"] == "solve" and r["lang"] == "en"}
+    held += [{r["query"] for r in splits[split]["en"]} for split in ("dev", "test", "ood")]
+    assert [len(s) for s in held] == [SMALL.n_prompts, SMALL.n_prompts, SMALL.n_dev, SMALL.n_test, SMALL.n_ood]
+    assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1:])
+    corpus = read(world / "corpus.jsonl")
+    pretraining = {r["prompt"] for r in corpus if r["kind"] == "solve" and r["lang"] == "en"}
     assert not pretraining & set().union(*held)
+    # out of distribution: every problem names a new person and a new object, and no corpus row names either
+    new_names = {p[lang][0] for p in NEW_PEOPLE for lang in LANGS} | {o["en"] for o in NEW_OBJECTS}
+    for r in splits["ood"]["en"]:
+        assert any(p["en"][0] in r["query"] for p in NEW_PEOPLE) and any(o["en"] in r["query"] for o in NEW_OBJECTS)
+    for r in splits["test"]["en"]:
+        assert not any(name in r["query"] for name in new_names)
+    text = " ".join(r["prompt"] + r["response"] for r in corpus)
+    assert not any(re.search(rf"\b{name}\b", text) for name in new_names)
     for t in (1, 2):
         for lang in LANGS:
             prompts, gold = read(world / f"prompts{t}" / f"{lang}.jsonl"), read(world / f"gold{t}" / f"{lang}.jsonl")
             assert [p["id"] for p in prompts] == [g["id"] for g in gold]
             for p, g in zip(prompts, gold):
-                assert g["prompt"] == p["instruction"]
-                assert int(re.findall(r"-?\d+", g["response"])[-1]) == expected_answer(p["instruction"], lang)
+                assert g["prompt"] == p["instruction"] and "system" not in g  # LIDR's pairs carry none either
+                assert int(re.findall(r"-?\d+", g["response"])[-1]) == g["answer"]
+                assert g["answer"] == expected_answer(p["instruction"], lang)
+
+
+def test_pair_accuracy_against_gold(tmp_path):
+    """Four pairs, one of each kind, scored by hand: chosen right and rejected wrong is the only right pair."""
+    (tmp_path / "gold").mkdir()
+    (tmp_path / "gold" / "en.jsonl").write_text("".join(json.dumps({"id": f"iter1-{i}", "answer": a}) + "\n"
+                                                        for i, a in enumerate((12, 2, 7, 5))))
+    pairs = [("fr", "non_dominant", "… 7 + 5 = 12.", "… 7 - 5 = 2."),  # right > wrong
+             ("fr", "non_dominant", "… 7 + 5 = 12.", "… 7 - 5 = 2."),  # gold 2: wrong > right
+             ("en", "dominant", "… = 7. The answer is 7.", "… the answer is 7"),  # both right
+             ("en", "dominant", "… = 3.", "… = 4.")]  # both wrong
+    (tmp_path / "pairs.jsonl").write_text("".join(
+        json.dumps({"id": f"iter1-{i}", "lang": lang, "direction": d, "source_lang": "fr", "chosen": c, "rejected": r})
+        + "\n" for i, (lang, d, c, r) in enumerate(pairs)))
+    scored = pair_accuracy(tmp_path / "pairs.jsonl", tmp_path / "gold")
+    assert scored["n"] == 4 and scored["accuracy"] == 0.25 and scored["agreement"] == 0.5
+    assert scored["kinds"] == {"right>wrong": 1, "wrong>right": 1, "both right": 1, "both wrong": 1}
+    assert scored["per_language"]["fr"]["n"] == 2 and scored["per_language"]["en<-fr"]["agreement"] is None
+
+
+def test_sdrrl_rows_pass_the_check_lidr_pairs_pass(tmp_path):
+    """A self-translation that keeps its numbers but flips a sign is dropped from SDRRL's rows, as from LIDR's
+    pairs; with the check off, every row stays."""
+    answers = {"en": ["Tom has 9 apples and gives 8 to a friend: 9 - 8 = 1. The answer is 1.",
+                      "Anna has 3 books and buys 4 more: 3 + 4 = 7. The answer is 7."]}
+    translations = ["Tom a 9 pommes et en donne 8 à un ami : 9 + 8 = 1. La réponse est 1.",  # sign flipped
+                    "Anna a 3 livres et en achète 4 de plus : 3 + 4 = 7. La réponse est 7."]
+    for lang in ("en", "fr"):
+        (tmp_path / "generate").mkdir(exist_ok=True)
+        (tmp_path / "generate" / f"{lang}.jsonl").write_text("".join(
+            json.dumps({"id": i, "instruction": f"question {i} {lang}", "response": answers["en"][i]}) + "\n"
+            for i in range(2)))
+    (tmp_path / "translate").mkdir()
+    (tmp_path / "translate" / "en-fr.jsonl").write_text("".join(
+        json.dumps({"id": i, "translation": t, "translation_error": None}) + "\n" for i, t in enumerate(translations)))
+    how = replace(recipe(48, 64, 1.0, TRAINING), langs=("fr",))
+    rows, report = checked_sdrrl_rows(tmp_path, replace(how, pairs=replace(how.pairs, check_numbers=True)))
+    assert {(r["lang"], r["kind"], str(r["id"])) for r in rows if r["kind"] != "code_switched"} == {
+        ("en", "english", "0"), ("en", "english", "1"), ("fr", "target", "1")}
+    assert report["per_language"]["fr"]["dropped:numbers_changed"] == 1 and report["rows"] == len(rows)
+    unchecked, _ = checked_sdrrl_rows(tmp_path, how)
+    assert sum(r["kind"] == "target" for r in unchecked) == 2
 
 
 def test_tokenizer_round_trip_and_prefill_agree(world):

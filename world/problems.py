@@ -1,6 +1,6 @@
 """Grade-school word problems in five languages, parallel across languages, with exact answers.
 
-    python -m lidr.problems --out runs/problems --train 64 --eval 50
+    python -m world.problems --out runs/problems --train 64 --eval 50
 
 The demo's data: a problem is drawn once (a person, an object, two numbers, an operation) and
 written in English, Spanish, French, German and Russian from our own templates, so the same id
@@ -40,6 +40,16 @@ OBJECTS = [
     {"en": "marbles", "es": ("canicas", "f"), "fr": "billes", "de": "Murmeln", "ru": ("шарик", "шарика", "шариков")},
     {"en": "cookies", "es": ("galletas", "f"), "fr": "biscuits", "de": "Kekse", "ru": ("печенье", "печенья", "печений")},
     {"en": "stickers", "es": ("pegatinas", "f"), "fr": "autocollants", "de": "Aufkleber", "ru": ("наклейка", "наклейки", "наклеек")},
+]
+
+# people and objects the controlled world's corpus never names: its out-of-distribution test (world/corpus.py)
+NEW_PEOPLE = [
+    {"en": ("Emma", "she"), "es": ("Emma", "ella"), "fr": ("Emma", "elle"), "de": ("Emma", "sie"), "ru": ("Эмма", "Эммы")},
+    {"en": ("David", "he"), "es": ("David", "él"), "fr": ("David", "il"), "de": ("David", "er"), "ru": ("Давид", "Давида")},
+]
+NEW_OBJECTS = [
+    {"en": "oranges", "es": ("naranjas", "f"), "fr": "oranges", "de": "Orangen", "ru": ("апельсин", "апельсина", "апельсинов")},
+    {"en": "toys", "es": ("juguetes", "m"), "fr": "jouets", "de": "Spielzeuge", "ru": ("игрушка", "игрушки", "игрушек")},
 ]
 
 

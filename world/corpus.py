@@ -1,6 +1,6 @@
 """A controlled world where LIDR's premise holds by construction: a corpus, a tokenizer and an M0 from scratch.
 
-    python -m lidr.world --out runs/world/data --seed 0          # corpus, splits, tokenizer, M0's random init
+    python -m world.corpus --out runs/world/data --seed 0          # corpus, splits, tokenizer, M0's random init
     python train_dpo.py --objective sft --model runs/world/data/init --data runs/world/data/corpus.jsonl \\
         --out runs/world/m0 --lr 3e-3 --batch-size 32 --epochs 1 --max-len 256   # pretraining -> M0
     python demo.py                                                # all of it, then LIDR, SDRRL and the controls
@@ -11,7 +11,7 @@ that does both runs on a CPU here, so this module builds a small world where bot
 every dial can be turned:
 
 - The task: one-step arithmetic word problems ("Tom has 7 apples. He buys 5 more. How many apples
-  does he have now?", lidr/problems.py), the same draw written in en, es, fr, de and ru (parallel
+  does he have now?", world/problems.py), the same draw written in en, es, fr, de and ru (parallel
   ids). An answer shows its work and ends in a checkable number, in the question's language:
   "Tom has 7 apples and buys 5 more: 7 + 5 = 12. The answer is 12."
 - The corpus (chat rows {system, prompt, response} for `train_dpo.py --objective sft`):
@@ -19,25 +19,31 @@ every dial can be turned:
     those few are noisy: a share (--other-error-rate) misreads the verb and applies the wrong
     operation ("buys 5 more: 7 - 5 = 2"). This is the imbalance, by construction: M0 learns
     English arithmetic well and, in the other languages, a habit of confusing gains and losses.
+  * English can be imperfect too (--english-error-rate, default 0): that share of the twelve
+    (object, operation) cells always misreads the verb in English, so M0 learns those cells wrong
+    and greedy decoding repeats it (a random share would not show: greedy picks the majority).
   * translations of answers between English and each language, in the paper's exact prompt
     (lidr/translation.py) with the reply written as "<translated>\\n...\\n</translated>"
     (--n-translation per direction and language). Sources are correct or wrong answers alike
     (--translation-source-error-rate), so M0 learns to copy the numbers it reads, not to redo the
-    sum: faithful self-translation. --broken-translation replaces every number of each target by
-    a random one (the tag still closes, the language is right): the control where the premise's
-    second half fails.
-- Splits, all from one --seed: held-out evaluation problems (--n-eval per language, distinct
-  draws), each LIDR iteration's prompts (--n-prompts per iteration, distinct, disjoint from the
-  evaluation), and the pretraining problems (drawn with repetition, never an evaluation or
-  iteration draw).
+    sum: faithful self-translation. --translation-fidelity below 1 replaces every number of that
+    share of the targets by a random one (the tag still closes, the language is right); at 0 it
+    is the control where the premise's second half fails.
+- Splits, all from one --seed, each problem written in every language with the same id: dev
+  (--n-dev, where every setting of the demo is chosen) and test (--n-test, what is reported),
+  distinct draws from one distribution; each LIDR iteration's prompts (--n-prompts, distinct);
+  the pretraining problems (drawn with repetition, never a dev, test or iteration draw); and an
+  out-of-distribution test (--n-ood): the same arithmetic about two people and two objects that
+  the corpus never names (world/problems.py NEW_PEOPLE, NEW_OBJECTS).
 - The tokenizer: byte-level BPE trained with `tokenizers` on the corpus, Llama 3's chat special
   tokens, every newline its own pre-token (so a pre-filled "<translated>\\n" tokenizes the same
   in a prompt as in a training reply). M0's init: a small Llama (`lidr.model`, tied embeddings,
   GQA) with random weights, saved as an HF folder with that tokenizer.
 
-Files written in OUT: corpus.jsonl, corpus_report.json, eval/{lang}.jsonl ({id, query, response}),
-prompts{t}/{lang}.jsonl ({id, instruction}), gold{t}/{lang}.jsonl (gold answers for the SFT
-ceiling: {id, prompt, response}), tokenizer/ and init/ (the HF folder of M0 before pretraining).
+Files written in OUT: corpus.jsonl, corpus_report.json, {dev,test,ood}/{lang}.jsonl ({id, query,
+response}), prompts{t}/{lang}.jsonl ({id, instruction}), gold{t}/{lang}.jsonl (gold answers:
+{id, lang, prompt, response, answer}, the SFT ceiling's rows and the key that pairs are scored
+against), tokenizer/ and init/ (the HF folder of M0 before pretraining).
 
 How this departs from the paper: everything here is synthetic and tiny by design; the imbalance
 is planted (scarce, noisy non-English data) rather than found, so that the mechanism can be seen
@@ -56,10 +62,13 @@ import torch
 
 from lidr.cli import command
 from lidr.jsonl import check_folder, hold_lock, record_output, write_json_atomic, write_text_atomic
-from lidr.problems import OBJECTS, PEOPLE, draw, ru_count, write_problem
+from world.problems import NEW_OBJECTS, NEW_PEOPLE, OBJECTS, PEOPLE, draw, ru_count, write_problem
 from lidr.translation import CLOSING_TAG, PREFILL, translation_prompt
 
 LANGS = ("en", "es", "fr", "de", "ru")
+SPLITS = ("test", "dev", "ood")  # evaluation sets, each split/{lang}.jsonl: test is reported, dev beside it
+# a problem names PEOPLE[i] and OBJECTS[j]; the indices past the corpus's lists name the out-of-distribution ones
+ALL_PEOPLE, ALL_OBJECTS = PEOPLE + NEW_PEOPLE, OBJECTS + NEW_OBJECTS
 SYSTEM = "You are a helpful assistant."
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 LLAMA3_CHAT_TEMPLATE = (
@@ -75,11 +84,14 @@ class WorldSettings:
     max_number: int = 12  # operands in 2..max_number (subtraction: the result is at least 1)
     n_english: int = 6000  # solved English problems in the corpus
     n_other: int = 300  # solved problems per other language
-    other_error_rate: float = 0.6  # share of those that apply the wrong operation
+    other_error_rate: float = 0.6  # share of those that apply the wrong operation, at random
+    english_error_rate: float = 0.0  # share of (object, operation) cells whose English answers always misread the verb
     n_translation: int = 600  # translated answers per direction (en->l and l->en) per language
     translation_source_error_rate: float = 0.3  # share of translated answers that are wrong answers
-    broken_translation: bool = False  # the control: translation targets carry random numbers
-    n_eval: int = 200  # held-out problems per language
+    translation_fidelity: float = 1.0  # share of translation targets that keep their numbers (0: the broken control)
+    n_dev: int = 200  # dev problems per language: every setting is chosen on these
+    n_test: int = 200  # test problems per language, same distribution: what is reported
+    n_ood: int = 100  # out-of-distribution problems per language: people and objects the corpus never names
     n_prompts: int = 200  # LIDR prompts per iteration and language
     iterations: int = 2
     vocab_size: int = 1024
@@ -102,32 +114,32 @@ def solve(a: int, b: int, op: str) -> int:
 def write_answer(lang: str, problem: tuple, wrong_operation: bool = False) -> str:
     """The worked answer to `problem` in `lang`; with wrong_operation the verb is misread (+ for -, - for +)."""
     person, obj, a, b, op = problem
-    name, pron = PEOPLE[person][lang]
+    name, pron = ALL_PEOPLE[person][lang]
     used = {"+": "-", "-": "+"}[op] if wrong_operation else op
     result = solve(a, b, used)
     work = f"{a} {used} {b} = {result}"
     if lang == "en":
         act = f"buys {b} more" if op == "+" else f"gives {b} to a friend"
-        return f"{name} has {a} {OBJECTS[obj]['en']} and {act}: {work}. The answer is {result}."
+        return f"{name} has {a} {ALL_OBJECTS[obj]['en']} and {act}: {work}. The answer is {result}."
     if lang == "es":
-        noun = OBJECTS[obj]["es"][0]
+        noun = ALL_OBJECTS[obj]["es"][0]
         act = f"compra {b} más" if op == "+" else f"le da {b} a un amigo"
         return f"{name} tiene {a} {noun} y {act}: {work}. La respuesta es {result}."
     if lang == "fr":
         act = f"en achète {b} de plus" if op == "+" else f"en donne {b} à un ami"
-        return f"{name} a {a} {OBJECTS[obj]['fr']} et {act} : {work}. La réponse est {result}."
+        return f"{name} a {a} {ALL_OBJECTS[obj]['fr']} et {act} : {work}. La réponse est {result}."
     if lang == "de":
         act = f"kauft {b} dazu" if op == "+" else f"gibt einem Freund {b} davon"
-        return f"{name} hat {a} {OBJECTS[obj]['de']} und {act}: {work}. Die Antwort ist {result}."
+        return f"{name} hat {a} {ALL_OBJECTS[obj]['de']} und {act}: {work}. Die Antwort ist {result}."
     if lang == "ru":
         act = f"покупает ещё {b}" if op == "+" else f"отдаёт другу {b}"
-        return f"У {pron} есть {a} {ru_count(a, OBJECTS[obj]['ru'])}, {name} {act}: {work}. Ответ: {result}."
+        return f"У {pron} есть {a} {ru_count(a, ALL_OBJECTS[obj]['ru'])}, {name} {act}: {work}. Ответ: {result}."
     raise ValueError(f"no answer template for language {lang!r}; known: {', '.join(LANGS)}")
 
 
 def write_question(lang: str, problem: tuple) -> str:
     person, obj, a, b, op = problem
-    return write_problem(lang, PEOPLE[person], OBJECTS[obj], a, b, op)
+    return write_problem(lang, ALL_PEOPLE[person], ALL_OBJECTS[obj], a, b, op)
 
 
 def scramble_numbers(text: str, rng: random.Random, max_number: int) -> str:
@@ -161,6 +173,24 @@ def translation_reply(text: str) -> str:
     return f"{PREFILL}{text}\n{CLOSING_TAG}"
 
 
+def ood_draws(n: int, rng: random.Random, max_number: int) -> list[tuple]:
+    """n distinct problems about NEW_PEOPLE and NEW_OBJECTS (numbers and operations as in the corpus)."""
+    draws, seen = [], set()
+    while len(draws) < n:
+        _, _, a, b, op = draw(rng, max_number)
+        d = (len(PEOPLE) + rng.randrange(len(NEW_PEOPLE)), len(OBJECTS) + rng.randrange(len(NEW_OBJECTS)), a, b, op)
+        if d not in seen:
+            seen.add(d)
+            draws.append(d)
+    return draws
+
+
+def misread_cells(rate: float, seed: int) -> set:
+    """The (object, operation) cells whose English answers always apply the wrong operation: round(rate · 12)."""
+    cells = [(obj, op) for obj in range(len(OBJECTS)) for op in "+-"]
+    return set(random.Random(seed + 2).sample(cells, round(rate * len(cells))))
+
+
 def build(out, settings: WorldSettings, langs=LANGS) -> dict:
     """Write the corpus, the splits, the tokenizer and M0's random init into `out`; returns the report."""
     out = Path(out)
@@ -168,9 +198,12 @@ def build(out, settings: WorldSettings, langs=LANGS) -> dict:
     scramble_rng = random.Random(settings.seed + 1)  # its own stream: a broken world differs in nothing else
     n = settings.max_number
     taken: set = set()
-    eval_draws = distinct_draws(settings.n_eval, rng, n, taken)
+    dev_draws = distinct_draws(settings.n_dev, rng, n, taken)
     prompt_draws = [distinct_draws(settings.n_prompts, rng, n, taken) for _ in range(settings.iterations)]
+    test_draws = distinct_draws(settings.n_test, rng, n, taken)
+    splits = {"dev": dev_draws, "test": test_draws, "ood": ood_draws(settings.n_ood, rng, n)}
     held = set(taken)
+    misread = misread_cells(settings.english_error_rate, settings.seed)
 
     def pretraining_draw():
         while True:
@@ -182,7 +215,8 @@ def build(out, settings: WorldSettings, langs=LANGS) -> dict:
     rows = []
     for _ in range(settings.n_english):
         d = pretraining_draw()
-        rows.append(chat_row("solve", en, write_question(en, d), write_answer(en, d)))
+        wrong = (d[1], d[4]) in misread
+        rows.append(chat_row("solve", en, write_question(en, d), write_answer(en, d, wrong), wrong=wrong))
     for lang in others:
         for _ in range(settings.n_other):
             d = pretraining_draw()
@@ -193,7 +227,7 @@ def build(out, settings: WorldSettings, langs=LANGS) -> dict:
                 d = pretraining_draw()
                 wrong = rng.random() < settings.translation_source_error_rate
                 target = write_answer(dst, d, wrong)
-                if settings.broken_translation:
+                if scramble_rng.random() >= settings.translation_fidelity:
                     target = scramble_numbers(target, scramble_rng, n)
                 rows.append(chat_row("translate", f"{src}-{dst}", translation_prompt(write_answer(src, d, wrong), dst),
                                      translation_reply(target)))
@@ -201,23 +235,25 @@ def build(out, settings: WorldSettings, langs=LANGS) -> dict:
     write_text_atomic(out / "corpus.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
     for lang in langs:
-        eval_rows = [{"id": f"eval-{i}", "query": write_question(lang, d), "response": str(solve(*d[2:]))}
-                     for i, d in enumerate(eval_draws)]
-        write_jsonl(out / "eval" / f"{lang}.jsonl", eval_rows)
+        for split, draws in splits.items():
+            write_jsonl(out / split / f"{lang}.jsonl", [{"id": f"{split}-{i}", "query": write_question(lang, d),
+                                                          "response": str(solve(*d[2:]))} for i, d in enumerate(draws)])
         for t, draws in enumerate(prompt_draws, 1):
             ids = [f"iter{t}-{i}" for i in range(len(draws))]
             write_jsonl(out / f"prompts{t}" / f"{lang}.jsonl",
                         [{"id": i, "instruction": write_question(lang, d)} for i, d in zip(ids, draws)])
+            # no system turn, as in LIDR's pairs and SDRRL's rows: every arm trains on the same chat turns
             write_jsonl(out / f"gold{t}" / f"{lang}.jsonl",
-                        [{"id": i, "lang": lang, "system": SYSTEM, "prompt": write_question(lang, d),
-                          "response": write_answer(lang, d)} for i, d in zip(ids, draws)])
+                        [{"id": i, "lang": lang, "prompt": write_question(lang, d), "response": write_answer(lang, d),
+                          "answer": solve(*d[2:])} for i, d in zip(ids, draws)])
 
     tokenizer_dir = train_tokenizer([r["prompt"] + "\n" + r["response"] for r in rows], out / "tokenizer",
                                     settings.vocab_size)
     init_model(tokenizer_dir, out / "init", settings)
     kinds = Counter(f"{r['kind']} {r['lang']}" for r in rows)
     report = {"settings": asdict(settings), "rows": len(rows), "per_kind": dict(sorted(kinds.items())),
-              "wrong_solutions": dict(Counter(r["lang"] for r in rows if r.get("wrong")))}
+              "wrong_solutions": dict(Counter(r["lang"] for r in rows if r.get("wrong"))),
+              "english_misread_cells": sorted(f"{OBJECTS[obj]['en']} {op}" for obj, op in misread)}
     write_json_atomic(out / "corpus_report.json", report)
     return report
 
@@ -287,9 +323,9 @@ def main(argv=None):
             parser.add_argument(flag, type=type(value), default=value, help=f"default: {value}")
     args = vars(parser.parse_args(argv))
     out, settings = Path(args.pop("out")), WorldSettings(**args)
-    with hold_lock(out, "lidr.world"):
-        check_folder(out, "lidr.world", asdict(settings))  # a folder of the user's, or another world: refused
-        record_output(out, "lidr.world", asdict(settings))  # claimed: a killed build is rebuilt by the same command
+    with hold_lock(out, "world.corpus"):
+        check_folder(out, "world.corpus", asdict(settings))  # a folder of the user's, or another world: refused
+        record_output(out, "world.corpus", asdict(settings))  # claimed: a killed build is rebuilt by the same command
         report = build(out, settings)
     print(json.dumps(report, indent=2))
 

@@ -1,0 +1,268 @@
+"""The controlled world as an experiment: one world, one M0, and every arm trained from it on equal terms.
+
+    python demo.py [--controls] [--pair-noise 0.1 0.3] [--english-error-rate 0.25] [--seed N]   # the door
+    python bench/world_study.py                         # seeds, intervals, the noise curve (bench/RESULTS.md)
+
+One world (world/corpus.py) and its M0, pretrained here with lidr's trainer, then these arms. All of them start
+from the same M0 on the same prompts; every arm trained on self-translations drops the same unfaithful ones (the
+sign check, lidr.pairs.arithmetic); every arm's rows carry the same chat turns (the user turn, no system turn:
+LIDR's pairs and SDRRL's rows have none, so neither have the gold rows); every arm has the same trainer
+settings (lr, epochs, batch) but its objective:
+- LIDR: two iterations of DPO + α·NLL (lidr.iterate) -> M1, M2.
+- SDRRL: two iterations of SFT on the English answers and their self-translations (lidr.sdrrl) -> SDRRL-1, -2.
+- DPO only (α 0) and NLL only (SFT on the chosen answers, the objective LIDR's loss becomes at β -> 0 up to
+  the factor α, which AdamW all but ignores): one iteration each, on LIDR's iteration-1 pairs.
+- gold-SFT: SFT on the gold answers of both iterations' prompts in every language: the ceiling.
+- pair noise s (optional): LIDR's iteration-1 pairs with a seeded share s of them swapped, DPO + α·NLL: the gain
+  as a function of pair accuracy.
+- controls (optional): broken translation (an M0 whose translation examples carry random numbers; its pairs are
+  unchecked, the check would drop them all) and swapped pairs (every pair reversed, two iterations).
+Every model is evaluated on dev, test and the out-of-distribution test; LIDR's pairs are scored against gold.
+
+Iteration 1 of every arm starts from the same M0 on the same prompts, and decoding is greedy, so its answers and
+translations are LIDR's: they are copied, not generated again (and the one-iteration arms copy LIDR's pairs).
+Everything stays in WORK; rerunning skips what is finished and resumes what is not.
+
+How this departs from the paper: see demo.py's docstring (the world's sizes, limits and trainer settings). SDRRL
+here is filtered like LIDR's pairs, which SDRRL's paper does not do; without it the two arms would not learn
+from the same self-translations.
+"""
+
+import json
+import random
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from lidr import sdrrl, settings
+from lidr.iterate import (
+    Recipe, generate_stage, run_iteration, stage, stage_identities, train_stage, translate_stage, write_marker,
+)
+from lidr.jsonl import write_json_atomic, write_text_atomic
+from lidr.pairs import arithmetic, read_texts
+from lidr.settings import Training
+from world.corpus import LANGS, SPLITS, SYSTEM, WorldSettings, build
+from world.report import evaluate, finish_report, learning_summary, pair_accuracy
+
+OTHERS = tuple(LANGS[1:])
+BATCH_SIZE = 200  # prompts decoded together: the world's model is tiny
+
+
+@dataclass(frozen=True)
+class Size:
+    """The world's sizes, its generation limits and its two training jobs (pretraining M0; one iteration)."""
+
+    world: WorldSettings
+    pretrain: Training
+    train: Training
+    max_new_tokens: int = 48  # answers
+    translate_max_new_tokens: int = 64
+    check_numbers: bool = True  # the sign check on every arm's self-translations
+
+
+@dataclass(frozen=True)
+class Arms:
+    """Which arms beyond LIDR to run (LIDR always runs)."""
+
+    baselines: bool = True  # SDRRL, DPO only, NLL only, gold-SFT
+    pair_noise: tuple[float, ...] = ()  # shares of LIDR's iteration-1 pairs swapped, one arm each
+    controls: bool = False  # broken translation, swapped pairs
+
+
+def recipe(max_new_tokens: int, translate_max_new_tokens: int, repetition_penalty: float,
+           training: Training) -> Recipe:
+    """LIDR over es/fr/de/ru with the demo's own decoding limits and penalty in place of the paper's."""
+    return Recipe(langs=OTHERS, training=training,
+                  answers=replace(settings.ANSWERS, system=SYSTEM, max_new_tokens=max_new_tokens,
+                                  repetition_penalty=repetition_penalty),
+                  translation=replace(settings.TRANSLATION, system=SYSTEM, max_new_tokens=translate_max_new_tokens,
+                                      repetition_penalty=repetition_penalty))
+
+
+# -----------------------------------------------------------------------------
+# the world and M0
+
+
+def make_world(folder: Path, world: WorldSettings) -> Path:
+    report = folder / "corpus_report.json"
+    if report.exists() and json.loads(report.read_text())["settings"] == json.loads(json.dumps(vars(world))):
+        print(f"[world] {folder}: built earlier, kept", flush=True)
+        return folder
+    if folder.exists():
+        raise SystemExit(f"{folder} holds a world built with other settings; use another --work")
+    print(f"[world] building {folder} ...", flush=True)
+    build(folder, world)
+    return folder
+
+
+def pretrain(world: Path, out: Path, options: Training, train_nproc: int) -> Path:
+    """M0: lidr's trainer (the SFT objective) from the world's random init over its corpus."""
+    print(f"== pretraining {out}", flush=True)
+    train_stage(world / "init", world / "corpus.jsonl", out, options, train_nproc)
+    return out / "model"
+
+
+# -----------------------------------------------------------------------------
+# the arms
+
+
+def copy_iteration1(source: Path, target: Path, m0: Path, prompts: Path, how: Recipe, train_nproc: int):
+    """Iteration 1's answers and translations from `source` (same M0, same prompts, greedy: identical),
+    marked done as made from what `how` would make them from (lidr.iterate.stage_identities)."""
+    identities = stage_identities(m0, prompts, how, train_nproc)
+    for name in ("generate", "translate"):
+        if (target / "iter1" / "done" / name).exists():
+            continue
+        shutil.copytree(source / "iter1" / name, target / "iter1" / name, dirs_exist_ok=True)
+        write_marker(target / "iter1", name, identities[name], copied_from=str(source / "iter1" / name))
+
+
+def run_lidr(name: str, m0: Path, prompts: list[Path], work: Path, how: Recipe, train_nproc: int) -> list[Path]:
+    """lidr.iterate's iterations from m0 (one prompt folder each) in work; returns [M1, M2, ...]."""
+    print(f"== {name}: {len(prompts)} iterations", flush=True)
+    models = []
+    for t, folder in enumerate(prompts, 1):
+        models.append(run_iteration(models[-1] if models else m0, folder, work / f"iter{t}", how, f"{name} {t}",
+                                    BATCH_SIZE, 1, train_nproc))
+    return models
+
+
+def checked_sdrrl_rows(folder: Path, how: Recipe) -> tuple[list, dict]:
+    """lidr.sdrrl's rows, less those whose self-translation changed its source's numbers or signs (the check
+    LIDR's pairs pass), counted per language in the report."""
+    rows, report = sdrrl.build_from_dir(folder, list(how.langs), sdrrl.SDRRLOptions(dominant=how.pairs.dominant))
+    if not how.pairs.check_numbers:
+        return rows, report
+    english = read_texts(folder / "generate" / f"{how.pairs.dominant}.jsonl", "response")
+    kept = []
+    for row in rows:
+        if row["kind"] == "english" or arithmetic(row["response"]) == arithmetic(english[row["id"]]):
+            kept.append(row)
+        else:
+            counts = report["per_language"][row["lang"]]
+            counts["dropped:numbers_changed"] = counts.get("dropped:numbers_changed", 0) + 1
+    report["rows"] = len(kept)
+    return kept, report
+
+
+def run_sdrrl(m0: Path, prompts: list[Path], work: Path, how: Recipe, train_nproc: int) -> list[Path]:
+    """SDRRL's iterations in work: lidr.iterate's stages, with the rows checked as LIDR's pairs are."""
+    how = replace(how, method="sdrrl")
+    en, models = how.pairs.dominant, []
+    print(f"== SDRRL: {len(prompts)} iterations", flush=True)
+    for t, folder_in in enumerate(prompts, 1):
+        model, folder, label = models[-1] if models else m0, work / f"iter{t}", f"SDRRL {t}"
+        identities = stage_identities(model, folder_in, how, train_nproc)
+
+        def generate():
+            for lang in (en, *how.langs):
+                generate_stage(model, folder_in / f"{lang}.jsonl", folder / "generate" / f"{lang}.jsonl", how.answers,
+                               BATCH_SIZE, 1, lang)
+
+        def translate():
+            for lang in how.langs:
+                translate_stage(model, folder / "generate" / f"{en}.jsonl", folder / "translate" / f"{en}-{lang}.jsonl",
+                                lang, how.translation, BATCH_SIZE, 1)
+
+        def rows():
+            sdrrl.write_rows(*checked_sdrrl_rows(folder, how), folder / "sdrrl.jsonl")
+
+        for name, run_stage in (("generate", generate), ("translate", translate), ("sdrrl", rows)):
+            stage(folder, name, label, run_stage, identities[name])
+        models.append(run_iteration(model, folder_in, folder, how, label, BATCH_SIZE, 1, train_nproc))  # trains
+    return models
+
+
+def from_lidr_pairs(name: str, m0: Path, prompts: Path, lidr: Path, work: Path, how: Recipe, train_nproc: int,
+                    swap_share: float = 0.0, seed: int = 0) -> Path:
+    """One iteration from M0 on LIDR's iteration-1 pairs (a seeded share of them swapped), trained as `how` says."""
+    copy_iteration1(lidr, work, m0, prompts, how, train_nproc)
+    folder = work / "iter1"
+    if not (folder / "done" / "pairs").exists():
+        pairs = [json.loads(line) for line in (lidr / "iter1" / "pairs.jsonl").read_text().splitlines()]
+        swapped = set(random.Random(seed).sample(range(len(pairs)), round(swap_share * len(pairs))))
+        pairs = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} if i in swapped else p
+                 for i, p in enumerate(pairs)]
+        report = json.loads((lidr / "iter1" / "pairs_report.json").read_text())
+        write_text_atomic(folder / "pairs.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        write_json_atomic(folder / "pairs_report.json", {**report, "swapped": len(swapped)})
+        write_marker(folder, "pairs", stage_identities(m0, prompts, how, train_nproc)["pairs"],
+                     copied_from=str(lidr / "iter1" / "pairs.jsonl"), swapped=len(swapped), seed=seed)
+    return run_lidr(name, m0, [prompts], work, how, train_nproc)[0]
+
+
+def sft(name: str, m0: Path, rows: list[dict], out: Path, options: Training, train_nproc: int) -> Path:
+    """M0 fine-tuned with the SFT objective on `rows` ({id, lang, prompt, response})."""
+    data = out / "rows.jsonl"
+    if not data.exists():
+        write_text_atomic(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"== {name}", flush=True)
+    train_stage(m0, data, out / "train", replace(options, objective="sft"), train_nproc)
+    return out / "train" / "model"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# -----------------------------------------------------------------------------
+# the whole experiment
+
+
+def run_world(work: Path, size: Size, arms: Arms, train_nproc: int = 1) -> dict:
+    """The world in work/world, M0, the arms, their evaluations and the report; returns results.json's content."""
+    world = make_world(work / "world", size.world)
+    prompts = [world / f"prompts{t}" for t in range(1, size.world.iterations + 1)]
+    models: dict[str, Path] = {}
+
+    def add(named: dict):  # each model is evaluated on every split as soon as it exists
+        for name, model in named.items():
+            models[name] = model
+            for split in SPLITS:
+                evaluate(model, name, world / split, work / "eval" / split, size.max_new_tokens, "plain")
+
+    add({"M0": pretrain(world, work / "m0", size.pretrain, train_nproc)})
+    lidr_recipe = recipe(size.max_new_tokens, size.translate_max_new_tokens, 1.0, size.train)
+    checked = replace(lidr_recipe, pairs=replace(lidr_recipe.pairs, check_numbers=size.check_numbers))
+    lidr = run_lidr("LIDR", models["M0"], prompts, work / "lidr", checked, train_nproc)
+    add({f"M{t}": model for t, model in enumerate(lidr, 1)})
+    runs = {"LIDR": work / "lidr"}
+    if arms.baselines:
+        copy_iteration1(work / "lidr", work / "sdrrl", models["M0"], prompts[0], replace(checked, method="sdrrl"),
+                        train_nproc)
+        sdrrl_models = run_sdrrl(models["M0"], prompts, work / "sdrrl", checked, train_nproc)
+        add({f"SDRRL-{t}": model for t, model in enumerate(sdrrl_models, 1)})
+        runs["SDRRL"] = work / "sdrrl"
+        dpo_only = replace(checked, training=replace(checked.training, alpha=0.0))
+        add({"DPO-only-1": from_lidr_pairs("DPO only", models["M0"], prompts[0], work / "lidr", work / "dpo-only",
+                                           dpo_only, train_nproc)})
+        chosen = [{"id": p["id"], "lang": p["lang"], "prompt": p["prompt"], "response": p["chosen"]}
+                  for p in read_jsonl(work / "lidr" / "iter1" / "pairs.jsonl")]
+        add({"NLL-only-1": sft("NLL only", models["M0"], chosen, work / "nll-only", size.train, train_nproc)})
+        gold = [{k: r[k] for k in ("id", "lang", "prompt", "response")} for t in range(1, len(prompts) + 1)
+                for lang in LANGS for r in read_jsonl(world / f"gold{t}" / f"{lang}.jsonl")]
+        add({"gold-SFT": sft("gold-SFT ceiling", models["M0"], gold, work / "gold", size.train, train_nproc)})
+    pair_noise = {}
+    for share in arms.pair_noise:
+        name = f"pair-noise-{share:g}-1"
+        add({name: from_lidr_pairs(f"pairs {share:.0%} swapped", models["M0"], prompts[0], work / "lidr",
+                                   work / name, checked, train_nproc, swap_share=share, seed=size.world.seed)})
+        scored = pair_accuracy(work / name / "iter1" / "pairs.jsonl", world / "gold1")
+        pair_noise[f"{share:g}"] = {"model": name, "swapped": share, **scored}
+    if arms.controls:
+        broken_world = make_world(work / "world-broken", replace(size.world, translation_fidelity=0.0))
+        add({"broken-M0": pretrain(broken_world, work / "m0-broken", size.pretrain, train_nproc)})
+        broken = run_lidr("broken translation", models["broken-M0"], prompts, work / "broken", lidr_recipe, train_nproc)
+        add({f"broken-M{t}": model for t, model in enumerate(broken, 1)})
+        copy_iteration1(work / "lidr", work / "swapped", models["M0"], prompts[0], replace(checked, swap_pairs=True),
+                        train_nproc)
+        swapped = run_lidr("swapped pairs", models["M0"], prompts, work / "swapped", replace(checked, swap_pairs=True),
+                           train_nproc)
+        add({f"swapped-M{t}": model for t, model in enumerate(swapped, 1)})
+        runs.update({"broken": work / "broken", "swapped": work / "swapped"})
+    pairs = {str(t): pair_accuracy(work / "lidr" / f"iter{t}" / "pairs.jsonl", world / f"gold{t}")
+             for t in range(1, len(prompts) + 1)}
+    learned, iterations = learning_summary(runs)
+    summary = {"pairs": pairs, **({"pair_noise": pair_noise} if pair_noise else {})}
+    return finish_report(models, {split: work / "eval" / split for split in SPLITS}, work, learned, summary,
+                         {"settings": vars(size.world), "iterations": iterations})
