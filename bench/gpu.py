@@ -73,6 +73,7 @@ datasheet peak, lidr ahead of transformers' best at every batch size) are printe
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -1362,7 +1363,10 @@ def write_tiny_folder(folder: Path) -> Path:
     tokenizer.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                                   "<|end_header_id|>", "<|eot_id|>"])
     model = tiny_model("cpu", torch.float32)
-    save(folder, TINY, model.state_dict())
+    # the config's bos/eos are the tokenizer's special tokens (lidr.checkpoint checks that they belong together)
+    cfg = dataclasses.replace(TINY, bos_token_id=tokenizer.token_to_id("<|begin_of_text|>"),
+                              eos_token_id=tokenizer.token_to_id("<|eot_id|>"))
+    save(folder, cfg, model.state_dict())
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder
 

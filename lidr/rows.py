@@ -206,9 +206,10 @@ def sample_rows(prompts: list[Prompt], out, key: str, make_row, load, decoding: 
     out = Path(out)
     locks = []
 
-    def claim():  # rank 0 holds OUT.lock (one process per output) and checks that this command may write OUT
+    def claim():  # rank 0: this command may write OUT, and holds OUT.lock (one process per output)
+        check_outputs(made_by, [(out, identity, companions)])  # refused before anything, the lock included, is written
         locks.append(hold_lock(out, made_by))
-        check_outputs(made_by, [(out, identity, companions)])
+        check_outputs(made_by, [(out, identity, companions)])  # again, now that no other process can write OUT
 
     cluster.on_rank0(claim)  # every rank refuses alike
     barrier = dist.barrier if world > 1 else (lambda: None)

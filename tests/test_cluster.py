@@ -147,7 +147,7 @@ def test_iterate_on_two_nodes_trains_what_one_process_trains(tiny_dir, data, tmp
         (tmp_path / f"node{rank}").mkdir()
         cmd = [sys.executable, str(ROOT / "iterate.py"), "--model", str(tiny_dir), "--work", str(tmp_path / "work"),
                "--prompts", str(tmp_path / "prompts"), "--langs", "fr", "--nnodes", "2", "--node-rank", str(rank),
-               "--rdzv-endpoint", f"127.0.0.1:{port}", "--", *trainer]
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--no-translation-tasks", "--", *trainer]
         nodes.append(subprocess.Popen(cmd, cwd=tmp_path / f"node{rank}", env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outputs = [node.communicate(timeout=300) for node in nodes]

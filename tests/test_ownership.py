@@ -291,11 +291,11 @@ def test_a_run_stopped_at_its_first_step_takes_a_corrected_learning_rate(tiny_di
     import lidr.train
 
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(4))
-    real_dpo_loss = lidr.train.dpo_loss
-    monkeypatch.setattr(lidr.train, "dpo_loss", lambda *a, **k: tuple(t * math.nan for t in real_dpo_loss(*a, **k)))
+    real_loss = lidr.train.preference_loss
+    monkeypatch.setattr(lidr.train, "preference_loss", lambda *a, **k: tuple(t * math.nan for t in real_loss(*a, **k)))
     with pytest.raises(SystemExit, match="step 1: loss nan"):
         train_main(tiny_dir, data, tmp_path / "run", "--lr", "1e3")
-    monkeypatch.setattr(lidr.train, "dpo_loss", real_dpo_loss)
+    monkeypatch.setattr(lidr.train, "preference_loss", real_loss)
     with pytest.raises(SystemExit, match=r"other inputs or other settings \(data\."):  # other data: still refused
         train_main(tiny_dir, write_jsonl(tmp_path / "other.jsonl", pairs(5)), tmp_path / "run")
     train_main(tiny_dir, data, tmp_path / "run", "--lr", "1e-5")  # today: refused, "lr: 1000.0 -> 1e-05"

@@ -32,7 +32,9 @@ def log(out):
 def test_first_step_loss_matches_fp32_within_bf16_precision(one_process_bf16, one_process):
     bf16, fp32 = log(one_process_bf16)[0], log(one_process)[0]
     assert json.loads((one_process_bf16 / "run.json").read_text())["dtype"] == "bfloat16"
-    assert bf16["dpo"] == fp32["dpo"]  # ln 2 in both: the reference is the policy in the same precision
+    # ln 2 in both: the reference is the policy in the same precision; in bf16 only up to the rounding of
+    # another packing (the reference pass packs the pairs in file order, the first step in epoch order)
+    assert bf16["dpo"] == pytest.approx(fp32["dpo"], abs=1e-4)
     # bf16 keeps 8 bits of mantissa: a relative error of 2^-8 per rounding, a few percent over the layers
     assert bf16["nll"] == pytest.approx(fp32["nll"], rel=2e-2)
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)

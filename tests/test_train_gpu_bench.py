@@ -1,6 +1,7 @@
 """bench/gpu.py where it can run without a GPU: its refusal, its CPU dry run of every section, its time limits,
 its SKU table, its byte counts, and its tiny train_dpo.py run (here on CPU, gloo)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -189,7 +190,8 @@ def test_its_tiny_folder_trains_and_exports_through_train_dpo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 rows read, 8 kept" in proc.stdout
     model, tokenizer = load(out / "model")
-    assert model.cfg == gpu.TINY
+    assert model.cfg == dataclasses.replace(gpu.TINY, bos_token_id=tokenizer.tok.token_to_id("<|begin_of_text|>"),
+                                            eos_token_id=tokenizer.tok.token_to_id("<|eot_id|>"))
     ids = tokenizer.encode_chat([{"role": "user", "content": "what is 2 plus 2?"}])
     assert tokenizer.decode(ids).split() == [
         "<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "what", "is", "2", "plus", "2", "?",
