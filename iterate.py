@@ -99,18 +99,22 @@ def parse_args(argv=None):
     return args, options_from(trainer.parse_args(argv[split + 1:]))
 
 
-@command()
-def main(argv=None):
-    args, training = parse_args(argv)
-    recipe = Recipe(
+def recipe_from(args, training) -> Recipe:
+    """The Recipe the flags give (what `run` is called with)."""
+    return Recipe(
         langs=tuple(args.langs.split(",")), method=args.method,
         answers=from_flags(args, settings.ANSWERS), translation=from_flags(args, settings.TRANSLATION, "translate-"),
         pairs=replace(from_flags(args, PairOptions(), "pairs-"), dominant=args.dominant),
         sft_rows=replace(from_flags(args, SDRRLOptions(), "sdrrl-"), dominant=args.dominant),
         translation_task_ids=args.translation_task_ids, swap_pairs=args.swap_pairs, training=training)
+
+
+@command()
+def main(argv=None):
+    args, training = parse_args(argv)
     nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id or Path(args.work).resolve().name)
-    return run(args.model, args.prompts.split(","), args.work, recipe, args.iterations, args.batch_size, args.nproc,
-               args.train_nproc or args.nproc, nodes, args.redo_from)
+    return run(args.model, args.prompts.split(","), args.work, recipe_from(args, training), args.iterations,
+               args.batch_size, args.nproc, args.train_nproc or args.nproc, nodes, args.redo_from)
 
 
 if __name__ == "__main__":

@@ -132,12 +132,20 @@ def test_iterate_on_two_nodes_trains_what_one_process_trains(tiny_dir, data, tmp
     """One iterate.py per node (node 0 and node 1, each in its own working folder, WORK shared), the
     iteration's generation, translation and pairs done earlier: both launch `-m lidr.train` at one c10d
     rendezvous; node 1 waits for node 0's marker; M1 is the one-process run's weights."""
+    import iterate
+    from lidr.iterate import stage_identities, write_marker
+
     iteration = tmp_path / "work" / "iter1"
-    (iteration / "done").mkdir(parents=True)
-    for name in ("generate", "translate", "pairs"):
-        (iteration / "done" / name).write_text("")
-    shutil.copy(data, iteration / "pairs.jsonl")
     trainer = ["--lr", "1e-3", "--warmup-ratio", "0.2", "--max-len", "96", "--batch-size", "2"]
+    for lang in ("en", "fr"):
+        write_jsonl(tmp_path / "prompts" / f"{lang}.jsonl", [{"id": "1", "instruction": "Q"}])
+    args, training = iterate.parse_args(["--model", str(tiny_dir), "--work", str(tmp_path / "work"), "--prompts",
+                                         str(tmp_path / "prompts"), "--langs", "fr", "--no-translation-tasks", "--",
+                                         *trainer])
+    identities = stage_identities(tiny_dir, tmp_path / "prompts", iterate.recipe_from(args, training), 1)
+    for name in ("generate", "translate", "pairs"):  # done earlier, as this command would have made them
+        write_marker(iteration, name, identities[name])
+    shutil.copy(data, iteration / "pairs.jsonl")
     train_main(["--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "one"), *trainer,
                 "--grad-accum", "2"])
     port = free_port()
