@@ -325,14 +325,19 @@ def build_from_dir(folder, langs, options=PairOptions(), translation_task_ids=fr
     return pairs, report
 
 
-def write_pairs(pairs, report, out_jsonl, out_report):
-    """Write the pairs and their report, over an earlier pairs file only when lidr.pairs made it
-    from the same inputs and options (report["made_from"]); refuse, naming the file, otherwise."""
-    with hold_lock(out_jsonl, "lidr.pairs"):  # one process per output
-        check_output(out_jsonl, "lidr.pairs", report["made_from"], companions=[out_report])
-        record_output(out_jsonl, "lidr.pairs", report["made_from"])
-        write_text_atomic(out_jsonl, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+def write_rows_and_report(rows, report, out_jsonl, out_report, made_by: str):
+    """Write the rows and their report, over an earlier output only when `made_by` made it from the
+    same inputs and options (report["made_from"]); refuse, naming the file, otherwise."""
+    with hold_lock(out_jsonl, made_by):  # one process per output
+        check_output(out_jsonl, made_by, report["made_from"], companions=[out_report])
+        record_output(out_jsonl, made_by, report["made_from"])
+        write_text_atomic(out_jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         write_json_atomic(out_report, report)
+
+
+def write_pairs(pairs, report, out_jsonl, out_report):
+    """The pairs and their report (lidr.pairs' output)."""
+    write_rows_and_report(pairs, report, out_jsonl, out_report, "lidr.pairs")
 
 
 @command("rerun the same command (its outputs are written whole or not at all)")

@@ -41,16 +41,17 @@ How this departs from the paper (a reconstruction; docs/method.md §2):
 """
 
 import argparse
-import json
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from lidr.cli import add_flags, command, from_flags
-from lidr.jsonl import check_output, file_identity, hold_lock, record_output, write_json_atomic, write_text_atomic
+from lidr.jsonl import file_identity
 from lidr.languages import checked_languages
-from lidr.pairs import id_set_digest, read_texts, read_translation_task_ids, read_translations, read_user_turns
+from lidr.pairs import (
+    id_set_digest, read_texts, read_translation_task_ids, read_translations, read_user_turns, write_rows_and_report,
+)
 from lidr.settings import check_settings, seeded, setting
 
 # where a text is cut into units: after a sentence's end mark (Latin, CJK, Devanagari), or at line breaks
@@ -185,12 +186,7 @@ def build_from_dir(folder, langs, options=SDRRLOptions(), translation_task_ids=f
 def write_rows(rows, report, out):
     """The rows and their report (beside `out`), over an earlier output only when lidr.sdrrl made it
     from the same inputs and options; refuse, naming the file, otherwise."""
-    out_report = out.with_name(out.stem + "_report.json")
-    with hold_lock(out, "lidr.sdrrl"):  # one process per output
-        check_output(out, "lidr.sdrrl", report["made_from"], companions=[out_report])
-        record_output(out, "lidr.sdrrl", report["made_from"])
-        write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        write_json_atomic(out_report, report)
+    write_rows_and_report(rows, report, out, out.with_name(out.stem + "_report.json"), "lidr.sdrrl")
 
 
 @command("rerun the same command (its outputs are written whole or not at all)")
