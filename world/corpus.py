@@ -62,7 +62,8 @@ import torch
 
 from lidr.cli import command
 from lidr.jsonl import check_folder, hold_lock, record_output, write_json_atomic, write_text_atomic
-from world.problems import NEW_OBJECTS, NEW_PEOPLE, OBJECTS, PEOPLE, draw, ru_count, write_problem
+from world.problems import (NEW_OBJECTS, NEW_PEOPLE, OBJECTS, PEOPLE, distinct_draws, draw, ru_count,
+                            write_problem)
 from lidr.translation import CLOSING_TAG, PREFILL, translation_prompt
 
 LANGS = ("en", "es", "fr", "de", "ru")
@@ -145,19 +146,6 @@ def write_question(lang: str, problem: tuple) -> str:
 def scramble_numbers(text: str, rng: random.Random, max_number: int) -> str:
     """Every number of `text` replaced by a random one: a fluent, well-formed, unfaithful translation."""
     return re.sub(r"\d+", lambda _: str(rng.randint(1, 2 * max_number)), text)
-
-
-def distinct_draws(n: int, rng: random.Random, max_number: int, exclude: set) -> list[tuple]:
-    space = len(PEOPLE) * len(OBJECTS) * (max_number - 1) * (max_number - 1) * 3 // 2
-    if n + len(exclude) > space // 2:
-        raise ValueError(f"{n} distinct problems with numbers up to {max_number} is too many for the templates")
-    draws = []
-    while len(draws) < n:
-        d = draw(rng, max_number)
-        if d not in exclude:
-            exclude.add(d)
-            draws.append(d)
-    return draws
 
 
 # -----------------------------------------------------------------------------

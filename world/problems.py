@@ -97,15 +97,18 @@ def draw(rng: random.Random, max_number: int = MAX_NUMBER) -> tuple:
     return rng.randrange(len(PEOPLE)), rng.randrange(len(OBJECTS)), a, b, op
 
 
-def make_problems(n: int, seed: int, exclude: frozenset = frozenset()) -> list[tuple]:
-    """n distinct draws (person, object, a, b, op) from `seed`, none of them in `exclude`."""
-    if n + len(exclude) > len(PEOPLE) * len(OBJECTS) * MAX_NUMBER**2 // 2:
-        raise ValueError(f"{n} problems is more than the templates can make distinct")
-    rng, seen, draws = random.Random(seed), set(exclude), []
+def distinct_draws(n: int, rng: random.Random, max_number: int = MAX_NUMBER, exclude: set | None = None) -> list:
+    """n draws (person, object, a, b, op) from rng, none twice and none in `exclude`, which grows by them
+    (so a second call on the same set draws a disjoint split)."""
+    exclude = set() if exclude is None else exclude
+    space = len(PEOPLE) * len(OBJECTS) * (max_number - 1) ** 2 * 3 // 2  # about: a + b and a - b (b < a)
+    if n + len(exclude) > space // 2:
+        raise ValueError(f"{n} distinct problems with numbers up to {max_number} is too many for the templates")
+    draws = []
     while len(draws) < n:
-        d = draw(rng)
-        if d not in seen:
-            seen.add(d)
+        d = draw(rng, max_number)
+        if d not in exclude:
+            exclude.add(d)
             draws.append(d)
     return draws
 
@@ -117,8 +120,8 @@ def answer(draw_: tuple) -> int:
 
 def write_sets(out_dir, n_train: int, n_eval: int, train_seed: int = 1, eval_seed: int = 2, langs=LANGS):
     out_dir = Path(out_dir)
-    eval_draws = make_problems(n_eval, eval_seed)
-    train_draws = make_problems(n_train, train_seed, exclude=frozenset(eval_draws))
+    eval_draws = distinct_draws(n_eval, random.Random(eval_seed))
+    train_draws = distinct_draws(n_train, random.Random(train_seed), exclude=set(eval_draws))
     for lang in langs:
         train = [{"id": f"train-{i}", "instruction": write_problem(lang, PEOPLE[p], OBJECTS[o], a, b, op)}
                  for i, (p, o, a, b, op) in enumerate(train_draws)]
