@@ -211,9 +211,9 @@ def identity_changes(before, now, prefix: str = "") -> list[str]:
     if before == now:
         return []
 
-    def short(value):
+    def short(value):  # a text (a path, a name) whole: the reader must see which; a long list or table cut
         text = repr(value)
-        return text if len(text) <= 80 else text[:77] + "..."
+        return text if isinstance(value, str) or len(text) <= 80 else text[:77] + "..."
 
     return [f"{prefix.rstrip('.')}: {short(before)} -> {short(now)}"]
 
