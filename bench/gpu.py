@@ -659,6 +659,18 @@ def skip_reason(path: AttentionPath, machine: Machine) -> str | None:
     return None
 
 
+def measure_each_path(table, machine: Machine, shape: str, paths: dict[str, "AttentionPath"], measure: Callable):
+    """One row per path, "SHAPE: NAME": skipped with its reason where this machine or torch cannot run it,
+    else measure(path, what), guarded (a path that fails is a failed row, not a failed section)."""
+    for name, path in paths.items():
+        what = f"{shape}: {name}" + ("" if path.in_lidr else " (not in lidr)")
+        reason = skip_reason(path, machine)
+        if reason:
+            table.skip("attention", what, reason)
+        else:
+            table.guarded("attention", what, lambda path=path, what=what: measure(path, what))
+
+
 def section_attention(table, setup: Setup, machine: Machine):
     """Every attention path alone at the real shapes (prefill, decode, then training, whose flex backward compiles
     longest), checked in bf16 against fp32, then timed."""
@@ -667,16 +679,14 @@ def section_attention(table, setup: Setup, machine: Machine):
     k, v = (torch.randn(1, dc.n_kv_heads, setup.prompt_len, dc.head_dim, device=setup.device, dtype=torch.bfloat16)
             for _ in range(2))
     reference = reference_attention(q, k, v, causal=True)
-    for name, path in prefill_attention_paths(setup).items():
-        what = f"prefill {setup.prompt_len} tokens: {name}"
+    def measure_prefill(path, what):
+        error = relative_error(path.attend((q, k, v)), reference)
+        seconds = median_seconds(lambda: path.attend((q, k, v)), setup.repeats)
+        table.check("attention", what, f"{seconds * 1e6:.0f} us; bf16 vs fp32 {error:.1e} (< {BF16_FORWARD:g})",
+                    within(error, BF16_FORWARD), seconds=seconds, error=error)
 
-        def measure(path=path, what=what):
-            error = relative_error(path.attend((q, k, v)), reference)
-            seconds = median_seconds(lambda: path.attend((q, k, v)), setup.repeats)
-            table.check("attention", what, f"{seconds * 1e6:.0f} us; bf16 vs fp32 {error:.1e} (< {BF16_FORWARD:g})",
-                        within(error, BF16_FORWARD), seconds=seconds, error=error)
-
-        table.guarded("attention", what, measure)
+    measure_each_path(table, machine, f"prefill {setup.prompt_len} tokens", prefill_attention_paths(setup),
+                      measure_prefill)
 
     batch = decode_batch(setup, max(setup.batches))
     reference = reference_attention(batch.q, batch.k, batch.v, batch.mask)
@@ -685,23 +695,17 @@ def section_attention(table, setup: Setup, machine: Machine):
     useful_bytes = filled * per_position
     shape = (f"decode batch {len(batch.lengths)}, filled {int(batch.lengths.min())}-{int(batch.lengths.max())} "
              f"of {cache_length(setup.max_len)}")
-    for name, path in decode_attention_paths(setup).items():
-        what = f"{shape}: {name}" + ("" if path.in_lidr else " (not in lidr)")
-        reason = skip_reason(path, machine)
-        if reason:
-            table.skip("attention", what, reason)
-            continue
 
-        def measure(path=path, what=what):
-            error = relative_error(path.attend(batch), reference)
-            seconds = median_seconds(lambda: path.attend(batch), setup.repeats)
-            read = path.reads(batch)
-            table.check("attention", what, f"{seconds * 1e6:.0f} us, {useful_bytes / seconds / 1e9:,.0f} GB/s of "
-                        f"filled KV (attends {read:,} of {filled:,} filled positions); bf16 vs fp32 {error:.1e} "
-                        f"(< {BF16_FORWARD:g})", within(error, BF16_FORWARD), seconds=seconds, error=error,
-                        kv_bytes_per_s=useful_bytes / seconds, positions_attended=read, positions_filled=filled)
+    def measure_decode(path, what):
+        error = relative_error(path.attend(batch), reference)
+        seconds = median_seconds(lambda: path.attend(batch), setup.repeats)
+        read = path.reads(batch)
+        table.check("attention", what, f"{seconds * 1e6:.0f} us, {useful_bytes / seconds / 1e9:,.0f} GB/s of "
+                    f"filled KV (attends {read:,} of {filled:,} filled positions); bf16 vs fp32 {error:.1e} "
+                    f"(< {BF16_FORWARD:g})", within(error, BF16_FORWARD), seconds=seconds, error=error,
+                    kv_bytes_per_s=useful_bytes / seconds, positions_attended=read, positions_filled=filled)
 
-        table.guarded("attention", what, measure)
+    measure_each_path(table, machine, shape, decode_attention_paths(setup), measure_decode)
     del batch, reference
 
     for n_docs in setup.doc_counts:
@@ -710,28 +714,22 @@ def section_attention(table, setup: Setup, machine: Machine):
         reference, ref_grads = reference_attention(rows.q, rows.k, rows.v, rows.dense_mask, grad_out=grad_out)
         shape = (f"train {setup.attention_rows} rows x {n_docs} seqs of {setup.row_len // n_docs}, "
                  f"{tc.n_heads}/{tc.n_kv_heads} heads of {tc.head_dim}")
-        for name, path in train_attention_paths(setup).items():
-            what = f"{shape}: {name}" + ("" if path.in_lidr else " (not in lidr)")
-            reason = skip_reason(path, machine)
-            if reason:
-                table.skip("attention", what, reason)
-                continue
 
-            def measure(path=path, what=what):
-                def forward_backward():
-                    out = path.attend(rows)
-                    return out, torch.autograd.grad(out, (rows.q, rows.k, rows.v), grad_out)
+        def measure_training(path, what):
+            def forward_backward():
+                out = path.attend(rows)
+                return out, torch.autograd.grad(out, (rows.q, rows.k, rows.v), grad_out)
 
-                out, grads = forward_backward()
-                error = relative_error(out, reference)
-                grad_error = max(relative_error(g, r) for g, r in zip(grads, ref_grads))
-                seconds = median_seconds(forward_backward, setup.repeats)
-                table.check("attention", what, f"{seconds * 1e3:.2f} ms fwd+bwd; bf16 vs fp32: out {error:.1e} "
-                            f"(< {BF16_FORWARD:g}), grads {grad_error:.1e} (< {BF16_GRADIENTS:g})",
-                            within(error, BF16_FORWARD) and within(grad_error, BF16_GRADIENTS),
-                            seconds=seconds, error=error, grad_error=grad_error)
+            out, grads = forward_backward()
+            error = relative_error(out, reference)
+            grad_error = max(relative_error(g, r) for g, r in zip(grads, ref_grads))
+            seconds = median_seconds(forward_backward, setup.repeats)
+            table.check("attention", what, f"{seconds * 1e3:.2f} ms fwd+bwd; bf16 vs fp32: out {error:.1e} "
+                        f"(< {BF16_FORWARD:g}), grads {grad_error:.1e} (< {BF16_GRADIENTS:g})",
+                        within(error, BF16_FORWARD) and within(grad_error, BF16_GRADIENTS),
+                        seconds=seconds, error=error, grad_error=grad_error)
 
-            table.guarded("attention", what, measure)
+        measure_each_path(table, machine, shape, train_attention_paths(setup), measure_training)
         del rows, reference, ref_grads
 
 
