@@ -64,3 +64,21 @@ def test_chatml_with_the_default_system_prompt(ours):
     assert "You are a helpful AI assistant named SmolLM" in text
     assert tokenizer.encode_chat(messages) == ref.encode(text, add_special_tokens=False)
     assert tokenizer.decode(tokenizer.stop_ids) in ("<|im_end|><|endoftext|>", "<|endoftext|><|im_end|>")
+
+
+def test_two_processes_asking_at_once_convert_once_and_both_get_the_folder(demo_dir, tmp_path):
+    """Parallel test workers or two demos started together: one converts, the other waits for its folder."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "models" / "smollm2"
+    ask = "import sys; from world.demo_model import ensure; print(ensure(sys.argv[1]))"
+    askers = [subprocess.Popen([sys.executable, "-c", ask, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    finished = [p.communicate(timeout=600) + (p.returncode,) for p in askers]
+    assert [rc for _, _, rc in finished] == [0, 0], [err[-2000:] for _, err, _ in finished]
+    assert [o.strip() for o, _, _ in finished] == [str(out)] * 2
+    assert load(out)[0].state_dict().keys() == load(demo_dir)[0].state_dict().keys()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["smollm2", "smollm2.converting"]

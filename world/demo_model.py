@@ -20,6 +20,7 @@ How this departs from a plain conversion:
 """
 
 import argparse
+import fcntl
 import importlib.util
 import json
 import tempfile
@@ -164,10 +165,16 @@ def convert(out_dir: str | Path = DEFAULT_DIR) -> Path:
 
 
 def ensure(out_dir: str | Path = DEFAULT_DIR) -> Path:
-    """The demo folder, converted on first use."""
+    """The demo folder, converted on first use. Processes that ask at once (parallel test workers, two
+    demos) queue on OUT.converting: the first converts, the others then find its folder."""
     out_dir = Path(out_dir)
-    if not (out_dir / "config.json").is_file():
-        convert(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f"{out_dir.name}.converting", "a") as queue:
+        fcntl.flock(queue, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not (out_dir / "config.json").is_file():
+            convert(out_dir)
     return out_dir
 
 
