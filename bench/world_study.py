@@ -120,7 +120,7 @@ def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_erro
              "languages. Test is reported, dev beside it (settings were chosen on dev); ood: people and objects the "
              "corpus never names.", "", "### Each arm", "",
              "| arm | en (test) | avg (test) | avg (dev) | avg (ood) |", "| --- | --- | --- | --- | --- |"]
-    data = {"seeds": seeds, "arms": {}, "differences": {}, "noise": [], "english_imperfect": {}}
+    data = {"seeds": seeds, "arms": {}, "pairs": {}, "differences": {}, "noise": [], "english_imperfect": {}}
     arms = [a for a in ARMS if all(a in r["test"] for r in results.values())]
     for arm in arms:
         cells = {"en": interval([r["test"][arm]["en"] for r in results.values()]),
@@ -129,6 +129,19 @@ def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_erro
         data["arms"][arm] = cells
         lines.append(f"| {arm} | {show_level(cells['en'])} | **{show_level(cells['test'])}** | "
                      f"{show_level(cells['dev'])} | {show_level(cells['ood'])} |")
+    lines += ["", "### LIDR's own pairs against gold", "",
+              "accuracy: chosen right and rejected wrong, of all pairs; agreement: of the pairs gold tells apart, the "
+              "share whose chosen answer is the right one (the paper's agreement of its pairs with a GPT-4 judge: "
+              f"{PAPER_AGREEMENT[0]:.0%}–{PAPER_AGREEMENT[1]:.0%}).", "",
+              "| iteration | pairs | accuracy | agreement |", "| --- | --- | --- | --- |"]
+    for t in ("1", "2"):
+        runs = [r["pairs"][t] for r in results.values() if t in r["pairs"]]
+        if len(runs) < len(results) or any(run.get("agreement") is None for run in runs):
+            continue
+        cells = {key: interval([float(run[key]) for run in runs]) for key in ("n", "accuracy", "agreement")}
+        data["pairs"][t] = cells
+        lines.append(f"| {t} | {cells['n']['mean']:.0f} [{cells['n']['low']:.0f}, {cells['n']['high']:.0f}] | "
+                     f"{show_level(cells['accuracy'])} | **{show_level(cells['agreement'])}** |")
     lines += ["", "### Paired differences (seed by seed, then over seeds)", "",
               "| difference | avg (test) | en (test) | avg (dev) | avg (ood) |", "| --- | --- | --- | --- | --- |"]
     for a, b in DIFFERENCES:

@@ -28,7 +28,8 @@ def results(seed: int) -> dict:
                "NLL-only-1": 0.2 + 0.01 * seed, "gold-SFT": 0.7, "pair-noise-0.3-1": -0.1}
     table = {m: {"en": 0.9, **{lang: 0.2 + o for lang in ("es", "fr", "de", "ru")}} for m, o in offsets.items()}
     return {"test": table, "dev": table, "ood": table,
-            "pairs": {"1": {"agreement": 0.99, "accuracy": 0.98}},
+            "pairs": {"1": {"n": 100 + seed, "agreement": 0.99, "accuracy": 0.98},
+                      "2": {"n": 50, "agreement": 0.8 + 0.05 * seed, "accuracy": 0.4}},
             "pair_noise": {"0.3": {"model": "pair-noise-0.3-1", "agreement": 0.7 - 0.01 * seed, "accuracy": 0.6}}}
 
 
@@ -45,3 +46,12 @@ def test_summary_differences_and_noise_curve_by_hand():
     assert [p["agreement"] for p in noise[0.3]] == pytest.approx([0.7, 0.69, 0.68])
     assert [p["gain"] for p in noise[0.0]] == pytest.approx([0.5] * 3)
     assert "| M1 − NLL-only-1 | **+0.290 [" in text
+
+
+def test_summary_pairs_against_gold_over_seeds():
+    text, data = study.summarize({s: results(s) for s in range(3)}, {}, 0.25)
+    assert data["pairs"]["1"]["n"]["values"] == [100, 101, 102]
+    second = data["pairs"]["2"]["agreement"]
+    assert second["values"] == pytest.approx([0.8, 0.85, 0.9]) and second["mean"] == pytest.approx(0.85)
+    assert second["high"] - second["mean"] == pytest.approx(4.303 * 0.05 / 3 ** 0.5)
+    assert "| 2 | 50 [50, 50] | 0.400 [0.400, 0.400] | **0.850 [" in text
