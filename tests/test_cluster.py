@@ -7,6 +7,7 @@ paths): every rank stops with the sentence, and neither folder holds anything af
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -25,9 +26,30 @@ pytestmark = pytest.mark.slow  # every test runs two torchrun agents
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768-60999): a port the kernel handed out could be
+    handed again, as a client socket's own port, to another test's process before the agents bind it."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
+def finish(processes: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each process; on a timeout or any error every process is killed, so a
+    failed test leaves no agent waiting on a rendezvous behind it."""
+    try:
+        return [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
 
 
 def two_nodes(module: str, args: list[str], cwds: list[Path]) -> list[subprocess.CompletedProcess]:
@@ -38,11 +60,8 @@ def two_nodes(module: str, args: list[str], cwds: list[Path]) -> list[subprocess
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     agents = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for cwd in cwds]
-    results = []
-    for agent in agents:
-        stdout, stderr = agent.communicate(timeout=300)
-        results.append(subprocess.CompletedProcess(cmd, agent.returncode, stdout, stderr))
-    return results
+    return [subprocess.CompletedProcess(cmd, agent.returncode, stdout, stderr)
+            for agent, (stdout, stderr) in zip(agents, finish(agents, timeout=300))]
 
 
 def folder_contents(folder: Path) -> list[str]:
@@ -158,7 +177,7 @@ def test_iterate_on_two_nodes_trains_what_one_process_trains(tiny_dir, data, tmp
                "--rdzv-endpoint", f"127.0.0.1:{port}", "--no-translation-tasks", "--", *trainer]
         nodes.append(subprocess.Popen(cmd, cwd=tmp_path / f"node{rank}", env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    outputs = [node.communicate(timeout=300) for node in nodes]
+    outputs = finish(nodes, timeout=300)
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     for stdout, _ in outputs:
         assert "-m lidr.train" in stdout and "--rdzv-id=work-work-iter1-train" in stdout
