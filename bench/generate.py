@@ -77,16 +77,16 @@ def time_compaction(model, tokenizer, prompts, new_tokens, repeats, with_compile
     """lidr with stop tokens, eager then compiled: rows end at different steps and the batch shrinks."""
     from torch._dynamo.utils import counters
 
-    import lidr.sampler
+    import lidr.kernels.cache
 
     sizes = set()
-    decode = lidr.sampler.Session.decode
+    decode = lidr.kernels.cache.Session.decode
 
     def recording_decode(self, tokens, *args):
         sizes.add(len(tokens))
         return decode(self, tokens, *args)
 
-    lidr.sampler.Session.decode = recording_decode
+    lidr.kernels.cache.Session.decode = recording_decode
     try:
         for compile in (False, True) if with_compiled else (False,):
             sizes.clear()
@@ -100,7 +100,7 @@ def time_compaction(model, tokenizer, prompts, new_tokens, repeats, with_compile
                   f"rows of {min(map(len, outputs))}-{max(map(len, outputs))}); decode batch sizes {sorted(sizes, reverse=True)}; "
                   f"first run {first:.1f} s against {best:.1f} s, {graphs} graphs compiled", flush=True)
     finally:
-        lidr.sampler.Session.decode = decode
+        lidr.kernels.cache.Session.decode = decode
 
 
 def main():

@@ -52,7 +52,7 @@ What the numbers count:
   part rounded up to 64, LENGTH_BUCKET; its flex step: the filled blocks of 128, FLEX_BLOCK;
   transformers' static cache: the whole cache). GB/s is compared with the measured copy bandwidth.
 - MFU = training FLOPs per token (lidr.train.flops_per_token) x tokens/s over the datasheet dense
-  bf16 peak of this SKU (lidr.hardware.DATASHEET_BF16), and apart over the measured matmul rate.
+  bf16 peak of this SKU (lidr.kernels.hardware.DATASHEET_BF16), and apart over the measured matmul rate.
 - Correctness: relative error ||out - ref|| / ||ref|| against an fp32 reference on the same (bf16)
   inputs; tolerances beside each row (bf16 lands between 1e-3 and 1e-2).
 
@@ -98,11 +98,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lidr.hardware import datasheet_peak  # noqa: E402
-import lidr.model  # noqa: E402
-from lidr.model import (FLEX_BLOCK, Documents, Filled, Llama, LlamaConfig, decode_attention,  # noqa: E402
-                        document_attention, document_block_mask, filled_block_mask, rope_inv_freq)
-from lidr.sampler import LENGTH_BUCKET, Session, cuda_graph_skips, decode_logits, kv_cache  # noqa: E402
+from lidr.kernels.hardware import datasheet_peak  # noqa: E402
+import lidr.kernels.attention  # noqa: E402
+from lidr.kernels.attention import (FLEX_BLOCK, Documents, Filled, decode_attention,  # noqa: E402
+                                    document_attention, document_block_mask, filled_block_mask)
+from lidr.kernels.cache import Session, cuda_graph_skips, decode_logits, kv_cache  # noqa: E402
+from lidr.model import Llama, LlamaConfig, rope_inv_freq  # noqa: E402
+from lidr.sampler import LENGTH_BUCKET  # noqa: E402
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                         head_dim=128, rope_theta=500000.0, max_seq_len=8192)
@@ -330,7 +332,7 @@ def c_compiler() -> str | None:
 
 def sdpa_call_sites(setup: Setup) -> dict:
     """lidr's SDPA calls at this setup's shapes, bf16: name -> (q, k, v, attn_mask, is_causal, needs grad, enable_gqa).
-    The decode step's is the grouped call of lidr.model.decode_attention: q [B, KV, H / KV, D], no enable_gqa."""
+    The decode step's is the grouped call of lidr.kernels.attention.decode_attention: q [B, KV, H / KV, D], no enable_gqa."""
     dev, dc, tc = setup.device, setup.decode_cfg, setup.train_cfg
 
     def qkv(cfg, batch, q_len, kv_len, grad):
@@ -511,7 +513,7 @@ class DecodeBatch:
 def flex_documents_attention(setup: Setup) -> AttentionPath:
     """lidr's packed training on CUDA: Documents -> document_block_mask, built once per micro-batch (outside the
     timed calls), then compiled_flex_attention in every layer."""
-    if lidr.model.flex_attention is None:
+    if lidr.kernels.attention.flex_attention is None:
         return AttentionPath(None, unavailable="this torch has no flex_attention")
     if setup.device == "cpu":  # torch raises NotImplementedError for it
         return AttentionPath(None, unavailable="flex_attention has no backward on CPU")
@@ -520,7 +522,7 @@ def flex_documents_attention(setup: Setup) -> AttentionPath:
     def attend(rows: PackedRows):
         if id(rows) not in block_masks:
             block_masks[id(rows)] = document_block_mask(rows.documents, rows.q.shape[2], rows.q.device)
-        return lidr.model.compiled_flex_attention(rows.q, rows.k, rows.v, block_mask=block_masks[id(rows)],
+        return lidr.kernels.attention.compiled_flex_attention(rows.q, rows.k, rows.v, block_mask=block_masks[id(rows)],
                                                   enable_gqa=True)
 
     return AttentionPath(attend, compiles=True)
@@ -529,7 +531,7 @@ def flex_documents_attention(setup: Setup) -> AttentionPath:
 def flex_filled_attention(setup: Setup) -> AttentionPath:
     """lidr's compiled decode step on CUDA: decode_attention through filled_block_mask (built once per step for every
     layer, so outside the timed calls), compiled as generate(compile=True) compiles its step."""
-    if lidr.model.flex_attention is None:
+    if lidr.kernels.attention.flex_attention is None:
         return AttentionPath(None, unavailable="this torch has no flex_attention")
 
     def filled_flex(q, k, v, lengths, block_mask):
@@ -750,7 +752,7 @@ def decode_step(path: DecodePath, setup: Setup) -> tuple[Callable, bool]:
     """(the step function Session.decode takes, whether it attends through flex attention), as generate() picks."""
     if not path.compiles:
         return decode_logits, False
-    flex = setup.device == "cuda" and lidr.model.flex_attention is not None
+    flex = setup.device == "cuda" and lidr.kernels.attention.flex_attention is not None
     return torch.compile(decode_logits, **setup.compile_options), flex  # generate(compile=True)'s settings
 
 
@@ -1055,7 +1057,7 @@ def packing_skip(packing: TrainPacking, setup: Setup, machine: Machine) -> str |
     """Why this machine cannot run a packing (forward and backward), or None."""
     if not packing.flex:
         return None
-    if lidr.model.flex_attention is None:
+    if lidr.kernels.attention.flex_attention is None:
         return "this torch has no flex_attention"
     if setup.device != "cuda":
         return "flex_attention has no backward on CPU (lidr runs Documents through it on CUDA only)"
@@ -1066,17 +1068,17 @@ def packing_skip(packing: TrainPacking, setup: Setup, machine: Machine) -> str |
 
 @contextmanager
 def attending_as(packing: TrainPacking):
-    """Documents attend as the packing says: flex attention where lidr.model.flex_documents picks it (CUDA), the
+    """Documents attend as the packing says: flex attention where lidr.kernels.attention.flex_documents picks it (CUDA), the
     per-sequence loop where flex is False (flex_documents switched off meanwhile, so the loop is timed on CUDA too)."""
     if packing.flex is not False:
         yield
         return
-    flex_documents = lidr.model.flex_documents
-    lidr.model.flex_documents = lambda device: False
+    flex_documents = lidr.kernels.attention.flex_documents
+    lidr.kernels.attention.flex_documents = lambda device: False
     try:
         yield
     finally:
-        lidr.model.flex_documents = flex_documents
+        lidr.kernels.attention.flex_documents = flex_documents
 
 
 def logps_and_grads(model, batch):
@@ -1264,7 +1266,7 @@ def section_decode(table, setup: Setup, machine: Machine):
 
 
 def make_optimizer(model):
-    """The trainer's AdamW, with its default settings (lidr/train.py run())."""
+    """The trainer's AdamW, with its default settings (lidr/harness/training.py run())."""
     from lidr.settings import TRAINING
 
     return torch.optim.AdamW(model.parameters(), lr=TRAINING.lr, weight_decay=TRAINING.weight_decay,

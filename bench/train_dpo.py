@@ -12,7 +12,7 @@ would cut the answers, lidr would drop the row). One epoch: pairs / batch optimi
 
 Each side runs in its own subprocess, so its peak RSS (ru_maxrss) is its own. Timed: for TRL,
 `trainer.train()` (the reference model scores each batch inside it); for lidr, the whole run
-(`lidr.train.main`: weights loading, tokenizing, the reference pass, training, the checkpoint
+(`lidr.cli.train.main`: weights loading, tokenizing, the reference pass, training, the checkpoint
 and the HF export). TRL keeps its defaults apart from what the comparison fixes (fp32 instead of
 its bf16 autocast, batch, max length, β, one epoch, no saving, no reporting); its defaults include
 gradient checkpointing, so lidr runs with --activation-checkpointing too, and once more without.
@@ -57,7 +57,7 @@ def peak_rss_gb() -> float:
 
 
 def run_lidr(args, pairs_file: Path, work: Path, activation_checkpointing: bool) -> dict:
-    from lidr.train import main
+    from lidr.cli.train import main
 
     argv = ["--model", str(args.model), "--data", str(pairs_file), "--out", str(work / ("lidr-ac" if activation_checkpointing else "lidr-no-ac")),
             "--batch-size", str(args.batch_size), "--max-len", str(args.max_len), "--beta", str(args.beta),

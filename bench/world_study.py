@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lidr.jsonl import write_json_atomic, write_text_atomic  # noqa: E402
+from lidr.harness.outputs import write_json_atomic, write_text_atomic  # noqa: E402
 
 LANGS = ["en", "es", "fr", "de", "ru"]
 OTHERS = LANGS[1:]

@@ -29,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from lidr.cli import command
-from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
+from lidr.harness.outputs import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 
 FIELDS = ("prompt", "chosen", "rejected", "lang")
 

@@ -4,7 +4,7 @@
     python -m eval.alpacaeval generate --model runs/M1 --out runs/eval/M1 \\
         --prompts ../shared/data/x-alpacaeval/prompts --langs en es ru de fr
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
-        -m eval.alpacaeval generate ...       # on each node (or --standalone on one); OUT shared (lidr/cluster.py)
+        -m eval.alpacaeval generate ...       # on each node (or --standalone on one); OUT shared (lidr/harness/cluster.py)
     # 2. pairwise judgements against the reference outputs, with an API judge ...
     OPENAI_API_KEY=... python -m eval.alpacaeval judge --out runs/eval/M1 --langs en es ru de fr \\
         --reference ../shared/data/x-alpacaeval/reference-gpt-4-turbo-2024-04-09 \\
@@ -40,7 +40,7 @@ files give every row one, else by instruction text as alpaca_eval does (the Engl
 file has no ids). A row that lacks a field, an item without a reference or output, and an id whose
 instruction differs between the two files are dropped and counted; a file with no usable row is
 refused. An instruction too long for the model's context is not answered and is counted
-("too_long"); an output ends where the context does (lidr/rows.py's policy, every stage's). Items the judge gives
+("too_long"); an output ends where the context does (lidr/harness/sampled.py's policy, every stage's). Items the judge gives
 no verdict on are left out of n and counted ("no_verdict"); a tie counts half in the hard win rate.
 
 How this departs from the paper: the judge's prompt, settings and scoring are alpaca_eval's
@@ -53,11 +53,12 @@ import importlib.util
 from dataclasses import asdict
 from pathlib import Path
 
-from lidr import cluster, settings
+from lidr import settings
+from lidr.harness import cluster
 from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, command, from_flags, positive_int
-from lidr.jsonl import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
-from lidr.langid import detect_language
-from lidr.rows import Prompt, check_outputs, open_model, sample_rows, too_long_reason
+from lidr.harness.outputs import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
+from lidr.languages import detect_language
+from lidr.harness.sampled import Prompt, SampledOutput, check_outputs, open_model, too_long_reason
 from lidr.settings import Decoding, derived_seed
 from lidr.tokenizer import chat_messages
 
@@ -128,15 +129,14 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
             else:
                 to_answer.append(Prompt(str(p["id"]), ids, derived_seed(decoding.seed, i), p))
 
-        def make_row(prompt, completion):
-            p = prompt.source
-            return {"id": prompt.key, "dataset": p.get("dataset", ""), "instruction": p["instruction"],
-                    "output": completion.text.strip(), "finish_reason": completion.finish_reason,
-                    "n_tokens": len(completion.tokens)}
-
-        written, generated = sample_rows(to_answer, out / f"{lang}.jsonl", "id", make_row, lambda: (model, tokenizer),
-                                         decoding, made_by=GENERATE, identity=identities[lang], batch_size=batch_size,
-                                         companions=[out / f"{lang}.json"])
+        with SampledOutput(out / f"{lang}.jsonl", "id", to_answer, GENERATE, identities[lang],
+                           companions=[out / f"{lang}.json"]) as output:
+            for prompt, completion in output.sample(model, tokenizer, decoding, batch_size=batch_size):
+                p = prompt.source
+                output.write({"id": prompt.key, "dataset": p.get("dataset", ""), "instruction": p["instruction"],
+                              "output": completion.text.strip(), "finish_reason": completion.finish_reason,
+                              "n_tokens": len(completion.tokens)})
+        written, generated = output.rows, output.generated
         if rank != 0:  # the other ranks of a torchrun launch hold no rows
             continue
         by_id = {str(row["id"]): row for row in written}

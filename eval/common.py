@@ -1,6 +1,6 @@
 """What the evaluation commands share: the languages checked, the model's part of an output's record, folder names.
 
-Generation for MGSM and X-AlpacaEval runs through lidr/rows.py `sample_rows`, as every stage that
+Generation for MGSM and X-AlpacaEval runs through lidr/harness/sampled.py `SampledOutput`, as every stage that
 samples does: resumable (a killed run loses only the rows still being generated), bound to what
 the output is made from (a rerun with another model, input file or settings is refused before
 anything is written, which would otherwise mix two runs in one number), over-length prompts not
@@ -9,7 +9,7 @@ answered and counted. `model_identity` is the model part of that record.
 
 import re
 
-from lidr.checkpoint import folder_identity
+from lidr.harness.outputs import folder_identity
 from lidr.languages import checked_languages
 
 
@@ -22,7 +22,7 @@ def check_langs(parser, langs: list[str]):
 
 
 def model_identity(folder, dtype: str | None, chat_format: str | None) -> dict:
-    """The model part of an output's record: the folder (lidr.checkpoint.folder_identity), dtype, chat format."""
+    """The model part of an output's record: the folder (lidr.harness.outputs.folder_identity), dtype, chat format."""
     return {"folder": folder_identity(folder), "dtype": dtype, "chat_format": chat_format}
 
 

@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lidr.jsonl import ResumableWriter
+from lidr.harness.outputs import ResumableWriter
 
 # alpaca_eval's weighted_alpaca_eval_gpt4_turbo annotator with the multilingual prompt, as the paper ran it
 PROTOCOL_DIR = Path(__file__).parent / "weighted_alpaca_eval_gpt4_turbo_multilingual"
@@ -240,7 +240,7 @@ class LocalJudge:
 
     def __init__(self, model, tokenizer, batch_size: int = 4, name: str = "local", identity=None):
         self.model, self.tokenizer, self.batch_size, self.name = model, tokenizer, batch_size, name
-        self.identity = identity  # what an output judged by it records (lidr.checkpoint.folder_identity)
+        self.identity = identity  # what an output judged by it records (lidr.harness.outputs.folder_identity)
         ids = {token: tokenizer.encode(token) for token in ("m", "M")}
         for token, token_ids in ids.items():
             if len(token_ids) != 1:
@@ -324,7 +324,7 @@ def judge_resumable(judge, pairs: list[dict], writer: ResumableWriter, both_orde
     """Judge the pairs [{key, instruction, first, second}] not yet in `writer` (keyed by "key"), a chunk at
     a time, appending {key, preference, orders}; returns how many were judged now.
 
-    The caller binds `writer`'s file to the texts judged (lidr.jsonl.bind_outputs): a rerun on
+    The caller binds `writer`'s file to the texts judged (lidr.harness.outputs.bind_outputs): a rerun on
     regenerated outputs is refused there, so every row here is about these texts.
     """
     judge_pairs = judge_both_orders if both_orders else judge_random_order
@@ -394,8 +394,8 @@ def make_judge(args):
     if args.judge == "http":
         return HttpJudge(args.base_url, args.judge_model, os.environ.get(args.api_key_env), cache_path=args.cache,
                          timeout=args.timeout, max_retries=args.max_retries, workers=args.workers)
-    from lidr.checkpoint import folder_identity
-    from lidr.rows import open_model
+    from lidr.harness.outputs import folder_identity
+    from lidr.harness.sampled import open_model
 
     folder = Path(args.judge_model)
     if not folder.is_dir():

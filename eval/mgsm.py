@@ -6,19 +6,19 @@
         --data ../shared/data/gsm8k/test --langs en de es fr ru
     torchrun --standalone --nproc_per_node=8 -m eval.mgsm ...      # the questions shared among 8 ranks
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
-        -m eval.mgsm ...                                           # on each node; OUT shared (lidr/cluster.py)
+        -m eval.mgsm ...                                           # on each node; OUT shared (lidr/harness/cluster.py)
 
 Every question is put to the model in the repository's MGSM prompt (--prompt-template alpaca, the
 default: lidr/settings.py PROMPT_TEMPLATES; docs/method.md §1.8), inside the model's chat format,
 after the system turn, and answered as the repository's MGSM script decodes: greedily, with the
 repetition penalty 1.1, at most 2,048 new tokens (lidr/settings.py MGSM). The prediction is the
 last number of the answer; it is right when it equals the reference number. The off-target rate
-is the share of answers that language identification (lidr/langid.py) places in another language
+is the share of answers that language identification (lidr/languages.py) places in another language
 than the one asked for.
 
 Files: {out}/{name}/{lang}.jsonl holds one row per question (question, answer, prediction, right or
 wrong, detected language), in the data's order; while generating, rows are appended to
-{lang}.jsonl.rank0.partial and merged in at the end (lidr/rows.py), so a rerun skips the rows
+{lang}.jsonl.rank0.partial and merged in at the end (lidr/harness/sampled.py), so a rerun skips the rows
 already there.
 {lang}.jsonl.made-from.json beside it records what it was made from (the data file's path, size
 and sha256, the model folder, the prompt and decoding settings): a rerun with another --data,
@@ -31,7 +31,7 @@ Input: a folder of {lang}.jsonl files, rows {query, response} (MGSM) or {instruc
 integers, decimals, fractions and powers of ten are read exactly, never as their last number), is
 dropped and counted; a file with no usable row is refused. A question too long for the model's
 context is not answered and is counted ("too_long"); an answer ends where the context does
-(lidr/rows.py's policy, every stage's).
+(lidr/harness/sampled.py's policy, every stage's).
 
 Reading the last number (`extract_last_number`): digits of any script (Bengali ১২, Thai ๑๒,
 Devanagari १२, full-width １２ — Unicode decimal digits; superscripts such as m² are not digits);
@@ -59,12 +59,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from eval.common import check_langs, model_identity
-from lidr import cluster, settings
+from lidr import settings
+from lidr.harness import cluster
 from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, command, from_flags, positive_int
-from lidr.jsonl import file_identity, read_records, write_json_atomic
-from lidr.langid import detect_language
+from lidr.harness.outputs import file_identity, read_records, write_json_atomic
+from lidr.languages import detect_language
 from lidr.languages import checked_languages
-from lidr.rows import Prompt, check_outputs, open_model, sample_rows, too_long_reason
+from lidr.harness.sampled import Prompt, SampledOutput, check_outputs, open_model, too_long_reason
 from lidr.settings import Decoding, derived_seed, template_text, user_turn
 from lidr.tokenizer import chat_messages
 
@@ -246,14 +247,13 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, decoding: Dec
             else:
                 prompts.append(Prompt(str(q["index"]), ids, derived_seed(decoding.seed, q["index"]), q))
 
-        def make_row(prompt, completion, lang=lang):
-            q, answer = prompt.source, completion.text.strip()
-            return {"index": q["index"], "lang": lang, "question": q["question"], "gold": q["gold_text"],
-                    "answer": answer, "finish_reason": completion.finish_reason,
-                    "n_tokens": len(completion.tokens), **score_answer(answer, q["gold"], lang)}
-
-        rows, generated = sample_rows(prompts, out / f"{lang}.jsonl", "index", make_row, lambda: (model, tokenizer),
-                                      decoding, made_by=MADE_BY, identity=identities[lang], batch_size=batch_size)
+        with SampledOutput(out / f"{lang}.jsonl", "index", prompts, MADE_BY, identities[lang]) as output:
+            for prompt, completion in output.sample(model, tokenizer, decoding, batch_size=batch_size):
+                q, answer = prompt.source, completion.text.strip()
+                output.write({"index": q["index"], "lang": lang, "question": q["question"], "gold": q["gold_text"],
+                              "answer": answer, "finish_reason": completion.finish_reason,
+                              "n_tokens": len(completion.tokens), **score_answer(answer, q["gold"], lang)})
+        rows, generated = output.rows, output.generated
         wanted = {q["index"] for q in questions}
         rows = [r for r in rows if r["index"] in wanted]
         summary["languages"][lang] = summarize(rows)

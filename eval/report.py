@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from lidr.cli import command
-from lidr.jsonl import write_text_atomic
+from lidr.harness.outputs import write_text_atomic
 
 # metric key in summary.json -> (title, number format, standard-error key)
 METRICS = {

@@ -1,27 +1,18 @@
 """HF checkpoint folders, the one currency of lidr: load them into `Llama`, and write them back.
 
-    from lidr.checkpoint import load, save
     model, tokenizer = load("Meta-Llama-3-8B-Instruct", device="cuda", dtype=torch.bfloat16)
     save("out/M1", model.cfg, model.state_dict(), tokenizer_from="Meta-Llama-3-8B-Instruct")
 
-A folder holds config.json, model.safetensors (or model-0000i-of-0000n.safetensors shards with
-model.safetensors.index.json) and the tokenizer files. Loading builds the model on the meta
-device and fills it tensor by tensor, shard by shard, straight into the requested dtype and
-device: the weights exist once (an 8B model loads in about 16 GB of host memory in bf16).
-Every tensor is checked: a missing, unexpected or misshapen one, or a shard the index names but
-the folder lacks, stops the load with the file and tensor named; so do a config.json that lacks a
-key, a truncated or corrupt safetensors file, and a tokenizer that does not belong to the model
-(`check_tokenizer_fits`: the chat format's special tokens, config.json's bos/eos ids, the
-vocabulary within the embedding). `check` does all of these checks from the files'
-headers without reading the weights, for a stage to run before it records what its output is made
-from; `folder_identity` says which checkpoint that is (see lidr/jsonl.py `check_output`). What
-`save` writes, transformers' `LlamaForCausalLM.from_pretrained` reads, and so does `load`.
-
-How this departs from transformers: no remote code, no hub, no quantized or pickled (.bin)
-weights; a checkpoint must be safetensors.
+A folder holds config.json, model.safetensors (or shards with model.safetensors.index.json) and
+the tokenizer files. Loading builds the model on the meta device and fills it tensor by tensor,
+straight into the requested dtype and device (an 8B model loads in about 16 GB in bf16). A
+missing, unexpected or misshapen tensor, a shard the index names but the folder lacks, a config
+that lacks a key, a truncated safetensors file and a tokenizer that does not belong to the model
+stop the load, naming file and tensor. `check` does all of this from the files' headers without
+reading weights. What `save` writes (atomically), transformers' from_pretrained reads.
+No remote code, no hub, no quantized or pickled (.bin) weights: docs/method.md §5.11.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,15 +24,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lidr.model import Llama, LlamaConfig, rope_inv_freq
-from lidr.tokenizer import Tokenizer
+from lidr.tokenizer import CHAT_FORMATS, Tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 DEFAULT_SHARD_BYTES = 5 * 2**30
-# the tokens each chat format writes: each must be one special token of the folder's tokenizer
-CHAT_TOKENS = {"llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-               "chatml": ("<|im_start|>", "<|im_end|>")}
 
 
 def default_dtype(device) -> torch.dtype:
@@ -67,26 +55,6 @@ def read_config(folder: str | os.PathLike) -> LlamaConfig:
         raise ValueError(f"{path}: the config lacks the key {e.args[0]!r}") from None
     except (TypeError, ZeroDivisionError) as e:  # e.g. "num_attention_heads": null or 0
         raise ValueError(f"{path}: a value of the config is not usable ({e})") from None
-
-
-def folder_identity(folder: str | os.PathLike) -> dict:
-    """Which checkpoint a folder holds, cheaply: its resolved path, config and tokenizer files by
-    size and sha256, safetensors files by size and modification time (hashing 16 GB of weights on
-    every run would cost minutes). A folder that is not a checkpoint stops with one sentence."""
-    folder = Path(folder).resolve()
-    if not folder.is_dir():
-        raise SystemExit(f"{folder}: no such model folder")
-    if not (folder / "config.json").is_file():
-        raise SystemExit(f"{folder / 'config.json'}: no config.json; is {folder} an HF checkpoint folder?")
-    files = {}
-    for path in sorted(folder.iterdir()):
-        if path.name in ("config.json", INDEX_FILE, *TOKENIZER_FILES):
-            data = path.read_bytes()
-            files[path.name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        elif path.suffix == ".safetensors":
-            stat = path.stat()
-            files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return {"path": str(folder), "files": files}
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -182,7 +150,7 @@ def check_tokenizer_fits(folder, cfg: LlamaConfig, tokenizer: Tokenizer):
         raise ValueError(f"{path}: {tokenizer.vocab_size} tokens do not fit the model's embedding (embed_tokens.weight "
                          f"has {cfg.vocab_size} rows); tokenizer and weights do not match")
     special = {i: t.content for i, t in tokenizer.tok.get_added_tokens_decoder().items() if t.special}
-    for token in CHAT_TOKENS[tokenizer.chat_format]:
+    for token in CHAT_FORMATS[tokenizer.chat_format]["tokens"]:
         if tokenizer.tok.token_to_id(token) not in special:
             raise ValueError(f"{path}: the {tokenizer.chat_format} chat format needs the special token {token!r}, "
                              f"which this tokenizer lacks or reads as plain text; tokenizer and model do not match")

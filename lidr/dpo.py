@@ -1,38 +1,16 @@
 """The DPO(+NLL) loss of LIDR as pure functions of log-probabilities (docs/method.md §1.5).
 
     loss = −log σ(β·[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))])
-           + α · ( −log π(y_c|x) / |y_c| )
+           + α · ( −log π(y_c|x) / |y_c| )                         # the NLL term: lidr/train.py
+    losses, chosen_rewards, rejected_rewards = preference_loss("sigmoid", policy_chosen_logps,
+        policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths, beta)
 
-    sum_logps, n_tokens = sequence_logps(logits, labels, loss_mask)        # log π(y|x), |y|
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-
-`dpo_loss` returns one loss per pair and the detached implicit rewards β·(log π − log π_ref); the
-NLL term α·(−log π(y_c|x)/|y_c|) is added by the trainer (lidr/train.py), because it needs |y_c|.
-
-Beside the paper's sigmoid loss, the common variants, each a pure function with the same inputs
-and outputs, picked by `preference_loss` (train_dpo.py --loss, --length-normalize, --label-smoothing).
-With h = (log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x)):
-
-    sigmoid  −log σ(β·h)                                   DPO (Rafailov et al. 2023), the paper's
-    ipo      (h_ln − 1/(2β))², h_ln: each log-ratio / |y|  IPO (Azar et al. 2023, Eq. 17), per token as TRL's
-    robust   (−(1−ε)·log σ(β·h) + ε·log σ(−β·h)) / (1−2ε)  robust DPO (Chowdhury et al. 2024), ε = label smoothing
-    hinge    max(0, 1 − β·h)                               SLiC-HF (Zhao et al. 2023)
-
---length-normalize divides each log-ratio by its response's token count before sigmoid, robust or
-hinge (the length-normalised DPO of Ahrabian et al. 2024, "LN-DPO"; TRL's `sigmoid_norm` for the
-sigmoid loss); IPO is per token already. The rewards reported are then β·(log-ratio / |y|). This
-is not SimPO (Meng et al. 2024), which also drops π_ref and adds a target margin γ.
-Log-probabilities are gathered at the label positions in fp32, a chunk of positions at a time,
-so no fp32 copy of the full [B, T, vocab] logits is ever made; `hidden_sequence_logps` goes one
-step further for the trainer and never makes the full logits at all: it applies the output
-matrix to the response positions only, a chunk at a time, recomputes each chunk's logits in
-the backward pass instead of keeping them, and sums per sequence when rows hold several packed
-sequences.
-
-How this departs from the reference (torchtune's DPOLoss, LLaMA-Factory's sigmoid DPO with
-`pref_ftx`): the NLL term is the per-sequence token mean of the chosen response, as LLaMA-Factory's
-`pref_ftx` is; the variants' values are TRL's (DPOTrainer, tests/test_dpo.py).
+With h the log-ratio difference above: sigmoid −log σ(β·h) (DPO, the paper's); ipo (h_ln − 1/(2β))²
+per token; robust (−(1−ε)·log σ(β·h) + ε·log σ(−β·h)) / (1−2ε); hinge max(0, 1 − β·h); each
+log-ratio divided by |y| with --length-normalize (LN-DPO). Rewards are β·log-ratio, detached.
+`hidden_sequence_logps` never makes the full [B, T, vocab] logits: it projects the response
+positions only, a chunk at a time, recomputed in backward. python train_dpo.py --loss ipo ...
+Sources of each variant and how this compares with torchtune, LLaMA-Factory and TRL: docs/method.md §5.10.
 """
 
 import torch

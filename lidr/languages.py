@@ -1,12 +1,18 @@
-"""The languages lidr knows: ISO 639-1 code -> the English name that prompts use.
+"""The languages lidr knows (ISO 639-1 code -> the English name prompts use) and which one a text is in.
 
-    from lidr.languages import language_name
-    language_name("sw")   # "Swahili", as in "Please answer in Swahili."
+    from lidr.languages import language_name, detect_language, is_off_target
+    language_name("sw")                                  # "Swahili", as in "Please answer in Swahili."
+    detect_language("Sie verdient 18 Dollar am Tag.")    # ("de", 0.79)
+    is_off_target("18", "de")                            # None: too few letters to tell
 
-The table covers every language of the paper's data (AlpaGasus prompts, X-AlpacaEval, MGSM,
-translated GSM8K). A code outside it is an error that names the known codes; so is a list of
-languages that names one twice (`checked_languages`: --langs fr,fr would double every pair).
+The table covers every language of the paper's data; an unknown code, or a list naming one twice,
+is an error naming it. Identification is py3langid (its model inside the wheel); digits, formulas
+and LaTeX do not vote (docs/method.md §5.9).
 """
+
+import functools
+import re
+import unicodedata
 
 LANGUAGES = {
     "en": "English",
@@ -44,3 +50,39 @@ def checked_languages(codes, dominant: str | None = None) -> list[str]:
     if dominant in codes:
         raise ValueError(f"the dominant language {dominant!r} is among the languages {','.join(codes)}")
     return codes
+
+
+# -----------------------------------------------------------------------------
+# which language a text is written in (the off-target rate of MGSM and X-AlpacaEval answers)
+
+MIN_LETTERS = 8
+LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+
+
+@functools.cache
+def _identifier():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def letters_only(text: str) -> str:
+    """The text with LaTeX commands, digits, punctuation and symbols replaced by spaces."""
+    text = LATEX_COMMAND.sub(" ", text)
+    kept = [ch if unicodedata.category(ch)[0] in "LM" else " " for ch in text]
+    return " ".join("".join(kept).split())
+
+
+def detect_language(text: str) -> tuple[str | None, float]:
+    """(ISO 639-1 code, probability), or (None, 0.0) when fewer than MIN_LETTERS letters remain."""
+    cleaned = letters_only(text)
+    if sum(unicodedata.category(ch)[0] == "L" for ch in cleaned) < MIN_LETTERS:
+        return None, 0.0
+    code, prob = _identifier().classify(cleaned)
+    return code, float(prob)
+
+
+def is_off_target(text: str, lang: str) -> bool | None:
+    """True when the text is identified as a language other than `lang`; None when undetermined."""
+    code, _ = detect_language(text)
+    return None if code is None else code != lang

@@ -4,33 +4,12 @@
     model, tokenizer = load("path/to/hf_folder", device="cpu", dtype=torch.float32)
     logits = model(tokens)                       # LongTensor [B, T] -> logits [B, T, vocab]
 
-Covers: grouped-query attention (n_kv_heads < n_heads), RoPE with θ from the config, Llama 3.1's
-`rope_scaling` of type "llama3", tied input/output embeddings (Llama 3.2 1B/3B, SmolLM2), RMSNorm,
-SwiGLU. Parameter names are HF's without the leading "model." (`layers.3.self_attn.q_proj.weight`),
-so a checkpoint maps onto the model with no renaming table.
-
-How this departs from the reference (transformers' LlamaForCausalLM):
-- RoPE uses HF's rotate-half layout directly (no q/k permutation when loading), and cos/sin are
-  computed from the positions in fp32 at every call instead of from a cached table: exact for any
-  position, and no 128k-row buffer for Llama 3.1.
-- Without explicit positions, a padded batch gets positions counted from each row's first real
-  token (left padding works as in `generate`); HF's plain forward counts from the first column.
-- Padding queries attend to themselves so that a fully padded row never turns into NaN; their
-  outputs are meaningless and must be ignored by the caller (the loss masks them).
-- Packed rows (the trainer) can attend through `Documents` instead of a dense [B, T, T] mask: on
-  CUDA with flex attention (torch >= 2.5) one compiled flex_attention call per layer under a
-  document block mask built once per forward (GQA native, masked blocks skipped); elsewhere one
-  causal SDPA call per packed sequence (flash kernels on CUDA). Both compute what the dense
-  block-diagonal mask does (tests/test_attention.py: flex's forward on CPU, where torch has no flex
-  backward; the per-sequence loop's forward and gradients).
-- Decoding one token per row over a KV cache (`Filled`, from lidr.sampler) attends over each row's
-  filled positions only and keeps GQA native: the query heads sharing a kv head become one masked
-  SDPA call's query rows (a plain masked call, which CUDA can run with its memory-efficient kernel;
-  SDPA with `enable_gqa` and a mask gets the math kernel, which upcasts to fp32 and repeats k and
-  v), or, in the compiled CUDA step, flex attention reads only the blocks a row has filled
-  (`filled_block_mask`). Neither has run on a GPU in this repository yet; on CPU the grouped call
-  is 1.2-1.6x faster than the `enable_gqa` one.
-- No dropout, no attention/MLP biases, no `pretraining_tp`: configs that ask for them are refused.
+Grouped-query attention, RoPE with θ from the config and Llama 3.1's "llama3" rope scaling, tied
+embeddings (Llama 3.2 1B/3B, SmolLM2), RMSNorm, SwiGLU. Parameter names are HF's without the
+leading "model.", so a checkpoint maps onto the model with no renaming table. Which attention
+kernel runs (packed rows, a KV cache, flash) is lidr/kernels/attention.py's choice; what the
+sampler keeps beside the model (KV cache, packed CPU weights) is lidr/kernels/cache.py.
+How it departs from transformers' LlamaForCausalLM: docs/method.md §5.1.
 """
 
 import math
@@ -40,15 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # optional: used on CUDA for unpadded bf16/fp16 batches when the package is importable
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
-
-try:  # torch >= 2.5: block-sparse attention, fused by torch.compile (the GPU machines have 2.11)
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-except ImportError:
-    BlockMask = create_block_mask = flex_attention = None
+from lidr.kernels.attention import attend, prepare_mask
 
 
 # -----------------------------------------------------------------------------
@@ -174,121 +145,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # -----------------------------------------------------------------------------
-# attention over packed rows (training)
-
-
-@dataclass(frozen=True)
-class Documents:
-    """Sequences packed side by side in each row: row b holds sequences of lengths[b][0], lengths[b][1], ...
-    tokens from column 0 on, then padding up to the row's width.
-
-    Attention stays inside a sequence (causal) and never crosses into another; the padding after
-    the last sequence attends causally among itself, as one more sequence (its outputs are
-    ignored). The same attention as the dense mask `same sequence & key not after query`.
-    """
-
-    lengths: tuple[tuple[int, ...], ...]
-
-
-def document_attention(q, k, v, documents: Documents, enable_gqa: bool) -> torch.Tensor:
-    """Causal attention within each packed sequence: q [B, H, T, D], k, v [B, KV, T, D] -> [B, H, T, D].
-
-    One SDPA call per sequence on views of the row (no mask, `is_causal`), so CUDA runs flash
-    kernels and nothing of size T² exists: what a variable-length kernel does, written with SDPA
-    so that it runs, with gradients, on every device and torch version. The fallback of
-    `document_block_mask` (a torch without flex attention).
-    """
-    T = q.shape[2]
-    rows = []
-    for b, lengths in enumerate(documents.lengths):
-        sizes = [n for n in (*lengths, T - sum(lengths)) if n > 0]
-        pieces = zip(*(t[b : b + 1].split(sizes, dim=2) for t in (q, k, v)))
-        rows.append(torch.cat([
-            F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=enable_gqa) for qs, ks, vs in pieces
-        ], dim=2))
-    return torch.cat(rows)
-
-
-def flex_documents(device: torch.device) -> bool:
-    """Whether packed rows attend through flex attention's document mask: on CUDA, where torch has it
-    (one fused kernel per layer, GQA native, fully masked blocks skipped, no Python loop over sequences)."""
-    return flex_attention is not None and device.type == "cuda"
-
-
-def document_block_mask(documents: Documents, T: int, device) -> "BlockMask":
-    """flex attention's block mask for packed rows of width T: a key is seen by the queries of its
-    own sequence at or after it; the padding after a row's last sequence is one more sequence."""
-    document_ids = torch.full((len(documents.lengths), T), -1, dtype=torch.long)
-    for b, lengths in enumerate(documents.lengths):
-        document_ids[b, : sum(lengths)] = torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
-    document_ids = document_ids.to(device)
-
-    def same_document_causal(b, h, q_idx, kv_idx):
-        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (kv_idx <= q_idx)
-
-    return create_block_mask(same_document_causal, len(documents.lengths), None, T, T, device=device)
-
-
-if flex_attention is not None:
-    # fused only when compiled (eager flex attention computes every score). The packed width changes
-    # from one micro-batch to the next: torch's automatic dynamic shapes compile the first width
-    # static and the second one dynamic, once, instead of one graph per width
-    compiled_flex_attention = torch.compile(flex_attention)
-
-
-# -----------------------------------------------------------------------------
-# attention over a KV cache (decoding one token per row)
-
-
-@dataclass(frozen=True)
-class Filled:
-    """Decoding one token per row over a KV cache whose row b holds keys and values at its first
-    lengths[b] positions (the new token's included); block_mask: the same as flex attention's
-    mask (`filled_block_mask`), given when the compiled step reads only the filled blocks."""
-
-    lengths: torch.Tensor  # [B] int64
-    block_mask: "BlockMask | None" = None
-
-
-FLEX_BLOCK = 128  # positions per block of flex attention's decode mask; a cache's length is a multiple of it
-
-
-def filled_block_mask(lengths: torch.Tensor, cache_len: int) -> "BlockMask":
-    """The block mask of `Filled` for flex attention over a cache of cache_len positions: row b reads
-    blocks 0 .. ceil(lengths[b] / FLEX_BLOCK) - 1 and masks the positions past its length inside
-    the last one. Built from tensors only (no shape depends on a length), so a compiled step
-    holding it is one static graph that CUDA graphs can capture."""
-    n_blocks = cache_len // FLEX_BLOCK
-    B = lengths.shape[0]
-    kv_num_blocks = ((lengths + FLEX_BLOCK - 1) // FLEX_BLOCK).to(torch.int32).view(B, 1, 1)
-    kv_indices = torch.arange(n_blocks, dtype=torch.int32, device=lengths.device).repeat(B, 1, 1, 1)
-
-    def filled(b, h, q_idx, kv_idx):
-        return kv_idx < lengths[b]
-
-    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=filled,
-                                    seq_lengths=(1, cache_len))
-
-
-def decode_attention(q, k, v, filled: Filled) -> torch.Tensor:
-    """One query per row over its filled cache positions: q [B, H, 1, D], k, v [B, KV, L, D] -> [B, H, 1, D].
-
-    With a block mask: flex attention (GQA native; compiled, it reads only each row's filled
-    blocks). Without: the queries that share a kv head become that head's query rows, q viewed as
-    [B, KV, H / KV, D], and one masked SDPA call attends over the L positions given: GQA without
-    copying k and v, and a plain masked call that CUDA runs with its memory-efficient kernel (SDPA
-    with `enable_gqa` and a mask gets the math kernel: an fp32 upcast and a repeat of k and v).
-    """
-    if filled.block_mask is not None:
-        return flex_attention(q, k, v, block_mask=filled.block_mask, enable_gqa=q.shape[1] != k.shape[1])
-    B, H, _, D = q.shape
-    KV, L = k.shape[1], k.shape[2]
-    visible = torch.arange(L, device=q.device) < filled.lengths[:, None]  # [B, L]
-    y = F.scaled_dot_product_attention(q.view(B, KV, H // KV, D), k, v, attn_mask=visible[:, None, None, :])
-    return y.view(B, H, 1, D)
-
-
-# -----------------------------------------------------------------------------
 # blocks
 
 
@@ -326,19 +182,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if cache is not None:  # store this step's k, v; get back the keys and values to attend over
             k, v = cache.update(k, v)
+        y = attend(q, k, v, mask)
         o_proj = self.o_proj if cache is None or cache.o_proj is None else cache.o_proj
-        gqa = self.n_kv_heads != self.n_heads
-        if mask is None and flash_attn_func is not None and x.is_cuda and x.dtype != torch.float32:
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-            return o_proj(y.reshape(B, T, -1))
-        if isinstance(mask, Filled):
-            y = decode_attention(q, k, v, mask)
-        elif isinstance(mask, Documents):
-            y = document_attention(q, k, v, mask, gqa)
-        elif BlockMask is not None and isinstance(mask, BlockMask):  # packed rows: `document_block_mask`
-            y = compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -403,31 +248,14 @@ class Llama(nn.Module):
         sequence lengths of each row), or [B, T(query), T(key)], True where a query may attend a
         key, used as given. Decoding over a cache: a `Filled` (each row's filled cache length).
 
-        cache: while generating (lidr.sampler.KVCache), what the generation keeps beside the
+        cache: while generating (lidr.kernels.cache.KVCache), what the generation keeps beside the
         model. Layer i stores this call's keys and values with `cache.layers[i].update(k, v)` and
         attends over what that returns; where the layer cache holds projections (`qkv_proj`,
         `o_proj`, `gate_up_proj`, `down_proj`, and `cache.lm_head`: the CPU's fused, prepacked
         copies) they run instead of the model's own. With a cache only the last position is
         projected to the vocabulary: logits [B, vocab].
         """
-        B, T = tokens.shape
-        mask = None
-        if isinstance(attention_mask, Documents) and flex_documents(tokens.device):
-            mask = document_block_mask(attention_mask, T, tokens.device)  # once for every layer
-        elif isinstance(attention_mask, (Documents, Filled)):
-            mask = attention_mask
-        elif attention_mask is not None and attention_mask.dim() == 3:
-            mask = attention_mask.bool()[:, None]  # broadcast over heads
-        elif attention_mask is not None:
-            real = attention_mask.bool()
-            if positions is None:
-                positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-            eye = torch.eye(T, dtype=torch.bool, device=tokens.device)
-            mask = (causal & real[:, None, :]) | eye  # [B, T(query), T(key)]
-            mask = mask[:, None]  # broadcast over heads
-        if positions is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        mask, positions = prepare_mask(attention_mask, positions, *tokens.shape, tokens.device)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         layer_caches = [None] * len(self.layers) if cache is None else cache.layers

@@ -1,66 +1,24 @@
 """LIDR preference pairs: the gap between the dominant language and the others, as DPO data.
 
-    python -m lidr.pairs --dir runs/lidr/iter1 --langs es,ru,de,fr [--dominant-pairs all|one] [--check-language]
+    python -m lidr.cli.pairs --dir runs/lidr/iter1 --langs es,ru,de,fr [--dominant-pairs all|one]
 
 For every prompt id and every non-dominant language l (docs/method.md §1.4), from M_t's own
 answers y and self-translations:
 - non-dominant pair: prompt x_l, chosen y_en→l, rejected y_l
 - dominant pair:     prompt x_en, chosen y_en,  rejected y_l→en
-When either translation of an id and language failed (y_en→l or y_l→en), both of its pairs are
-dropped, as the repository's preprocess_dpo_format_dataset.py does (--failed-translation
-drop-both, the default; drop-one keeps the pair whose own translation succeeded). For prompts that
-are themselves translation requests (their ids in `translation_task_ids.jsonl`) the chosen answer
-of the non-dominant pair is the untranslated y_en: translating a translation would change what was
-asked for.
-
-Reads the stage outputs of one iteration folder (the layout `iterate.py` writes):
-    generate/{lang}.jsonl   rows {id, instruction, response}
-    translate/en-{l}.jsonl  rows {id, translation, translation_error} (y_en → l)
-    translate/{l}-en.jsonl  rows {id, translation, translation_error} (y_l → en)
-and writes pairs.jsonl ({id, lang, direction, source_lang, prompt, chosen, rejected}; the prompt is
-the user turn M_t was asked: generate.py's --prompt-template, recorded in its rows, filled in) and
-pairs_report.json (every count, per language and reason, and what the pairs were made from: each
-input file's resolved path, size and sha256, the options). Ids are compared as text (3 and "3"
-are one id); an empty or whitespace-only answer or translation is no answer; a language named
-twice in --langs, or the dominant one among them, is refused. An existing pairs file is written
-over only when lidr.pairs wrote it from the same inputs and options (pairs.jsonl.made-from.json):
-another command's file (`--out generate/en.jsonl`), a file of unknown origin, or other inputs
-are refused, naming the file and what changed.
-
-How this departs from the reference repository (each a named option; the defaults are the reference's
-rules unless said otherwise here):
-- --failed-translation drop-one (not the default) keeps a pair whose own translation succeeded when
-  the other direction's failed: on Llama-3-8B-Instruct's real French data that is 78 more English
-  pairs (tests/test_pairs.py).
-- Its dominant (English) pairs come from the last language only (a file overwritten in a loop).
-  Here every language contributes its dominant pairs (--dominant-pairs all, the default), or one
-  language per id is sampled with a seed (--dominant-pairs one, the repository's count without its
-  bias towards the last language); the report says which.
-- Pairs whose chosen equals rejected are dropped (the repository keeps them; they carry no signal
-  and a zero DPO gradient). Optional: language identification of the chosen answer
-  (--check-language), a fidelity check for arithmetic answers (--check-numbers: the translated
-  side of a pair must carry its source's numbers, and the arithmetic signs written between two of
-  them, in order; a small model's translations often do not, and a translation that keeps
-  "9 - 8 = 1"'s numbers but writes "9 + 8 = 1" teaches the wrong sum), for answers that end in a checkable number --drop-same-answer (chosen and rejected end
-  in the same number: the pair prefers one right answer over another, or one wrong answer over
-  another, and DPO would push down the rejected one's correct steps with it; the controlled world
-  measures this, bench/RESULTS.md) and length limits in characters.
+A failed translation (either direction) drops both pairs of its id and language, the reference's
+rule; a prompt that is itself a translation request keeps y_en as its chosen answer. `build_pairs`
+is a function of texts in, pairs and a report out; reading an iteration folder and writing
+pairs.jsonl is lidr/harness/stage_files.py. Where this departs from the reference: docs/method.md §5.5.
 """
 
-import argparse
 import hashlib
-import json
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
-from lidr.cli import add_flags, command, from_flags
-from lidr.jsonl import (
-    check_output, file_identity, hold_lock, read_records, record_output, write_json_atomic, write_text_atomic,
-)
 from lidr.languages import checked_languages
-from lidr.settings import check_settings, seeded, setting, user_turn
+from lidr.settings import check_settings, seeded, setting
 
 DIRECTIONS = ("non_dominant", "dominant")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -82,7 +40,7 @@ def arithmetic(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class PairOptions:
-    """The rules that turn answers and translations into pairs (flags of `python -m lidr.pairs` and iterate.py)."""
+    """The rules that turn answers and translations into pairs (flags of `python -m lidr.cli.pairs` and iterate.py)."""
 
     dominant: str = setting("en", "the dominant language")
     dominant_pairs: str = setting("all", "all: every language's dominant pairs; one: one language sampled per id",
@@ -112,12 +70,12 @@ def build_pairs(prompts, answers, en_to, to_en, translation_task_ids, langs, opt
     prompts[lang][id], answers[lang][id]: texts (answers missing for ids M_t did not answer);
     en_to[l][id]: y_en translated into l, to_en[l][id]: y_l translated into English; a failed
     translation is None. off_target(text, lang) -> True/False/None (undetermined) is the language
-    check of options.check_language (default: lidr.langid.is_off_target).
+    check of options.check_language (default: lidr.languages.is_off_target).
     """
     en = options.dominant
     langs = checked_languages(langs, dominant=en)
     if options.check_language and off_target is None:
-        from lidr.langid import is_off_target as off_target
+        from lidr.languages import is_off_target as off_target
     skipped = defaultdict(Counter)  # language -> reason -> count
     made = defaultdict(Counter)  # language -> direction -> count
     pairs = []
@@ -221,150 +179,3 @@ def id_set_digest(ids) -> dict:
     """A set of ids as (count, sha256 of the sorted ids as text): what a report records of it."""
     text = "\n".join(sorted(map(str, ids)))
     return {"count": len(set(map(str, ids))), "sha256": hashlib.sha256(text.encode()).hexdigest()}
-
-
-# -----------------------------------------------------------------------------
-# reading one iteration's stage outputs
-
-
-def text_or_none(value) -> str | None:
-    """A usable text, or None: not a string, empty, or only whitespace."""
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def stage_rows(path: Path) -> list[tuple[int, dict, str]]:
-    """[(line, row, id as text)] of a stage output; a bad row, a row without an id or an id written
-    twice is an error naming the file and line."""
-    rows, bad = read_records(path)
-    if bad:
-        raise ValueError(f"{path}:{bad[0][0]}: {bad[0][1]}")
-    seen, out = {}, []
-    for line, row in rows:
-        if "id" not in row:
-            raise ValueError(f"{path}:{line}: row has no 'id'")
-        key = str(row["id"])
-        if key in seen:
-            raise ValueError(f"{path}:{line}: id {key!r} again (first on line {seen[key]})")
-        seen[key] = line
-        out.append((line, row, key))
-    return out
-
-
-def read_texts(path: Path, field: str) -> dict:
-    """id (as text) -> text from a stage output, None where the field is missing, empty or whitespace."""
-    return {key: text_or_none(row.get(field)) for _, row, key in stage_rows(path)}
-
-
-def read_user_turns(path: Path, lang: str, field: str = "instruction", out_field: str = "response") -> dict:
-    """id (as text) -> the user turn M_t was asked, None where the prompt is missing or empty: the prompt in
-    the template generate.py recorded in `<out_field>_meta` (lidr.settings.user_turn, `lang` filling its
-    {language}; a row without one was asked as it is)."""
-    turns = {}
-    for line, row, key in stage_rows(path):
-        text, meta = text_or_none(row.get(field)), row.get(out_field + "_meta")
-        template = meta.get("prompt_template", "plain") if isinstance(meta, dict) else "plain"
-        try:
-            turns[key] = user_turn(template, text, lang) if text else None
-        except ValueError as e:
-            raise ValueError(f"{path}:{line}: {e}") from None
-    return turns
-
-
-def read_translations(path: Path) -> dict:
-    """id (as text) -> translation, None where it failed (lidr's translation_error, the reference's
-    marker, or an empty or whitespace-only text)."""
-    from lidr.translation import REFERENCE_FAILURE_MARKER
-
-    out = {}
-    for line, row, key in stage_rows(path):
-        if "translation" not in row:
-            raise ValueError(f"{path}:{line}: row needs 'id' and 'translation'")
-        text = text_or_none(row["translation"])
-        failed = row.get("translation_error") or text is None or text == REFERENCE_FAILURE_MARKER
-        out[key] = None if failed else text
-    return out
-
-
-def read_translation_task_ids(path) -> set:
-    """The ids (as text) of the prompts that are translation requests; a row without an id is an error."""
-    if path is None:
-        return set()
-    rows, bad = read_records(path)
-    if bad:
-        raise ValueError(f"{path}:{bad[0][0]}: {bad[0][1]}")
-    missing = next((line for line, row in rows if "id" not in row), None)
-    if missing is not None:
-        raise ValueError(f"{path}:{missing}: row has no 'id'")
-    return {str(row["id"]) for _, row in rows}
-
-
-def stage_files(folder: Path, langs, en: str) -> dict:
-    """name -> path of every stage output the pairs are built from."""
-    files = {f"generate/{lang}": folder / "generate" / f"{lang}.jsonl" for lang in (en, *langs)}
-    for lang in langs:
-        files[f"translate/{en}-{lang}"] = folder / "translate" / f"{en}-{lang}.jsonl"
-        files[f"translate/{lang}-{en}"] = folder / "translate" / f"{lang}-{en}.jsonl"
-    return files
-
-
-def build_from_dir(folder, langs, options=PairOptions(), translation_task_ids=frozenset(), field="response",
-                   prompt_field="instruction"):
-    folder = Path(folder)
-    en = options.dominant
-    langs = checked_languages(langs, dominant=en)
-    files = stage_files(folder, langs, en)
-    identities = {name: file_identity(path) for name, path in files.items()}  # before reading: a missing one is named
-    prompts = {lang: {k: v for k, v in read_user_turns(files[f"generate/{lang}"], lang, prompt_field, field).items()
-                      if v} for lang in (en, *langs)}
-    answers = {lang: {k: v for k, v in read_texts(files[f"generate/{lang}"], field).items() if v}
-               for lang in (en, *langs)}
-    en_to = {lang: read_translations(files[f"translate/{en}-{lang}"]) for lang in langs}
-    to_en = {lang: read_translations(files[f"translate/{lang}-{en}"]) for lang in langs}
-    pairs, report = build_pairs(prompts, answers, en_to, to_en, {str(i) for i in translation_task_ids}, langs, options)
-    report["made_from"]["inputs"] = identities
-    return pairs, report
-
-
-def write_rows_and_report(rows, report, out_jsonl, out_report, made_by: str):
-    """Write the rows and their report, over an earlier output only when `made_by` made it from the
-    same inputs and options (report["made_from"]); refuse, naming the file, otherwise."""
-    with hold_lock(out_jsonl, made_by):  # one process per output
-        check_output(out_jsonl, made_by, report["made_from"], companions=[out_report])
-        record_output(out_jsonl, made_by, report["made_from"])
-        write_text_atomic(out_jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        write_json_atomic(out_report, report)
-
-
-def write_pairs(pairs, report, out_jsonl, out_report):
-    """The pairs and their report (lidr.pairs' output)."""
-    write_rows_and_report(pairs, report, out_jsonl, out_report, "lidr.pairs")
-
-
-@command("rerun the same command (its outputs are written whole or not at all)")
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")
-    parser.add_argument("--langs", required=True, help="non-dominant languages, comma-separated (e.g. es,ru,de,fr)")
-    add_flags(parser, PairOptions(), title="pair rules")
-    parser.add_argument("--translation-task-ids", help="JSONL with the ids of prompts that are translation requests")
-    parser.add_argument("--out", help="pairs JSONL (default: DIR/pairs.jsonl; the report goes beside it)")
-    args = parser.parse_args(argv)
-    options = from_flags(args, PairOptions())
-    out = Path(args.out or Path(args.dir) / "pairs.jsonl")
-    try:
-        task_ids = read_translation_task_ids(args.translation_task_ids)
-        pairs, report = build_from_dir(args.dir, args.langs.split(","), options, task_ids)
-    except (OSError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    if args.translation_task_ids:
-        report["made_from"]["inputs"]["translation_task_ids"] = file_identity(args.translation_task_ids)
-    write_pairs(pairs, report, out, out.with_name(out.stem + "_report.json"))
-    print(f"{len(pairs)} pairs -> {out}")
-    for lang, counts in report["per_language"].items():
-        print(f"  {lang}: {counts}")
-    if not pairs:
-        raise SystemExit(f"{out.with_name(out.stem + '_report.json')}: no pairs were made; see the counts")
-
-
-if __name__ == "__main__":
-    main()

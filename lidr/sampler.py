@@ -1,82 +1,27 @@
 """The sampler: batched, KV-cached generation from a `Llama`, the engine behind every lidr stage.
 
-    from lidr.sampler import generate
-    from lidr.settings import Decoding
-    decoding = Decoding(max_new_tokens=2400, repetition_penalty=1.1)
-    outs = generate(model, tokenizer, [tokenizer.encode_chat(chat) for chat in chats], decoding, ("</translated>",))
+    from lidr.sampler import completions, generate
+    outs = generate(model, tokenizer, prompt_ids, Decoding(max_new_tokens=2400), ("</translated>",))
     outs[0].text, outs[0].tokens, outs[0].finish_reason    # "stop_token" | "stop_string" | "length"
+    for i, completion in completions(model, tokenizer, prompt_ids, decoding): ...   # as rows finish
 
-    python generate.py --model DIR --prompts IN.jsonl --out OUT.jsonl       # the command line over it
-
-How it works. The batch is a fixed number of slots, each owning one row of a KV cache
-preallocated per layer as [batch, kv_heads, length, head_dim]. A waiting prompt is prefilled
-alone into a free slot (no padding: positions 0..T-1, plain causal attention). Then each step
-decodes one token for every slot at once: a slot writes its k, v at its own position and attends
-over the positions it has filled. A finished row (stop token, stop string, max_new_tokens) hands
-its slot to the next waiting prompt; once no prompt waits and half the slots are idle, the batch
-is compacted to the live rows (moved to the first slots, inside the same buffers). Both forwards
-are the model's own (`Llama.forward` with `cache=`): the cache, and on CPU the packed weights,
-live in a KVCache beside the model, so the caller's model is never changed, even by a generation
-that fails, and any number of generations (of one model or several) can share a process. Sampled
-tokens stay on the device; the host reads them every SYNC_EVERY steps, or when a row reaches
-max_new_tokens, to find stops, so a finished row wastes at most SYNC_EVERY - 1 steps of its slot.
-Stop strings are found incrementally: each read decodes only the new tokens and searches only the
-text a new match could lie in, linear in the output (`stop_string_end`). On CPU the weights are
-repacked for the generation (see PackedLinear): q/k/v and gate/up become one product each, run
-by oneDNN on a prepacked copy, which is what makes decoding on CPU 1.5 to 2x faster than with the
-model's own nn.Linear layers.
-
-One KV cache per model, kept. `kv_cache` allocates a model's cache once, for batch_size slots and
-a length rounded up to FLEX_BLOCK, and keeps it beside the model (a weak reference: it goes with
-the model) for the next `generate` call, which reuses it when it fits (else it is replaced by one
-large enough for both). A compiled decode step thus finds the same buffers at every call, and on
-CUDA the graphs it captured once are replayed by every later generation.
-
-Which attention runs where (lidr.model.decode_attention). Eager (the default, CPU and CUDA): a
-step attends over the filled part of the cache rounded up to LENGTH_BUCKET, through one masked
-SDPA call with the query heads that share a kv head as that head's query rows (GQA without
-copying k and v; a plain masked call, which CUDA can run with its memory-efficient kernel, where
-a mask with `enable_gqa` gets the math kernel; not yet measured on a GPU). Compiled (`compile=True`, `fullgraph=True`), every shape of the decode
-step is static: the batch is batch_size slots, or the smallest power of two that holds every
-prompt if that is fewer; compaction keeps a power of two of slots (idle ones fill it up). On CUDA
-the step attends through flex attention with a block mask built from the rows' lengths: it
-reads only each row's filled blocks, and the mask is tensors, not shapes, so one graph per batch
-size serves every length and CUDA graphs (mode "reduce-overhead") capture it; if inductor skips
-CUDA graphs, the generation stops with an error (`check_cuda_graphs`). On CPU the compiled step
-runs the grouped SDPA over the whole cache. A generation compiles at most 1 + log2(batch) graphs,
-each once per process (torch stops compiling a function after 8 graphs, and the step then runs
-eager). Length buckets were the other way to read less than the whole cache; compiled, each
-bucket is another graph (and another CUDA graph), which the recompile limit does not allow.
-
-Sampling follows vLLM's order and meaning: repetition penalty over the prompt and the generated
-tokens (a seen token's logit l becomes l / r if l > 0 else l * r), temperature (0 = greedy
-argmax), top-k, top-p (keep the smallest set of most likely tokens whose probability reaches p),
-then a draw from the row's own generator (seeded per request: `seed + i` for prompt i unless
-`seeds` says otherwise), so a request samples the same tokens alone or in any batch. The settings
-are a `lidr.settings.Decoding` (its `system` belongs to the prompt, and the sampler ignores it).
-
-How this departs from the reference (transformers' `generate`, vLLM):
-- Prompts are prefilled one at a time, unpadded, instead of as a padded batch: padding cannot
-  change an output, at the price of less parallel prefill (a small share of LIDR's long outputs).
-- A stop string ends the row at the token that completes it: `tokens` keeps that token, `text`
-  is cut before the stop string. A stop token is dropped from both. Prefilled assistant text is
-  part of the prompt and not of the completion.
-- The compiled path (`compile=True`) has not been measured on a GPU in this repository yet. On
-  CPU it runs the packed products as a custom op and fuses the small ops around them: ~10%
-  faster than eager for SmolLM2 once compiled (about as fast at batch 16), after 10-60 s of
-  compilation per batch size (cached on disk by inductor for later processes), and slower than
-  eager for long outputs, since it attends over the whole cache: off by default.
+A batch is a fixed number of slots, each a row of a KV cache kept beside the model
+(lidr/kernels/cache.py). A waiting prompt is prefilled alone into a free slot (no padding); each
+step then decodes one token for every slot; a finished row hands its slot to the next prompt, and
+once none waits the batch is compacted to the live rows. Tokens stay on the device; the host reads
+them every SYNC_EVERY steps to find stops. Sampling follows vLLM: repetition penalty, temperature
+(0: greedy), top-k, top-p, then a draw from the row's own seeded generator, so a row samples the
+same tokens alone or in any batch. `compile=True` compiles the decode step with static shapes
+(CUDA graphs on CUDA). How this departs from transformers' generate and vLLM: docs/method.md §5.2.
 """
 
-import time
-import weakref
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from lidr.model import FLEX_BLOCK, Filled, Llama, filled_block_mask, flex_attention
-from lidr.progress import Progress
+from lidr.kernels.attention import flex_attention
+from lidr.kernels.cache import Session, check_cuda_graphs, cuda_graph_skips, decode_logits, kv_cache
+from lidr.model import Llama
 from lidr.settings import Decoding
 
 SYNC_EVERY = 8  # decode steps between two reads of the sampled tokens by the host
@@ -100,227 +45,6 @@ class Completion:
     def __post_init__(self):
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
-
-
-# -----------------------------------------------------------------------------
-# what a generation keeps beside the model: the KV cache and, on CPU, packed weights
-
-
-def onednn_available() -> bool:
-    """Whether this torch build has the oneDNN linear kernels (every x86 and ARM CPU wheel does)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-@torch.library.custom_op("lidr::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x, packed_weight):
-    return x.new_empty(*x.shape[:-1], packed_weight.shape[0])  # a packed weight keeps its [out, in] size
-
-
-class PackedLinear(nn.Module):
-    """Bias-free nn.Linear weights as one product for CPU inference, on a copy packed once for oneDNN.
-
-    MKL's plain fp32 GEMM reaches a third of the machine's arithmetic rate on the 1- to 16-row
-    products of decoding and half its memory bandwidth on one row; oneDNN's kernel over a weight
-    prepacked for about `rows` rows is 1.2 to 3x faster on every projection of SmolLM2, and one
-    wide product (q/k/v together, gate/up together) streams weights faster than several narrow
-    ones (bench/RESULTS.md). The packed copy is an opaque oneDNN tensor held by this module alone.
-    """
-
-    def __init__(self, weights: list[torch.Tensor], rows: int):
-        super().__init__()
-        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-        # a plain attribute, not a buffer: never saved, moved or cast with the module
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-
-    def forward(self, x):
-        if torch.compiler.is_compiling():  # inductor cannot lower oneDNN's op itself; as a custom op it calls it
-            return packed_linear(x, self.packed_weight)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
-
-
-@dataclass
-class CacheState:
-    """What every layer's cache must know about the running forward; set by the Session."""
-
-    slot: int | None = None  # prefill: the slot that the prompt fills; None while decoding
-    writes: torch.Tensor | None = None  # decode: [rows * kv_heads] rows of a cache viewed as [-1, head_dim]
-    rows: int = 0  # decode: how many slots (the first ones) take part
-    length: int = 0  # decode: how many cache positions are attended
-
-
-class LayerCache(nn.Module):
-    """One layer's keys and values for every slot, [batch, kv_heads, length, head_dim], and on CPU
-    the layer's projections packed (q/k/v fused, o, gate/up fused, down), read by `Llama.forward`.
-
-    A module with (non-persistent) buffers, as in gpt-fast, so that a compiled decode step treats
-    the cache as static addresses and can capture it in a CUDA graph; compaction moves rows inside
-    the same buffers, so the addresses never change.
-    """
-
-    def __init__(self, state: CacheState, layer, batch_size: int, length: int, pack: bool):
-        super().__init__()
-        attn, mlp = layer.self_attn, layer.mlp
-        weight = attn.o_proj.weight
-        self.state = state
-        shape = (batch_size, attn.n_kv_heads, length, attn.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
-        self.qkv_proj = self.o_proj = self.gate_up_proj = self.down_proj = None  # None: the model's own layers run
-        if pack:
-            self.qkv_proj = PackedLinear([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], batch_size)
-            self.o_proj = PackedLinear([attn.o_proj.weight], batch_size)
-            self.gate_up_proj = PackedLinear([mlp.gate_proj.weight, mlp.up_proj.weight], batch_size)
-            self.down_proj = PackedLinear([mlp.down_proj.weight], batch_size)
-
-    def update(self, k, v):
-        """Store k, v [b, kv_heads, T, head_dim]; return the keys and values to attend over."""
-        state = self.state
-        if state.slot is not None:  # prefill into an empty slot: the prompt attends over itself
-            T = k.shape[2]
-            self.k[state.slot, :, :T] = k[0]
-            self.v[state.slot, :, :T] = v[0]
-            return k, v
-        head_dim = k.shape[-1]
-        self.k.view(-1, head_dim).index_copy_(0, state.writes, k.reshape(-1, head_dim))
-        self.v.view(-1, head_dim).index_copy_(0, state.writes, v.reshape(-1, head_dim))
-        return self.k[: state.rows, :, : state.length], self.v[: state.rows, :, : state.length]
-
-    def keep(self, rows: torch.Tensor):
-        """Compact the batch to `rows` (slot indices): they become slots 0 .. len(rows) - 1, in place."""
-        self.k[: len(rows)] = self.k[rows]
-        self.v[: len(rows)] = self.v[rows]
-
-
-class KVCache(nn.Module):
-    """Everything generating from a model keeps beside it, passed to `Llama.forward` as `cache`: a
-    LayerCache per layer and, on CPU, the output projection packed. The model itself is never
-    changed, so generations on any number of models can run in one process, one inside another.
-
-    length: positions per slot, a multiple of FLEX_BLOCK. pack: whether the cache holds packed
-    copies of the weights (then it serves only while the model's weights stay as they were).
-    """
-
-    def __init__(self, model: Llama, batch_size: int, length: int, pack: bool):
-        super().__init__()
-        self.batch_size, self.length, self.pack = batch_size, length, pack
-        self.state = CacheState()
-        self.layers = nn.ModuleList(LayerCache(self.state, layer, batch_size, length, pack) for layer in model.layers)
-        self.lm_head = PackedLinear([model.lm_head.weight], batch_size) if pack else None
-        self.weight_versions = weight_versions(model) if pack else None
-        self.in_use = False  # a generation runs on it (another one, started from on_finish, gets its own)
-
-    def serves(self, model: Llama, batch_size: int, length: int, pack: bool) -> bool:
-        """Whether a generation of batch_size slots and length positions can run on this cache."""
-        weight, k = model.embed_tokens.weight, self.layers[0].k
-        return (not self.in_use and batch_size <= self.batch_size and length <= self.length and pack == self.pack
-                and (weight.dtype, weight.device) == (k.dtype, k.device)  # a model moved or cast since
-                and (not pack or weight_versions(model) == self.weight_versions))
-
-    def keep(self, rows: torch.Tensor):
-        for layer in self.layers:
-            layer.keep(rows)
-
-
-def weight_versions(model: Llama) -> list[int]:
-    """Every parameter's version counter: it moves with each in-place change (an optimizer step, a load)."""
-    return [p._version for p in model.parameters()]
-
-
-def packs(model: Llama) -> bool:
-    """Whether a KVCache for this model packs its weights: fp32 on CPU with oneDNN, the dtype measured and
-    tested here (oneDNN's bf16 kernels depend on the CPU)."""
-    weight = model.embed_tokens.weight
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available()
-
-
-CACHES: "weakref.WeakKeyDictionary[Llama, KVCache]" = weakref.WeakKeyDictionary()  # one per model, kept
-
-
-def kv_cache(model: Llama, batch_size: int, max_len: int, pack: bool | None = None) -> KVCache:
-    """The model's KVCache for batch_size slots of max_len positions: allocated once and kept (beside,
-    not inside, the model) for the next generation, so that a compiled decode step finds the same
-    buffers, and CUDA graphs captured once are replayed by every later call. A cache too small, or
-    holding packed copies of weights that changed since, is replaced by one large enough for both
-    the old and the new request. pack None: `packs(model)`."""
-    pack = packs(model) if pack is None else pack
-    length = -(-max_len // FLEX_BLOCK) * FLEX_BLOCK
-    cache = CACHES.get(model)
-    if cache is not None and cache.serves(model, batch_size, length, pack):
-        return cache
-    if cache is not None and cache.in_use:  # a generation inside another one, on the same model
-        return KVCache(model, batch_size, length, pack)
-    if cache is not None:  # the old buffers go before the new ones are allocated
-        batch_size, length = max(batch_size, cache.batch_size), max(length, cache.length)
-        del CACHES[model], cache
-    CACHES[model] = cache = KVCache(model, batch_size, length, pack)
-    return cache
-
-
-def decode_logits(model: Llama, cache: KVCache, tokens, positions, length: int, flex: bool = False):
-    """One token per slot: tokens, positions [rows] -> logits [rows, vocab]. Row b has filled its cache
-    up to its position; flex: attend through flex attention's block mask over the whole cache
-    (compiled, it reads only the filled blocks), else SDPA over the first `length` positions."""
-    lengths = positions + 1
-    filled = Filled(lengths, filled_block_mask(lengths, length) if flex else None)
-    return model(tokens[:, None], positions[:, None], filled, cache=cache)
-
-
-class Session:
-    """A model and a KVCache: prefill a slot, decode a step, compact the batch.
-
-    On CPU (fp32, oneDNN) the cache holds packed copies of the weights (see PackedLinear): a
-    process that generates on CPU holds the weights twice while the model lives (`CACHES`).
-    """
-
-    def __init__(self, model: Llama, cache: KVCache):
-        self.model, self.cache = model, cache
-        # the row of a cache viewed as [-1, head_dim] where slot s, kv head h starts: (s * kv_heads + h) * length
-        # (compaction keeps slots 0..n-1, so the first n rows stay right)
-        n_kv_heads = model.cfg.n_kv_heads
-        device = model.embed_tokens.weight.device
-        slots = torch.arange(cache.batch_size * n_kv_heads, device=device).view(cache.batch_size, -1)
-        self.row_starts = slots * cache.length
-
-    def prefill(self, slot: int, prompt: torch.Tensor) -> torch.Tensor:
-        """Fill `slot` with a prompt [T]; logits [1, vocab] of its last token."""
-        self.cache.state.slot = slot
-        try:
-            return self.model(prompt[None], cache=self.cache)
-        finally:
-            self.cache.state.slot = None
-
-    def decode(self, tokens, positions, length: int, step_fn=decode_logits, flex: bool = False) -> torch.Tensor:
-        """tokens, positions [rows] -> logits [rows, vocab] for slots 0 .. rows - 1; step_fn: decode_logits, or
-        it compiled; length: the cache positions attended (the whole cache with flex)."""
-        state = self.cache.state
-        state.writes = (self.row_starts[: len(tokens)] + positions[:, None]).flatten()  # for every layer
-        state.rows, state.length = len(tokens), length
-        return step_fn(self.model, self.cache, tokens, positions, length, flex)
-
-    def keep(self, rows: torch.Tensor):
-        self.cache.keep(rows)
-
-
-def cuda_graph_skips() -> int:
-    """How many times inductor has run a compiled graph without CUDA graphs in this process (torch >= 2.4
-    counts them; 0 where it does not)."""
-    from torch._dynamo.utils import counters
-
-    return counters["inductor"]["cudagraph_skips"]
-
-
-def check_cuda_graphs(skips_before: int):
-    """Fail loudly when inductor skipped CUDA graphs for the decode step (compile=True on CUDA): a step
-    would then launch every kernel from the host, the slowdown that compiling is meant to remove."""
-    skipped = cuda_graph_skips() - skips_before
-    if skipped > 0:
-        raise RuntimeError(f"compile=True: inductor ran the decode step without CUDA graphs ({skipped} graph(s) "
-                           "skipped); rerun with TORCH_LOGS=perf_hints to see why, or generate without compile")
 
 
 # -----------------------------------------------------------------------------
@@ -445,26 +169,13 @@ def finished_completion(row: Row, tokenizer, decoding: Decoding, stop_strings, s
 
 
 @torch.inference_mode()
-def generate(
-    model: Llama,
-    tokenizer,
-    prompts: list[list[int]],
-    decoding: Decoding,
-    stop_strings=(),
-    batch_size: int = 16,
-    progress: bool = False,
-    seeds: list[int] | None = None,
-    on_finish=None,
-    compile: bool = False,
-) -> list[Completion]:
-    """One Completion per prompt (token ids), in input order.
+def completions(model: Llama, tokenizer, prompts: list[list[int]], decoding: Decoding, stop_strings=(),
+                batch_size: int = 16, seeds: list[int] | None = None, compile: bool = False):
+    """Yield (i, Completion) for every prompt i (token ids) as its row finishes (out of input order).
 
     decoding: max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed (its `system` is
-    the prompt's business, not the sampler's). stop_strings: a row ends at the token that completes
-    one. seeds: one per prompt (default decoding.seed + i). on_finish(i, completion) is called as
-    each row finishes (rows finish out of order). compile: torch.compile the decode step (see the
-    module docstring). progress: rows done and tokens/s on stderr (`lidr.progress.Progress`: a bar
-    on a terminal, a plain line now and then in a log file).
+    the prompt's business). stop_strings: a row ends at the token that completes one. seeds: one
+    per prompt (default decoding.seed + i). compile: torch.compile the decode step.
     """
     check_stop_strings(stop_strings)
     vocab = model.cfg.vocab_size
@@ -477,12 +188,12 @@ def generate(
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     if not prompts:
-        return []
+        return
     stop_strings = tuple(stop_strings)
     seeds = [decoding.seed + i for i in range(len(prompts))] if seeds is None else seeds
     device = model.embed_tokens.weight.device
     stop_ids = frozenset(tokenizer.stop_ids)
-    # compiled: static shapes, a power of two of slots unless batch_size says fewer (see the docstring)
+    # compiled: static shapes, a power of two of slots unless batch_size says fewer
     batch_size = max(1, min(batch_size, power_of_two_at_least(len(prompts)) if compile else len(prompts)))
     step_fn, flex, cuda_graphs = decode_logits, False, compile and device.type == "cuda"
     if compile:
@@ -492,7 +203,6 @@ def generate(
     skips_before = cuda_graph_skips() if cuda_graphs else 0
     max_len = max(map(len, prompts)) + decoding.max_new_tokens
 
-    results: list[Completion | None] = [None] * len(prompts)
     waiting = list(range(len(prompts)))[::-1]  # popped from the end: input order
     rows: list[Row | None] = [None] * batch_size  # the request in each slot
     generators = [torch.Generator(device) for _ in range(batch_size)]
@@ -501,21 +211,11 @@ def generate(
     live = torch.zeros(batch_size, dtype=torch.long, device=device)  # 1 for slots holding a running row
     seen = torch.zeros(batch_size, vocab, dtype=torch.bool, device=device)  # for the repetition penalty
     recent = torch.zeros(batch_size, SYNC_EVERY, dtype=torch.long, device=device)
-    bar = Progress(len(prompts), "generate", enabled=progress)  # a bar on a terminal, plain lines in a log
-    start, n_generated = time.perf_counter(), 0
 
-    def finish(slot: int, completion: Completion):
-        nonlocal n_generated
-        row = rows[slot]
-        results[row.index] = completion
-        rows[slot] = None
-        n_generated += row.count
-        if on_finish is not None:
-            on_finish(row.index, completion)
-        bar.update(1, **{"tok/s": n_generated / (time.perf_counter() - start)})
-
-    def fill(session: Session, slot: int):
-        """Prefill waiting prompts into an empty slot until one is still running (or none waits)."""
+    def fill(session: Session, slot: int) -> list:
+        """Prefill waiting prompts into an empty slot until one is still running (or none waits); the
+        (i, Completion) of those that finished at their first token."""
+        finished = []
         while rows[slot] is None and waiting:
             index = waiting.pop()
             prompt = torch.tensor(prompts[index], dtype=torch.long, device=device)
@@ -531,15 +231,17 @@ def generate(
             rows[slot].pending = [int(first[0])]
             done = finished_completion(rows[slot], tokenizer, decoding, stop_strings, stop_ids)
             if done is not None:
-                finish(slot, done)
+                finished.append((index, done))
+                rows[slot] = None
         live[slot] = rows[slot] is not None
+        return finished
 
     cache = kv_cache(model, batch_size, max_len)  # kept for the next generation; nothing in `model` changes
     cache.in_use = True
     try:
         session = Session(model, cache)
         for slot in range(batch_size):
-            fill(session, slot)
+            yield from fill(session, slot)
         step = 0
         while any(rows):
             running = [row for row in rows if row is not None]
@@ -568,8 +270,9 @@ def generate(
                 row.pending = sampled[slot]
                 done = finished_completion(row, tokenizer, decoding, stop_strings, stop_ids)
                 if done is not None:
-                    finish(slot, done)
-                    fill(session, slot)
+                    rows[slot] = None
+                    yield row.index, done
+                    yield from fill(session, slot)
             running_slots = [slot for slot, row in enumerate(rows) if row is not None]
             # compiled: keep a power of two of slots (idle ones fill it up), so that few shapes are compiled
             n_keep = power_of_two_at_least(len(running_slots)) if compile else len(running_slots)
@@ -584,5 +287,12 @@ def generate(
                 recent = recent[index]
     finally:
         cache.in_use = False
-    bar.close()
+
+
+def generate(model: Llama, tokenizer, prompts: list[list[int]], decoding: Decoding, stop_strings=(),
+             batch_size: int = 16, seeds: list[int] | None = None, compile: bool = False) -> list[Completion]:
+    """One Completion per prompt (token ids), in input order (`completions`, collected)."""
+    results = [None] * len(prompts)
+    for i, completion in completions(model, tokenizer, prompts, decoding, stop_strings, batch_size, seeds, compile):
+        results[i] = completion
     return results

@@ -1,57 +1,25 @@
 """SDRRL data: self-distillation from the resource-rich language, as supervised rows.
 
-    python -m lidr.sdrrl --dir runs/lidr/iter1 --langs es,ru,de,fr [--translation-task-ids IDS.jsonl]
-    python iterate.py --method sdrrl ... --sdrrl-reference-field answer     # with the translated QA part
+    python -m lidr.cli.sdrrl --dir runs/lidr/iter1 --langs es,ru,de,fr [--reference-field answer]
     torchrun --nproc_per_node=8 train_dpo.py --objective sft --data runs/lidr/iter1/sdrrl.jsonl ...
 
 SDRRL (arXiv 2402.12204) fine-tunes a model on its own answers in the resource-rich language
 carried into the other languages, beside translated question-answer pairs and code-switched
-variants. What could be read of the paper here (its abstract, introduction and Figure 1's caption:
-besides the translated question-answer pairs in the target language, the model's own answer in
-the resource-rich language is collected and translated, as self-distilled data) fixes the parts;
-their proportions, its translator, its code-switching rule and its hyperparameters could not be
-read, so those are reconstructed, each a flag. The rows, {id, lang, kind, prompt, response}, for
-`train_dpo.py --objective sft`, from the stage outputs of one iteration folder (lidr.pairs' layout):
-- kind "english": x_en with y_en, the model's own English answer (--no-include-english: left out);
-- kind "target": x_l with y_en→l, that answer carried into language l. A prompt that is itself a
-  translation request (--translation-task-ids) keeps y_en, as LIDR's pairs do: translating the
-  answer of a translation request would change what was asked for;
-- kind "translated" (with --reference-field F): x_l with a_en→l, the prompt set's own English
-  answer (field F of the prompt rows, e.g. GSM8K's `answer`) translated into l: the paper's
-  translated question-answer pairs (translate/en-{l}.reference.jsonl);
-- kind "code_switched": for a share of the target rows (--code-switch-rows), a copy of question and
-  answer in which some units (--code-switch-unit sentence or line, each with chance
-  --code-switch-units) are replaced by the English unit at the same position. Units are paired by
-  position, so only texts with as many non-empty units in both languages get a variant; the
-  others are counted as unaligned.
-Failed translations are skipped and counted; every count goes to sdrrl_report.json. Random choices
-follow lidr/settings.py's seed rule (key: id, language, part). The prompts are the user turns the
-model was asked (generate.py's template, lidr.pairs.read_user_turns); inputs are read as lidr.pairs
-reads them (ids as text; an empty answer or translation is none), and an existing output is written
-over only when lidr.sdrrl made it from the same inputs and options (sdrrl.jsonl.made-from.json).
-
-How this departs from the paper (a reconstruction; docs/method.md §2):
-- The external translator is replaced by self-translation: the model translates with the LIDR
-  prompt (lidr/translation.py), as LIDR does.
-- The questions arrive translated (the shared prompt sets are parallel), where the paper
-  translates them too.
-- Code-switching swaps whole sentences (or lines) by position; the paper's granularity could not be
-  read, and word-level switching would need a bilingual dictionary or an aligner that lidr does
-  not have.
+variants. Rows {id, lang, kind, prompt, response}, kind one of: "english" (x_en, y_en), "target"
+(x_l, y_en→l; a translation request keeps y_en), "translated" (x_l, the prompt set's own English
+answer translated into l) and "code_switched" (a target row with some sentences or lines swapped
+for the English ones at the same position). `build_sdrrl_rows` is a function of texts in, rows
+and a report out; reading an iteration folder and writing sdrrl.jsonl is
+lidr/harness/stage_files.py. Where this reconstruction departs from the paper: docs/method.md §5.6.
 """
 
-import argparse
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lidr.cli import add_flags, command, from_flags
-from lidr.jsonl import file_identity
 from lidr.languages import checked_languages
-from lidr.pairs import (
-    id_set_digest, read_texts, read_translation_task_ids, read_translations, read_user_turns, write_rows_and_report,
-)
+from lidr.pairs import id_set_digest
 from lidr.settings import check_settings, seeded, setting
 
 # where a text is cut into units: after a sentence's end mark (Latin, CJK, Devanagari), or at line breaks
@@ -60,7 +28,7 @@ UNIT_BOUNDARY = {"sentence": re.compile(r"(?<=[.!?。！？।])(\s+)"), "line":
 
 @dataclass(frozen=True)
 class SDRRLOptions:
-    """How the SFT rows are made (flags of `python -m lidr.sdrrl` and iterate.py --method sdrrl)."""
+    """How the SFT rows are made (flags of `python -m lidr.cli.sdrrl` and iterate.py --method sdrrl)."""
 
     dominant: str = setting("en", "the dominant language")
     include_english: bool = setting(True, "keep the English (x_en, y_en) rows")
@@ -158,60 +126,3 @@ def build_sdrrl_rows(prompts, answers, en_to, langs, options=SDRRLOptions(), tra
 def reference_translation_file(folder: Path, en: str, lang: str) -> Path:
     """Where the model's translation of the prompt set's English answers into `lang` is kept."""
     return folder / "translate" / f"{en}-{lang}.reference.jsonl"
-
-
-def build_from_dir(folder, langs, options=SDRRLOptions(), translation_task_ids=frozenset(), field="response",
-                   prompt_field="instruction"):
-    folder = Path(folder)
-    en = options.dominant
-    langs = checked_languages(langs, dominant=en)
-    files = {f"generate/{lang}": folder / "generate" / f"{lang}.jsonl" for lang in (en, *langs)}
-    files.update({f"translate/{en}-{lang}": folder / "translate" / f"{en}-{lang}.jsonl" for lang in langs})
-    if options.reference_field:
-        files.update({f"translate/{en}-{lang}.reference": reference_translation_file(folder, en, lang)
-                      for lang in langs})
-    identities = {name: file_identity(path) for name, path in files.items()}
-    prompts = {lang: {k: v for k, v in read_user_turns(files[f"generate/{lang}"], lang, prompt_field, field).items()
-                      if v} for lang in (en, *langs)}
-    answers = {en: {k: v for k, v in read_texts(files[f"generate/{en}"], field).items() if v}}
-    en_to = {lang: read_translations(files[f"translate/{en}-{lang}"]) for lang in langs}
-    references_to = ({lang: read_translations(files[f"translate/{en}-{lang}.reference"]) for lang in langs}
-                     if options.reference_field else None)
-    rows, report = build_sdrrl_rows(prompts, answers, en_to, langs, options,
-                                    {str(i) for i in translation_task_ids}, references_to)
-    report["made_from"]["inputs"] = identities
-    return rows, report
-
-
-def write_rows(rows, report, out):
-    """The rows and their report (beside `out`), over an earlier output only when lidr.sdrrl made it
-    from the same inputs and options; refuse, naming the file, otherwise."""
-    write_rows_and_report(rows, report, out, out.with_name(out.stem + "_report.json"), "lidr.sdrrl")
-
-
-@command("rerun the same command (its outputs are written whole or not at all)")
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")
-    parser.add_argument("--langs", required=True, help="target languages, comma-separated")
-    add_flags(parser, SDRRLOptions(), title="SDRRL rows")
-    parser.add_argument("--translation-task-ids", help="JSONL with the ids of prompts that are translation requests")
-    parser.add_argument("--out", help="default: DIR/sdrrl.jsonl (report beside it)")
-    args = parser.parse_args(argv)
-    options = from_flags(args, SDRRLOptions())
-    try:
-        task_ids = read_translation_task_ids(args.translation_task_ids)
-        rows, report = build_from_dir(args.dir, args.langs.split(","), options, task_ids)
-    except (OSError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    if args.translation_task_ids:
-        report["made_from"]["inputs"]["translation_task_ids"] = file_identity(args.translation_task_ids)
-    out = Path(args.out or Path(args.dir) / "sdrrl.jsonl")
-    write_rows(rows, report, out)
-    print(f"{len(rows)} SFT rows -> {out}: {report['per_language']}")
-    if not rows:
-        raise SystemExit(f"{out.with_name(out.stem + '_report.json')}: no rows were made; see the counts")
-
-
-if __name__ == "__main__":
-    main()

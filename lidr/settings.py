@@ -1,35 +1,17 @@
 """The paper's settings, each written once: what every command, iterate.py and the demo start from.
 
-    from lidr import settings
-    settings.ANSWERS.max_new_tokens          # 2400: LIDR step 2, M_t answering the prompts
-    dataclasses.replace(settings.TRANSLATION, max_new_tokens=64)   # a caller's visible override
+    settings.ANSWERS.max_new_tokens                                  # 2400: M_t answering the prompts
+    dataclasses.replace(settings.TRANSLATION, max_new_tokens=64)     # a caller's visible override
+    python train_dpo.py --help                                       # every Training field, as a flag
 
-Each value says where it comes from (docs/method.md: the LIDR paper, arXiv 2410.08964, and its public
-repository). Every setting is written once, as a dataclass field made by `setting`: its default,
-its source, its help text and the range of values it accepts. The command lines are generated from
-these fields (lidr/cli.py `add_flags`, and `flags_argv` gives the flags back for torchrun
-launches), a run's record lists them (`provenance`), and a value outside its range is refused when
-the dataclass is built, before anything is written. The demo and small models override a value at
-the call site, where a reader sees it (dataclasses.replace), never here.
-
-How this departs from the paper: nothing, for the values the paper or its repository gives. Where
-the paper is silent but its trainer, LLaMA-Factory, has a default (AdamW's betas and eps, the
-schedule, the warmup: Hugging Face's TrainingArguments, which LLaMA-Factory's DPO stage inherits),
-that default is lidr's, named as such below; the rest (learning rate, epochs, batch, length) are
-lidr's choices and are marked as such.
-
-Randomness, one rule for every stage: a random choice about one item is drawn from a generator
-seeded with `derived_seed(seed, key)`, a hash of the stage's seed and the item's key, and from
-nothing else:
-- sampling (Decoding.seed): a row's tokens, key = its input line (MGSM: its question's line;
-  X-AlpacaEval: its position);
-- pairs (PairOptions.seed): the language whose dominant pair is kept with --dominant-pairs one,
-  key = the prompt id;
-- SDRRL rows (SDRRLOptions.seed): whether a row gets a code-switched variant and which of its
-  sentences switch, key = (prompt id, language, part);
-- training (Training.seed): the order of the rows in an epoch, key = the epoch.
-So a choice never depends on the other items, their order, the batch or the rank that made it, and
-a rerun with the same seed and inputs makes the same choices.
+Every setting is a dataclass field made by `setting`: its default, where it comes from (the LIDR
+paper and repository; LLaMA-Factory's defaults where the paper is silent; else lidr's choice,
+marked so), its help and its range. The command lines are generated from these fields
+(lidr/cli), a run records them (`provenance`), and a value out of range is refused when the
+dataclass is built. One seed rule for every random choice: an item's generator is seeded with
+`derived_seed(seed, its key)` (a row's tokens: its input line; a pair's language: its prompt id;
+SDRRL's code-switching: id, language, part; training's row order: the epoch), so no choice
+depends on the other items, the batch or the rank. Departures: docs/method.md §4 and §5.12.
 """
 
 import hashlib
@@ -37,6 +19,8 @@ import json
 import math
 import random
 from dataclasses import MISSING, dataclass, field, fields
+
+from lidr.tokenizer import CHAT_FORMATS
 
 # the system turn of the LIDR repository's Llama 3 template, for answers, translations and both evaluations
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -46,7 +30,9 @@ SAMPLING_BATCH_SIZE = 16
 EVAL_BATCH_SIZE = 32
 # the preference losses of lidr/dpo.py (sigmoid: DPO, the paper's)
 LOSSES = ("sigmoid", "ipo", "robust", "hinge")
-# where the trainer mirrors its logged numbers besides OUT/log.jsonl (lidr/tracking.py)
+# the compute dtypes, by torch's names (float16 is left out: training in it needs loss scaling)
+DTYPES = ("float32", "bfloat16")
+# where the trainer mirrors its logged numbers besides OUT/log.jsonl (lidr/harness/tracking.py)
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
@@ -241,11 +227,11 @@ class Training:
     save_every: int = setting(100, "steps between checkpoints", low=1, provenance=False)
     activation_checkpointing: bool | None = setting(None, "recompute each block in backward (less memory, ~1/3 more "
                                                            "compute); unset: on CUDA, on when the run needs it to fit "
-                                                           "(lidr/memory.py), else off", provenance=False)
+                                                           "(lidr/harness/memory.py), else off", provenance=False)
     dtype: str | None = setting(None, "compute dtype of parameters and activations; master weights, optimizer state "
                                       "and gradient reduction stay float32 (None: bfloat16 on CUDA, float32 on CPU)",
-                                choices=("float32", "bfloat16"))
-    chat_format: str | None = setting(None, "None: read from the model folder", choices=("llama3", "chatml"))
+                                choices=DTYPES)
+    chat_format: str | None = setting(None, "None: read from the model folder", choices=tuple(CHAT_FORMATS))
     loss: str = setting("sigmoid", "the preference loss (lidr/dpo.py): sigmoid is DPO, the paper's; ipo, robust "
                                    "(label-smoothed) and hinge are the common variants", choices=LOSSES)
     length_normalize: bool = setting(False, "divide each log-ratio by its response's token count (LN-DPO; "

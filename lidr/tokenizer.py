@@ -2,24 +2,15 @@
 
     tok = Tokenizer.from_folder("Meta-Llama-3-8B-Instruct")          # format read from the folder
     ids = tok.encode_chat([{"role": "user", "content": "Hola"}])        # ready to generate from
-    ids = tok.encode_chat(msgs, prefill="<translated>\\n")                # the reply starts pre-written
+    ids = tok.encode_chat(msgs, prefill="<translated>\\n")               # the reply starts pre-written
 
-Chat formats:
-- "llama3": <|begin_of_text|> once, then per message
-  <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>, then the assistant header.
-  Content is stripped of surrounding whitespace, as Meta's template does. Stops: <|eot_id|>,
-  <|end_of_text|> (and <|eom_id|> where the vocabulary has it, Llama 3.1).
-- "chatml" (SmolLM2): <|im_start|>{role}\\n{content}<|im_end|>\\n per message, no BOS; when the
-  folder's template inserts a default system message, so does lidr. Stops: <|im_end|> and the
-  end-of-text token.
-
-The format is read from tokenizer_config.json's chat_template (or the special tokens) unless
-`chat_format` names it. The templated string is encoded in one piece with no special tokens added,
-which is exactly what `apply_chat_template` followed by `encode(add_special_tokens=False)` gives.
-
-How this departs from transformers: the two formats are written out here rather than rendered
-from the Jinja template, so Llama 3.1's date/tool preamble is not reproduced; special-token text
-inside a message is read as the special token, as the reference does.
+- "llama3": <|begin_of_text|>, then <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>
+  per message (content stripped, as Meta's template does), then the assistant header.
+- "chatml" (SmolLM2): <|im_start|>{role}\\n{content}<|im_end|>\\n per message, no BOS; the
+  folder's default system message when its template inserts one.
+`CHAT_FORMATS` is the one table of their tokens and stops. The format is read from
+tokenizer_config.json unless named; the templated string is encoded in one piece with no special
+tokens added, as `apply_chat_template` + `encode(add_special_tokens=False)`. Departures: docs/method.md §5.11.
 """
 
 import json
@@ -28,25 +19,29 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-CHAT_FORMATS = ("llama3", "chatml")
+# the chat formats lidr writes: the special tokens each needs (each one token of the folder's tokenizer),
+# the token a turn ends with (a trained response ends with it; generation stops on it) and the other stops
+CHAT_FORMATS = {
+    "llama3": {"tokens": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+               "end_of_turn": "<|eot_id|>", "stops": ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")},
+    "chatml": {"tokens": ("<|im_start|>", "<|im_end|>"), "end_of_turn": "<|im_end|>",
+               "stops": ("<|im_end|>", "<|endoftext|>")},
+}
 
 
 class Tokenizer:
     def __init__(self, tokenizer_json: str | Path, chat_format: str, default_system: str | None = None):
         if chat_format not in CHAT_FORMATS:
-            raise ValueError(f"unknown chat format {chat_format!r}; choose one of {CHAT_FORMATS}")
+            raise ValueError(f"unknown chat format {chat_format!r}; choose one of {tuple(CHAT_FORMATS)}")
         self.path = Path(tokenizer_json)
         self.tok = read_tokenizer_json(self.path)
         self.chat_format = chat_format
         self.default_system = default_system
-        if chat_format == "llama3":
-            self.bos_id = self._special_id("<|begin_of_text|>")
-            stops = ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"]
-            self.pad_id = self._special_id("<|end_of_text|>")
-        else:
-            self.bos_id = None
-            stops = ["<|im_end|>", "<|endoftext|>"]
-            self.pad_id = self._special_id("<|endoftext|>")
+        llama3 = chat_format == "llama3"
+        self.bos_id = self._special_id("<|begin_of_text|>") if llama3 else None
+        self.pad_id = self._special_id("<|end_of_text|>" if llama3 else "<|endoftext|>")
+        self.end_of_turn_id = self._special_id(CHAT_FORMATS[chat_format]["end_of_turn"])
+        stops = CHAT_FORMATS[chat_format]["stops"]
         self.stop_ids = frozenset(i for i in map(self.tok.token_to_id, stops) if i is not None)
 
     @classmethod

@@ -11,13 +11,14 @@ attending sequence by sequence (the CUDA default) ends with the weights of the d
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_weights, train_args, weights
+from helpers import assert_same_weights, train_args, weights
 
+import lidr.cli.train
 import lidr.train
 from lidr.checkpoint import load_model
 from lidr.dpo import hidden_sequence_logps
-import lidr.model
-from lidr.model import FLEX_BLOCK, Documents, Filled, decode_attention, filled_block_mask, flex_attention
+import lidr.kernels.attention
+from lidr.kernels.attention import FLEX_BLOCK, Documents, Filled, decode_attention, filled_block_mask, flex_attention
 from lidr.tokenizer import Tokenizer
 from lidr.train import Example, pack
 
@@ -87,9 +88,12 @@ def test_a_row_of_one_sequence_is_plain_causal_attention(tiny_dir):
 @pytest.mark.slow  # two whole training runs
 def test_training_sequence_by_sequence_gives_the_weights_of_the_dense_mask(one_process, tiny_dir, data, tmp_path,
                                                                            monkeypatch, capsys):
-    monkeypatch.setattr(lidr.train, "dense_mask_default", lambda device: False)
+    import lidr.harness.training
+
+    for module in (lidr.train, lidr.harness.training):  # how rows pack, and what the run says of it
+        monkeypatch.setattr(module, "dense_mask_default", lambda device: False)
     out = tmp_path / "documents"
-    lidr.train.main(train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2"))
+    lidr.cli.train.main(train_args(tiny_dir, data, out, "--batch-size", "2", "--grad-accum", "2"))
     assert "packed rows attending sequence by sequence" in capsys.readouterr().out
     assert_same_weights(weights(out), weights(one_process), atol=1e-5)
 
@@ -117,13 +121,13 @@ def test_flex_document_mask_matches_the_dense_mask(tiny_dir, monkeypatch):
     dense = pack(examples, tokenizer.pad_id, longest + 20, "cpu", dense_mask=True)
     documents = pack(examples, tokenizer.pad_id, longest + 20, "cpu", dense_mask=False)
     T = dense.tokens.shape[1]
-    block_mask = lidr.model.document_block_mask(documents.attention_mask, T, "cpu")
+    block_mask = lidr.kernels.attention.document_block_mask(documents.attention_mask, T, "cpu")
     as_dense = create_mask(block_mask.mask_mod, len(documents.attention_mask.lengths), 1, T, T, device="cpu")
     assert torch.equal(as_dense, dense_document_mask(documents.attention_mask.lengths, T))
     assert torch.equal(as_dense, dense.attention_mask[:, None])
 
-    monkeypatch.setattr(lidr.model, "flex_documents", lambda device: True)
-    monkeypatch.setattr(lidr.model, "compiled_flex_attention", flex_attention)  # eager: compiled, CPU needs minutes
+    monkeypatch.setattr(lidr.kernels.attention, "flex_documents", lambda device: True)
+    monkeypatch.setattr(lidr.kernels.attention, "compiled_flex_attention", flex_attention)  # eager: compiled, CPU needs minutes
     with torch.no_grad():
         want = model(dense.tokens, dense.positions, dense.attention_mask, return_hidden=True)
         got = model(documents.tokens, documents.positions, documents.attention_mask, return_hidden=True)

@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint
 from safetensors.torch import load_file, save_file
 
-from lidr.checkpoint import INDEX_FILE, SINGLE_FILE, folder_identity, load, load_model, save
+from lidr.checkpoint import INDEX_FILE, SINGLE_FILE, load, load_model, save
+from lidr.harness.outputs import folder_identity
 
 
 @pytest.fixture(scope="module")

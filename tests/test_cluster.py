@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from safetensors.torch import load_file
-from conftest import assert_same_weights, pairs, train_args, write_jsonl
+from helpers import assert_same_weights, pairs, train_args, write_jsonl
 
-from lidr.generation import main as generate_main
-from lidr.train import main as train_main
+from lidr.cli.generate import main as generate_main
+from lidr.cli.train import main as train_main
 
 pytestmark = pytest.mark.slow  # every test runs two torchrun agents
 
@@ -79,7 +79,7 @@ def test_two_nodes_sharing_out_generate_each_row_once_as_one_process(tiny_dir, t
     generate_main([*args, "--out", str(tmp_path / "one.jsonl")])
     (tmp_path / "node0").mkdir()
     (tmp_path / "node1").mkdir()
-    agents = two_nodes("lidr.generation", [*args, "--out", str(tmp_path / "two.jsonl")],
+    agents = two_nodes("lidr.cli.generate", [*args, "--out", str(tmp_path / "two.jsonl")],
                        [tmp_path / "node0", tmp_path / "node1"])
     assert [a.returncode for a in agents] == [0, 0], agents[0].stderr[-3000:] + agents[1].stderr[-3000:]
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
@@ -94,7 +94,7 @@ def test_two_nodes_not_sharing_out_refuse_on_every_rank_and_write_nothing(tiny_d
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     for node in nodes:
         node.mkdir()
-    agents = two_nodes("lidr.generation", ["--model", str(tiny_dir), "--prompts", str(src), "--max-new-tokens", "5",
+    agents = two_nodes("lidr.cli.generate", ["--model", str(tiny_dir), "--prompts", str(src), "--max-new-tokens", "5",
                                            "--out", "runs/answers.jsonl"], nodes)
     for agent in agents:
         assert agent.returncode != 0
@@ -112,7 +112,7 @@ def test_two_nodes_sharing_out_train_the_weights_of_one_process(tiny_dir, data, 
     train_main(train_args(tiny_dir, data, tmp_path / "one", "--batch-size", "2", "--grad-accum", "2"))
     (tmp_path / "node0").mkdir()
     (tmp_path / "node1").mkdir()
-    agents = two_nodes("lidr.train", train_args(tiny_dir, data, tmp_path / "two", "--batch-size", "2"),
+    agents = two_nodes("lidr.cli.train", train_args(tiny_dir, data, tmp_path / "two", "--batch-size", "2"),
                        [tmp_path / "node0", tmp_path / "node1"])
     assert [a.returncode for a in agents] == [0, 0], agents[0].stderr[-3000:] + agents[1].stderr[-3000:]
     assert "global batch 4 = 2 × 1 accumulation × 2; 2 steps" in agents[0].stdout + agents[1].stdout
@@ -124,7 +124,7 @@ def test_two_nodes_not_sharing_the_training_out_refuse_on_every_rank_and_write_n
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     for node in nodes:
         node.mkdir()
-    agents = two_nodes("lidr.train", train_args(tiny_dir, data, "runs/M1"), nodes)
+    agents = two_nodes("lidr.cli.train", train_args(tiny_dir, data, "runs/M1"), nodes)
     for agent in agents:
         assert agent.returncode != 0
         assert "runs/M1 is not shared across nodes: rank 1 (on " in agent.stderr, agent.stderr[-3000:]
@@ -139,7 +139,7 @@ def test_two_nodes_seeing_other_models_refuse_on_every_rank_and_write_nothing(ti
     config = nodes[1] / "model" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "rms_norm_eps": 1e-6}))
     before = [folder_contents(node) for node in nodes]
-    agents = two_nodes("lidr.train", train_args("model", data, tmp_path / "run"), nodes)
+    agents = two_nodes("lidr.cli.train", train_args("model", data, tmp_path / "run"), nodes)
     for agent in agents:
         assert agent.returncode != 0
         assert "the model folder model is not shared across nodes: rank 1 (on " in agent.stderr, agent.stderr[-3000:]
@@ -149,10 +149,10 @@ def test_two_nodes_seeing_other_models_refuse_on_every_rank_and_write_nothing(ti
 
 def test_iterate_on_two_nodes_trains_what_one_process_trains(tiny_dir, data, tmp_path):
     """One iterate.py per node (node 0 and node 1, each in its own working folder, WORK shared), the
-    iteration's generation, translation and pairs done earlier: both launch `-m lidr.train` at one c10d
+    iteration's generation, translation and pairs done earlier: both launch `-m lidr.cli.train` at one c10d
     rendezvous; node 1 waits for node 0's marker; M1 is the one-process run's weights."""
-    import iterate
-    from lidr.iterate import stage_identities, write_marker
+    import lidr.cli.iterate as iterate
+    from lidr.harness.stages import stage_identities, write_marker
 
     iteration = tmp_path / "work" / "iter1"
     trainer = ["--lr", "1e-3", "--warmup-ratio", "0.2", "--max-len", "96", "--batch-size", "2"]
@@ -180,7 +180,7 @@ def test_iterate_on_two_nodes_trains_what_one_process_trains(tiny_dir, data, tmp
     outputs = finish(nodes, timeout=300)
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     for stdout, _ in outputs:
-        assert "-m lidr.train" in stdout and "--rdzv-id=work-work-iter1-train" in stdout
+        assert "-m lidr.cli.train" in stdout and "--rdzv-id=work-work-iter1-train" in stdout
     assert f"[iter 1/1] train: waiting for node 0 to mark it done ({iteration / 'done' / 'train'})" in outputs[1][0]
     assert_same_weights(load_file(iteration / "train" / "model" / "model.safetensors"),
                         load_file(tmp_path / "one" / "model" / "model.safetensors"), atol=1e-5)

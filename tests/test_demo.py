@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from matplotlib.image import imread
 
 pytestmark = pytest.mark.slow  # every test here runs whole commands (minutes)

@@ -71,7 +71,7 @@ def test_two_processes_asking_at_once_convert_once_and_both_get_the_folder(demo_
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     out = tmp_path / "models" / "smollm2"
     ask = "import sys; from world.demo_model import ensure; print(ensure(sys.argv[1]))"

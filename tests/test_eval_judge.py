@@ -15,14 +15,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from conftest import ROOT, shared_data
+from helpers import ROOT, shared_data
 
 from eval import agreement, alpacaeval
 from eval.judge import (
     PROTOCOL_DIR, HttpJudge, JudgeError, LocalJudge, judge_both_orders, judge_messages, judge_random_order,
     logprob_preference, order_is_swapped, win_rate,
 )
-from lidr.jsonl import ResumableWriter
+from lidr.harness.outputs import ResumableWriter
 
 TRIPLE = ("¿Cuál es la capital de Francia?", "La capital de Francia es París.", "Paris is the capital.")
 
@@ -445,13 +445,13 @@ def test_alpacaeval_generate_writes_model_outputs_and_resumes(tiny_dir, tmp_path
                                      {"id": 3, "instruction": ""}])
     decoding = Decoding(max_new_tokens=6, repetition_penalty=1.1)
     seen_prompts = []
-    real_generate = lidr.sampler.generate
+    real_generate, real_completions = lidr.sampler.generate, lidr.sampler.completions
 
-    def recording_generate(model, tokenizer, prompts, *args, **kwargs):
+    def recording_completions(model, tokenizer, prompts, *args, **kwargs):
         seen_prompts.extend(prompts)
-        return real_generate(model, tokenizer, prompts, *args, **kwargs)
+        return real_completions(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(lidr.sampler, "generate", recording_generate)
+    monkeypatch.setattr(lidr.sampler, "completions", recording_completions)
     out = tmp_path / "out"
     summary = alpacaeval.generate_outputs(model, tokenizer, prompts, ["fr"], out, decoding, 2, "Sys.", "M0")
     rows = json.loads((out / "fr.json").read_text())
@@ -460,6 +460,7 @@ def test_alpacaeval_generate_writes_model_outputs_and_resumes(tiny_dir, tmp_path
     assert rows[0]["generator"] == "M0" and rows[1]["dataset"] == "koala"
     assert seen_prompts[0] == tokenizer.encode_chat([{"role": "system", "content": "Sys."},
                                                      {"role": "user", "content": "Dis bonjour."}])
+    monkeypatch.setattr(lidr.sampler, "completions", real_completions)  # generate collects completions
     direct = real_generate(model, tokenizer, seen_prompts, decoding)
     assert [r["output"] for r in rows] == [c.text.strip() for c in direct]
     assert summary["languages"]["fr"]["dropped_prompts"] == 1 and summary["languages"]["fr"]["n"] == 2

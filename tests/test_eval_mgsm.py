@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, kill_at_progress, shared_data
+from helpers import ROOT, kill_at_progress, shared_data
 
 import lidr.sampler
 from eval import mgsm
 from eval.mgsm import extract_last_number, read_questions
 from lidr.settings import user_turn
-from lidr.langid import detect_language, is_off_target
+from lidr.languages import detect_language, is_off_target
 
 # (answer as a model writes it, the number a reader takes as the final answer)
 ANSWERS = [
@@ -101,13 +101,13 @@ def test_mgsm_end_to_end_on_the_demo_model_resumes(demo_dir, tmp_path, monkeypat
     langs, limit = ["en", "fr"], 2
     decoding = Decoding(max_new_tokens=12, repetition_penalty=1.0)
     seen = []
-    real_generate = lidr.sampler.generate
+    real_completions = lidr.sampler.completions
 
-    def recording_generate(model, tokenizer, prompts, *args, **kwargs):
+    def recording_completions(model, tokenizer, prompts, *args, **kwargs):
         seen.extend(prompts)
-        return real_generate(model, tokenizer, prompts, *args, **kwargs)
+        return real_completions(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(lidr.sampler, "generate", recording_generate)
+    monkeypatch.setattr(lidr.sampler, "completions", recording_completions)
     out = tmp_path / "M0" / "mgsm"
     summary = mgsm.run(model, tokenizer, data, langs, out, decoding, 4, "You are a helpful assistant.", limit)
 

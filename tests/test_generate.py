@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_at_progress, write_jsonl
+from helpers import kill_at_progress, write_jsonl
 
 from lidr.checkpoint import load
 from lidr.settings import SYSTEM_PROMPT
@@ -194,7 +194,7 @@ def test_files_it_did_not_write_are_refused_and_a_last_row_without_newline_is_ke
     listed.write_text(json.dumps([{"id": 0, "response": "mine"}]))  # a JSON list file
     for out in (listed, src):
         before = out.read_bytes()
-        with pytest.raises(SystemExit, match=rf"{out.name}: exists and was not written by generate\.py"):
+        with pytest.raises(SystemExit, match=rf"{out.name}: exists and was not written by lidr\.cli\.generate"):
             cli.main(generate_args(tiny_dir, src, out))
         assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "listed.jsonl"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.slow  # every test here builds or installs the package
 
@@ -116,6 +116,6 @@ def test_eval_imports_and_runs_from_another_folder(tmp_path, editable):
     assert all(text.startswith("usage:") for text in found["help"]), found["help"]
     script = run_elsewhere(python, [str(source / "eval" / "mgsm.py"), "--help"], elsewhere)
     assert script.returncode == 0 and script.stdout.startswith("usage: mgsm.py"), script.stderr[-2000:]
-    for module in ("lidr.generation", "lidr.translation", "lidr.train"):  # what iterate.py launches under torchrun
+    for module in ("lidr.cli.generate", "lidr.cli.translate", "lidr.cli.train"):  # what iterate.py launches under torchrun
         command = run_elsewhere(python, ["-m", module, "--help"], elsewhere)
         assert command.returncode == 0 and command.stdout.startswith("usage: "), (module, command.stderr[-2000:])

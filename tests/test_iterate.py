@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 from lidr.checkpoint import load_model
 from world.problems import write_sets
@@ -71,7 +71,8 @@ def test_an_iteration_with_fewer_pairs_than_one_batch_keeps_its_model(tiny_dir, 
     decision counts the rows the trainer would keep (here 4 lines, 3 usable: one has chosen == rejected)."""
     from dataclasses import replace
 
-    from lidr.iterate import Recipe, run_iteration, stage_identities, write_marker
+    from lidr.harness.stages import Nodes, Runner, stage_identities, write_marker
+    from lidr.iterate import Recipe, run_iteration
     from lidr.settings import TRAINING
 
     folder, prompts = tmp_path / "iter2", tmp_path / "prompts"
@@ -85,9 +86,11 @@ def test_an_iteration_with_fewer_pairs_than_one_batch_keeps_its_model(tiny_dir, 
     pair = {"id": "1", "lang": "fr", "direction": "non_dominant", "prompt": "Q", "chosen": "a", "rejected": "b"}
     rows = [pair] * 3 + [{**pair, "rejected": "a"}]
     (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert run_iteration(tiny_dir, prompts, folder, recipe, "iter 2/2", train_nproc=2) == tiny_dir
+    runner = Runner(tiny_dir, prompts, folder, recipe, "iter 2/2", 16, 1, 2, Nodes())
+    assert run_iteration(runner, prompts, folder, recipe) == tiny_dir
     assert json.loads((folder / "train" / "unchanged.json").read_text()) == {
         "rows": 4, "usable_rows": 3, "global_batch": 4, "model": str(tiny_dir)}
     assert (folder / "done" / "train").exists() and not (folder / "train" / "model").exists()
     # a rerun finds the stage done and gives M_t again
-    assert run_iteration(tiny_dir, prompts, folder, recipe, "iter 2/2", train_nproc=2) == tiny_dir
+    runner = Runner(tiny_dir, prompts, folder, recipe, "iter 2/2", 16, 1, 2, Nodes())
+    assert run_iteration(runner, prompts, folder, recipe) == tiny_dir

@@ -1,4 +1,4 @@
-"""The resumable JSONL layer (lidr/jsonl.py): killed anywhere, torn anywhere, resumed; and outputs
+"""The resumable JSONL layer (lidr/harness/outputs.py): killed anywhere, torn anywhere, resumed; and outputs
 bound to what they were made from."""
 
 import argparse
@@ -14,10 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lidr.jsonl import (
+from lidr.harness.outputs import (
     ResumableWriter, check_output, file_identity, lock_path, read_records, record_output, record_path,
     write_json_atomic,
 )
+from lidr.harness.stage_files import PAIRS, SDRRL
 
 # texts with what breaks line-based readers: newlines, U+2028, NEL, quotes, backslashes, emoji
 TEXT = st.text(alphabet=st.sampled_from(list("ab \n\t\"\\{}[]é日\u2028\u0085\x1c🍎")), max_size=12)
@@ -132,8 +133,8 @@ def test_check_output_refuses_what_it_should_and_compares_paths_resolved(tmp_pat
 
 STAGE_INPUTS = ("generate/en.jsonl", "generate/fr.jsonl", "translate/en-fr.jsonl", "translate/fr-en.jsonl")
 OUTS = (None, "out.jsonl", "generate/en.jsonl")  # the stage's default, a shared name, another command's file
-FLAGS = {"lidr.pairs": ([], ["--min-chars", "2"], ["--dominant-pairs", "one"]),
-         "lidr.sdrrl": ([], ["--code-switch-rows", "0"], ["--no-include-english"])}
+FLAGS = {PAIRS: ([], ["--min-chars", "2"], ["--dominant-pairs", "one"]),
+         SDRRL: ([], ["--code-switch-rows", "0"], ["--no-include-english"])}
 STEP = st.one_of(
     st.tuples(st.just("run"), st.sampled_from(sorted(FLAGS)), st.integers(0, 2), st.sampled_from(OUTS)),
     st.tuples(st.just("killed"), st.sampled_from(sorted(FLAGS)), st.integers(0, 2), st.sampled_from(OUTS[:2]),
@@ -166,7 +167,7 @@ def files_of(folder: Path) -> dict:
 
 def output_paths(folder: Path, command: str, out) -> tuple[Path, set]:
     """OUT and the paths the command owns: OUT, its record, its report, their temporaries and OUT's lock."""
-    out = folder / out if out else folder / ("pairs.jsonl" if command == "lidr.pairs" else "sdrrl.jsonl")
+    out = folder / out if out else folder / ("pairs.jsonl" if command == PAIRS else "sdrrl.jsonl")
     owned = {out, record_path(out), out.with_name(out.stem + "_report.json")}
     temporaries = {p for path in owned for p in folder.rglob(path.name + ".tmp*")}
     return out, owned | temporaries | {lock_path(out)}
@@ -179,10 +180,10 @@ def leftovers(folder: Path, owned: set) -> list[Path]:
 
 def run_stage(command: str, folder: Path, flags: list, out) -> bool:
     """True when the command wrote its output, False when it refused in a sentence."""
-    import lidr.pairs
-    import lidr.sdrrl
+    import lidr.cli.pairs
+    import lidr.cli.sdrrl
 
-    main = lidr.pairs.main if command == "lidr.pairs" else lidr.sdrrl.main
+    main = lidr.cli.pairs.main if command == PAIRS else lidr.cli.sdrrl.main
     argv = ["--dir", str(folder), "--langs", "fr", *flags, *(["--out", str(folder / out)] if out else [])]
     try:
         main(argv)
@@ -197,13 +198,14 @@ def expected_rows(command: str, folder: Path, flags: list) -> list[dict]:
     import lidr.pairs
     import lidr.sdrrl
     from lidr.cli import add_flags, from_flags
+    from lidr.harness.stage_files import pairs_from_dir, sdrrl_from_dir
 
     parser = argparse.ArgumentParser()
-    defaults = lidr.pairs.PairOptions() if command == "lidr.pairs" else lidr.sdrrl.SDRRLOptions()
+    defaults = lidr.pairs.PairOptions() if command == PAIRS else lidr.sdrrl.SDRRLOptions()
     add_flags(parser, defaults)
     options = from_flags(parser.parse_args(flags), defaults)
-    module = lidr.pairs if command == "lidr.pairs" else lidr.sdrrl
-    return module.build_from_dir(folder, ["fr"], options)[0]
+    build = pairs_from_dir if command == PAIRS else sdrrl_from_dir
+    return build(folder, ["fr"], options)[0]
 
 
 @pytest.mark.slow
@@ -259,7 +261,7 @@ def test_stage_commands_in_any_order_change_only_what_they_own(steps):
                             raise Killed
                         return real(*args)
 
-                    with mock.patch("lidr.jsonl.os.replace", replace_then_die):
+                    with mock.patch("lidr.harness.outputs.os.replace", replace_then_die):
                         try:
                             run_stage(command, folder, flags, out)
                         except Killed:

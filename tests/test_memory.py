@@ -1,4 +1,4 @@
-"""The memory plan (lidr/memory.py): the estimate against the peak measured in a CPU training step,
+"""The memory plan (lidr/harness/memory.py): the estimate against the peak measured in a CPU training step,
 and `train_dpo.py --plan` for Llama-3-8B's real config.json (no weights) on 1 and on 8 GPUs of 80 GB."""
 
 import json
@@ -8,14 +8,15 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import LLAMA3_TEMPLATE, llama3_tokenizer_json
+from helpers import LLAMA3_TEMPLATE, llama3_tokenizer_json
 from torch.profiler import ProfilerActivity, profile
 
+import lidr.cli.train
 import lidr.train
-from lidr.memory import GB, largest_micro_batch, parameter_counts, training_peak
+from lidr.harness.memory import GB, largest_micro_batch, parameter_counts, training_peak
 from lidr.model import LlamaConfig
 from lidr.settings import TRAINING
-from lidr.train import Example, build_model, step_losses
+from lidr.train import Example, build_model, pack, step_losses
 
 # Meta-Llama-3-8B-Instruct's config.json as published
 LLAMA3_8B = {
@@ -106,6 +107,7 @@ def test_estimate_errs_on_the_large_side_by_less_than_40_percent(hf, checkpointi
     measured = measured_peak(tmp_path, examples, checkpointing)
     cfg = LlamaConfig.from_hf(json.loads((tmp_path / "config.json").read_text()))
     assert largest_micro_batch(examples, 4, TRAINING.max_len) == (3600, 2, 1800)
+    assert pack(examples, 0, TRAINING.max_len, "cpu").tokens.shape == (2, 1800)  # the trainer's packing
     estimate = sum(training_peak(cfg, 1, 4, 3600, checkpointing).values())
     assert 1.0 <= estimate / measured <= 1.4, (estimate / GB, measured / GB)
 
@@ -140,7 +142,7 @@ def long_pairs(tmp_path_factory):
 def run_plan(folder, data, flags, capsys) -> tuple[int, str, dict]:
     """(exit status, the verdict, {part: (GB without checkpointing, GB with)}) of `train_dpo.py --plan`."""
     try:
-        lidr.train.main(["--model", str(folder), "--data", str(data), "--plan", *flags])
+        lidr.cli.train.main(["--model", str(folder), "--data", str(data), "--plan", *flags])
         status, verdict = 0, None
     except SystemExit as e:
         status, verdict = 1, e.code
@@ -191,7 +193,8 @@ def test_on_cuda_unset_activation_checkpointing_turns_on_where_the_plan_needs_it
     from types import SimpleNamespace
 
     from lidr.tokenizer import Tokenizer
-    from lidr.train import checkpointing_where_needed, load_examples
+    from lidr.harness.training import checkpointing_where_needed
+    from lidr.train import load_examples
 
     examples, _ = load_examples(long_pairs, Tokenizer.from_folder(llama3_8b_config_only), "dpo", TRAINING.max_len)
     options = replace(TRAINING, dtype="bfloat16")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VARIANTS, make_tiny_checkpoint
+from helpers import VARIANTS, make_tiny_checkpoint
 
 from lidr.checkpoint import load_model
 

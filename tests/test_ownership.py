@@ -11,10 +11,11 @@ import sys
 from dataclasses import replace
 
 import pytest
-from conftest import pairs, write_jsonl
+from helpers import pairs, write_jsonl
 
-import lidr.pairs
-from lidr.jsonl import lock_path, read_records, record_path, remove_stale_temporaries
+import lidr.cli.pairs
+import lidr.harness.stage_files
+from lidr.harness.outputs import lock_path, read_records, record_path, remove_stale_temporaries
 
 
 def write_rows(path, rows):
@@ -44,7 +45,8 @@ def dead_pid() -> int:
 
 
 def write_stage_outputs(folder, answers=("A", "B"), translations=("A-fr", "B-fr")):
-    """One iteration's generate/ and translate/ outputs for en and fr (the inputs of lidr.pairs and lidr.sdrrl)."""
+    """One iteration's generate/ and translate/ outputs for en and fr
+    (the inputs of lidr.cli.pairs and lidr.cli.sdrrl)."""
     ids = ["1", "2"]
     write_rows(folder / "generate" / "en.jsonl",
                 [{"id": i, "instruction": f"Q{i}", "response": a} for i, a in zip(ids, answers)])
@@ -62,7 +64,7 @@ def write_stage_outputs(folder, answers=("A", "B"), translations=("A-fr", "B-fr"
 
 
 def train_main(model, data, out, *extra):
-    from lidr.train import main
+    from lidr.cli.train import main
 
     main(["--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "4", "--max-len", "96",
           *extra])
@@ -75,7 +77,7 @@ def test_the_trainer_refuses_a_users_folder_naming_what_is_there_and_leaves_it_a
     (out / "model" / "config.json").write_text("{}")  # today: "finished earlier, nothing to do", exit 0
     (out / "notes.txt").write_text("my notes")
     before = snapshot(out)
-    with pytest.raises(SystemExit, match=r"mine: is a folder that lidr.train did not make .*holds model, notes\.txt"):
+    with pytest.raises(SystemExit, match=r"mine: is a folder that lidr.cli.train did not make .*holds model, notes\.txt"):
         train_main(tiny_dir, data, out)
     assert snapshot(out) == before and not lock_path(out).exists()
 
@@ -109,8 +111,8 @@ def test_stale_temporaries_of_dead_processes_go_and_a_live_ones_stay(tmp_path, s
 
 
 def test_a_killed_ranks_partial_file_and_its_lock_go_once_merged(tmp_path):
-    from lidr.jsonl import ResumableWriter
-    from lidr.rows import merge
+    from lidr.harness.outputs import ResumableWriter
+    from lidr.harness.sampled import merge
 
     out = tmp_path / "out.jsonl"
     partial = tmp_path / "out.jsonl.rank1.partial"
@@ -138,7 +140,8 @@ def test_the_world_builder_refuses_a_users_folder(tmp_path):
 
 def iterate_case(tiny_dir, tmp_path, **answers):
     from lidr import settings
-    from lidr.iterate import Recipe, stage_identities, write_marker
+    from lidr.harness.stages import stage_identities, write_marker
+    from lidr.iterate import Recipe
 
     prompts = tmp_path / "prompts"
     for lang in ("en", "fr"):
@@ -166,20 +169,20 @@ def test_a_rerun_with_another_setting_is_refused_before_any_work_naming_it(tiny_
 
 
 def test_redo_from_removes_only_what_the_stage_can_prove_it_wrote(tiny_dir, tmp_path):
-    from lidr.iterate import plan, write_marker
-    from lidr.jsonl import record_output
+    from lidr.harness.stages import plan, write_marker
+    from lidr.harness.outputs import record_output
 
     work, prompts, recipe = iterate_case(tiny_dir, tmp_path)
     generated = work / "iter1" / "generate" / "en.jsonl"
     write_rows(generated, [{"id": "1", "response": "old"}])
-    record_output(generated, "generate.py", {"old": True})
+    record_output(generated, "lidr.cli.generate", {"old": True})
     users = work / "iter1" / "generate" / "notes.jsonl"
     write_rows(users, [{"mine": 1}])
     other = replace(recipe, answers=replace(recipe.answers, max_new_tokens=3))
     trained, kept = work / "iter1" / "train", work / "iter1" / "pairs.jsonl"
     (trained / "model").mkdir(parents=True)
     record_output(trained, "lidr.train", {"old": True})
-    kept.write_text("pairs the user wrote by hand\n")  # no record: not provably lidr.pairs'
+    kept.write_text("pairs the user wrote by hand\n")  # no record: not provably lidr.cli.pairs'
     write_marker(work / "iter1", "pairs", {"old": True})
     plan(tiny_dir, [prompts], work, other, 1, 1, redo_from="generate")
     assert not generated.exists() and not record_path(generated).exists()
@@ -210,35 +213,34 @@ def test_a_second_process_is_refused_a_dead_ones_lock_taken_over_another_hosts_r
     folder = write_stage_outputs(tmp_path / "iter1")
     out = folder / "pairs.jsonl"
     lock = lock_path(out)
-    lock.write_text(json.dumps({"pid": sleeper, "host": socket.gethostname(), "command": "lidr.pairs"}))
+    lock.write_text(json.dumps({"pid": sleeper, "host": socket.gethostname(), "command": "lidr.cli.pairs"}))
     with pytest.raises(SystemExit, match=rf"pairs\.jsonl: in use by process {sleeper} on this host"):
-        lidr.pairs.main(["--dir", str(folder), "--langs", "fr"])
+        lidr.cli.pairs.main(["--dir", str(folder), "--langs", "fr"])
     assert not out.exists() and not record_path(out).exists()
-    lock.write_text(json.dumps({"pid": 1234, "host": "node-7", "command": "lidr.pairs"}))
+    lock.write_text(json.dumps({"pid": 1234, "host": "node-7", "command": "lidr.cli.pairs"}))
     with pytest.raises(SystemExit, match=r"in use by process 1234 on node-7 .*delete .*pairs\.jsonl\.lock"):
-        lidr.pairs.main(["--dir", str(folder), "--langs", "fr"])
+        lidr.cli.pairs.main(["--dir", str(folder), "--langs", "fr"])
     assert json.loads(lock.read_text())["host"] == "node-7"  # never broken
-    lock.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "command": "lidr.pairs"}))
-    lidr.pairs.main(["--dir", str(folder), "--langs", "fr"])
+    lock.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "command": "lidr.cli.pairs"}))
+    lidr.cli.pairs.main(["--dir", str(folder), "--langs", "fr"])
     assert len(read_records(out)[0]) == 4 and not lock.exists()
 
 
 def test_a_second_generation_on_one_output_is_refused_before_it_writes(tiny_dir, tmp_path, sleeper):
     from lidr import settings
-    from lidr.generation import generate_file
-    from lidr.rows import Engine
+    from lidr.harness.sampled import Engine, generate_file
 
     prompts = write_rows(tmp_path / "in.jsonl", [{"id": 1, "instruction": "Hi"}])
     out = tmp_path / "out.jsonl"
-    lock_path(out).write_text(json.dumps({"pid": sleeper, "host": socket.gethostname(), "command": "generate.py"}))
-    with pytest.raises(SystemExit, match=rf"out\.jsonl: in use by process {sleeper} on this host \(generate\.py\)"):
+    lock_path(out).write_text(json.dumps({"pid": sleeper, "host": socket.gethostname(), "command": "lidr.cli.generate"}))
+    with pytest.raises(SystemExit, match=rf"out\.jsonl: in use by process {sleeper} on this host \(lidr\.cli\.generate\)"):
         generate_file(Engine(tiny_dir, device="cpu"), prompts, out, replace(settings.ANSWERS, max_new_tokens=2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl.lock"]
 
 
 def test_hold_lock_is_atomic_between_processes(tmp_path):
     """Two processes race for one lock: exactly one holds it."""
-    code = ("import sys, time; from lidr.jsonl import hold_lock\n"
+    code = ("import sys, time; from lidr.harness.outputs import hold_lock\n"
             "try:\n    hold_lock(sys.argv[1], 'race'); print('held', flush=True); time.sleep(3)\n"
             "except SystemExit as e:\n    print('refused', e, flush=True)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out.jsonl")], stdout=subprocess.PIPE,
@@ -318,7 +320,7 @@ def test_decoding_values_that_give_garbage_are_refused(capsys):
 
 
 def test_an_engine_that_cannot_work_is_refused_before_anything_is_recorded(tiny_dir, tmp_path):
-    from lidr.rows import Engine
+    from lidr.harness.sampled import Engine
 
     with pytest.raises(ValueError, match=r"Engine\.batch_size: 0"):
         Engine(tiny_dir, batch_size=0)
@@ -334,26 +336,26 @@ def test_a_parent_path_that_is_a_file_a_full_disk_and_ctrl_c_are_one_line(tmp_pa
     folder = write_stage_outputs(tmp_path / "iter1")
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match=r"afile: it is a file where a folder is needed"):
-        lidr.pairs.main(["--dir", str(folder), "--langs", "fr", "--out", str(tmp_path / "afile" / "pairs.jsonl")])
+        lidr.cli.pairs.main(["--dir", str(folder), "--langs", "fr", "--out", str(tmp_path / "afile" / "pairs.jsonl")])
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "pairs.jsonl"))
 
-    monkeypatch.setattr(lidr.pairs, "write_text_atomic", full)
+    monkeypatch.setattr(lidr.harness.stage_files, "write_text_atomic", full)
     with pytest.raises(SystemExit, match=r"pairs\.jsonl: the disk is full: free some space; then rerun the same"):
-        lidr.pairs.main(["--dir", str(folder), "--langs", "fr"])
+        lidr.cli.pairs.main(["--dir", str(folder), "--langs", "fr"])
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lidr.pairs, "build_from_dir", interrupted)
+    monkeypatch.setattr(lidr.cli.pairs, "pairs_from_dir", interrupted)
     with pytest.raises(SystemExit) as stop:
-        lidr.pairs.main(["--dir", str(folder), "--langs", "fr"])
+        lidr.cli.pairs.main(["--dir", str(folder), "--langs", "fr"])
     assert stop.value.code == 130 and "interrupted (Ctrl-C); rerun the same command" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("door", ["generate", "translate", "train_dpo", "iterate", "lidr.pairs", "lidr.sdrrl",
-                                  "lidr.train", "world.corpus", "world.demo_model", "eval.mgsm", "eval.alpacaeval",
+@pytest.mark.parametrize("door", ["generate", "translate", "train_dpo", "iterate", "lidr.cli.pairs", "lidr.cli.sdrrl",
+                                  "lidr.cli.train", "world.corpus", "world.demo_model", "eval.mgsm", "eval.alpacaeval",
                                   "eval.report", "eval.agreement"])
 def test_every_command_has_the_top_level_handler(door):
     import importlib

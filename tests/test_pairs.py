@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from conftest import shared_data, small_iteration, write_jsonl
+from helpers import shared_data, small_iteration, write_jsonl
 
-from lidr.pairs import PairOptions, arithmetic, build_from_dir, build_pairs, read_translation_task_ids
+from lidr.harness.stage_files import pairs_from_dir, read_translation_task_ids
+from lidr.pairs import PairOptions, arithmetic, build_pairs
 from lidr.translation import CLOSING_TAG, PREFILL, parse_translation, translation_prompt
 
 
@@ -61,7 +62,7 @@ def test_pairs_from_real_english_answers_and_french_self_translations(real, tmp_
     ])
 
     # the repository's rule, the default: a failed translation in either direction drops both pairs of that id
-    pairs, report = build_from_dir(tmp_path, ["fr"], translation_task_ids=task_ids)
+    pairs, report = pairs_from_dir(tmp_path, ["fr"], translation_task_ids=task_ids)
     assert report["failed_translation"] == "drop-both"
     failed_either = failed_fr | failed_back
     assert {p["id"] for p in pairs if p["direction"] == "dominant"} == set(ids) - failed_either
@@ -71,7 +72,7 @@ def test_pairs_from_real_english_answers_and_french_self_translations(real, tmp_
     assert report["per_language"]["fr"]["dominant"] == 1000 - 78 - 5
 
     # lidr's variant: each pair skipped only when its own translation failed (78 more English pairs here)
-    pairs, report = build_from_dir(tmp_path, ["fr"], PairOptions(failed_translation="drop-one"),
+    pairs, report = pairs_from_dir(tmp_path, ["fr"], PairOptions(failed_translation="drop-one"),
                                    translation_task_ids=task_ids)
     non_dominant = {p["id"]: p for p in pairs if p["direction"] == "non_dominant"}
     dominant = {p["id"]: p for p in pairs if p["direction"] == "dominant"}
@@ -193,22 +194,22 @@ def test_same_answer_filter_drops_pairs_that_end_in_the_same_number():
 
 
 def test_ids_compare_as_text_and_whitespace_is_no_answer(tmp_path):
-    pairs, report = build_from_dir(small_iteration(tmp_path), ["fr"], PairOptions(failed_translation="drop-one"))
+    pairs, report = pairs_from_dir(small_iteration(tmp_path), ["fr"], PairOptions(failed_translation="drop-one"))
     assert sorted((p["id"], p["direction"], p["chosen"], p["rejected"]) for p in pairs) == [
         ("1", "dominant", "A1", "R1 en"), ("1", "non_dominant", "A1 fr", "R1"), ("2", "non_dominant", "A2 fr", "R2")]
     assert report["per_language"]["fr"]["skipped"] == {"dominant:translation_failed": 1, "no_answer_in_language": 1}
     assert set(report["made_from"]["inputs"]) == {"generate/en", "generate/fr", "translate/en-fr", "translate/fr-en"}
     with pytest.raises(ValueError, match="name fr more than once"):
-        build_from_dir(tmp_path, ["fr", "fr"])
+        pairs_from_dir(tmp_path, ["fr", "fr"])
 
 
 def test_pairs_command_never_writes_over_a_file_it_did_not_write(tmp_path, capsys):
-    from lidr.pairs import main
+    from lidr.cli.pairs import main
 
     folder = small_iteration(tmp_path)
     stage_file = folder / "generate" / "en.jsonl"
     before = stage_file.read_bytes()
-    with pytest.raises(SystemExit, match=r"generate/en\.jsonl: exists and was not written by lidr\.pairs"):
+    with pytest.raises(SystemExit, match=r"generate/en\.jsonl: exists and was not written by lidr\.cli\.pairs"):
         main(["--dir", str(folder), "--langs", "fr", "--out", str(stage_file)])
     assert stage_file.read_bytes() == before
     with pytest.raises(SystemExit, match=r"the languages fr,fr name fr more than once"):

@@ -1,8 +1,8 @@
-"""The console of a long stage (lidr/progress.py): a bar on a terminal, plain lines at a steady interval elsewhere."""
+"""The console of a long stage (lidr/harness/progress.py): a bar on a terminal, plain lines at a steady interval elsewhere."""
 
 import io
 
-from lidr.progress import Progress
+from lidr.harness.progress import Progress
 
 
 class Clock:

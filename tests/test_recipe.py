@@ -9,12 +9,11 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, shared_data
+from helpers import ROOT, shared_data
 
 import lidr.sampler
-from lidr.generation import generate_file
-from lidr.pairs import read_user_turns
-from lidr.rows import Engine
+from lidr.harness.sampled import Engine, generate_file
+from lidr.harness.stage_files import read_user_turns
 from lidr.settings import PROMPT_TEMPLATES, Decoding, derived_seed, seeded, user_turn
 from lidr.train import epoch_order, lr_factor
 
@@ -41,13 +40,13 @@ def test_the_alpaca_template_is_the_repositorys_prompt():
 def test_a_templated_prompt_gives_the_same_tokens_as_the_text_written_into_the_prompt_file(tiny_dir, tmp_path,
                                                                                           monkeypatch):
     seen = []
-    real_generate = lidr.sampler.generate
+    real_completions = lidr.sampler.completions
 
-    def recording_generate(model, tokenizer, prompts, decoding, *args, **kwargs):
+    def recording_completions(model, tokenizer, prompts, decoding, *args, **kwargs):
         seen.append(prompts)
-        return real_generate(model, tokenizer, prompts, decoding, *args, **kwargs)
+        return real_completions(model, tokenizer, prompts, decoding, *args, **kwargs)
 
-    monkeypatch.setattr(lidr.sampler, "generate", recording_generate)
+    monkeypatch.setattr(lidr.sampler, "completions", recording_completions)
     engine = Engine(tiny_dir, batch_size=2)
     decoding = Decoding(max_new_tokens=4, repetition_penalty=1.1)
     plain = write_jsonl(tmp_path / "plain.jsonl",
@@ -69,7 +68,7 @@ def test_a_templated_prompt_gives_the_same_tokens_as_the_text_written_into_the_p
 
 
 def test_generate_refuses_a_template_that_needs_a_language_without_one(capsys):
-    from lidr import generation as cli
+    from lidr.cli import generate as cli
 
     with pytest.raises(SystemExit):
         cli.parse_args(["--model", "M", "--prompts", "P", "--out", "O", "--prompt-template", "alpaca"])
@@ -80,7 +79,7 @@ def test_generate_refuses_a_template_that_needs_a_language_without_one(capsys):
 
 
 def test_iterate_refuses_to_start_without_saying_which_prompts_are_translation_requests(capsys):
-    import iterate
+    import lidr.cli.iterate as iterate
 
     argv = ["--model", "M", "--work", "W", "--prompts", "P", "--langs", "fr"]
     with pytest.raises(SystemExit):
@@ -114,6 +113,7 @@ def test_the_schedule_is_hugging_faces(schedule):
 
 def test_the_trainer_uses_the_optimizer_and_schedule_settings(tiny_dir, tmp_path, monkeypatch):
     """AdamW gets Training's betas and ε, and each step's learning rate is lr × lr_factor of its schedule."""
+    import lidr.cli.train
     import lidr.train
 
     made = []
@@ -127,9 +127,9 @@ def test_the_trainer_uses_the_optimizer_and_schedule_settings(tiny_dir, tmp_path
     rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"Wrong {i + 1}."} for i in range(8)]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "run"
-    lidr.train.main(["--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--batch-size", "2",
-                     "--lr", "1e-3", "--adam-beta1", "0.8", "--adam-beta2", "0.95", "--adam-eps", "1e-6",
-                     "--lr-scheduler", "cosine", "--warmup-ratio", "0.25", "--max-len", "64"])
+    lidr.cli.train.main(["--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--batch-size", "2",
+                         "--lr", "1e-3", "--adam-beta1", "0.8", "--adam-beta2", "0.95", "--adam-eps", "1e-6",
+                         "--lr-scheduler", "cosine", "--warmup-ratio", "0.25", "--max-len", "64"])
     assert made[0]["betas"] == (0.8, 0.95) and made[0]["eps"] == 1e-6
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [row["lr"] for row in log] == pytest.approx([1e-3 * lr_factor(s, 4, 1, "cosine") for s in range(4)])

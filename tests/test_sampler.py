@@ -5,22 +5,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint
 
-import lidr.sampler
+import lidr.kernels.cache
 from lidr.checkpoint import load
+from lidr.kernels.cache import KVCache, PackedLinear, Session, onednn_available
+from lidr.sampler import Completion, apply_repetition_penalty, completions, filter_top_k_top_p, generate, sample
 from lidr.settings import Decoding
-from lidr.sampler import (
-    Completion,
-    KVCache,
-    PackedLinear,
-    Session,
-    apply_repetition_penalty,
-    filter_top_k_top_p,
-    generate,
-    onednn_available,
-    sample,
-)
 
 QUESTIONS = [
     "Hi",
@@ -135,14 +126,13 @@ def test_greedy_matches_transformers(tiny, tiny_hf):
     model, tokenizer = tiny
     prompts = [chat(tokenizer, q) for q in QUESTIONS]
     assert len({len(p) for p in prompts}) == len(prompts)
-    finished = []
-    outs = generate(model, tokenizer, prompts, decoding(max_new_tokens=24), batch_size=2,
-                    on_finish=lambda i, c: finished.append((i, c)))
+    finished = list(completions(model, tokenizer, prompts, decoding(max_new_tokens=24), batch_size=2))
+    outs = generate(model, tokenizer, prompts, decoding(max_new_tokens=24), batch_size=2)
     for prompt, out in zip(prompts, outs):
         assert out.tokens == hf_greedy(tiny_hf, prompt, 24, tokenizer.stop_ids)
         assert out.finish_reason == "length" and out.text == tokenizer.decode(out.tokens)
     assert sorted(i for i, _ in finished) == list(range(len(prompts)))
-    assert all(outs[i] is c for i, c in finished)
+    assert all(outs[i] == c for i, c in finished)
 
 
 @pytest.mark.slow
@@ -232,11 +222,11 @@ def test_compiled_compaction_sees_powers_of_two_and_compiles_once(tiny, monkeypa
     assert [c.tokens for c in compiled] == [e.tokens for e in eager]
     assert set(sizes) == {8, 4, 2, 1}  # 5 prompts in 8 slots, then compacted three times
     graphs = counters["stats"]["unique_graphs"]
-    cache = lidr.sampler.CACHES[model]
+    cache = lidr.kernels.cache.CACHES[model]
     addresses = [layer.k.data_ptr() for layer in cache.layers]
     again = generate(model, stopping, prompts, params, batch_size=8, compile=True)
     assert counters["stats"]["unique_graphs"] == graphs
-    assert lidr.sampler.CACHES[model] is cache and [layer.k.data_ptr() for layer in cache.layers] == addresses
+    assert lidr.kernels.cache.CACHES[model] is cache and [layer.k.data_ptr() for layer in cache.layers] == addresses
     assert [c.tokens for c in again] == [e.tokens for e in eager]
 
 
@@ -251,7 +241,7 @@ def test_compiled_flex_decode_step_matches_eager_and_is_one_graph(tiny):
     torch.manual_seed(0)
     prompts = [torch.randint(0, 1000, (n,)) for n in (5, 130)]  # the second row fills two blocks
     fed = torch.randint(0, 1000, (4, 2))
-    step = torch.compile(lidr.sampler.decode_logits, fullgraph=True, dynamic=False, backend="aot_eager")
+    step = torch.compile(lidr.kernels.cache.decode_logits, fullgraph=True, dynamic=False, backend="aot_eager")
     with torch.inference_mode():
         eager, compiled = (Session(model, KVCache(model, batch_size=2, length=256, pack=False)) for _ in range(2))
         for slot, prompt in enumerate(prompts):
@@ -272,32 +262,32 @@ def test_one_cache_per_model_is_kept_and_reused(tiny):
     does a model cast since."""
     model, tokenizer = tiny
     prompts = [chat(tokenizer, q) for q in QUESTIONS[:3]]
-    lidr.sampler.CACHES.pop(model, None)
+    lidr.kernels.cache.CACHES.pop(model, None)
     first = generate(model, tokenizer, prompts, decoding(8), batch_size=3)
-    cache = lidr.sampler.CACHES[model]
+    cache = lidr.kernels.cache.CACHES[model]
     assert cache.batch_size == 3 and cache.length == 128 and not cache.in_use
     addresses = [layer.k.data_ptr() for layer in cache.layers]
     again = generate(model, tokenizer, prompts[:2], decoding(8), batch_size=2)
-    assert lidr.sampler.CACHES[model] is cache and [layer.k.data_ptr() for layer in cache.layers] == addresses
+    assert lidr.kernels.cache.CACHES[model] is cache and [layer.k.data_ptr() for layer in cache.layers] == addresses
     assert [o.tokens for o in again] == [o.tokens for o in first[:2]]
     longer = generate(model, tokenizer, prompts[:1], decoding(120), batch_size=1)
     assert longer[0].tokens[:8] == first[0].tokens
-    replaced = lidr.sampler.CACHES[model]
+    replaced = lidr.kernels.cache.CACHES[model]
     assert replaced is not cache and (replaced.batch_size, replaced.length) == (3, 256)
     try:
         with torch.no_grad():
             model.lm_head.weight.mul_(-1)  # exact, and undone below
         flipped = generate(model, tokenizer, prompts, decoding(8), batch_size=3)
-        assert (lidr.sampler.CACHES[model] is not replaced) == lidr.sampler.packs(model)
-        lidr.sampler.CACHES.pop(model)
+        assert (lidr.kernels.cache.CACHES[model] is not replaced) == lidr.kernels.cache.packs(model)
+        lidr.kernels.cache.CACHES.pop(model)
         assert [o.tokens for o in generate(model, tokenizer, prompts, decoding(8), batch_size=3)] == \
             [o.tokens for o in flipped] != [o.tokens for o in first]
     finally:
         with torch.no_grad():
             model.lm_head.weight.mul_(-1)
-    plain = lidr.sampler.kv_cache(model, 3, 8, pack=False)  # as on a GPU: no weights in the cache
-    assert lidr.sampler.kv_cache(model, 3, 8, pack=False) is plain
-    assert lidr.sampler.kv_cache(model.to(torch.float64), 3, 8, pack=False).layers[0].k.dtype == torch.float64
+    plain = lidr.kernels.cache.kv_cache(model, 3, 8, pack=False)  # as on a GPU: no weights in the cache
+    assert lidr.kernels.cache.kv_cache(model, 3, 8, pack=False) is plain
+    assert lidr.kernels.cache.kv_cache(model.to(torch.float64), 3, 8, pack=False).layers[0].k.dtype == torch.float64
     model.to(torch.float32)
 
 
@@ -305,12 +295,12 @@ def test_skipped_cuda_graphs_stop_a_compiled_generation():
     """inductor counts each graph it runs without CUDA graphs; the sampler's check fails on any new one."""
     from torch._dynamo.utils import counters
 
-    before = lidr.sampler.cuda_graph_skips()
-    lidr.sampler.check_cuda_graphs(before)  # none skipped
+    before = lidr.kernels.cache.cuda_graph_skips()
+    lidr.kernels.cache.check_cuda_graphs(before)  # none skipped
     counters["inductor"]["cudagraph_skips"] += 1
     try:
         with pytest.raises(RuntimeError, match=r"without CUDA graphs \(1 graph\(s\) skipped\).*TORCH_LOGS=perf_hints"):
-            lidr.sampler.check_cuda_graphs(before)
+            lidr.kernels.cache.check_cuda_graphs(before)
     finally:
         counters["inductor"]["cudagraph_skips"] -= 1
 
@@ -321,7 +311,7 @@ def test_skipped_cuda_graphs_stop_a_compiled_generation():
 
 def test_generations_on_two_models_share_a_process(tiny, tiny_hf, tmp_path):
     """Two models of different shapes, at different batch sizes, one after the other and one inside the
-    other (from on_finish): every generation equals transformers' greedy tokens, as in a process of its own."""
+    other (while the first one's generator is suspended at a finished row): every generation equals transformers' greedy tokens, as in a process of its own."""
     from transformers import LlamaForCausalLM
 
     folder = make_tiny_checkpoint(tmp_path / "tied", "tied", seed=1)  # 4 kv heads, tied embeddings
@@ -333,13 +323,11 @@ def test_generations_on_two_models_share_a_process(tiny, tiny_hf, tmp_path):
     expected = [hf_greedy(tiny_hf, p, 12, tokenizer.stop_ids) for p in prompts]
     expected_other = [hf_greedy(other_hf, p, 12, tokenizer.stop_ids) for p in prompts]
     assert expected != expected_other
-    inner = []
-
-    def generate_inside(i, completion):
+    inner, outer = [], [None] * len(prompts)
+    for i, completion in completions(model, tokenizer, prompts, params, batch_size=3):
+        outer[i] = completion
         if not inner:
             inner.append(generate(other, tokenizer, prompts, params, batch_size=2))
-
-    outer = generate(model, tokenizer, prompts, params, batch_size=3, on_finish=generate_inside)
     after = generate(other, tokenizer, prompts[:2], params, batch_size=1)
     again = generate(model, tokenizer, prompts, params, batch_size=5)
     assert [o.tokens for o in outer] == expected == [o.tokens for o in again]
@@ -349,8 +337,8 @@ def test_generations_on_two_models_share_a_process(tiny, tiny_hf, tmp_path):
 
 @pytest.mark.skipif(not onednn_available(), reason="the injected failure is in packing the weights for oneDNN")
 def test_a_failed_start_leaves_the_model_as_it_was(tiny, tiny_hf, monkeypatch):
-    """An error while a generation sets up (packing the second layer's weights; the first row's on_finish,
-    called from its prefill) leaves every module, attribute, parameter and buffer of the model as it was,
+    """An error while a generation sets up (packing the second layer's weights; the consumer of the first
+    finished row, which finished at its prefill) leaves every module, attribute, parameter and buffer of the model as it was,
     and the next generation is right."""
     model, tokenizer = tiny
     snapshot = model_snapshot(model)
@@ -364,19 +352,17 @@ def test_a_failed_start_leaves_the_model_as_it_was(tiny, tiny_hf, monkeypatch):
             built.append(self)
             super().__init__(*args)
 
-    lidr.sampler.CACHES.pop(model, None)  # the cache kept from earlier tests would be reused, not packed
+    lidr.kernels.cache.CACHES.pop(model, None)  # the cache kept from earlier tests would be reused, not packed
     with monkeypatch.context() as patch:
-        patch.setattr(lidr.sampler, "PackedLinear", FailingPackedLinear)
+        patch.setattr(lidr.kernels.cache, "PackedLinear", FailingPackedLinear)
         with pytest.raises(RuntimeError, match="injected"):
             generate(model, tokenizer, prompts, decoding(max_new_tokens=8))
-    assert len(built) == 5 and model not in lidr.sampler.CACHES
+    assert len(built) == 5 and model not in lidr.kernels.cache.CACHES
     assert_model_unchanged(model, snapshot)
 
-    def fail(i, completion):
-        raise KeyError("on_finish failed")
-
-    with pytest.raises(KeyError, match="on_finish failed"):  # max_new_tokens=1: a row ends at its prefill
-        generate(model, tokenizer, prompts, decoding(max_new_tokens=1), on_finish=fail)
+    with pytest.raises(KeyError, match="the consumer failed"):  # max_new_tokens=1: a row ends at its prefill
+        for _ in completions(model, tokenizer, prompts, decoding(max_new_tokens=1)):
+            raise KeyError("the consumer failed")
     assert_model_unchanged(model, snapshot)
     outs = generate(model, tokenizer, prompts, decoding(max_new_tokens=8), batch_size=2)
     assert [o.tokens for o in outs] == [hf_greedy(tiny_hf, p, 8, tokenizer.stop_ids) for p in prompts]

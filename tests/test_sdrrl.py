@@ -3,9 +3,9 @@
 import json
 import random
 
-from conftest import shared_data, small_iteration, write_jsonl
+from helpers import shared_data, small_iteration, write_jsonl
 
-from lidr.pairs import read_translation_task_ids
+from lidr.harness.stage_files import read_translation_task_ids
 from lidr.sdrrl import SDRRLOptions, build_sdrrl_rows, code_switch, units
 
 
@@ -93,7 +93,7 @@ def test_code_switch_needs_aligned_units():
 def test_command_reads_ids_as_text_skips_whitespace_and_refuses_files_it_did_not_write(tmp_path):
     import pytest
 
-    from lidr.sdrrl import main
+    from lidr.cli.sdrrl import main
 
     folder = small_iteration(tmp_path)
     (folder / "translate" / "en-fr.jsonl").write_text(
@@ -109,7 +109,7 @@ def test_command_reads_ids_as_text_skips_whitespace_and_refuses_files_it_did_not
     with pytest.raises(SystemExit, match=r"sdrrl\.jsonl: was made from other inputs or other settings "
                                          r"\(settings\.options\.seed: 0 -> 1\)"):
         main(["--dir", str(folder), "--langs", "fr", "--code-switch-rows", "0", "--seed", "1"])
-    with pytest.raises(SystemExit, match=r"generate/fr\.jsonl: exists and was not written by lidr\.sdrrl"):
+    with pytest.raises(SystemExit, match=r"generate/fr\.jsonl: exists and was not written by lidr\.cli\.sdrrl"):
         main(["--dir", str(folder), "--langs", "fr", "--out", str(folder / "generate" / "fr.jsonl")])
     with pytest.raises(SystemExit, match=r"name fr more than once"):
         main(["--dir", str(folder), "--langs", "fr,fr"])
@@ -118,7 +118,7 @@ def test_command_reads_ids_as_text_skips_whitespace_and_refuses_files_it_did_not
 def test_command_reads_the_reference_translations_and_the_asked_prompts(tmp_path):
     """--reference-field: translate/en-{l}.reference.jsonl gives the translated rows; prompts are the user turns
     generate.py recorded (here the alpaca template, filled in per language)."""
-    from lidr.sdrrl import main
+    from lidr.cli.sdrrl import main
     from lidr.settings import PROMPT_TEMPLATES, user_turn
 
     meta = {"prompt_template": PROMPT_TEMPLATES["alpaca"]}

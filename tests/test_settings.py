@@ -100,7 +100,7 @@ def test_the_run_record_holds_every_setting_that_changes_the_result():
 def test_iterate_takes_the_stages_own_flags():
     """iterate.py's answer, translation, pair and SFT-row flags are generate.py's, translate.py's,
     lidr.pairs' and lidr.sdrrl's, with prefixes: one declaration each."""
-    import iterate
+    import lidr.cli.iterate as iterate
 
     translation = replace(CHANGED[1], prompt_template="plain")  # translation asks in its own prompt: no such flag
     argv = ["--model", "M", "--work", "W", "--prompts", "P", "--langs", "fr", "--dominant", "de",

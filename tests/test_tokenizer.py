@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from conftest import LLAMA3_TEMPLATE, llama3_tokenizer_json
+from helpers import LLAMA3_TEMPLATE, llama3_tokenizer_json
 
 from lidr.tokenizer import Tokenizer
 

@@ -1,13 +1,13 @@
-"""--report-to (lidr/tracking.py): the numbers mirrored to TensorBoard and wandb, read back from their own files."""
+"""--report-to (lidr/harness/tracking.py): the numbers mirrored to TensorBoard and wandb, read back from their own files."""
 
 import json
 import struct
 import sys
 
 import pytest
-from conftest import tensorboard_scalars
+from helpers import tensorboard_scalars
 
-from lidr.tracking import Tracker
+from lidr.harness.tracking import Tracker
 
 
 def wandb_history(folder) -> list[dict]:

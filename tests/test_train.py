@@ -10,13 +10,16 @@ import sys
 
 import pytest
 import torch
-from conftest import STEPS, assert_same_weights, pairs, run_subprocess, train_args, weights, write_jsonl
+from helpers import STEPS, assert_same_weights, pairs, run_subprocess, train_args, weights, write_jsonl
 from safetensors.torch import load_file
 
+import lidr.cli.train
+import lidr.harness.training
 import lidr.train
 from lidr.checkpoint import load
+from lidr.cli.train import main
 from lidr.tokenizer import Tokenizer
-from lidr.train import load_examples, main
+from lidr.train import load_examples
 
 
 # -----------------------------------------------------------------------------
@@ -61,8 +64,8 @@ def test_first_step_is_ln2_and_the_nll_of_transformers(one_process, tiny_dir, da
     # the NLL of step 1: the mean over the step's 4 chosen responses of their mean token NLL
     tokenizer = Tokenizer.from_folder(tiny_dir)
     examples, _ = load_examples(data, tokenizer, "dpo", max_len=96)
-    options = lidr.train.options_from(lidr.train.parse_args(train_args(tiny_dir, data, "unused", "--batch-size", "2",
-                                                                       "--grad-accum", "2")))
+    flags = train_args(tiny_dir, data, "unused", "--batch-size", "2", "--grad-accum", "2")
+    options = lidr.cli.train.options_from(lidr.cli.train.parse_args(flags))
     step0 = [i for micro in range(2) for i in lidr.train.micro_batch(0, micro, len(examples), options, 0, 1)]
     hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     nlls = []
@@ -168,7 +171,7 @@ def test_sigkill_during_a_save_then_rerun_gives_the_uninterrupted_weights(point,
     killed = run_subprocess([sys.executable, "-c", KILL_AFTER_CALL.format(**where), *args])
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert {p.name.rstrip("0123456789") for p in out.iterdir() if p.is_dir()} == folders  # killed where meant
-    previous = lidr.train.latest_checkpoint(out)  # the checkpoint before the kill, whole
+    previous = lidr.harness.training.latest_checkpoint(out)  # the checkpoint before the kill, whole
     assert torch.load(previous / "trainer.pt")["step"] == resume_step
     rerun = run_subprocess([sys.executable, "train_dpo.py", *args])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -230,8 +233,8 @@ def test_sft_objective_trains_on_responses(tiny_dir, tmp_path):
     # step 1 holds 4 rows; 2 copies of 4 rows shuffled: compare with the mean over the rows it drew
     tokenizer = Tokenizer.from_folder(tiny_dir)
     examples, _ = load_examples(path, tokenizer, "sft", max_len=96)
-    options = lidr.train.options_from(lidr.train.parse_args(train_args(tiny_dir, path, out, "--objective", "sft",
-                                                                       "--batch-size", "4")))
+    flags = train_args(tiny_dir, path, out, "--objective", "sft", "--batch-size", "4")
+    options = lidr.cli.train.options_from(lidr.cli.train.parse_args(flags))
     hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     nlls = []
     for i in lidr.train.micro_batch(0, 0, len(examples), options, 0, 1):

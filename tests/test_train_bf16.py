@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import run_subprocess, train_args, weights
+from helpers import run_subprocess, train_args, weights
 
 from lidr.checkpoint import load
-from lidr.train import main
+from lidr.cli.train import main
 
 pytestmark = pytest.mark.slow  # every test here trains in one or two processes (seconds to a minute)
 

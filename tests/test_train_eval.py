@@ -12,12 +12,13 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import pairs, run_subprocess, tensorboard_scalars, train_args, write_jsonl
+from helpers import pairs, run_subprocess, tensorboard_scalars, train_args, write_jsonl
 
 import lidr.train
+from lidr.cli.train import main
 from lidr.settings import Training
 from lidr.tokenizer import Tokenizer
-from lidr.train import (build_model, fused_adamw, load_examples, main, reference_logps, setup_distributed, split_held_out,
+from lidr.train import (build_model, fused_adamw, load_examples, reference_logps, setup_distributed, split_held_out,
                         train_step)
 
 LANGS = ("en", "es")

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu  # noqa: E402
 
 from lidr.checkpoint import load  # noqa: E402
-from lidr.hardware import datasheet_peak  # noqa: E402
+from lidr.kernels.hardware import datasheet_peak  # noqa: E402
 
 
 def run_bench(*args, timeout=150) -> subprocess.CompletedProcess:

@@ -5,9 +5,9 @@ import json
 import shutil
 
 import pytest
-from conftest import pairs, write_jsonl
+from helpers import pairs, write_jsonl
 
-from lidr.train import main, parse_args
+from lidr.cli.train import main, parse_args
 
 
 def args_for(model, data, out, *extra):

@@ -5,13 +5,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, kill_at_progress
+from helpers import ROOT, kill_at_progress
 from tokenizers import Tokenizer as HFTokenizer
 
 import translate
 from lidr.sampler import Completion
 from lidr.tokenizer import Tokenizer
-from lidr.translation import result_fields, translation_prompt_ids
+from lidr.translation import fields, prompt_ids
 
 PAPER_PROMPT = (
     "Please translate the following sentences into French. The input sentences are wrapped by <sentence> and "
@@ -21,7 +21,7 @@ PAPER_PROMPT = (
 
 
 def test_prompt_tokens_in_llama3_format(tiny_dir):
-    ids = translation_prompt_ids(Tokenizer.from_folder(tiny_dir), "The cat sleeps.", "fr")
+    ids = prompt_ids(Tokenizer.from_folder(tiny_dir), "The cat sleeps.", "fr")
     by_hand = (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{PAPER_PROMPT}<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n<translated>\n")
     assert ids == HFTokenizer.from_file(str(tiny_dir / "tokenizer.json")).encode(by_hand, add_special_tokens=False).ids
@@ -29,7 +29,7 @@ def test_prompt_tokens_in_llama3_format(tiny_dir):
 
 def test_prompt_tokens_in_chatml_format(demo_dir):
     tokenizer = Tokenizer.from_folder(demo_dir)
-    ids = translation_prompt_ids(tokenizer, "The cat sleeps.", "fr")
+    ids = prompt_ids(tokenizer, "The cat sleeps.", "fr")
     by_hand = (f"<|im_start|>system\n{tokenizer.default_system}<|im_end|>\n<|im_start|>user\n{PAPER_PROMPT}<|im_end|>\n"
                "<|im_start|>assistant\n<translated>\n")
     assert tokenizer.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -37,15 +37,14 @@ def test_prompt_tokens_in_chatml_format(demo_dir):
 
 
 def test_reply_fields():
-    fields = result_fields("translation")
     closed = Completion(tokens=[1, 2], text="Le chat dort.\n", finish_reason="stop_string")
-    assert fields(closed) == {"translation": "Le chat dort.", "translation_error": None,
+    assert fields(closed, "translation") == {"translation": "Le chat dort.", "translation_error": None,
                               "translation_reply": "Le chat dort.\n"}
     cut = Completion(tokens=[1, 2], text="Le chat dort et", finish_reason="length")
-    assert fields(cut) == {"translation": None, "translation_error": "no </translated> before the reply ended",
+    assert fields(cut, "translation") == {"translation": None, "translation_error": "no </translated> before the reply ended",
                            "translation_reply": "Le chat dort et"}
     ended = Completion(tokens=[1], text="  ", finish_reason="stop_string")
-    assert fields(ended) == {"translation": None, "translation_error": "empty translation", "translation_reply": "  "}
+    assert fields(ended, "translation") == {"translation": None, "translation_error": "empty translation", "translation_reply": "  "}
 
 
 def test_unclosed_replies_are_marked_failed_and_a_rerun_adds_nothing(tiny_dir, tmp_path, capsys):

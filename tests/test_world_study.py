@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 spec = importlib.util.spec_from_file_location("world_study", ROOT / "bench" / "world_study.py")
 study = importlib.util.module_from_spec(spec)

@@ -34,12 +34,13 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lidr import sdrrl, settings
-from lidr.iterate import (
-    Recipe, generate_stage, run_iteration, stage, stage_identities, train_stage, translate_stage, write_marker,
-)
-from lidr.jsonl import write_json_atomic, write_text_atomic
-from lidr.pairs import PairOptions, arithmetic, read_texts
+from lidr import settings
+from lidr.harness.stages import Nodes, Runner, stage_identities, train, write_marker
+from lidr.iterate import Recipe, run_iteration
+from lidr.harness.outputs import write_json_atomic, write_text_atomic
+from lidr.harness.stage_files import read_texts, sdrrl_from_dir, write_rows
+from lidr.pairs import PairOptions, arithmetic
+from lidr.sdrrl import SDRRLOptions
 from lidr.settings import Training
 from world.corpus import LANGS, SPLITS, SYSTEM, WorldSettings, build
 from world.report import evaluate, finish_report, learning_summary, pair_accuracy
@@ -101,8 +102,7 @@ def make_world(folder: Path, world: WorldSettings) -> Path:
 def pretrain(world: Path, out: Path, options: Training, train_nproc: int) -> Path:
     """M0: lidr's trainer (the SFT objective) from the world's random init over its corpus."""
     print(f"== pretraining {out}", flush=True)
-    train_stage(world / "init", world / "corpus.jsonl", out, options, train_nproc)
-    return out / "model"
+    return train(world / "init", world / "corpus.jsonl", out, options, train_nproc)
 
 
 # -----------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def pretrain(world: Path, out: Path, options: Training, train_nproc: int) -> Pat
 
 def copy_iteration1(source: Path, target: Path, m0: Path, prompts: Path, how: Recipe, train_nproc: int):
     """Iteration 1's answers and translations from `source` (same M0, same prompts, greedy: identical),
-    marked done as made from what `how` would make them from (lidr.iterate.stage_identities)."""
+    marked done as made from what `how` would make them from (lidr.harness.stages.stage_identities)."""
     identities = stage_identities(m0, prompts, how, train_nproc)
     for name in ("generate", "translate"):
         if (target / "iter1" / "done" / name).exists():
@@ -121,19 +121,20 @@ def copy_iteration1(source: Path, target: Path, m0: Path, prompts: Path, how: Re
 
 
 def run_lidr(name: str, m0: Path, prompts: list[Path], work: Path, how: Recipe, train_nproc: int) -> list[Path]:
-    """lidr.iterate's iterations from m0 (one prompt folder each) in work; returns [M1, M2, ...]."""
+    """lidr/iterate.py's iterations from m0 (one prompt folder each) in work; returns [M1, M2, ...]."""
     print(f"== {name}: {len(prompts)} iterations", flush=True)
     models = []
     for t, folder in enumerate(prompts, 1):
-        models.append(run_iteration(models[-1] if models else m0, folder, work / f"iter{t}", how, f"{name} {t}",
-                                    BATCH_SIZE, 1, train_nproc))
+        runner = Runner(models[-1] if models else m0, folder, work / f"iter{t}", how, f"{name} {t}", BATCH_SIZE, 1,
+                        train_nproc, Nodes())
+        models.append(run_iteration(runner, folder, work / f"iter{t}", how))
     return models
 
 
 def checked_sdrrl_rows(folder: Path, how: Recipe) -> tuple[list, dict]:
     """lidr.sdrrl's rows, less those whose self-translation changed its source's numbers or signs (the check
     LIDR's pairs pass), counted per language in the report."""
-    rows, report = sdrrl.build_from_dir(folder, list(how.langs), sdrrl.SDRRLOptions(dominant=how.pairs.dominant))
+    rows, report = sdrrl_from_dir(folder, list(how.langs), SDRRLOptions(dominant=how.pairs.dominant))
     if not how.pairs.check_numbers:
         return rows, report
     english = read_texts(folder / "generate" / f"{how.pairs.dominant}.jsonl", "response")
@@ -149,30 +150,26 @@ def checked_sdrrl_rows(folder: Path, how: Recipe) -> tuple[list, dict]:
 
 
 def run_sdrrl(m0: Path, prompts: list[Path], work: Path, how: Recipe, train_nproc: int) -> list[Path]:
-    """SDRRL's iterations in work: lidr.iterate's stages, with the rows checked as LIDR's pairs are."""
+    """SDRRL's iterations in work: lidr/iterate.py's stages, with the rows checked as LIDR's pairs are."""
     how = replace(how, method="sdrrl")
     en, models = how.pairs.dominant, []
     print(f"== SDRRL: {len(prompts)} iterations", flush=True)
     for t, folder_in in enumerate(prompts, 1):
         model, folder, label = models[-1] if models else m0, work / f"iter{t}", f"SDRRL {t}"
-        identities = stage_identities(model, folder_in, how, train_nproc)
-
-        def generate():
+        runner = Runner(model, folder_in, folder, how, label, BATCH_SIZE, 1, train_nproc, Nodes())
+        if runner.begin("generate"):
             for lang in (en, *how.langs):
-                generate_stage(model, folder_in / f"{lang}.jsonl", folder / "generate" / f"{lang}.jsonl", how.answers,
-                               BATCH_SIZE, 1, lang)
-
-        def translate():
+                runner.generate(folder_in / f"{lang}.jsonl", folder / "generate" / f"{lang}.jsonl", how.answers, lang)
+            runner.done("generate")
+        if runner.begin("translate"):
             for lang in how.langs:
-                translate_stage(model, folder / "generate" / f"{en}.jsonl", folder / "translate" / f"{en}-{lang}.jsonl",
-                                lang, how.translation, BATCH_SIZE, 1)
-
-        def rows():
-            sdrrl.write_rows(*checked_sdrrl_rows(folder, how), folder / "sdrrl.jsonl")
-
-        for name, run_stage in (("generate", generate), ("translate", translate), ("sdrrl", rows)):
-            stage(folder, name, label, run_stage, identities[name])
-        models.append(run_iteration(model, folder_in, folder, how, label, BATCH_SIZE, 1, train_nproc))  # trains
+                runner.translate(folder / "generate" / f"{en}.jsonl", folder / "translate" / f"{en}-{lang}.jsonl",
+                                 lang, how.translation, "response")
+            runner.done("translate")
+        if runner.begin("sdrrl"):
+            write_rows(*checked_sdrrl_rows(folder, how), folder / "sdrrl.jsonl")
+            runner.done("sdrrl")
+        models.append(run_iteration(runner, folder_in, folder, how))  # trains: the stages before are done
     return models
 
 
@@ -200,8 +197,7 @@ def sft(name: str, m0: Path, rows: list[dict], out: Path, options: Training, tra
     if not data.exists():
         write_text_atomic(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"== {name}", flush=True)
-    train_stage(m0, data, out / "train", replace(options, objective="sft"), train_nproc)
-    return out / "train" / "model"
+    return train(m0, data, out / "train", replace(options, objective="sft"), train_nproc)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 
 from lidr.cli import command
-from lidr.jsonl import check_folder, hold_lock, record_output, write_json_atomic, write_text_atomic
+from lidr.harness.outputs import check_folder, hold_lock, record_output, write_json_atomic, write_text_atomic
 from world.problems import (NEW_OBJECTS, NEW_PEOPLE, OBJECTS, PEOPLE, distinct_draws, draw, ru_count,
                             write_problem)
 from lidr.translation import CLOSING_TAG, PREFILL, translation_prompt

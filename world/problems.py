@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from lidr.jsonl import write_text_atomic
+from lidr.harness.outputs import write_text_atomic
 
 LANGS = ("en", "es", "fr", "de", "ru")
 

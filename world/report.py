@@ -24,8 +24,9 @@ from pathlib import Path
 from eval.mgsm import run as run_mgsm
 from eval.report import write_report
 from lidr.checkpoint import load
-from lidr.jsonl import write_json_atomic, write_text_atomic
-from lidr.pairs import arithmetic, numbers, read_texts, read_translations
+from lidr.harness.outputs import write_json_atomic, write_text_atomic
+from lidr.harness.stage_files import read_texts, read_translations
+from lidr.pairs import arithmetic, numbers
 from lidr.settings import Decoding
 from world.corpus import LANGS, SYSTEM
 

@@ -25,8 +25,10 @@ from dataclasses import fields, replace
 
 import torch
 
-from lidr.rows import DTYPES, Engine
+from lidr.harness.sampled import Engine
+from lidr.settings import DTYPES
 from lidr.settings import out_of_range
+from lidr.tokenizer import CHAT_FORMATS
 
 # the sampling settings that the evaluations leave at their greedy defaults (the paper decodes greedily)
 GREEDY_ONLY = ("temperature", "top_p", "top_k", "seed")
@@ -60,7 +62,7 @@ def add_engine_flags(parser, batch_size: int, model_help: str = "HF checkpoint f
                         help="default: %(default)s; under torchrun, cuda is each rank's own GPU")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: bfloat16 on CUDA, "
                                                                       "float32 on CPU)")
-    parser.add_argument("--chat-format", choices=("llama3", "chatml"), default=None,
+    parser.add_argument("--chat-format", choices=tuple(CHAT_FORMATS), default=None,
                         help="default: read from the folder")
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help="prompts decoded together (default: %(default)s)")

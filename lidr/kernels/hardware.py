@@ -1,6 +1,6 @@
 """Which GPU this is and its datasheet dense bf16 peak: the denominator of MFU (the trainer's log, bench/gpu.py).
 
-    from lidr.hardware import datasheet_peak
+    from lidr.kernels.hardware import datasheet_peak
     props = torch.cuda.get_device_properties(device)
     sku, flops = datasheet_peak(props.name, props.total_memory, props.multi_processor_count)
 

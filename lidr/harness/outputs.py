@@ -38,7 +38,14 @@ import socket
 import time
 from pathlib import Path
 
+from lidr.checkpoint import INDEX_FILE, TOKENIZER_FILES
+
 RECORD_SUFFIX = ".made-from.json"
+# owners are the module a command runs as (`python -m lidr.cli.generate`); what older lidr wrote under other names
+RENAMED_OWNERS = {"generate.py": "lidr.cli.generate", "translate.py": "lidr.cli.translate", "lidr.generation":
+                  "lidr.cli.generate", "lidr.translation": "lidr.cli.translate", "lidr.pairs": "lidr.cli.pairs",
+                  "lidr.sdrrl": "lidr.cli.sdrrl", "lidr.train": "lidr.cli.train", "lidr.iterate": "lidr.cli.iterate",
+                  "iterate.py": "lidr.cli.iterate"}
 BOM = "\ufeff".encode()
 LOCK_SUFFIX = ".lock"
 
@@ -140,11 +147,13 @@ def read_complete_lines(path: Path) -> list[dict]:
 
 
 class ResumableWriter:
-    """Append-only JSONL output keyed by `key`: `done` holds the keys already written, as text."""
+    """Append-only JSONL output keyed by `key`: `done` holds the keys already written, as text.
+    locked: the writer holds PATH.lock (one process appends to a file); False where the caller
+    already holds the lock of the output the file belongs to (lidr.harness.sampled.SampledOutput)."""
 
-    def __init__(self, path: str | os.PathLike, key: str):
+    def __init__(self, path: str | os.PathLike, key: str, locked: bool = True):
         self.path, self.key = Path(path), key
-        self.lock = hold_lock(self.path, "a resumable writer")  # one process appends to a file
+        self.lock = hold_lock(self.path, "a resumable writer") if locked else None
         self.rows, torn_at = read_output_rows(self.path)
         missing = next((n for n, row in enumerate(self.rows, 1) if key not in row), None)
         if missing is not None:
@@ -174,7 +183,8 @@ class ResumableWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     def __enter__(self):
         return self
@@ -194,6 +204,31 @@ def file_identity(path: str | os.PathLike) -> dict:
         raise SystemExit(f"{path}: no such file")
     data = path.read_bytes()
     return {"path": str(path), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def folder_identity(folder: str | os.PathLike) -> dict:
+    """Which checkpoint a folder holds, cheaply: its resolved path, config and tokenizer files by
+    size and sha256, safetensors files by size and modification time (hashing 16 GB of weights on
+    every run would cost minutes). A folder that is not a checkpoint stops with one sentence."""
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise SystemExit(f"{folder}: no such model folder")
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"{folder / 'config.json'}: no config.json; is {folder} an HF checkpoint folder?")
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.name in ("config.json", INDEX_FILE, *TOKENIZER_FILES):
+            data = path.read_bytes()
+            files[path.name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        elif path.suffix == ".safetensors":
+            stat = path.stat()
+            files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": str(folder), "files": files}
+
+
+def owner(made_by: str) -> str:
+    """The command that wrote an output, under today's name (`RENAMED_OWNERS`)."""
+    return RENAMED_OWNERS.get(made_by, made_by)
 
 
 def record_path(out: str | os.PathLike) -> Path:
@@ -237,6 +272,7 @@ def check_output(out: str | os.PathLike, made_by: str, identity: dict, companion
     try:
         recorded = json.loads(record.read_text(encoding="utf-8"))
         recorded_by, recorded_identity = recorded["made_by"], recorded["identity"]
+        recorded_by = owner(recorded_by)
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise SystemExit(f"{record}: not a record of what {out} was made from; move it and {out} away") from None
     if recorded_by != made_by:
@@ -288,7 +324,7 @@ def remove_own_output(out: str | os.PathLike, made_by: str, companions=()) -> bo
     out = Path(out)
     record = record_path(out)
     try:
-        recorded_by = json.loads(record.read_text(encoding="utf-8"))["made_by"]
+        recorded_by = owner(json.loads(record.read_text(encoding="utf-8"))["made_by"])
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return False
     if recorded_by != made_by:

@@ -4,11 +4,11 @@ Every command that runs under torchrun runs across nodes with torchrun's c10d re
 same command on every node, HOST one of them (its address as the others reach it), JOB a name
 for the run that every node gives alike:
 
-    torchrun --standalone --nproc_per_node=8 -m lidr.generation --model M --prompts IN.jsonl --out OUT.jsonl
+    torchrun --standalone --nproc_per_node=8 -m lidr.cli.generate --model M --prompts IN.jsonl --out OUT.jsonl
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
-        -m lidr.generation --model M --prompts IN.jsonl --out OUT.jsonl        # on each of the 2 nodes
+        -m lidr.cli.generate --model M --prompts IN.jsonl --out OUT.jsonl        # on each of the 2 nodes
 
-and so for `-m lidr.translation`, `-m eval.mgsm`, `-m eval.alpacaeval generate` and `-m lidr.train`
+and so for `-m lidr.cli.translate`, `-m eval.mgsm`, `-m eval.alpacaeval generate` and `-m lidr.cli.train`
 (the top-level scripts generate.py, translate.py and train_dpo.py are the same commands).
 iterate.py runs once per node and launches its stages so (--nnodes, --rdzv-endpoint, --rdzv-id).
 

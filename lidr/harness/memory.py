@@ -87,13 +87,18 @@ def fits(peak: dict, gpu_memory_gb: float) -> bool:
 
 
 def largest_micro_batch(examples: list, batch_size: int, max_len: int) -> tuple[int, int, int]:
-    """(tokens, rows, width) of the largest micro-batch: the batch_size longest rows packed into rows
-    of at most max_len tokens as the trainer packs them (longest first, into the first row with room)."""
-    from lidr.train import pack  # lidr.train imports this module
-
+    """(tokens, rows, width) of the largest micro-batch: the sequences of the batch_size longest rows packed
+    into rows of at most max_len tokens as lidr/train.py `pack` packs them (longest first, into the first row
+    with room; tests/test_memory.py checks that the two agree)."""
     longest = sorted(examples, key=lambda ex: -sum(len(ex.prompt) + len(r) for r in ex.responses))[:batch_size]
-    rows = pack(longest, 0, max_len, "cpu", dense_mask=False).tokens.shape
-    return rows[0] * rows[1], rows[0], rows[1]
+    room = []  # what each packed row has left
+    for n in sorted((len(ex.prompt) + len(r) for ex in longest for r in ex.responses), reverse=True):
+        r = next((r for r in range(len(room)) if room[r] >= n), len(room))
+        if r == len(room):
+            room.append(max_len)
+        room[r] -= n
+    width = max_len - min(room)
+    return len(room) * width, len(room), width
 
 
 def plan(cfg: LlamaConfig, examples: list, batch_size: int, max_len: int, dtype_bytes: int, gpus: int,
