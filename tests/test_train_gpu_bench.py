@@ -2,22 +2,24 @@
 its SKU table, its byte counts, and its tiny train_dpo.py run (here on CPU, gloo)."""
 
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from lidr.checkpoint import load
+from lidr.kernels.hardware import datasheet_peak
 
-import gpu  # noqa: E402
-
-from lidr.checkpoint import load  # noqa: E402
-from lidr.kernels.hardware import datasheet_peak  # noqa: E402
+# the bench script, loaded from its file (bench/ is not a package, and sys.path stays as it is)
+spec = importlib.util.spec_from_file_location("gpu", ROOT / "bench" / "gpu.py")
+gpu = importlib.util.module_from_spec(spec)
+sys.modules["gpu"] = gpu  # its dataclasses look their module up by name
+spec.loader.exec_module(gpu)
 
 
 def run_bench(*args, timeout=150) -> subprocess.CompletedProcess:

@@ -33,6 +33,7 @@ sampling commands, a gloo group made by `join` on first use and kept until the p
 
 import atexit
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -40,6 +41,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
+
+from lidr.harness.outputs import folder_identity
 
 PROBE_PREFIX = ".lidr-shared-probe-"
 
@@ -81,22 +84,17 @@ def on_rank0(decide):
 
 
 def checkpoint_fingerprint(folder) -> str | None:
-    """sha256 over a model folder's config, index and tokenizer files and its weight files' names
-    and sizes (not their paths or times: a copy on each node has the same fingerprint); None when
-    there is no config.json, the error when a file cannot be read."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    """sha256 over what lidr.harness.outputs.folder_identity records of a model folder, less what differs
+    between copies (its path, the weight files' times): a copy on each node has the same fingerprint.
+    None when there is no config.json, the error when a file cannot be read."""
+    if not (Path(folder) / "config.json").is_file():
         return None
-    digest = hashlib.sha256()
     try:
-        for path in sorted(p for p in folder.iterdir() if p.is_file()):
-            if path.suffix == ".safetensors":
-                digest.update(f"{path.name} {path.stat().st_size}\n".encode())
-            elif path.suffix == ".json":
-                digest.update(f"{path.name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
-    except OSError as e:
+        files = folder_identity(folder)["files"]
+    except (OSError, SystemExit) as e:
         return f"unreadable ({e})"
-    return digest.hexdigest()
+    same_on_every_copy = {name: {k: v for k, v in file.items() if k != "mtime_ns"} for name, file in files.items()}
+    return hashlib.sha256(json.dumps(same_on_every_copy, sort_keys=True).encode()).hexdigest()
 
 
 def probe_folder(out: Path) -> tuple[Path, int]:
