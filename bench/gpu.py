@@ -1,17 +1,22 @@
-"""GPU check and benchmark in one call: is lidr right on CUDA, how fast, and against which limits.
+"""GPU check and benchmark: is lidr right on CUDA, how fast, and against which limits.
 
-    python bench/gpu.py --quick                 # first: every section, decode at batch 1 only, fewer steps
-    python bench/gpu.py --json OUT/gpu.json     # then the full run, inside a 10-minute window
-    python bench/gpu.py --sections decode,train --section-seconds 300   # some sections, longer limits
-    python bench/gpu.py --cpu-dry-run --quick   # no GPU: every section at tiny shapes on CPU (checks the script)
+    python bench/gpu.py --quick --total-seconds 560   # first: every section, decode at batch 1 only, in one 10-minute call
+    python bench/gpu.py --sections decode --json OUT/decode.json   # then a section per call, with its full limit
+    python bench/gpu.py --section-seconds decode=1200,train=900   # other limits (one number: every section)
+    python bench/gpu.py --cpu-dry-run --quick     # no GPU: every section at tiny shapes on CPU (checks the script)
 
-Each section runs on its own under a time limit (SECTION_SECONDS, or --section-seconds): an error
-is a FAIL row with its text, the limit a TIMEOUT row after the rows measured so far, and the next
-section runs. The default limits add up to 560 s (decode 230 s: compiling lidr's step and
-transformers' forward for each batch size may not all fit, the rows measured before stay; give
-`--sections decode --section-seconds 540` a call of its own for every batch size). At the end a markdown table (for
-bench/RESULTS.md) is printed; --json PATH writes every number there and the table to PATH with the
-suffix .md, both rewritten after each section.
+Each section runs in a worker process of its own (a session of its own, so the worker leads a
+process group) under a time limit (SECTION_SECONDS, --section-seconds): an error is a FAIL row
+with its text; at the limit the worker's whole process group is stopped (SIGTERM, then SIGKILL
+after GRACE_SECONDS: inductor's compile workers and a torchrun agent go with it, and the agent
+passes the SIGTERM on to its own workers), a TIMEOUT row follows the rows measured so far, and
+the next section runs. A worker also ends, and passes a SIGTERM to its group, when the parent
+dies. The limits are minutes (a cold Triton compile of a decode step or of flex attention's
+backward takes one or more) and add up to about 50 minutes; a section usually ends well before
+its limit. --total-seconds caps the whole run: each section's limit shrinks to what is left, and
+a section with too little left is not started (a SKIP row). At the end a markdown table (for
+bench/RESULTS.md) is printed; --json PATH writes every number there and the table to PATH with
+the suffix .md, both rewritten after each section.
 
 Sections (preflight always runs first; --sections picks among the others):
 - preflight: torch, CUDA, cuDNN, transformers and Triton versions; the GPU, its SKU and datasheet
@@ -29,50 +34,77 @@ Sections (preflight always runs first; --sections picks among the others):
   over the length bucket and over the whole cache, its flex attention over the filled blocks, and
   SDPA with enable_gqa for comparison; training forward + backward: lidr's flex document mask, its
   per-sequence loop, the dense mask), each checked in bf16 against an fp32 reference and timed
-  (median of CUDA events).
+  (median of CUDA events). A kernel alone: not a generation.
 - decode: a Llama-3-8B-shaped model with random bf16 weights, checked against transformers' on
-  the same tensors; prompts of 512 tokens in a cache of 2,912 positions (+ LIDR's 2,400 new
-  tokens; lidr's KVCache rounds it up to 2,944, 23 blocks of 128), batch 1, 16 and 64; lidr's
-  decode paths (generate's eager step; its compiled step, flex attention under CUDA graphs) and
-  transformers' `generate` with its default
-  dynamic cache and with its static cache compiled; lidr / transformers ratios. A CUDA graph that
-  inductor declines to capture in lidr's compiled step is a FAIL.
-- train: a DPO step of a Llama-3.2-1B-shaped model (FSDP2, one rank, bf16 compute, fp32 master
-  weights) per packed-training path: tokens/s, MFU against the datasheet peak and, apart, against
-  the measured matmul rate; peak memory.
+  the same tensors; batch 1, 16 and 64 prompts of 512 tokens. The same work on both sides: lidr's
+  full sampler (`lidr.sampler.generate`: eager step, and compile=True: flex attention under CUDA
+  graphs) against transformers' full `generate()` (its default dynamic cache, and its static
+  cache compiled), each given the same decoding settings, LIDR's answers' (lidr.settings.ANSWERS):
+  greedy, repetition penalty 1.1 over prompt and output tokens, a stop token, no stop string, the
+  same max_new_tokens. Each side does what it does for those settings and nothing is stripped:
+  lidr samples on the device and reads the tokens every SYNC_EVERY (8) steps to check stops;
+  transformers checks its stopping criteria with a host sync every step. Every row's label says
+  "full generate()", and the JSON row records the settings read from the arguments each side was
+  given ("decoding"). lidr / transformers ratios.
+- train: a DPO run of a Llama-3.2-1B-shaped model as the trainer runs it (`lidr.train.steps`, the
+  loop of train_dpo.py): FSDP2 on one rank (one rank, stated as one: no gradient communication is
+  in the numbers), bf16 compute with fp32 master weights, Training's defaults (lidr/settings.py:
+  AdamW β (0.9, 0.999), ε 1e-8, no weight decay, fused on CUDA; clipping 1.0; a linear schedule;
+  sigmoid DPO β 0.1 + α 1.0 NLL; 4 pairs a step; rows of 2,048), activation checkpointing as the
+  trainer's memory plan chooses it (lidr.harness.memory: on where the micro-batch would not fit
+  without it; a 1B model on one 80 GB GPU fits without, an 8B model on 8 x 80 GB does not), and
+  one more row with the other choice, so the cost of recomputation is seen. The pairs are ragged:
+  prompt and responses of uneven lengths (prompts 1/128 to 1/8 of a row, responses 1/32 to 1/2,
+  drawn apart), packed first-fit into rows that end in padding. Per packed-training path:
+  tokens/s of real tokens, and apart counting the padding (the positions computed), MFU, peak memory.
 - torchrun: `train_dpo.py` under torchrun over nccl on a tiny model, end to end with the export.
 
 What the numbers count:
-- Decode is steady-state steps: prefill and the first pass (compiling, CUDA-graph capture) are
-  timed apart; each path runs twice and the second pass's steps after `warm_steps` are timed.
+- Decode: each side's generate() is called once untimed (compiling, CUDA-graph capture: "first
+  call", its extra time over the timed ones), then timed (host clock after a device sync, median
+  of `decode_repeats`) with max_new_tokens = N = steps + 1 and with max_new_tokens = 1 (prefill and
+  the first token, "prefill"); a decode step = (T(N) - T(1)) / (N - 1), everything the sampler
+  does in those steps included. The random model's output row of the stop token is zero, so its
+  logit (0) is never the greedy pick: no row stops early, every row of both sides generates N
+  tokens (checked: a row that did not is a FAIL), and both sides still run their stop checks.
 - Bytes per decode step = the weights streamed (every parameter but the embedding table, which a
   step reads one row of; a tied table counts once, as the output projection) + the KV cache of
   the positions filled at that step. A path that attends over more reads more than that and gets
   no credit for it: its row says how many positions it attends (lidr's eager step: the filled
   part rounded up to 64, LENGTH_BUCKET; its flex step: the filled blocks of 128, FLEX_BLOCK;
   transformers' static cache: the whole cache). GB/s is compared with the measured copy bandwidth.
-- MFU = training FLOPs per token (lidr.train.flops_per_token) x tokens/s over the datasheet dense
-  bf16 peak of this SKU (lidr.kernels.hardware.DATASHEET_BF16), and apart over the measured matmul rate.
+- Training tokens/s: real tokens (prompt + response of every sequence, as the trainer's log
+  counts them) over the timed steps' time; "counting the padding": every position of the packed
+  rows (rows x width), whose share of padding is given. MFU = training FLOPs of the timed steps'
+  real sequences (lidr.kernels.hardware.training_flops; recompute and padding not counted) over
+  their time and the datasheet dense bf16 peak of this SKU (lidr.kernels.hardware.DATASHEET_BF16),
+  and apart over the measured matmul rate.
 - Correctness: relative error ||out - ref|| / ||ref|| against an fp32 reference on the same (bf16)
   inputs; tolerances beside each row (bf16 lands between 1e-3 and 1e-2).
 
-How this departs from a user's run: random weights; every prompt of a batch has the same length
-(Setup.prompt_len); lidr's decode rows drive its Session on the model's kept KV cache (prefill one
-prompt at a time, then the sampler's greedy step) without generate()'s host reads every 8 steps;
-transformers' rows time `generate` itself, whose step syncs with the host (a StoppingCriteria takes the times). The
-attention and decode paths come from small tables (train_attention_paths, decode_attention_paths,
-prefill_attention_paths, DECODE_PATHS, TRANSFORMERS_PATHS, TRAIN_PACKINGS): a new path is one more entry.
+How this departs from a user's run: random weights (and the stop token's zero output row); every
+prompt of a batch has the same length (Setup.prompt_len); in the decode section each generate()
+sizes its cache for prompt + max_new_tokens (577 positions at N = 65), not for LIDR's 2,400-token
+answers (2,912), so transformers' static cache, which attends its whole length, reads less here
+than in LIDR's runs (the attention section times the 2,912-position cache); training runs on one
+rank, on random tokens, with a zero reference table (the DPO loss's value does not change the work).
+The attention and decode paths come from small tables (train_attention_paths,
+decode_attention_paths, prefill_attention_paths, DECODE_PATHS, TRANSFORMERS_PATHS,
+TRAIN_PACKINGS): a new path is one more entry.
 
 --cpu-dry-run runs every section on CPU at tiny shapes: torch.compile traces with the "eager"
-backend there (dynamo runs, no code is generated), so it checks the script, not the speed.
+backend there (lidr's generate(compile=True) included; dynamo runs, no code is generated), so it
+checks the script, not the speed, and prints no verdict against a goal.
 
-Exit status: 0 when no row failed, 1 when one did (a wrong result or an error), 2 without CUDA.
-The goals of issue 18 (batch-1 decode >= 75% of the copy bandwidth, DPO MFU >= 40% of the
-datasheet peak, lidr ahead of transformers' best at every batch size) are printed, not failed.
+Exit status: 0 when no row failed, 1 when one did (a wrong result, an error, a worker that died),
+2 without CUDA. On a GPU, the goals of issue 18 (batch-1 decode >= 75% of the copy bandwidth,
+DPO MFU >= 40% of the datasheet peak, lidr ahead of transformers' best at every batch size) are
+printed as verdicts ("goal: ...": "met" or "not met"), not failed; a dry run prints none.
 """
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import gc
 import json
@@ -104,7 +136,8 @@ from lidr.kernels.attention import (FLEX_BLOCK, Documents, Filled, decode_attent
                                     document_attention, document_block_mask, filled_block_mask)
 from lidr.kernels.cache import Session, cuda_graph_skips, decode_logits, kv_cache  # noqa: E402
 from lidr.model import Llama, LlamaConfig, rope_inv_freq  # noqa: E402
-from lidr.sampler import LENGTH_BUCKET  # noqa: E402
+from lidr.sampler import LENGTH_BUCKET, SYNC_EVERY  # noqa: E402
+from lidr.settings import ANSWERS, TRAINING  # noqa: E402
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                         head_dim=128, rope_theta=500000.0, max_seq_len=8192)
@@ -115,9 +148,12 @@ CHECK_8B_HEADS = replace(LLAMA3_8B, vocab_size=4096, n_layers=2, ffn_dim=1024)
 TINY = LlamaConfig(vocab_size=1024, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, head_dim=32,
                    max_seq_len=512, bos_token_id=0, eos_token_id=1)
 
-# default time limit of each section, seconds (9 minutes in all: the full run fits a 10-minute window)
-SECTION_SECONDS = {"preflight": 40, "machine": 20, "correctness": 90, "attention": 80, "decode": 230, "train": 50,
-                   "torchrun": 50}
+# default time limit of each section, seconds: minutes, for a cold Triton compile (lidr's compiled decode step and
+# transformers' static-cache forward at every batch size, flex attention's forward and backward); --section-seconds
+SECTION_SECONDS = {"preflight": 180, "machine": 120, "correctness": 480, "attention": 480, "decode": 900, "train": 600,
+                   "torchrun": 300}
+GRACE_SECONDS = 15  # after a worker's group gets SIGTERM, the seconds before SIGKILL
+MIN_SECTION_SECONDS = 30  # under --total-seconds, a section with less time left is not started
 
 # tolerances of the bf16 checks, on ||out - ref|| / ||ref|| against fp32
 BF16_FORWARD = 1e-2  # one attention or one forward's output
@@ -136,13 +172,15 @@ class Setup:
     copy_bytes: int
     matmul_n: int
     prompt_len: int  # every decode prompt is this long
-    max_new_tokens: int  # the cache holds prompt_len + max_new_tokens positions, as generate() sizes it
-    warm_steps: int  # decode steps run before the timed ones
-    steps: int  # decode steps timed
+    max_new_tokens: int  # LIDR's answers: the attention section's cache holds prompt_len + max_new_tokens positions
+    steps: int  # decode steps timed: each generate() of the decode section asks for steps + 1 new tokens
+    decode_repeats: int  # timed generate() calls of each length, the median taken
     batches: tuple[int, ...]  # decode batch sizes
-    row_len: int  # packed training rows
+    row_len: int  # packed training rows (the trainer's max_len)
     attention_rows: int  # rows of the attention section's training shape
-    n_pairs: int  # DPO pairs per micro-batch (train)
+    n_pairs: int  # DPO pairs per micro-batch (the trainer's batch_size)
+    train_warm_steps: int  # optimizer steps before the timed ones (flex attention compiles a first and a second width)
+    train_steps: int  # optimizer steps timed
     doc_counts: tuple[int, ...]  # sequences per row (attention section)
     repeats: int  # timed repeats of one attention call
     compile_options: dict = field(default_factory=dict)  # torch.compile of a decode step
@@ -151,15 +189,22 @@ class Setup:
     def max_len(self) -> int:
         return self.prompt_len + self.max_new_tokens
 
+    @property
+    def decode_new_tokens(self) -> int:
+        """max_new_tokens of the decode section's timed generate() calls: the prefill's token, then `steps`."""
+        return self.steps + 1
+
 
 GPU = Setup("cuda", CHECK_8B_HEADS, LLAMA3_8B, LLAMA32_1B, copy_bytes=2 * 2**30, matmul_n=8192, prompt_len=512,
-            max_new_tokens=2400,  # LIDR's answers (lidr/settings.py ANSWERS): compiled decode attends over 2,912
-            warm_steps=4, steps=64, batches=(1, 16, 64), row_len=2048, attention_rows=8, n_pairs=8, doc_counts=(2, 8),
-            repeats=10, compile_options={"mode": "reduce-overhead", "dynamic": False, "fullgraph": True})
-GPU_QUICK = replace(GPU, steps=32, batches=(1,), n_pairs=4, doc_counts=(2,), repeats=5)
+            max_new_tokens=ANSWERS.max_new_tokens,  # 2,400: compiled decode attends over 2,912 (attention section)
+            steps=64, decode_repeats=3, batches=(1, 16, 64), row_len=TRAINING.max_len, attention_rows=8,
+            n_pairs=TRAINING.batch_size, train_warm_steps=3, train_steps=5, doc_counts=(2, 8), repeats=10,
+            compile_options={"mode": "reduce-overhead", "dynamic": False, "fullgraph": True})
+GPU_QUICK = replace(GPU, steps=32, decode_repeats=2, batches=(1,), train_steps=3, doc_counts=(2,), repeats=5)
 CPU_DRY_RUN = Setup("cpu", TINY, TINY, TINY, copy_bytes=2**24, matmul_n=256, prompt_len=16, max_new_tokens=48,
-                    warm_steps=2, steps=4, batches=(1, 2), row_len=128, attention_rows=2, n_pairs=2, doc_counts=(2, 4),
-                    repeats=2, compile_options={"backend": "eager", "dynamic": False, "fullgraph": True})
+                    steps=4, decode_repeats=1, batches=(1, 2), row_len=128, attention_rows=2, n_pairs=2,
+                    train_warm_steps=1, train_steps=2, doc_counts=(2, 4), repeats=2,
+                    compile_options={"backend": "eager", "dynamic": False, "fullgraph": True})
 CPU_DRY_RUN_QUICK = replace(CPU_DRY_RUN, batches=(1,), doc_counts=(2,))
 
 
@@ -178,21 +223,24 @@ class Machine:
 # the table
 
 
-class SectionTimeout(BaseException):
-    """Raised by SIGALRM when a section's time is up (a BaseException: `except Exception` does not catch it)."""
-
-
 class Table:
-    """Rows of (section, what, value, status); status "ok", "FAIL", "SKIP", "TIMEOUT" or "" (a measurement)."""
+    """Rows of (section, what, value, status); status "ok", "FAIL", "SKIP", "TIMEOUT" or "" (a measurement).
 
-    def __init__(self, json_path: Path | None, command: list[str]):
+    In a section's worker, rows_path: each row is also appended there as a JSON line when it is added, so the
+    parent keeps the rows measured before a worker is stopped."""
+
+    def __init__(self, json_path: Path | None, command: list[str], rows_path: Path | None = None):
         self.rows, self.sections, self.environment = [], {}, {}
-        self.json_path, self.command = json_path, command
+        self.json_path, self.command, self.rows_path = json_path, command, rows_path
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def add(self, section, what, value, status="", **numbers):
-        """numbers: the row's raw values (floats), written to the JSON file only."""
-        self.rows.append({"section": section, "what": what, "value": str(value), "status": status, **numbers})
+        """numbers: the row's raw values (floats, or a dict of settings), written to the JSON file only."""
+        row = {"section": section, "what": what, "value": str(value), "status": status, **numbers}
+        self.rows.append(row)
+        if self.rows_path is not None:
+            with open(self.rows_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         print(f"  {section} | {what}: {value} {status}", flush=True)
 
     def check(self, section, what, value, passed: bool, **numbers):
@@ -210,36 +258,15 @@ class Table:
             self.add(section, what, f"{type(e).__name__}: {str(e)[:200]}", "FAIL")
             free_memory()
 
-    def run(self, section, seconds: int, fn, *args):
-        """fn(table, *args) under a guard: an exception becomes a FAIL row, the time limit a TIMEOUT row."""
-        print(f"== {section} (limit {seconds} s)", flush=True)
-        start, status = time.perf_counter(), "ok"
-
-        def time_up(signum, frame):
-            raise SectionTimeout()
-
-        previous = signal.signal(signal.SIGALRM, time_up)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+    def run(self, section, fn, *args):
+        """fn(table, *args) in this process, no time limit (a worker's section, or a test's): an exception
+        becomes a FAIL row and the caller goes on."""
         try:
-            try:
-                fn(self, *args)
-            finally:  # the alarm off before any handler below runs: it cannot fire in them
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except SectionTimeout:
-            status = "TIMEOUT"
-            self.add(section, "time limit", f"stopped after {seconds} s; the rows above were measured before", status)
+            fn(self, *args)
         except Exception as e:  # noqa: BLE001 -- a broken section must not stop the others
             traceback.print_exc()
             self.add(section, "error", f"{type(e).__name__}: {str(e)[:300]}", "FAIL")
-        finally:
-            signal.signal(signal.SIGALRM, previous)
-        seconds_taken = time.perf_counter() - start
-        if status == "ok" and any(r["status"] == "FAIL" for r in self.rows if r["section"] == section):
-            status = "FAIL"
-        self.sections[section] = {"status": status, "seconds": round(seconds_taken, 1), "limit_s": seconds}
-        self.add(section, "section time", f"{seconds_taken:.0f} s of {seconds}")
         free_memory()
-        self.save_json()
 
     def failed(self) -> bool:
         return any(r["status"] == "FAIL" for r in self.rows)
@@ -268,6 +295,180 @@ class Table:
             cells = (r["section"], r["what"], r["value"], r["status"])
             lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
         return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# workers: a section in a process of its own, stopped with everything it started
+
+
+@dataclass
+class WorkerResult:
+    returncode: int | None
+    timed_out: bool
+    stdout: str | None = None
+    stderr: str | None = None
+    left: list[int] = field(default_factory=list)  # pids of its group still alive after it was stopped (none, so far)
+
+
+def living_members(pgid: int) -> list[int]:
+    """The processes of process group pgid that have not ended (a zombie has: it only waits to be reaped), read
+    from /proc; where there is no /proc, [pgid] while kill(-pgid, 0) finds the group, else []."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            pass
+        return [pgid]
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        state, _, group = stat[stat.rindex(")") + 2:].split()[:3]  # after "pid (name) ": state, ppid, pgrp
+        if int(group) == pgid and state not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+def signal_group(pgid: int, signum: int):
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):  # the group has ended (or only zombies are left)
+        pass
+
+
+def stop(proc: subprocess.Popen, own_group: bool, grace: float) -> list[int]:
+    """End proc, and with own_group (proc leads a process group: start_new_session) every process of its group:
+    SIGTERM first (a torchrun agent passes it on to its workers, which run in sessions of their own, and waits for
+    them; a worker of this script passes it to its group), then SIGKILL to what is left after `grace` seconds;
+    return once none of them is alive ([]), or the pids that outlived even SIGKILL by 10 s."""
+    def alive():
+        proc.poll()  # reaps proc once it ends: a zombie counts as ended
+        return living_members(proc.pid) if own_group else ([proc.pid] if proc.returncode is None else [])
+
+    send = (lambda signum: signal_group(proc.pid, signum)) if own_group else proc.send_signal
+    for signum, seconds in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        if proc.returncode is None or own_group:
+            send(signum)
+        deadline = time.monotonic() + seconds
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not alive():
+            break
+    proc.wait()
+    return alive()
+
+
+def run_worker(cmd: list[str], seconds: float, *, own_group: bool = True, grace: float = GRACE_SECONDS,
+               capture: bool = False, **popen) -> WorkerResult:
+    """cmd under a time limit. own_group: in a session of its own, so that it leads a process group and, at the
+    limit (or when this process is interrupted), `stop` ends the whole group: nothing it started is left (on
+    the GPU or elsewhere). Without own_group, the command stays in this process's group (a parent that stops
+    this group stops it too) and only it is signalled. capture: stdout and stderr as text."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True} if capture else {}
+    proc = subprocess.Popen(cmd, start_new_session=own_group, **pipes, **popen)
+    try:
+        out, err = proc.communicate(timeout=seconds)
+        return WorkerResult(proc.returncode, False, out, err)
+    except subprocess.TimeoutExpired:
+        left = stop(proc, own_group, grace)
+        try:  # what the command printed before; a process outside the group may still hold the pipes
+            out, err = proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            out = err = None
+        return WorkerResult(proc.returncode, True, out, err, left)
+    except BaseException:  # interrupted (Ctrl-C): the worker goes too
+        stop(proc, own_group, grace)
+        raise
+
+
+def pass_termination_to_group():
+    """In a section's worker, which leads its process group: a SIGTERM (the parent stopping it, or the parent's
+    death, below) goes to every process of the group (a torchrun agent, inductor's compile workers) before the
+    worker ends as SIGTERM ends it."""
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal_group(os.getpgrp(), signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def end_with_parent(parent_pid: int):
+    """SIGTERM to this process when its parent dies (Linux's PR_SET_PDEATHSIG; elsewhere nothing): a worker in a
+    session of its own is not reached by what stops its parent's group."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def read_state(work: Path) -> tuple[Machine, dict]:
+    """(what the sections learned about the machine, the environment of the table) as the last worker left them."""
+    state = json.loads((work / "state.json").read_text())
+    return Machine(**state["machine"]), state["environment"]
+
+
+def write_state(work: Path, machine: Machine, environment: dict):
+    tmp = work / "state.json.tmp"
+    tmp.write_text(json.dumps({"machine": dataclasses.asdict(machine), "environment": environment}))
+    os.replace(tmp, work / "state.json")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows a worker appended to path (a last line cut short by a kill left out)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def worker_command(section: str, flags: list[str], work: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), *flags, "--worker", section, "--worker-dir", str(work)]
+
+
+def run_section(table: Table, section: str, seconds: float, cmd: list[str], work: Path):
+    """One section: cmd (a worker, which appends its rows to WORK/SECTION.jsonl and leaves the machine's state in
+    WORK/state.json) under the time limit; its rows, then a TIMEOUT or FAIL row where it was stopped or died,
+    then the section's time."""
+    print(f"== {section} (limit {seconds:.0f} s, in a worker process)", flush=True)
+    rows_path = work / f"{section}.jsonl"
+    rows_path.unlink(missing_ok=True)
+    start = time.perf_counter()
+    result = run_worker(cmd, seconds, cwd=ROOT, env=dict(os.environ, LIDR_BENCH_PARENT=str(os.getpid())))
+    seconds_taken = time.perf_counter() - start
+    table.rows.extend(read_rows(rows_path))  # printed by the worker as it added them
+    if (work / "state.json").exists():
+        table.environment.update(read_state(work)[1])
+    status = "ok"
+    if result.timed_out:
+        status = "TIMEOUT"
+        ended = ("the worker and every process of its group ended" if not result.left else
+                 f"{len(result.left)} process(es) of the worker's group still alive after SIGKILL (pids "
+                 f"{', '.join(map(str, result.left))})")
+        table.add(section, "time limit", f"stopped after {seconds:.0f} s (SIGTERM to the worker's process group, "
+                  f"SIGKILL {GRACE_SECONDS} s later): {ended}; the rows above were measured before", status)
+    elif result.returncode != 0:
+        died = (f"killed by {signal.Signals(-result.returncode).name}" if result.returncode < 0
+                else f"exited with status {result.returncode}")
+        table.add(section, "worker", f"{died} (its output above says why)", "FAIL")
+    if status == "ok" and any(r["status"] == "FAIL" for r in table.rows if r["section"] == section):
+        status = "FAIL"
+    table.sections[section] = {"status": status, "seconds": round(seconds_taken, 1), "limit_s": round(seconds)}
+    table.add(section, "section time", f"{seconds_taken:.0f} s of {seconds:.0f}")
+    table.save_json()
 
 
 def free_memory():
@@ -769,8 +970,8 @@ def attended_positions(compiles: bool, flex: bool, filled: int, cache_len: int) 
 
 
 DECODE_PATHS = {
-    "lidr eager (grouped SDPA over the filled length)": DecodePath(compiles=False),
-    "lidr compiled (flex attention over the filled blocks, CUDA graphs)": DecodePath(compiles=True),
+    "lidr generate(), eager step (grouped SDPA over the filled length)": DecodePath(compiles=False),
+    "lidr generate(compile=True) (flex attention over the filled blocks, CUDA graphs)": DecodePath(compiles=True),
 }
 
 
@@ -795,9 +996,10 @@ class TransformersPath:
 
 
 TRANSFORMERS_PATHS = {
-    "transformers, dynamic cache (default)": TransformersPath(lambda setup: {}, lambda filled, max_len: filled),
-    "transformers, static cache compiled": TransformersPath(transformers_static_compiled,  # sized max_length - 1
-                                                            lambda filled, max_len: max_len - 1, compiles=True),
+    "transformers generate(), dynamic cache (default)": TransformersPath(lambda setup: {},
+                                                                         lambda filled, max_len: filled),
+    "transformers generate(), static cache compiled": TransformersPath(  # the cache sized max_length - 1
+        transformers_static_compiled, lambda filled, max_len: max_len - 1, compiles=True),
 }
 
 
@@ -828,8 +1030,9 @@ def tiny_model(device, dtype, std: float = 0.02, seed: int = 0) -> Llama:
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Token ids from 2 to vocab - 2: the last id is the decode section's stop token."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(2, vocab, (n, length), generator=generator).tolist()
+    return torch.randint(2, vocab - 1, (n, length), generator=generator).tolist()
 
 
 def shared_weight_models(cfg: LlamaConfig, device, dtype):
@@ -899,91 +1102,165 @@ def lidr_step_logits(model, prompts, forced: torch.Tensor, max_len: int, path: D
     return torch.stack(out, 1)
 
 
-@dataclass
-class DecodePass:
-    prefill_s: float
-    warm_s: float  # the first warm_steps decode steps
-    steps_s: float  # the timed steps
+class StopToken:
+    """The tokenizer lidr's generate() gets in the decode section: one stop token (stop_ids), text never read."""
+
+    def __init__(self, stop_id: int):
+        self.stop_ids = frozenset({stop_id})
+
+    def decode(self, ids, skip_special_tokens=False):
+        return ""
 
 
-def lidr_decode_pass(model, prompts, max_len: int, warm_steps: int, steps: int, compiles: bool, step_fn,
-                     flex: bool) -> DecodePass:
-    """One generation as lidr's sampler runs it (prefill one prompt at a time, then greedy steps), timed in parts.
-    The model's kept KV cache, as generate() takes it: a compiled step replays the CUDA graphs of the first pass."""
-    device = model.embed_tokens.weight.device
-    prompt_len = len(prompts[0])
-    with torch.inference_mode():
-        synchronize()
-        start = time.perf_counter()
-        session = Session(model, kv_cache(model, len(prompts), max_len))
-        tokens = torch.cat([session.prefill(slot, torch.tensor(p, device=device)).float().argmax(-1)
-                            for slot, p in enumerate(prompts)])
-        positions = torch.full((len(prompts),), prompt_len, device=device)
-        synchronize()
-        marks = [start, time.perf_counter()]
-        for j in range(warm_steps + steps):
-            if j == warm_steps:
-                synchronize()
-                marks.append(time.perf_counter())
-            length = step_length(compiles, prompt_len + j + 1, session.cache.length)
-            logits = session.decode(tokens, positions, length, step_fn, flex)
-            tokens = logits.float().argmax(-1)  # the sampler's greedy step
-            positions = positions + 1
-        synchronize()
-        marks.append(time.perf_counter())
-    return DecodePass(marks[1] - marks[0], marks[2] - marks[1], marks[3] - marks[2])
+def stop_token_id(cfg: LlamaConfig) -> int:
+    """The decode section's stop token: the last of the vocabulary (random prompts leave it out)."""
+    return cfg.vocab_size - 1
 
 
-def transformers_decode_pass(hf, prompts, setup: Setup, generate_kwargs: dict) -> DecodePass:
-    """One transformers `generate`, greedy, max_new_tokens = setup.max_new_tokens (the cache size), stopped
-    after warm_steps + steps decode steps by a StoppingCriteria that takes the time after each token."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+def silence(model: Llama, token: int):
+    """Zero the output projection's row of `token`: its logit is 0 for every input and the greedy pick is the
+    largest of a random vocabulary's logits, which is above 0, so no row ever stops at it (the repetition penalty
+    keeps a 0 at 0). The model is untied: the embedding table is not touched."""
+    assert not model.cfg.tie_embeddings, "a tied model would lose the token's embedding too"
+    with torch.no_grad():
+        model.lm_head.weight[token].zero_()
 
-    n_tokens = 1 + setup.warm_steps + setup.steps  # the prefill's token, then one per step
 
-    class StepClock(StoppingCriteria):
-        def __init__(self):
-            self.times = []
+def decoding_settings(greedy: bool, repetition_penalty: float, max_new_tokens: int, stop_token_ids, stop_strings,
+                      prompts: list[list[int]]) -> dict:
+    """One side's decoding settings, as the decode rows record them ("decoding" in the JSON)."""
+    return {"greedy": bool(greedy), "repetition_penalty": float(repetition_penalty),
+            "max_new_tokens": int(max_new_tokens), "stop_token_ids": sorted(int(t) for t in stop_token_ids),
+            "stop_strings": list(stop_strings), "rows": len(prompts),
+            "prompt_tokens": sorted({len(p) for p in prompts})}
 
-        def __call__(self, input_ids, scores, **kwargs):
-            synchronize()  # generate's own stop check syncs here every step too
-            self.times.append(time.perf_counter())
-            return torch.full((input_ids.shape[0],), len(self.times) >= n_tokens, dtype=torch.bool,
-                              device=input_ids.device)
 
+def lidr_generate_arguments(model: Llama, prompts: list[list[int]], new_tokens: int, compiles: bool) -> dict:
+    """The keyword arguments of lidr.sampler.generate in the decode section: LIDR's answers' decoding (greedy,
+    repetition penalty 1.1), `new_tokens` at most, the stop token, no stop string, every prompt in one batch."""
+    from lidr.settings import Decoding
+
+    return {"model": model, "tokenizer": StopToken(stop_token_id(model.cfg)), "prompts": prompts,
+            "decoding": Decoding(max_new_tokens=new_tokens, repetition_penalty=ANSWERS.repetition_penalty,
+                                 temperature=0.0),
+            "stop_strings": (), "batch_size": len(prompts), "compile": compiles}
+
+
+def lidr_settings(arguments: dict) -> dict:
+    """The decoding settings that lidr.sampler.generate's arguments give."""
+    decoding = arguments["decoding"]
+    return decoding_settings(decoding.temperature == 0, decoding.repetition_penalty, decoding.max_new_tokens,
+                             arguments["tokenizer"].stop_ids, arguments["stop_strings"], arguments["prompts"])
+
+
+def transformers_generate_arguments(hf, prompts: list[list[int]], new_tokens: int, extra: dict) -> dict:
+    """The keyword arguments of transformers' generate in the decode section: the same decoding as lidr's (greedy,
+    repetition penalty 1.1, `new_tokens` at most, the stop token as eos, no stop string), the path's cache."""
     ids = torch.tensor(prompts, device=hf.device)
-    clock = StepClock()
-    synchronize()
-    start = time.perf_counter()
-    hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=setup.max_new_tokens,
-                pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]), **generate_kwargs)
-    t = clock.times
-    if len(t) < n_tokens:
-        raise RuntimeError(f"transformers' generate stopped after {len(t)} tokens, {n_tokens} were asked for")
-    return DecodePass(t[0] - start, t[setup.warm_steps] - t[0], t[setup.warm_steps + setup.steps] - t[setup.warm_steps])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "do_sample": False, "num_beams": 1,
+            "repetition_penalty": ANSWERS.repetition_penalty, "max_new_tokens": new_tokens,
+            "eos_token_id": stop_token_id_of(hf), "pad_token_id": 0, **extra}
+
+
+def stop_token_id_of(hf) -> int:
+    return hf.config.vocab_size - 1  # stop_token_id of the lidr twin's config
+
+
+def transformers_settings(kwargs: dict) -> dict:
+    """The decoding settings that transformers' generate keyword arguments give."""
+    eos = kwargs.get("eos_token_id")
+    stops = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return decoding_settings(not kwargs.get("do_sample", False) and kwargs.get("num_beams", 1) == 1,
+                             kwargs.get("repetition_penalty", 1.0), kwargs["max_new_tokens"], stops,
+                             kwargs.get("stop_strings") or [], kwargs["input_ids"].tolist())
+
+
+def lidr_generate_call(model: Llama, prompts: list[list[int]], compiles: bool, setup: Setup):
+    """(run(new_tokens) -> the tokens each row generated, settings(new_tokens) -> its decoding settings): one full
+    lidr.sampler.generate; a row's stop token counts as generated."""
+    import lidr.sampler
+
+    def run(new_tokens: int) -> list[list[int]]:
+        with compiling_as(setup):
+            outs = lidr.sampler.generate(**lidr_generate_arguments(model, prompts, new_tokens, compiles))
+        stop = stop_token_id(model.cfg)
+        return [c.tokens + ([stop] if c.finish_reason == "stop_token" else []) for c in outs]
+
+    return run, lambda new_tokens: lidr_settings(lidr_generate_arguments(model, prompts, new_tokens, compiles))
+
+
+def transformers_generate_call(hf, prompts: list[list[int]], extra: dict):
+    """(run, settings) as lidr_generate_call, for one full transformers generate: a row ends at its first stop
+    token (generate pads the rest)."""
+    stop_id = stop_token_id_of(hf)
+
+    def run(new_tokens: int) -> list[list[int]]:
+        out = hf.generate(**transformers_generate_arguments(hf, prompts, new_tokens, extra))
+        generated = out[:, len(prompts[0]):].tolist()
+        return [row[: row.index(stop_id) + 1] if stop_id in row else row for row in generated]
+
+    return run, lambda new_tokens: transformers_settings(transformers_generate_arguments(hf, prompts, new_tokens,
+                                                                                         extra))
+
+
+@contextmanager
+def compiling_as(setup: Setup):
+    """lidr's generate(compile=True) compiles its step with inductor; the dry run traces it with the eager
+    backend instead (as setup.compile_options there): torch.compile patched meanwhile. On CUDA, as it is."""
+    if setup.device == "cuda":
+        yield
+        return
+    compile_ = torch.compile
+
+    def eager(model=None, **options):
+        options.update(backend="eager", mode=None)
+        return compile_(**options) if model is None else compile_(model, **options)
+
+    torch.compile = eager
+    try:
+        yield
+    finally:
+        torch.compile = compile_
 
 
 @dataclass
 class DecodeTiming:
-    prefill_s: float  # the second pass's
-    first_pass_extra_s: float  # the first pass's decode time beyond the second's: compiling, capturing
-    step_s: float  # steady state, the second pass's timed steps
+    prefill_s: float  # generate with max_new_tokens = 1: the prefill and the first token (median)
+    first_pass_extra_s: float  # the first call's time beyond the timed ones': compiling, capturing
+    step_s: float  # (T(N) - T(1)) / (N - 1)
     filled: float  # positions filled, mean over the timed steps
     attended: float  # positions attended, mean over the timed steps
-    graph_skips: int  # CUDA graphs inductor declined during the two passes
+    graph_skips: int  # CUDA graphs inductor declined during the calls
+    tokens: list[list[int]]  # what the rows generated in the last call of N tokens
 
 
-def timed_twice(run_pass, setup: Setup, attended: Callable[[int], int]) -> DecodeTiming:
-    """attended(positions filled) -> positions a step reads."""
+def timed_generate(run, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """(seconds, tokens per row) of one run(new_tokens) (device synchronized around it); every row must generate
+    new_tokens tokens: a row that stopped early would make the two sides' work differ."""
+    synchronize()
+    start = time.perf_counter()
+    generated = run(new_tokens)
+    synchronize()
+    seconds = time.perf_counter() - start
+    if any(len(t) != new_tokens for t in generated):
+        raise RuntimeError(f"rows generated {sorted({len(t) for t in generated})} tokens, not {new_tokens}: a row "
+                           f"stopped early, the sides did not do the same work")
+    return seconds, generated
+
+
+def time_decode(run, setup: Setup, attended: Callable[[int], int]) -> DecodeTiming:
+    """A full generate timed as the module docstring says: once untimed, then `decode_repeats` times with
+    max_new_tokens = N and with 1; attended(positions filled) -> positions a step reads."""
+    n = setup.decode_new_tokens
     skips = cuda_graph_skips()
-    first, second = run_pass(), run_pass()
-    steps = range(setup.warm_steps, setup.warm_steps + setup.steps)
-    filled = [setup.prompt_len + j + 1 for j in steps]
-    return DecodeTiming(prefill_s=second.prefill_s,
-                        first_pass_extra_s=(first.warm_s + first.steps_s) - (second.warm_s + second.steps_s),
-                        step_s=second.steps_s / setup.steps, filled=statistics.mean(filled),
-                        attended=statistics.mean(attended(n) for n in filled),
-                        graph_skips=cuda_graph_skips() - skips)
+    first, _ = timed_generate(run, n)
+    full = [timed_generate(run, n) for _ in range(setup.decode_repeats)]
+    prefill = statistics.median(timed_generate(run, 1)[0] for _ in range(setup.decode_repeats))
+    full_s = statistics.median(seconds for seconds, _ in full)
+    filled = [setup.prompt_len + j + 1 for j in range(n - 1)]  # step j writes position prompt_len + j
+    return DecodeTiming(prefill_s=prefill, first_pass_extra_s=first - full_s, step_s=(full_s - prefill) / (n - 1),
+                        filled=statistics.mean(filled), attended=statistics.mean(attended(f) for f in filled),
+                        graph_skips=cuda_graph_skips() - skips, tokens=full[-1][1])
 
 
 # -----------------------------------------------------------------------------
@@ -991,25 +1268,30 @@ def timed_twice(run_pass, setup: Setup, attended: Callable[[int], int]) -> Decod
 
 
 def lidr_generate_tokens(model, prompts, new_tokens: int, compile: bool) -> list[list[int]]:
-    """lidr's generate, greedy, no stops."""
+    """lidr's generate, greedy, no penalty, no stops."""
     from lidr.sampler import generate
     from lidr.settings import Decoding
 
-    decoding = Decoding(max_new_tokens=new_tokens, temperature=0.0)
+    decoding = Decoding(max_new_tokens=new_tokens, repetition_penalty=1.0, temperature=0.0)
     return [c.tokens for c in generate(model, NoStops(), prompts, decoding, batch_size=len(prompts), compile=compile)]
 
 
-def synthetic_pairs(n_pairs: int, row_len: int, vocab: int, seed: int = 0):
-    """Pairs whose prompt + response is half a row: two sequences fill a row exactly."""
+def training_pairs(n_pairs: int, max_len: int, vocab: int, seed: int = 0):
+    """DPO pairs of uneven lengths, as LIDR's are: prompts of max_len/128 to max_len/8 tokens, chosen and rejected
+    responses each of max_len/32 to max_len/2 (drawn apart), uniform; packed first-fit, rows hold different
+    numbers of sequences and end in padding."""
     from lidr.train import Example
 
     generator = torch.Generator().manual_seed(seed)
 
+    def length(low, high):
+        return int(torch.randint(max(1, low), max(1, low) + max(1, high - low) + 1, (), generator=generator))
+
     def tokens(n):
         return torch.randint(2, vocab, (n,), generator=generator).tolist()
 
-    return [Example(i, tokens(row_len // 8), [tokens(3 * row_len // 8), tokens(3 * row_len // 8)])
-            for i in range(n_pairs)]
+    return [Example(i, tokens(length(max_len // 128, max_len // 8)),
+                    [tokens(length(max_len // 32, max_len // 2)) for _ in range(2)]) for i in range(n_pairs)]
 
 
 def ragged_pairs(vocab: int):
@@ -1068,17 +1350,20 @@ def packing_skip(packing: TrainPacking, setup: Setup, machine: Machine) -> str |
 
 @contextmanager
 def attending_as(packing: TrainPacking):
-    """Documents attend as the packing says: flex attention where lidr.kernels.attention.flex_documents picks it (CUDA), the
-    per-sequence loop where flex is False (flex_documents switched off meanwhile, so the loop is timed on CUDA too)."""
-    if packing.flex is not False:
-        yield
-        return
-    flex_documents = lidr.kernels.attention.flex_documents
-    lidr.kernels.attention.flex_documents = lambda device: False
+    """Packed rows attend as the packing says, where the trainer packs them itself (lidr.train.pack with its
+    default, dense_mask_default, switched meanwhile): Documents (flex attention where
+    lidr.kernels.attention.flex_documents picks it, CUDA; the per-sequence loop where flex is False, flex_documents
+    switched off meanwhile, so the loop is timed on CUDA too) or the dense mask."""
+    import lidr.train
+
+    saved = lidr.train.dense_mask_default, lidr.kernels.attention.flex_documents
+    lidr.train.dense_mask_default = lambda device: packing.flex is None
+    if packing.flex is False:
+        lidr.kernels.attention.flex_documents = lambda device: False
     try:
         yield
     finally:
-        lidr.kernels.attention.flex_documents = flex_documents
+        lidr.train.dense_mask_default, lidr.kernels.attention.flex_documents = saved
 
 
 def logps_and_grads(model, batch):
@@ -1159,17 +1444,17 @@ def section_correctness(table, setup: Setup, machine: Machine):
     del reference, bf16
 
     what = "generate(compile=True) gives the eager greedy tokens (fp32, tiny model)"
-    if device == "cpu":
-        table.skip("correctness", what, "CPU dry run: inductor would build C++ for ~20 s; tests/test_sampler.py "
-                                        "checks generate(compile=True) on CPU")
-    elif not machine.can_compile:
+    if not machine.can_compile:
         table.skip("correctness", what, machine.compile_skip)
     else:
         model = tiny_model(device, torch.float32, std=0.2)  # fp32 and spread logits: no argmax flipped by rounding
         prompts = random_prompts(3, 9, TINY.vocab_size)
-        eager, compiled = (lidr_generate_tokens(model, prompts, 24, compile) for compile in (False, True))
+        with compiling_as(setup):  # the dry run traces with the eager backend: the call is checked, not inductor
+            eager, compiled = (lidr_generate_tokens(model, prompts, 24, compile) for compile in (False, True))
         same = sum(a == b for a, b in zip(eager, compiled))
-        table.check("correctness", what, f"{same}/{len(eager)} rows", same == len(eager))
+        table.check("correctness", what, f"{same}/{len(eager)} rows" + (" (dry run: eager backend)"
+                                                                        if device == "cpu" else ""),
+                    same == len(eager))
 
 
 # -----------------------------------------------------------------------------
@@ -1189,12 +1474,12 @@ def decode_row(timing: DecodeTiming, batch: int, weights: int, kv_per_position: 
         numbers["share_of_copy"] = bandwidth / machine.copy_bandwidth
         line += f" = {bandwidth / machine.copy_bandwidth:.0%} of copy"
     line += (f"; attends {timing.attended:,.0f} of {timing.filled:,.0f} filled positions; "
-             f"prefill {timing.prefill_s:.2f} s, first pass {timing.first_pass_extra_s:+.1f} s")
+             f"prefill + first token {timing.prefill_s:.2f} s, first call {timing.first_pass_extra_s:+.1f} s")
     return line, numbers
 
 
 def section_decode(table, setup: Setup, machine: Machine):
-    cfg = setup.decode_cfg
+    cfg, n = setup.decode_cfg, setup.decode_new_tokens
     model, hf = shared_weight_models(cfg, setup.device, torch.bfloat16)
     weights, kv_per_position = streamed_weight_bytes(model), kv_bytes_per_position(cfg)
     table.add("decode", "bytes per step", f"{weights / 1e9:.2f} GB of weights (embedding table not counted) + "
@@ -1205,34 +1490,42 @@ def section_decode(table, setup: Setup, machine: Machine):
         error = relative_error(model(tokens), hf(tokens).logits)
     table.check("decode", "logits lidr vs transformers, both bf16, same weights", f"{error:.1e} (< {BF16_MODEL:g})",
                 within(error, BF16_MODEL), error=error)
+    stop_id = stop_token_id(cfg)
+    silence(model, stop_id)  # the twins share the tensor: both models' row
+    table.add("decode", "the work on both sides", f"full generate() on each side with the same settings: greedy, "
+              f"repetition penalty {ANSWERS.repetition_penalty:g} (LIDR's answers), stop token {stop_id} (its output "
+              f"row zeroed: never sampled, every row generates all its tokens), no stop string, {n} new tokens after "
+              f"prompts of {setup.prompt_len}; lidr reads the sampled tokens every {SYNC_EVERY} steps to check stops, "
+              f"transformers syncs with the host every step; a step = (T({n} tokens) - T(1 token)) / {n - 1}, medians "
+              f"of {setup.decode_repeats} call(s) after an untimed one")
     if machine.copy_bandwidth is None:
         table.add("decode", "copy bandwidth", "not measured (the machine section did not run): no shares below")
 
-    best = {}
+    best, cache_len, max_len = {}, cache_length(setup.prompt_len + n), setup.prompt_len + n
     for batch in setup.batches:
         prompts = random_prompts(batch, setup.prompt_len, cfg.vocab_size, seed=batch)
-        speeds, shares = {}, {}
+        speeds, shares, outputs = {}, {}, {}
         sides = []
         for name, path in DECODE_PATHS.items():
-            step_fn, flex = decode_step(path, setup)
-            sides.append((name, path, lambda p=path, s=step_fn, f=flex: lidr_decode_pass(
-                model, prompts, setup.max_len, setup.warm_steps, setup.steps, p.compiles, s, f),
-                lambda n, p=path, f=flex: attended_positions(p.compiles, f, n, cache_length(setup.max_len))))
+            flex = path.compiles and setup.device == "cuda" and lidr.kernels.attention.flex_attention is not None
+            sides.append((name, path, "lidr", *lidr_generate_call(model, prompts, path.compiles, setup),
+                          lambda filled, p=path, f=flex: attended_positions(p.compiles, f, filled, cache_len)))
         for name, path in TRANSFORMERS_PATHS.items():
-            sides.append((name, path,
-                          lambda p=path: transformers_decode_pass(hf, prompts, setup, p.generate_kwargs(setup)),
-                          lambda n, p=path: p.attended(n, setup.max_len)))
-        for name, path, run_pass, attended in sides:
-            what = f"batch {batch}: {name}"
+            sides.append((name, path, "transformers", *transformers_generate_call(hf, prompts,
+                                                                                  path.generate_kwargs(setup)),
+                          lambda filled, p=path: p.attended(filled, max_len)))
+        for name, path, side, run, settings, attended in sides:
+            what = f"batch {batch}, full generate(): {name}"
             if path.compiles and not machine.can_compile:
                 table.skip("decode", what, machine.compile_skip)
                 continue
 
-            def measure(name=name, path=path, run_pass=run_pass, attended=attended, what=what):
-                timing = timed_twice(run_pass, setup, attended)
+            def measure(name=name, path=path, side=side, run=run, settings=settings, attended=attended, what=what):
+                timing = time_decode(run, setup, attended)
                 line, numbers = decode_row(timing, batch, weights, kv_per_position, machine)
                 speeds[name], shares[name] = numbers["tokens_per_s"], numbers.get("share_of_copy")
-                table.add("decode", what, line, **numbers)
+                outputs[side] = outputs.get(side) or timing.tokens
+                table.add("decode", what, line, side=side, decoding=settings(n), tokens_generated=n, **numbers)
                 if path.compiles and setup.device == "cuda":
                     graphs = f"{timing.graph_skips} skipped"
                     if isinstance(path, DecodePath):  # lidr's own: a skipped graph is a defect
@@ -1242,105 +1535,174 @@ def section_decode(table, setup: Setup, machine: Machine):
 
             table.guarded("decode", what, measure)
             free_memory()
-        ours = {n: s for n, s in speeds.items() if n in DECODE_PATHS}
-        theirs = {n: s for n, s in speeds.items() if n in TRANSFORMERS_PATHS}
+        if len(outputs) == 2:  # the first timed path of each side: the same tokens where the same decoding ran
+            same = sum(a == b for a, b in zip(outputs["lidr"], outputs["transformers"]))
+            table.add("decode", f"batch {batch}: greedy tokens, lidr vs transformers",
+                      f"{same}/{batch} rows the same over {n} tokens (bf16 rounding can part them: the work per step "
+                      f"stays the same)", rows_same=same)
+        ours = {path: speed for path, speed in speeds.items() if path in DECODE_PATHS}
+        theirs = {path: speed for path, speed in speeds.items() if path in TRANSFORMERS_PATHS}
         if ours:
             mine = max(ours, key=ours.get)
             for other, speed in theirs.items():
-                table.add("decode", f"batch {batch}: lidr best / {other}", f"{ours[mine] / speed:.2f}x ({mine})",
-                          ratio=ours[mine] / speed)
+                table.add("decode", f"batch {batch}: lidr's best / {other} (full generate() on both sides)",
+                          f"{ours[mine] / speed:.2f}x ({mine})", ratio=ours[mine] / speed)
         if ours and theirs:
             best[batch] = max(ours.values()) / max(theirs.values())
-        if batch == 1 and ours and machine.copy_bandwidth:
+        if setup.device == "cuda" and batch == 1 and ours and machine.copy_bandwidth:  # verdicts on a GPU only
             share = shares[max(ours, key=ours.get)]
-            table.add("decode", "goal: batch-1 decode >= 75% of copy bandwidth",
+            table.add("decode", "goal: batch-1 decode >= 75% of copy bandwidth (lidr's full generate())",
                       "met" if share >= 0.75 else f"not met ({share:.0%})")
-    if best:
+    if setup.device == "cuda" and best:
         behind = [b for b, ratio in best.items() if ratio < 1]
-        table.add("decode", "goal: lidr ahead of transformers' best at every batch size",
+        table.add("decode", "goal: lidr ahead of transformers' best at every batch size (full generate() on both)",
                   "met" if not behind else f"not met (behind at batch {', '.join(map(str, behind))})")
 
 
 # -----------------------------------------------------------------------------
-# train: a DPO step of a Llama-3.2-1B-shaped model
+# train: DPO steps of a Llama-3.2-1B-shaped model, as the trainer runs them
 
 
-def make_optimizer(model):
-    """The trainer's AdamW, with its default settings (lidr/harness/training.py run())."""
-    from lidr.settings import TRAINING
+def trainer_options(setup: Setup):
+    """Training's defaults (lidr/settings.py TRAINING) with this setup's micro-batch: n_pairs pairs a step, rows of
+    row_len tokens (on the GPU, the defaults themselves: 4 pairs, 2,048 tokens)."""
+    return replace(TRAINING, batch_size=setup.n_pairs, max_len=setup.row_len)
 
-    return torch.optim.AdamW(model.parameters(), lr=TRAINING.lr, weight_decay=TRAINING.weight_decay,
-                             betas=(0.9, 0.95))
+
+def make_optimizer(model, options, device):
+    """The trainer's AdamW, as lidr/harness/training.py run() builds it from the Training settings (by default
+    β (0.9, 0.999), ε 1e-8, no weight decay), fused on CUDA."""
+    from lidr.train import fused_adamw
+
+    return torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay,
+                             betas=(options.adam_beta1, options.adam_beta2), eps=options.adam_eps,
+                             fused=fused_adamw(torch.device(device)))
+
+
+def planned_checkpointing(cfg: LlamaConfig, examples, options, dtype: torch.dtype, device, world: int):
+    """(activation checkpointing on, why), as the trainer decides it when the setting is unset
+    (lidr/harness/training.py checkpointing_where_needed): off away from CUDA; on CUDA, on where the memory plan
+    (lidr.harness.memory) says the largest micro-batch does not fit without it."""
+    from lidr.harness.memory import GB, fits, largest_micro_batch, plan, training_peak
+
+    if torch.device(device).type != "cuda":
+        return False, "off: the trainer turns it on only on CUDA"
+    memory_gb = torch.cuda.get_device_properties(device).total_memory / GB
+    tokens = largest_micro_batch(examples, options.batch_size, options.max_len)[0]
+    on = not fits(training_peak(cfg, world, dtype.itemsize, tokens, False), memory_gb)
+    verdict = plan(cfg, examples, options.batch_size, options.max_len, dtype.itemsize, world, memory_gb, None)[2]
+    return on, f"{'on' if on else 'off'}, as the trainer's memory plan chooses ({verdict})"
+
+
+def step_tokens(examples, options, step: int, world: int = 1) -> tuple[int, int, list[tuple[int, int]]]:
+    """(real tokens, positions of the packed rows (padding included), (prompt, response) lengths of its sequences)
+    of optimizer step `step` (0-based), as lidr.train.train_step draws and packs its micro-batches on every rank."""
+    from lidr.train import micro_batch, pack
+
+    positions, lengths = 0, []
+    for rank in range(world):
+        for micro in range(options.grad_accum):
+            batch = [examples[i] for i in micro_batch(step, micro, len(examples), options, rank, world)]
+            positions += pack(batch, 0, options.max_len, "cpu", dense_mask=False).tokens.numel()
+            lengths += [(len(ex.prompt), len(r)) for ex in batch for r in ex.responses]
+    return sum(p + r for p, r in lengths), positions, lengths
 
 
 def section_train(table, setup: Setup, machine: Machine):
     import torch.distributed as dist
 
-    from lidr.dpo import dpo_loss
-    from lidr.train import flops_per_token, forward_logps, setup_distributed, shard_model
+    from lidr.kernels.hardware import training_flops
+    from lidr.train import setup_distributed, shard_model
 
-    _, _, device = setup_distributed()  # a one-rank group, as a plain `python train_dpo.py` makes
+    from lidr.checkpoint import default_dtype
+    from lidr.train import lr_factor, steps
+
+    ranks = setup_distributed()  # a one-rank group, as a plain `python train_dpo.py` makes
+    _, world, device = ranks
     try:
-        with torch.device("meta"):
-            model = Llama(setup.train_cfg)
-        shard_model(model, device, torch.bfloat16, activation_checkpointing=False)
-        model.init_weights()
-        optimizer = make_optimizer(model)
-        n_pairs = setup.n_pairs
-        examples = synthetic_pairs(n_pairs, setup.row_len, setup.train_cfg.vocab_size)
-        reference = torch.zeros(n_pairs, 2, device=device)
-        n_tokens = sum(len(ex.prompt) + len(r) for ex in examples for r in ex.responses)
-        seq_len = setup.row_len // 2
-        table.add("train", "micro-batch", f"{n_pairs} pairs = {2 * n_pairs} sequences of {seq_len:,} tokens in rows of "
-                  f"{setup.row_len:,}; {flops_per_token(model, seq_len) / 1e9:.3g} GFLOP per token")
-        for name, packing in TRAIN_PACKINGS.items():
+        cfg, options, dtype = setup.train_cfg, trainer_options(setup), default_dtype(device)
+        warm, timed = setup.train_warm_steps, setup.train_steps
+        examples = training_pairs(options.batch_size * (warm + timed), options.max_len, cfg.vocab_size)
+        reference = torch.zeros(len(examples), 2)  # the DPO loss's value does not change the work
+        planned, why = planned_checkpointing(cfg, examples, options, dtype, device, world)
+        counts = [step_tokens(examples, options, s, world) for s in range(warm, warm + timed)]
+        real, positions = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        flops = sum(training_flops(cfg, c[2]) for c in counts)
+        table.add("train", "how the trainer runs here",
+                  f"{world} rank: FSDP2 over a one-rank group, so no gradient communication is in these numbers; "
+                  f"{str(dtype).removeprefix('torch.')} compute, fp32 master weights; lidr.train.steps (the trainer's "
+                  f"loop) with Training's defaults: AdamW β ({options.adam_beta1:g}, {options.adam_beta2:g}), "
+                  f"ε {options.adam_eps:g}, weight decay {options.weight_decay:g}"
+                  f"{', fused' if torch.device(device).type == 'cuda' else ''}, lr {options.lr:g} "
+                  f"({options.lr_scheduler}), clipping {options.grad_clip:g}, {options.loss} DPO β {options.beta:g} "
+                  f"+ α {options.alpha:g} NLL; {options.batch_size} pairs a step in rows of at most "
+                  f"{options.max_len:,} tokens")
+        prompt_lens = [len(ex.prompt) for ex in examples]
+        response_lens = [len(r) for ex in examples for r in ex.responses]
+        table.add("train", "pairs", f"{len(examples)} ragged pairs: prompts of {min(prompt_lens)}-{max(prompt_lens)} "
+                  f"tokens, responses of {min(response_lens)}-{max(response_lens)}; {warm} steps untimed (compiling), "
+                  f"{timed} timed: {real:,} real tokens in {positions:,} positions of packed rows "
+                  f"({1 - real / positions:.0%} padding); {flops / real / 1e9:.3g} GFLOP per real token",
+                  real_tokens=real, positions=positions, flops=flops)
+        table.add("train", "activation checkpointing", why, activation_checkpointing=planned)
+
+        def measure(what, packing, checkpointing: bool, lidr_way: bool):
+            with torch.device("meta"):
+                model = Llama(cfg)
+            shard_model(model, device, dtype, activation_checkpointing=checkpointing)
+            model.init_weights()
+            optimizer = make_optimizer(model, options, device)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: lr_factor(s, warm + timed, 0, options.lr_scheduler))
+            seconds = 0.0
+            try:
+                with attending_as(packing):
+                    for step, record in steps(model, optimizer, scheduler, examples, reference, options, 0, ranks, 0,
+                                              warm + timed):
+                        if step == warm and torch.cuda.is_available():
+                            torch.cuda.reset_peak_memory_stats()
+                        if step > warm:
+                            seconds += record["seconds"]
+            except torch.cuda.OutOfMemoryError:  # a measurement, not a failure
+                table.add("train", what, "out of memory")
+                return
+            achieved = flops / seconds
+            numbers = {"seconds_per_step": seconds / timed, "tokens_per_s": real / seconds,
+                       "padded_tokens_per_s": positions / seconds, "padding_share": 1 - real / positions,
+                       "flops_per_s": achieved, "activation_checkpointing": checkpointing, "ranks": world}
+            line = (f"{real / seconds:,.0f} tok/s of real tokens ({positions / seconds:,.0f} counting the padding), "
+                    f"{seconds / timed * 1e3:.0f} ms a step (mean of {timed})")
+            if machine.datasheet_flops:
+                numbers["mfu_datasheet"] = achieved / machine.datasheet_flops
+                line += f", MFU {achieved / machine.datasheet_flops:.1%} of the datasheet peak"
+            if machine.matmul_flops:
+                numbers["mfu_measured"] = achieved / machine.matmul_flops
+                line += f", {achieved / machine.matmul_flops:.1%} of the measured matmul rate"
+            if torch.cuda.is_available():
+                numbers["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+                line += f", peak memory {numbers['peak_memory_bytes'] / 2**30:.1f} GiB"
+            table.add("train", what, line, **numbers)
+            if setup.device == "cuda" and lidr_way and "mfu_datasheet" in numbers:  # verdicts on a GPU only
+                mfu = numbers["mfu_datasheet"]
+                table.add("train", f"goal: MFU >= 40% of the datasheet peak ({world} rank, {name_of_first})",
+                          "met" if mfu >= 0.4 else f"not met ({mfu:.1%})")
+
+        name_of_first = next(iter(TRAIN_PACKINGS))  # lidr's way on CUDA
+        variants = [(name, packing, planned) for name, packing in TRAIN_PACKINGS.items()]
+        runnable = [name for name, packing in TRAIN_PACKINGS.items() if not packing_skip(packing, setup, machine)]
+        if runnable:  # the other choice once, on lidr's way where this machine runs it
+            variants.append((runnable[0], TRAIN_PACKINGS[runnable[0]], not planned))
+        for name, packing, checkpointing in variants:
+            what = f"DPO step, {name}, activation checkpointing {'on' if checkpointing else 'off'}"
+            if checkpointing != planned:
+                what += (" (not the plan's choice here: an 8B run on 8 x 80 GB gets it)" if checkpointing
+                         else " (not the plan's choice here)")
             reason = packing_skip(packing, setup, machine)
             if reason:
-                table.skip("train", f"DPO step, {name}", reason)
+                table.skip("train", what, reason)
                 continue
-
-            def measure(name=name, packing=packing):
-                batch = packing.pack(examples, setup.row_len, device)
-
-                def step():
-                    with attending_as(packing):
-                        logps, lengths = forward_logps(model, batch)
-                    losses, _, _ = dpo_loss(logps[:n_pairs], logps[n_pairs:], reference[:, 0], reference[:, 1], 0.1)
-                    (losses - logps[:n_pairs] / lengths[:n_pairs]).mean().backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-
-                try:
-                    step()  # AdamW's state allocated
-                except torch.cuda.OutOfMemoryError:  # a measurement, not a failure: what Documents avoids
-                    optimizer.zero_grad(set_to_none=True)
-                    table.add("train", f"DPO step, {name}", "out of memory")
-                    return
-                if torch.cuda.is_available():
-                    torch.cuda.reset_peak_memory_stats()
-                seconds = median_seconds(step, repeats=3, warm_up=1)
-                tokens_per_s = n_tokens / seconds
-                achieved = flops_per_token(model, seq_len) * tokens_per_s
-                numbers = {"seconds": seconds, "tokens_per_s": tokens_per_s, "flops_per_s": achieved}
-                line = f"{tokens_per_s:,.0f} tok/s, {seconds * 1e3:.0f} ms"
-                if machine.datasheet_flops:
-                    numbers["mfu_datasheet"] = achieved / machine.datasheet_flops
-                    line += f", MFU {achieved / machine.datasheet_flops:.1%} of the datasheet peak"
-                if machine.matmul_flops:
-                    numbers["mfu_measured"] = achieved / machine.matmul_flops
-                    line += f", {achieved / machine.matmul_flops:.1%} of the measured matmul rate"
-                if torch.cuda.is_available():
-                    numbers["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-                    line += f", peak memory {numbers['peak_memory_bytes'] / 2**30:.1f} GiB"
-                table.add("train", f"DPO step, {name}", line, **numbers)
-                if "mfu_datasheet" in numbers and name == next(iter(TRAIN_PACKINGS)):  # lidr's way on CUDA
-                    mfu = numbers["mfu_datasheet"]
-                    table.add("train", "goal: MFU >= 40% of the datasheet peak",
-                              "met" if mfu >= 0.4 else f"not met ({mfu:.1%})")
-
-            table.guarded("train", f"DPO step, {name}", measure)
-            optimizer.zero_grad(set_to_none=True)
+            table.guarded("train", what, lambda what=what, packing=packing, checkpointing=checkpointing, name=name:
+                          measure(what, packing, checkpointing, name == name_of_first and checkpointing == planned))
             free_memory()
     finally:
         dist.destroy_process_group()
@@ -1377,7 +1739,10 @@ def tiny_pairs(n: int) -> list[dict]:
 
 
 def run_torchrun(work: Path, nproc_cmd: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, Path]:
-    """train_dpo.py on the tiny folder: 8 pairs, 2 steps; (the finished process, OUT)."""
+    """train_dpo.py on the tiny folder: 8 pairs, 2 steps; (the finished process, OUT). It stays in this process's
+    group (so that what stops a section's worker stops it too); past `timeout` it gets SIGTERM, which a torchrun
+    agent passes on to its workers (in sessions of their own), then SIGKILL GRACE_SECONDS later, and the run
+    is an error."""
     folder = write_tiny_folder(work / "tiny")
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in tiny_pairs(8)))
@@ -1385,8 +1750,11 @@ def run_torchrun(work: Path, nproc_cmd: list[str], timeout: int) -> tuple[subpro
     cmd = [*nproc_cmd, "train_dpo.py", "--model", str(folder), "--data", str(data), "--out", str(out),
            "--chat-format", "llama3", "--batch-size", "4", "--max-len", "64", "--lr", "1e-3", "--dtype", "bfloat16"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    return proc, out
+    result = run_worker(cmd, timeout, own_group=False, capture=True, cwd=ROOT, env=env)
+    if result.timed_out:
+        raise RuntimeError(f"train_dpo.py did not finish in {timeout} s: stopped (SIGTERM, then SIGKILL); its output "
+                           f"ends: {((result.stdout or '') + (result.stderr or ''))[-400:]}")
+    return subprocess.CompletedProcess(cmd, result.returncode, result.stdout, result.stderr), out
 
 
 def section_torchrun(table, setup: Setup, machine: Machine):
@@ -1427,25 +1795,69 @@ def parse_sections(text: str) -> list[str]:
 
 
 def positive_seconds(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"a whole number of seconds >= 1, got {text!r}")
-    return int(text)
+    """Seconds >= 1, a whole number (a fraction is cut off: "90.5" is 90)."""
+    try:
+        seconds = int(float(text))
+    except (ValueError, OverflowError):
+        seconds = 0
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"a number of seconds >= 1, got {text!r}")
+    return seconds
+
+
+def section_seconds(text: str) -> dict[str, int]:
+    """--section-seconds: one number for every section, or SECTION=SECONDS pairs (the others keep their default)."""
+    if "=" not in text:
+        seconds = positive_seconds(text.strip())
+        return {name: seconds for name in SECTIONS}
+    limits = dict(SECTION_SECONDS)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, seconds = part.partition("=")
+        parse_sections(name)  # an unknown name is refused with the list
+        limits[name.strip()] = positive_seconds(seconds.strip())
+    return limits
+
+
+def configure(args):
+    if args.cpu_dry_run:  # measures nothing: one thread keeps it quick on a shared machine (workers, torchrun too)
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references in fp32
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def worker_main(section: str, work: Path, setup: Setup):
+    """--worker SECTION: run one section here, its rows appended to WORK/SECTION.jsonl, the machine's state read
+    from and written back to WORK/state.json."""
+    pass_termination_to_group()
+    if "LIDR_BENCH_PARENT" in os.environ:
+        end_with_parent(int(os.environ["LIDR_BENCH_PARENT"]))
+    machine, environment = read_state(work)
+    table = Table(None, [], rows_path=work / f"{section}.jsonl")
+    table.environment = environment
+    table.run(section, SECTIONS[section], setup, machine)
+    write_state(work, machine, table.environment)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="decode at batch 1 only, fewer steps, a smaller training "
-                                                             "micro-batch, fewer repeats: run it first")
+    parser.add_argument("--quick", action="store_true", help="decode at batch 1 only, fewer steps, fewer training "
+                                                             "steps, fewer repeats: run it first")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="every section on CPU at tiny shapes, one thread: checks this script where there is no "
-                             "GPU, measures nothing")
+                             "GPU, measures nothing, gives no verdict")
     parser.add_argument("--sections", type=parse_sections, default=list(SECTIONS),
                         help=f"comma-separated, among {', '.join(SECTIONS)} (preflight always runs; default: all)")
-    parser.add_argument("--section-seconds", type=positive_seconds,
-                        help="time limit of every section (default: each its own, "
-                             + ", ".join(f"{k} {v}" for k, v in SECTION_SECONDS.items()) + ")")
+    parser.add_argument("--section-seconds", type=section_seconds, default=dict(SECTION_SECONDS),
+                        help="time limit of every section (one number), or of some (SECTION=SECONDS,...); default: "
+                             + ", ".join(f"{k} {v}" for k, v in SECTION_SECONDS.items()))
+    parser.add_argument("--total-seconds", type=positive_seconds,
+                        help="the whole run's limit: each section's limit shrinks to what is left, a section with "
+                             f"less than {MIN_SECTION_SECONDS} s left is not started")
     parser.add_argument("--json", type=Path, help="write every number here, and the table beside it with the suffix "
                                                   ".md (both rewritten after each section)")
+    parser.add_argument("--worker", choices=list(SECTIONS), help=argparse.SUPPRESS)  # one section, in this process
+    parser.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.cpu_dry_run:
         setup = CPU_DRY_RUN_QUICK if args.quick else CPU_DRY_RUN
@@ -1455,15 +1867,26 @@ def main(argv=None):
         print("bench/gpu.py needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False); "
               "nothing was measured (--cpu-dry-run checks the script on CPU)", file=sys.stderr)
         raise SystemExit(2)
-    if args.cpu_dry_run:  # measures nothing: one thread keeps it quick on a shared machine (torchrun's child too)
-        torch.set_num_threads(1)
-        os.environ["OMP_NUM_THREADS"] = "1"
-    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references in fp32
-    torch.backends.cudnn.allow_tf32 = False
+    configure(args)
+    if args.worker:
+        worker_main(args.worker, args.worker_dir, setup)
+        return
     start = time.perf_counter()
-    table, machine = Table(args.json, ["python", "bench/gpu.py", *(sys.argv[1:] if argv is None else argv)]), Machine()
-    for name in ["preflight"] + [s for s in SECTIONS if s in args.sections and s != "preflight"]:
-        table.run(name, args.section_seconds or SECTION_SECONDS[name], SECTIONS[name], setup, machine)
+    table = Table(args.json, ["python", "bench/gpu.py", *(sys.argv[1:] if argv is None else argv)])
+    flags = [flag for flag, on in (("--cpu-dry-run", args.cpu_dry_run), ("--quick", args.quick)) if on]
+    with tempfile.TemporaryDirectory(prefix="lidr-gpu-bench-") as work:
+        work = Path(work)
+        write_state(work, Machine(), {})
+        for name in ["preflight"] + [s for s in SECTIONS if s in args.sections and s != "preflight"]:
+            seconds = args.section_seconds[name]
+            if args.total_seconds:
+                left = args.total_seconds - (time.perf_counter() - start)
+                if left < MIN_SECTION_SECONDS:
+                    table.skip(name, "not started", f"{left:.0f} s left of --total-seconds {args.total_seconds}")
+                    table.sections[name] = {"status": "SKIP", "seconds": 0, "limit_s": 0}
+                    continue
+                seconds = min(seconds, left)
+            run_section(table, name, seconds, worker_command(name, flags, work), work)
     table.add("total", "wall time", f"{time.perf_counter() - start:.0f} s")
     table.save_json()
     print()

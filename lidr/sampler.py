@@ -12,7 +12,7 @@ once none waits the batch is compacted to the live rows. Tokens stay on the devi
 them every SYNC_EVERY steps to find stops. Sampling follows vLLM: repetition penalty, temperature
 (0: greedy), top-k, top-p, then a draw from the row's own seeded generator, so a row samples the
 same tokens alone or in any batch. `compile=True` compiles the decode step with static shapes
-(CUDA graphs on CUDA). How this departs from transformers' generate and vLLM: docs/method.md §5.2.
+(CUDA graphs on CUDA; past torch's recompile limit, eager: `CompiledStep`). Departures: docs/method.md §5.2.
 """
 
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lidr.kernels.attention import flex_attention
-from lidr.kernels.cache import Session, check_cuda_graphs, cuda_graph_skips, decode_logits, kv_cache
+from lidr.kernels.cache import CompiledStep, Session, decode_logits, kv_cache
 from lidr.model import Llama
 from lidr.settings import Decoding
 
@@ -195,12 +195,9 @@ def completions(model: Llama, tokenizer, prompts: list[list[int]], decoding: Dec
     stop_ids = frozenset(tokenizer.stop_ids)
     # compiled: static shapes, a power of two of slots unless batch_size says fewer
     batch_size = max(1, min(batch_size, power_of_two_at_least(len(prompts)) if compile else len(prompts)))
-    step_fn, flex, cuda_graphs = decode_logits, False, compile and device.type == "cuda"
-    if compile:
-        flex = device.type == "cuda" and flex_attention is not None
-        step_fn = torch.compile(decode_logits, mode="reduce-overhead" if cuda_graphs else "default",
-                                dynamic=False, fullgraph=True)
-    skips_before = cuda_graph_skips() if cuda_graphs else 0
+    cuda_graphs = compile and device.type == "cuda"
+    flex = cuda_graphs and flex_attention is not None
+    step_fn = CompiledStep(cuda_graphs) if compile else decode_logits
     max_len = max(map(len, prompts)) + decoding.max_new_tokens
 
     waiting = list(range(len(prompts)))[::-1]  # popped from the end: input order
@@ -263,7 +260,7 @@ def completions(model: Llama, tokenizer, prompts: list[list[int]], decoding: Dec
             sampled = recent[:, :step].tolist()
             step = 0
             if cuda_graphs:
-                check_cuda_graphs(skips_before)
+                step_fn.check()
             for slot, row in enumerate(rows):
                 if row is None:
                     continue

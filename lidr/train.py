@@ -13,6 +13,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,7 +28,7 @@ from lidr.dpo import hidden_sequence_logps, preference_loss
 from lidr.harness.outputs import read_records
 from lidr.harness.progress import Progress
 from lidr.kernels.attention import Documents
-from lidr.kernels.hardware import datasheet_peak
+from lidr.kernels.hardware import datasheet_peak, training_flops
 from lidr.model import Llama, rope_inv_freq
 from lidr.settings import Training, derived_seed
 from lidr.tokenizer import Tokenizer, chat_messages
@@ -188,17 +189,22 @@ class Ranks(NamedTuple):
     device: torch.device
 
 
+# how long a collective waits: rank 0 alone reads an 8B model's 16 GB (build_model) and writes the export
+# (lidr/harness/training.py) while the others wait; nccl's 10 min kills them. An hour: 16 GB at 5 MB/s or faster
+RANK0_ALONE_TIMEOUT = timedelta(hours=1)
+
+
 def setup_distributed() -> Ranks:
-    """torchrun's group, or a one-rank group for a plain `python` launch."""
+    """torchrun's group, or a one-rank group for a plain `python` launch; timeout RANK0_ALONE_TIMEOUT."""
     cuda, torchrun = torch.cuda.is_available(), "RANK" in os.environ
     backend = "nccl" if cuda else "gloo"
     local_rank = int(os.environ["LOCAL_RANK"]) if torchrun else 0
     if cuda:
         torch.cuda.set_device(local_rank)
     if torchrun:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=RANK0_ALONE_TIMEOUT)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=RANK0_ALONE_TIMEOUT)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Ranks(dist.get_rank(), dist.get_world_size(), device)
 
@@ -324,10 +330,9 @@ def train_step(model, scheduler, examples: list[Example], reference: torch.Tenso
 def steps(model, optimizer, scheduler, examples: list[Example], reference: torch.Tensor | None, options: Training,
           pad_id: int, ranks: Ranks, start: int, total_steps: int):
     """The training loop: (step, record) after each optimizer step, steps start + 1 .. total_steps; record:
-    train_step's, with "step", "tokens_per_s", "seconds" and on CUDA "mfu" (over the datasheet peak of every
-    rank's GPU). A NaN/inf loss or gradient norm raises FloatingPointError before the optimizer step."""
+    train_step's, with "step", "tokens_per_s", "seconds" and on CUDA "mfu" (the step's training_flops over every
+    GPU's datasheet peak). A NaN/inf loss or gradient norm raises FloatingPointError before the optimizer step."""
     rank, world, device = ranks
-    global_batch = global_batch_size(options, world)
     peak_flops = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -347,9 +352,10 @@ def steps(model, optimizer, scheduler, examples: list[Example], reference: torch
         seconds = time.perf_counter() - t0
         n_tokens = record.pop("tokens")
         record = {"step": step + 1, **record, "tokens_per_s": n_tokens / seconds, "seconds": seconds}
-        if peak_flops is not None:
-            seq_len = n_tokens / (2 * global_batch if options.objective == "dpo" else global_batch)
-            record["mfu"] = flops_per_token(model, seq_len) * n_tokens / seconds / (peak_flops * world)
+        if peak_flops is not None:  # every rank's sequences of the step, as train_step drew them
+            lengths = [(len(examples[i].prompt), len(r)) for k in range(world) for m in range(options.grad_accum)
+                       for i in micro_batch(step, m, len(examples), options, k, world) for r in examples[i].responses]
+            record["mfu"] = training_flops(model.cfg, lengths) / seconds / (peak_flops * world)
         yield step + 1, record
 
 
@@ -392,9 +398,3 @@ def evaluate(model, examples: list[Example], reference: torch.Tensor | None, opt
         record.update({f"{name}/{k}": v for k, v in means.items()})
         record[f"{name}/pairs"] = int(pairs)
     return record
-
-
-def flops_per_token(model: Llama, seq_len: int) -> float:
-    """Training FLOPs per token, forward + backward (nanoGPT / PaLM estimate; recompute not counted)."""
-    return 6 * model.num_params() + 12 * model.cfg.n_layers * model.cfg.n_heads * model.cfg.head_dim * seq_len
-

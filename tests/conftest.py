@@ -50,7 +50,9 @@ def one_process(tiny_dir, data, tmp_path_factory) -> Path:
 
 # the longest tests (minutes each): under -n N they start first, one per worker, instead of meeting at the end
 LONGEST_FIRST = ("test_smollm2_demo_quick_runs_every_stage", "test_world_demo_quick_runs_every_arm_and_control",
-                 "test_the_mgsm_recipe_end_to_end_on_shared_gsm8k", "test_iteration_end_to_end_and_resume_after_sigkill")
+                 "test_the_mgsm_recipe_end_to_end_on_shared_gsm8k", "test_iteration_end_to_end_and_resume_after_sigkill",
+                 "test_cpu_dry_run_records_every_section_and_the_resumed_run_matches",
+                 "test_cpu_dry_run_runs_every_section_and_records_every_path")
 
 
 def pytest_collection_modifyitems(items):

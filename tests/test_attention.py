@@ -112,8 +112,9 @@ def dense_document_mask(lengths, T: int) -> torch.Tensor:
 
 @pytest.mark.skipif(flex_attention is None, reason="this torch has no flex attention")
 def test_flex_document_mask_matches_the_dense_mask(tiny_dir, monkeypatch):
-    """Forward only: torch 2.13 has no flex attention backward on CPU (it refuses inputs that require grad),
-    so the gradients of this path are checked where it runs, on CUDA. fp32 tight; bf16 within 2e-2."""
+    """Forward only, through lidr's own compiled flex call: torch 2.13 has no flex attention backward on CPU
+    (it refuses inputs that require grad); tests/test_cuda_paths_cpu.py checks the gradients through a
+    stand-in compiler backend. fp32 tight; bf16 within 2e-2."""
     tokenizer = Tokenizer.from_folder(tiny_dir)
     model = load_model(tiny_dir, dtype=torch.float32)
     examples = micro_batch(tokenizer)

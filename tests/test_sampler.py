@@ -295,12 +295,12 @@ def test_skipped_cuda_graphs_stop_a_compiled_generation():
     """inductor counts each graph it runs without CUDA graphs; the sampler's check fails on any new one."""
     from torch._dynamo.utils import counters
 
-    before = lidr.kernels.cache.cuda_graph_skips()
-    lidr.kernels.cache.check_cuda_graphs(before)  # none skipped
+    before = lidr.kernels.cache.cuda_graph_counts()
+    lidr.kernels.cache.check_cuda_graphs(before, graphs=0)  # none skipped
     counters["inductor"]["cudagraph_skips"] += 1
     try:
         with pytest.raises(RuntimeError, match=r"without CUDA graphs \(1 graph\(s\) skipped\).*TORCH_LOGS=perf_hints"):
-            lidr.kernels.cache.check_cuda_graphs(before)
+            lidr.kernels.cache.check_cuda_graphs(before, graphs=0)
     finally:
         counters["inductor"]["cudagraph_skips"] -= 1
 

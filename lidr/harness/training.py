@@ -49,7 +49,9 @@ One run, in order:
    before the optimizer step and before any save.
 6. Export, in place of a last checkpoint: OUT/model, an HF folder (lidr.checkpoint.save,
    gathered on rank 0, built beside its place and renamed into it) in the compute dtype, and
-   OUT/curves.png; then OUT/model.made-from.json, and the temporaries of interrupted saves go.
+   OUT/curves.png (the other ranks wait at a barrier, as they wait for rank 0's read in step 2:
+   the group's timeout, lidr.train.RANK0_ALONE_TIMEOUT, is an hour, not nccl's 10 minutes); then
+   OUT/model.made-from.json, and the temporaries of interrupted saves go.
    Once OUT/model and its record exist, a rerun has nothing to do; a crash before it resumes
    from the last checkpoint; an OUT/model without its record is refused, never replaced.
 """

@@ -84,9 +84,11 @@ def document_block_mask(documents: Documents, T: int, device) -> "BlockMask":
 
 
 if flex_attention is not None:
-    # fused only when compiled (eager flex attention computes every score). The packed width changes
-    # from one micro-batch to the next: torch's automatic dynamic shapes compile the first width
-    # static and the second one dynamic, once, instead of one graph per width
+    # fused only when compiled (eager flex attention computes every score). Packed rows change shape
+    # from one micro-batch to the next: torch's automatic dynamic shapes compile the first (rows, width)
+    # static, then once a graph dynamic in the width, once one dynamic in the rows, and once one for a
+    # single row (dynamic shapes specialize a size of 1): at most four graphs, not one per shape
+    # (tests/test_cuda_paths_cpu.py: on CPU, aot_eager forward + backward and inductor forward)
     compiled_flex_attention = torch.compile(flex_attention)
 
 

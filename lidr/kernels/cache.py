@@ -65,10 +65,10 @@ class PackedLinear(nn.Module):
 
 @dataclass
 class CacheState:
-    """What every layer's cache must know about the running forward; set by the Session."""
+    """What every layer's cache must know about the running forward; set by `Session.prefill` and `decode_logits`."""
 
     slot: int | None = None  # prefill: the slot that the prompt fills; None while decoding
-    writes: torch.Tensor | None = None  # decode: [rows * kv_heads] rows of a cache viewed as [-1, head_dim]
+    writes: torch.Tensor | None = None  # within a decode step: [rows * kv_heads] rows of a cache viewed as [-1, head_dim]
     rows: int = 0  # decode: how many slots (the first ones) take part
     length: int = 0  # decode: how many cache positions are attended
 
@@ -184,10 +184,21 @@ def kv_cache(model: Llama, batch_size: int, max_len: int, pack: bool | None = No
 def decode_logits(model: Llama, cache: KVCache, tokens, positions, length: int, flex: bool = False):
     """One token per slot: tokens, positions [rows] -> logits [rows, vocab]. Row b has filled its cache
     up to its position; flex: attend through flex attention's block mask over the whole cache
-    (compiled, it reads only the filled blocks), else SDPA over the first `length` positions."""
+    (compiled, it reads only the filled blocks), else SDPA over the first `length` positions.
+
+    The rows of the cache (viewed as [-1, head_dim]) that the step writes are computed here, from its
+    arguments: a tensor kept on the cache would be a static input of the compiled step, and CUDA
+    graphs re-record whenever a static input moves (the inputs held fixed are the weights and k, v).
+    """
+    rows, kv_heads = len(tokens), cache.layers[0].k.shape[1]
+    starts = torch.arange(rows * kv_heads, device=tokens.device).view(rows, kv_heads) * cache.length
+    state = cache.state
+    state.writes, state.rows, state.length = (starts + positions[:, None]).flatten(), rows, length
     lengths = positions + 1
     filled = Filled(lengths, filled_block_mask(lengths, length) if flex else None)
-    return model(tokens[:, None], positions[:, None], filled, cache=cache)
+    logits = model(tokens[:, None], positions[:, None], filled, cache=cache)
+    state.writes = None  # not kept: compiled, it would be one more output of the graph
+    return logits
 
 
 class Session:
@@ -199,12 +210,6 @@ class Session:
 
     def __init__(self, model: Llama, cache: KVCache):
         self.model, self.cache = model, cache
-        # the row of a cache viewed as [-1, head_dim] where slot s, kv head h starts: (s * kv_heads + h) * length
-        # (compaction keeps slots 0..n-1, so the first n rows stay right)
-        n_kv_heads = model.cfg.n_kv_heads
-        device = model.embed_tokens.weight.device
-        slots = torch.arange(cache.batch_size * n_kv_heads, device=device).view(cache.batch_size, -1)
-        self.row_starts = slots * cache.length
 
     def prefill(self, slot: int, prompt: torch.Tensor) -> torch.Tensor:
         """Fill `slot` with a prompt [T]; logits [1, vocab] of its last token."""
@@ -217,13 +222,45 @@ class Session:
     def decode(self, tokens, positions, length: int, step_fn=decode_logits, flex: bool = False) -> torch.Tensor:
         """tokens, positions [rows] -> logits [rows, vocab] for slots 0 .. rows - 1; step_fn: decode_logits, or
         it compiled; length: the cache positions attended (the whole cache with flex)."""
-        state = self.cache.state
-        state.writes = (self.row_starts[: len(tokens)] + positions[:, None]).flatten()  # for every layer
-        state.rows, state.length = len(tokens), length
         return step_fn(self.model, self.cache, tokens, positions, length, flex)
 
     def keep(self, rows: torch.Tensor):
         self.cache.keep(rows)
+
+
+# -----------------------------------------------------------------------------
+# the compiled decode step, and the check that CUDA graphs carry it
+
+
+class CompiledStep:
+    """`decode_logits` as generate(compile=True) runs it: compiled with static shapes and fullgraph, on
+    CUDA as CUDA graphs (mode "reduce-overhead": one graph recorded per batch shape, then replayed).
+
+    torch compiles a function for at most torch._dynamo.config.recompile_limit (8) shapes per
+    process, and under fullgraph the next one raises FailOnRecompileLimitHit (256 slots compact
+    through 9 batch shapes): that shape and the rest of the generation then run the eager step.
+    """
+
+    def __init__(self, cuda_graphs: bool):
+        self.compiled = torch.compile(decode_logits, mode="reduce-overhead" if cuda_graphs else "default",
+                                      dynamic=False, fullgraph=True)
+        self.shapes: set[tuple[int, int]] = set()  # the (rows, cache length) run compiled
+        self.eager = False  # past torch's recompile limit
+        self.counts_before = cuda_graph_counts()
+
+    def __call__(self, model: Llama, cache: KVCache, tokens, positions, length: int, flex: bool = False):
+        if not self.eager:
+            try:
+                logits = self.compiled(model, cache, tokens, positions, length, flex)
+                self.shapes.add((len(tokens), length))
+                return logits
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                self.eager = True
+        return decode_logits(model, cache, tokens, positions, length)  # SDPA over `length` positions
+
+    def check(self):
+        """`check_cuda_graphs` since this step was made: one graph per batch shape it has run compiled."""
+        check_cuda_graphs(self.counts_before, graphs=len(self.shapes))
 
 
 def cuda_graph_skips() -> int:
@@ -234,10 +271,59 @@ def cuda_graph_skips() -> int:
     return counters["inductor"]["cudagraph_skips"]
 
 
-def check_cuda_graphs(skips_before: int):
-    """Fail loudly when inductor skipped CUDA graphs for the decode step (compile=True on CUDA): a step
-    would then launch every kernel from the host, the slowdown that compiling is meant to remove."""
+def cuda_graph_partitions() -> int:
+    """How many partitions inductor has split graphs into for CUDA graphs in this process: graph partition
+    (torch >= 2.9's default) runs the ops CUDA graphs cannot capture outside them, between captured
+    parts, instead of skipping the graph. Counted as it compiles (a graph read from inductor's cache is not)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_partitions"]
+
+
+RECORDED = [0]  # CUDA graphs recorded, counted by `count_recording`
+
+
+def count_recording(args):
+    """A dynamo callback, run as a compilation or a CUDA-graph recording starts: counts the recordings."""
+    if args.callback_trigger.name == "CUDAGRAPH_RECORDING":
+        RECORDED[0] += 1
+
+
+def cuda_graph_recordings() -> int:
+    """How many CUDA graphs inductor's CUDA-graph trees have recorded in this process (0 on CPU), counted by
+    the callback that they run as each recording starts (CallbackTrigger.CUDAGRAPH_RECORDING of
+    torch._dynamo.callback), which this function registers: counted from its first call on (and from
+    the next call on again after torch._dynamo.reset(), which drops callbacks)."""
+    from torch._dynamo.callback import callback_handler
+
+    if count_recording not in callback_handler.start_callbacks:
+        callback_handler.register_start_callback(count_recording)
+    return RECORDED[0]
+
+
+def cuda_graph_counts() -> tuple[int, int, int]:
+    """(skips, partitions, recordings) so far in this process: what `check_cuda_graphs` counts from."""
+    return cuda_graph_skips(), cuda_graph_partitions(), cuda_graph_recordings()
+
+
+def check_cuda_graphs(before: tuple[int, int, int], graphs: int):
+    """Fail loudly when CUDA graphs do not carry the compiled decode step (compile=True on CUDA), counting
+    from `before` (`cuda_graph_counts()` when the step was made): inductor ran a graph without them, split one
+    so that parts of it run outside them, or more graphs were recorded than `graphs` (one per batch
+    shape: more means the step re-records, e.g. a static input moved). A step launched from the host
+    loses the speed that compiling is meant to bring; re-recording every step loses more."""
+    skips_before, partitions_before, recordings_before = before
     skipped = cuda_graph_skips() - skips_before
     if skipped > 0:
         raise RuntimeError(f"compile=True: inductor ran the decode step without CUDA graphs ({skipped} graph(s) "
                            "skipped); rerun with TORCH_LOGS=perf_hints to see why, or generate without compile")
+    split = cuda_graph_partitions() - partitions_before
+    if split > 0:
+        raise RuntimeError(f"compile=True: inductor split the decode step into {split} partitions, and ops between "
+                           "them run outside CUDA graphs; rerun with TORCH_LOGS=cudagraphs to see which, or "
+                           "generate without compile")
+    recorded = cuda_graph_recordings() - recordings_before
+    if recorded > graphs:
+        raise RuntimeError(f"compile=True: {recorded} CUDA graphs recorded for the decode step's {graphs} batch "
+                           "shape(s), one each expected: the step re-records; rerun with TORCH_LOGS=cudagraphs "
+                           "to see why, or generate without compile")

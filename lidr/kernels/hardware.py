@@ -1,8 +1,9 @@
-"""Which GPU this is and its datasheet dense bf16 peak: the denominator of MFU (the trainer's log, bench/gpu.py).
+"""MFU's two sides (the trainer's log, bench/gpu.py): the FLOPs a training step runs, over the GPU's datasheet peak.
 
-    from lidr.kernels.hardware import datasheet_peak
+    from lidr.kernels.hardware import datasheet_peak, training_flops
     props = torch.cuda.get_device_properties(device)
     sku, flops = datasheet_peak(props.name, props.total_memory, props.multi_processor_count)
+    mfu = training_flops(model.cfg, [(prompt_len, response_len), ...]) / seconds / flops
 
 The device name alone does not settle an H100: the SXM, PCIe and NVL boards differ by 30% in
 peak and a bare "NVIDIA H100" names more than one of them, so the SM count (114 on PCIe, 132 on
@@ -37,3 +38,22 @@ def datasheet_peak(name: str, memory_bytes: int, sm_count: int) -> tuple[str | N
     else:
         return None, None
     return sku, DATASHEET_BF16[sku]
+
+
+def training_flops(cfg, sequences: list[tuple[int, int]]) -> float:
+    """FLOPs of forward + backward (3 × forward's) over packed sequences (prompt tokens, response tokens), counting
+    only the matrix products that run; per sequence of T = prompt + response tokens, with
+    P = n_layers · dim · (2·n_heads·head_dim + 2·n_kv_heads·head_dim + 3·ffn_dim), the blocks' weights:
+
+        6·P·T                                  every token through every block's projections
+      + 6·dim·vocab·response                   lm_head on response positions only (lidr.dpo.hidden_sequence_logps)
+      + 6·n_layers·n_heads·head_dim·T·(T+1)    causal attention: query i scores and sums i + 1 keys of its own
+                                               sequence (4·head_dim FLOPs per key and head, forward)
+
+    The embedding (tied or not) is a lookup: no FLOPs. Norms, RoPE, softmax, SwiGLU's product, padding
+    and activation checkpointing's recompute are not counted (MFU, not hardware utilisation)."""
+    blocks = cfg.n_layers * cfg.dim * (2 * cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim
+                                       + 3 * cfg.ffn_dim)
+    attention = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim
+    return float(sum(6 * blocks * (p + r) + 6 * cfg.dim * cfg.vocab_size * r + attention * (p + r) * (p + r + 1)
+                     for p, r in sequences))
