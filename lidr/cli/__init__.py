@@ -26,6 +26,7 @@ from dataclasses import fields, replace
 import torch
 
 from lidr.harness.sampled import Engine
+from lidr.harness.stage_files import read_translation_task_ids
 from lidr.settings import DTYPES
 from lidr.settings import out_of_range
 from lidr.tokenizer import CHAT_FORMATS
@@ -124,6 +125,23 @@ def flags_argv(values, prefix: str = "", skip=()) -> list[str]:
         else:
             argv += [flag, "" if value is None else str(value)]
     return argv
+
+
+def parse_iteration_rows(argv, doc: str, defaults, title: str, langs_help: str, out_help: str):
+    """(args, options, translation task ids) of a command that turns one iteration folder into training rows
+    (lidr.cli.pairs, lidr.cli.sdrrl): --dir, --langs, the rules' flags, --translation-task-ids, --out."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")
+    parser.add_argument("--langs", required=True, help=langs_help)
+    add_flags(parser, defaults, title=title)
+    parser.add_argument("--translation-task-ids", help="JSONL with the ids of prompts that are translation requests")
+    parser.add_argument("--out", help=out_help)
+    args = parser.parse_args(argv)
+    try:
+        task_ids = read_translation_task_ids(args.translation_task_ids)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    return args, from_flags(args, defaults), task_ids
 
 
 # -----------------------------------------------------------------------------

@@ -12,28 +12,21 @@ the same inputs and options. The rules: lidr/pairs.py; the files: lidr/harness/s
 where they depart from the reference repository: docs/method.md §5.5.
 """
 
-import argparse
 from pathlib import Path
 
-from lidr.cli import add_flags, command, from_flags
+from lidr.cli import command, parse_iteration_rows
 from lidr.harness.outputs import file_identity
-from lidr.harness.stage_files import pairs_from_dir, read_translation_task_ids, write_pairs
+from lidr.harness.stage_files import pairs_from_dir, write_pairs
 from lidr.pairs import PairOptions
 
 
 @command("rerun the same command (its outputs are written whole or not at all)")
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")
-    parser.add_argument("--langs", required=True, help="non-dominant languages, comma-separated (e.g. es,ru,de,fr)")
-    add_flags(parser, PairOptions(), title="pair rules")
-    parser.add_argument("--translation-task-ids", help="JSONL with the ids of prompts that are translation requests")
-    parser.add_argument("--out", help="pairs JSONL (default: DIR/pairs.jsonl; the report goes beside it)")
-    args = parser.parse_args(argv)
-    options = from_flags(args, PairOptions())
+    args, options, task_ids = parse_iteration_rows(
+        argv, __doc__, PairOptions(), "pair rules", "non-dominant languages, comma-separated (e.g. es,ru,de,fr)",
+        "pairs JSONL (default: DIR/pairs.jsonl; the report goes beside it)")
     out = Path(args.out or Path(args.dir) / "pairs.jsonl")
     try:
-        task_ids = read_translation_task_ids(args.translation_task_ids)
         pairs, report = pairs_from_dir(args.dir, args.langs.split(","), options, task_ids)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None

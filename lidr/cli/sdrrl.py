@@ -14,27 +14,20 @@ lidr/sdrrl.py; the files: lidr/harness/stage_files.py; where this reconstruction
 paper: docs/method.md §5.6.
 """
 
-import argparse
 from pathlib import Path
 
-from lidr.cli import add_flags, command, from_flags
+from lidr.cli import command, parse_iteration_rows
 from lidr.harness.outputs import file_identity
-from lidr.harness.stage_files import read_translation_task_ids, sdrrl_from_dir, write_rows
+from lidr.harness.stage_files import sdrrl_from_dir, write_rows
 from lidr.sdrrl import SDRRLOptions
 
 
 @command("rerun the same command (its outputs are written whole or not at all)")
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", required=True, help="iteration folder holding generate/ and translate/")
-    parser.add_argument("--langs", required=True, help="target languages, comma-separated")
-    add_flags(parser, SDRRLOptions(), title="SDRRL rows")
-    parser.add_argument("--translation-task-ids", help="JSONL with the ids of prompts that are translation requests")
-    parser.add_argument("--out", help="default: DIR/sdrrl.jsonl (report beside it)")
-    args = parser.parse_args(argv)
-    options = from_flags(args, SDRRLOptions())
+    args, options, task_ids = parse_iteration_rows(argv, __doc__, SDRRLOptions(), "SDRRL rows",
+                                                   "target languages, comma-separated",
+                                                   "default: DIR/sdrrl.jsonl (report beside it)")
     try:
-        task_ids = read_translation_task_ids(args.translation_task_ids)
         rows, report = sdrrl_from_dir(args.dir, args.langs.split(","), options, task_ids)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None
