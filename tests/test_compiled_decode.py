@@ -71,6 +71,8 @@ class Ids:
         return " ".join(map(str, ids))
 
 
+@torch._dynamo.config.patch(recompile_limit=8)  # torch's default; torch's own patch (pytest >= 9.2's monkeypatch
+# would restore a config attribute by deleting it, which hides it from torch for the rest of the process)
 def test_a_generation_past_the_recompile_limit_finishes_eagerly_with_the_same_tokens(monkeypatch):
     """16 rows stopping at random steps compact through 16, 8, 4, 2 and 1 slots: three generations of
     different lengths (three cache lengths) meet 13 shapes of the step, more than the 8 that torch
@@ -78,7 +80,6 @@ def test_a_generation_past_the_recompile_limit_finishes_eagerly_with_the_same_to
     8, the shapes after them run eagerly, and every row's tokens equal the eager sampler's."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **options: real_compile(fn, backend="eager", **options))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default
     torch._dynamo.reset()  # no shape compiled before this test counts towards the limit
     model, ids = tiny_llama(n_layers=1), Ids()
     torch.manual_seed(2)
