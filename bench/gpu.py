@@ -1597,14 +1597,13 @@ def planned_checkpointing(cfg: LlamaConfig, examples, options, dtype: torch.dtyp
 def step_tokens(examples, options, step: int, world: int = 1) -> tuple[int, int, list[tuple[int, int]]]:
     """(real tokens, positions of the packed rows (padding included), (prompt, response) lengths of its sequences)
     of optimizer step `step` (0-based), as lidr.train.train_step draws and packs its micro-batches on every rank."""
-    from lidr.train import micro_batch, pack
+    from lidr.train import pack, step_indices
 
-    positions, lengths = 0, []
-    for rank in range(world):
-        for micro in range(options.grad_accum):
-            batch = [examples[i] for i in micro_batch(step, micro, len(examples), options, rank, world)]
-            positions += pack(batch, 0, options.max_len, "cpu", dense_mask=False).tokens.numel()
-            lengths += [(len(ex.prompt), len(r)) for ex in batch for r in ex.responses]
+    positions, lengths, indices = 0, [], step_indices(step, len(examples), options, world)
+    for start in range(0, len(indices), options.batch_size):  # every rank's micro-batches, in train_step's slices
+        batch = [examples[i] for i in indices[start : start + options.batch_size]]
+        positions += pack(batch, 0, options.max_len, "cpu", dense_mask=False).tokens.numel()
+        lengths += [(len(ex.prompt), len(r)) for ex in batch for r in ex.responses]
     return sum(p + r for p, r in lengths), positions, lengths
 
 

@@ -173,13 +173,11 @@ def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_examples, generator=generator).tolist()
 
 
-def micro_batch(step: int, micro: int, n_examples: int, options: Training, rank: int, world: int) -> list[int]:
-    """Example indices for one rank's micro-batch: global step `step` (0-based) fixes the data position."""
+def step_indices(step: int, n_examples: int, options: Training, world: int) -> list[int]:
+    """Every rank's example indices of global step `step` (0-based): the step's slice of its epoch's order."""
     global_batch = global_batch_size(options, world)
     epoch, k = divmod(step, n_examples // global_batch)  # the epoch, and the step within it
-    order = epoch_order(n_examples, options.seed, epoch)
-    start = k * global_batch + (rank * options.grad_accum + micro) * options.batch_size
-    return order[start : start + options.batch_size]
+    return epoch_order(n_examples, options.seed, epoch)[k * global_batch : (k + 1) * global_batch]
 
 
 class Ranks(NamedTuple):
@@ -305,9 +303,10 @@ def train_step(model, scheduler, examples: list[Example], reference: torch.Tenso
     {"loss", "dpo", "nll", ... averaged over the global batch, "grad_norm", "lr", "tokens" (real, every
     rank's)}. Sums stay on the device until one all_reduce and one read (inputs: `to_device`)."""
     rank, world, device = ranks
-    sums, n_real_tokens = {}, 0
-    for micro in range(options.grad_accum):
-        idx = micro_batch(step, micro, len(examples), options, rank, world)
+    sums, n_real_tokens, indices = {}, 0, step_indices(step, len(examples), options, world)
+    for micro in range(options.grad_accum):  # this rank's micro-batches: its share of the step's slice
+        start = (rank * options.grad_accum + micro) * options.batch_size
+        idx = indices[start : start + options.batch_size]
         reference_rows = None if reference is None else reference[idx]
         losses, metrics, n_tokens = step_losses(model, [examples[i] for i in idx], reference_rows, options, pad_id,
                                                 device)
@@ -352,9 +351,9 @@ def steps(model, optimizer, scheduler, examples: list[Example], reference: torch
         seconds = time.perf_counter() - t0
         n_tokens = record.pop("tokens")
         record = {"step": step + 1, **record, "tokens_per_s": n_tokens / seconds, "seconds": seconds}
-        if peak_flops is not None:  # every rank's sequences of the step, as train_step drew them
-            lengths = [(len(examples[i].prompt), len(r)) for k in range(world) for m in range(options.grad_accum)
-                       for i in micro_batch(step, m, len(examples), options, k, world) for r in examples[i].responses]
+        if peak_flops is not None:  # every rank's sequences of the step (one epoch order, not one per micro-batch)
+            lengths = [(len(examples[i].prompt), len(r)) for i in step_indices(step, len(examples), options, world)
+                       for r in examples[i].responses]
             record["mfu"] = training_flops(model.cfg, lengths) / seconds / (peak_flops * world)
         yield step + 1, record
 

@@ -66,7 +66,7 @@ def test_first_step_is_ln2_and_the_nll_of_transformers(one_process, tiny_dir, da
     examples, _ = load_examples(data, tokenizer, "dpo", max_len=96)
     flags = train_args(tiny_dir, data, "unused", "--batch-size", "2", "--grad-accum", "2")
     options = lidr.cli.train.options_from(lidr.cli.train.parse_args(flags))
-    step0 = [i for micro in range(2) for i in lidr.train.micro_batch(0, micro, len(examples), options, 0, 1)]
+    step0 = lidr.train.step_indices(0, len(examples), options, 1)  # one rank: both micro-batches
     hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     nlls = []
     for i in step0:
@@ -237,7 +237,7 @@ def test_sft_objective_trains_on_responses(tiny_dir, tmp_path):
     options = lidr.cli.train.options_from(lidr.cli.train.parse_args(flags))
     hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     nlls = []
-    for i in lidr.train.micro_batch(0, 0, len(examples), options, 0, 1):
+    for i in lidr.train.step_indices(0, len(examples), options, 1):
         ex = examples[i]
         ids = torch.tensor([ex.prompt + ex.responses[0]])
         with torch.no_grad():
