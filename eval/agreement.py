@@ -17,7 +17,8 @@ Files: {out}/agreement/judge-{judge}[-both]/{lang}.jsonl (one row per judged pai
 number in the pairs file; a rerun resumes) and summary.json beside them (eval/report.py reads it).
 Each {lang}.jsonl records what it was made from ({lang}.jsonl.made-from.json: the pairs file's path,
 size and sha256, the judge, the sample settings); a rerun with another pairs file, judge or sample
-is refused before anything is written.
+is refused before anything is written. summary.json is owned the same way and merged by language
+(--langs es, then --langs ru, gives one summary of both; eval/common.py).
 
 How this departs from the paper: the paper does not say how many pairs it judged nor with which
 prompt; here --sample pairs per language (default 100) and the X-AlpacaEval judge prompt (eval/judge.py).
@@ -28,10 +29,12 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from eval.common import claim_summary, write_summary
 from lidr.cli import command
-from lidr.harness.outputs import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
+from lidr.harness.outputs import ResumableWriter, bind_outputs, file_identity, read_records
 
 FIELDS = ("prompt", "chosen", "rejected", "lang")
+MADE_BY = "eval.agreement"
 
 
 def read_pairs(path: Path) -> tuple[dict[str, list[dict]], list[str]]:
@@ -73,7 +76,8 @@ def run(judge, pairs_path: Path, out: Path, sample: int | None, seed: int, both_
     identity = {"inputs": {"pairs": file_identity(pairs_path)},
                 "judge": {"name": judge_name, "identity": getattr(judge, "identity", None)},
                 "settings": {"sample": sample, "seed": seed, "both_orders": both_orders}}
-    bind_outputs("eval.agreement", [(out / f"{lang}.jsonl", identity, ()) for lang in langs])
+    claim_summary(out / "summary.json", MADE_BY, identity)  # before any output is touched
+    bind_outputs(MADE_BY, [(out / f"{lang}.jsonl", identity, ()) for lang in langs])
     for lang in langs:
         available = by_lang.get(lang, [])
         pairs = sample_pairs(available, sample, seed)
@@ -87,8 +91,7 @@ def run(judge, pairs_path: Path, out: Path, sample: int | None, seed: int, both_
                                       "pairs_available": len(available)}
         if s["win_rate"] is not None:
             print(f"{lang}: judge prefers chosen {s['win_rate']:.1f}% (hard {s['hard_win_rate']:.1f}%, n={s['n']})")
-    write_json_atomic(out / "summary.json", summary)
-    return summary
+    return write_summary(out / "summary.json", MADE_BY, identity, summary)
 
 
 @command("rerun the same command")

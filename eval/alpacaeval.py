@@ -32,7 +32,9 @@ Files, in the model's results folder {out}/x-alpacaeval/:
 - beside every {lang}.jsonl, {lang}.jsonl.made-from.json: what it was made from (input files by
   resolved path, size and sha256; the model folder or the judge; the settings). A rerun with
   another input, model, judge or setting is refused before anything is written, and so is an
-  output folder holding files this command did not write.
+  output folder holding files this command did not write. Each summary.json is owned too
+  (summary.json.made-from.json: the model or judge, the settings) and merged by language: one job
+  per language into one folder gives one summary of every language (eval/common.py).
 
 Inputs: prompts/{lang}.json, a JSON list of {id, instruction[, dataset]}; reference/{lang}.json and
 the outputs to judge are model_outputs.json lists. Items are matched by id (as text) when both
@@ -55,7 +57,8 @@ from pathlib import Path
 
 from lidr import settings
 from lidr.harness import cluster
-from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, command, from_flags, positive_int
+from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, command, from_flags, positive_int, require_extra
+from eval.common import claim_summary, write_summary
 from lidr.harness.outputs import ResumableWriter, bind_outputs, file_identity, read_records, write_json_atomic
 from lidr.languages import detect_language
 from lidr.harness.sampled import Prompt, SampledOutput, check_outputs, open_model, too_long_reason
@@ -64,6 +67,7 @@ from lidr.tokenizer import chat_messages
 
 BENCHMARK = "x-alpacaeval"
 GENERATE = "eval.alpacaeval generate"
+JUDGE = "eval.alpacaeval judge"
 
 
 def read_items(path: Path, fields: tuple[str, ...], key: str = "id") -> tuple[dict, list[str]]:
@@ -113,8 +117,13 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
     settings = {"system": system, "generator": generator, "sampling": sampling}
     identities = {lang: {"inputs": {"prompts": file_identity(prompts_dir / f"{lang}.json")}, "model": model_identity,
                          "settings": settings} for lang in langs}
-    cluster.on_rank0(lambda: check_outputs(GENERATE, [(out / f"{lang}.jsonl", identities[lang], [out / f"{lang}.json"])
-                                                       for lang in langs]))
+    summary_identity = {"model": model_identity, "settings": settings}  # every language's, merged into one summary
+
+    def claim():  # rank 0, before any work: the outputs and the summary this run may write
+        check_outputs(GENERATE, [(out / f"{lang}.jsonl", identities[lang], [out / f"{lang}.json"]) for lang in langs])
+        claim_summary(out / "summary.json", GENERATE, summary_identity)
+
+    cluster.on_rank0(claim)
     rank, _ = cluster.rank_and_world()
     context = model.cfg.max_seq_len
     for lang in langs:
@@ -156,7 +165,7 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
         print(f"{lang}: {len(rows)} outputs ({generated} generated now, {len(too_long)} instructions too long for "
               f"the model's context) -> {out / f'{lang}.json'}")
     if rank == 0:
-        write_json_atomic(out / "summary.json", summary)
+        summary = write_summary(out / "summary.json", GENERATE, summary_identity, summary)
     return summary
 
 
@@ -202,11 +211,13 @@ def judge_outputs(judge, outputs_dir: Path, reference_dir: Path, langs: list[str
     summary = {"benchmark": BENCHMARK, "judge": judge_name, "both_orders": both_orders,
                "reference": str(reference_dir), "languages": {}}
     built = {lang: build_pairs(outputs_dir / f"{lang}.json", reference_dir / f"{lang}.json", lang) for lang in langs}
-    bind_outputs("eval.alpacaeval judge", [
+    summary_identity = {"judge": {"name": judge_name, "identity": getattr(judge, "identity", None)},
+                        "settings": {"both_orders": both_orders}}
+    claim_summary(out / "summary.json", JUDGE, summary_identity)  # before any output is touched
+    bind_outputs(JUDGE, [
         (out / f"{lang}.jsonl", {"inputs": {"outputs": file_identity(outputs_dir / f"{lang}.json"),
                                             "reference": file_identity(reference_dir / f"{lang}.json")},
-                                 "judge": {"name": judge_name, "identity": getattr(judge, "identity", None)},
-                                 "settings": {"both_orders": both_orders}}, (out / f"{lang}.annotations.json",))
+                                 **summary_identity}, (out / f"{lang}.annotations.json",))
         for lang in langs])
     for lang in langs:
         pairs, counts = built[lang]
@@ -224,10 +235,7 @@ def judge_outputs(judge, outputs_dir: Path, reference_dir: Path, langs: list[str
             se = f" ± {s['se']:.2f}" if s["se"] is not None else ""
             lc = f"length-controlled {s['lc_win_rate']:.2f}" if s["lc_win_rate"] is not None else s["lc_note"]
             print(f"{lang}: win rate {s['win_rate']:.2f}{se}, {lc} (n={s['n']}, no verdict {s['no_verdict']})")
-    rates = [s["win_rate"] for s in summary["languages"].values() if s["win_rate"] is not None]
-    summary["average"] = {"win_rate": sum(rates) / len(rates) if rates else None}
-    write_json_atomic(out / "summary.json", summary)
-    return summary
+    return write_summary(out / "summary.json", JUDGE, summary_identity, summary, averaged=("win_rate",))
 
 
 def alpaca_eval_annotations(pairs: list[dict], rows: list[dict], judge_name: str, lang: str) -> list[dict]:
@@ -297,6 +305,7 @@ def main(argv=None):
     check_langs(parser, args.langs)
     base = Path(args.out) / BENCHMARK
     if args.command == "generate":
+        require_extra("py3langid", "langid", "the off-target rate of eval.alpacaeval generate")
         for lang in args.langs:
             if not (Path(args.prompts) / f"{lang}.json").is_file():
                 parser.error(f"{Path(args.prompts) / f'{lang}.json'}: no such file")

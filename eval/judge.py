@@ -22,10 +22,11 @@ does. Output 1 is shown as model `m`, output 2 as model `M`; the judge answers w
   HTTP 429, 5xx, timeouts (a server that accepts the connection and never answers: --timeout
   seconds) and dropped connections are retried with exponential backoff (a Retry-After header
   wins), then stop the run with the URL, the number of attempts and the last error; other HTTP
-  errors and malformed bodies stop it at once with the URL and the body. Every answer (its top
-  log-probabilities) is cached on disk under a hash of (judge model, messages): a rerun, or a
-  second language or model that repeats a comparison, never pays twice (one process at a time
-  per cache file: the file is appended to, not locked).
+  errors and malformed bodies stop it at once with the URL and the body (a command: in one sentence,
+  the verdicts so far kept). Every answer (its top log-probabilities) is cached on disk under a
+  hash of (judge model, messages): a rerun, or a second language or model that repeats a
+  comparison, never pays twice (one process at a time per cache file: it is locked; and only the
+  cache's own file is appended to, CACHE.made-from.json says so: a file of the user's is refused).
 - `LocalJudge` runs any lidr checkpoint on the same messages: one forward pass per comparison, and
   the two logits of the answer tokens at the first reply position, P(M better) = σ(logit_M − logit_m).
   A prompt longer than the model's context gives no verdict (None).
@@ -54,6 +55,7 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,7 +63,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lidr.harness.outputs import ResumableWriter
+from lidr.harness.outputs import ResumableWriter, check_output, record_output
 
 # alpaca_eval's weighted_alpaca_eval_gpt4_turbo annotator with the multilingual prompt, as the paper ran it
 PROTOCOL_DIR = Path(__file__).parent / "weighted_alpaca_eval_gpt4_turbo_multilingual"
@@ -70,6 +72,7 @@ FIELDS = ("instruction", "output_1", "output_2")  # output_1 is shown as model `
 # configs.yaml's completions_kwargs, and the top_p alpaca_eval's openai_completions adds
 REQUEST_SETTINGS = {"max_tokens": 1, "temperature": 1, "top_p": 1.0, "logprobs": True, "top_logprobs": 5}
 START, END = "<|im_start|>", "<|im_end|>"
+CACHE_OWNER = "eval.judge cache"  # the answer cache's record names it: a file of the user's is never appended to
 
 
 def read_template(path: Path = TEMPLATE_PATH) -> str:
@@ -149,12 +152,22 @@ class HttpJudge:
                  timeout: float = 120.0, max_retries: int = 8, backoff: float = 2.0, max_backoff: float = 120.0,
                  workers: int = 8, sleep=time.sleep):
         self.url = base_url.rstrip("/") + "/chat/completions"
+        for name, value, least in (("max_retries", max_retries, 0), ("workers", workers, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"HttpJudge {name}: {value!r} is not a whole number of at least {least}")
+        for name, value in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"HttpJudge {name}: {value!r} is not a number of seconds above 0")
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.max_retries, self.backoff, self.max_backoff, self.sleep = max_retries, backoff, max_backoff, sleep
         self.workers = workers
         self.name = model
         self.identity = {"url": self.url, "model": model}  # what an output judged by it records
-        self.cache = ResumableWriter(cache_path, key="key") if cache_path else None
+        self.cache = None
+        if cache_path:
+            check_output(cache_path, CACHE_OWNER, {})  # the cache or nothing there: never a file of the user's
+            self.cache = ResumableWriter(cache_path, key="key")
+            record_output(cache_path, CACHE_OWNER, {})
         self.cached = {row["key"]: row for row in self.cache.rows} if self.cache else {}
         self.lock = threading.Lock()
         self.calls = 0  # requests that reached the server, retries included
@@ -332,7 +345,12 @@ def judge_resumable(judge, pairs: list[dict], writer: ResumableWriter, both_orde
     with tqdm(total=len(todo), desc=desc, unit="pair", dynamic_ncols=True) as bar:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
-            for pair, result in zip(chunk, judge_pairs(judge, chunk, progress=False)):
+            try:
+                results = judge_pairs(judge, chunk, progress=False)
+            except JudgeError as e:  # the endpoint gave up, or answered nonsense: the verdicts so far stay
+                raise SystemExit(f"{e}; the {len(writer.done)} verdict(s) in {writer.path} are kept: rerun the same "
+                                 f"command to resume") from None
+            for pair, result in zip(chunk, results):
                 writer.write({"key": pair["key"], **result})
             bar.update(len(chunk))
     return len(todo)
@@ -365,7 +383,7 @@ def summarize_preferences(rows: list[dict]) -> dict:
 
 
 def add_judge_args(parser: argparse.ArgumentParser):
-    from lidr.cli import positive_int
+    from lidr.cli import positive_int, setting_type
 
     group = parser.add_argument_group("judge")
     group.add_argument("--judge", choices=("http", "local"), required=True,
@@ -380,8 +398,9 @@ def add_judge_args(parser: argparse.ArgumentParser):
                        help="http: answer cache shared by every run (default: %(default)s)")
     group.add_argument("--workers", type=positive_int, default=8,
                        help="http: concurrent requests (default: %(default)s)")
-    group.add_argument("--max-retries", type=int, default=8, help="http: retries per request (default: %(default)s)")
-    group.add_argument("--timeout", type=float, default=120.0,
+    group.add_argument("--max-retries", type=setting_type(int, {"low": 0}), default=8,
+                       help="http: retries per request (default: %(default)s)")
+    group.add_argument("--timeout", type=setting_type(float, {"above": 0}), default=120.0,
                        help="http: seconds to wait for an answer before retrying (default: %(default)s)")
     group.add_argument("--judge-device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="local: device (default: %(default)s)")
@@ -391,9 +410,15 @@ def add_judge_args(parser: argparse.ArgumentParser):
 
 
 def make_judge(args):
+    """The judge the flags name, every requirement checked before any work (the key OpenAI's endpoint
+    needs, the local checkpoint, the cache's owner); one sentence when one is not met."""
     if args.judge == "http":
-        return HttpJudge(args.base_url, args.judge_model, os.environ.get(args.api_key_env), cache_path=args.cache,
-                         timeout=args.timeout, max_retries=args.max_retries, workers=args.workers)
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key and urllib.parse.urlparse(args.base_url).hostname == "api.openai.com":
+            raise SystemExit(f"--judge http at {args.base_url} needs an API key, and ${args.api_key_env} is not set: "
+                             f"export it, or name another variable with --api-key-env")
+        return HttpJudge(args.base_url, args.judge_model, api_key, cache_path=args.cache, timeout=args.timeout,
+                         max_retries=args.max_retries, workers=args.workers)
     from lidr.harness.outputs import folder_identity
     from lidr.harness.sampled import open_model
 
@@ -402,12 +427,16 @@ def make_judge(args):
         raise SystemExit(f"--judge local needs --judge-model to be a checkpoint folder; {folder} is not one")
     identity = folder_identity(folder)
     model, tokenizer = open_model(folder, args.judge_device)
-    return LocalJudge(model, tokenizer, batch_size=args.judge_batch_size, name=folder.name, identity=identity)
+    try:
+        return LocalJudge(model, tokenizer, batch_size=args.judge_batch_size, name=folder.resolve().name,
+                          identity=identity)
+    except ValueError as e:  # its tokenizer cannot say `m` or `M` in one token
+        raise SystemExit(str(e)) from None
 
 
 def judge_folder_name(args) -> str:
     """judge-{name}[-both]: one folder of judgements per judge and order mode."""
     from eval.common import slug
 
-    name = args.judge_model if args.judge == "http" else "local-" + Path(args.judge_model).name
+    name = args.judge_model if args.judge == "http" else "local-" + Path(args.judge_model).resolve().name
     return "judge-" + slug(name) + ("-both" if args.both_orders else "")

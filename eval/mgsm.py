@@ -24,7 +24,10 @@ already there.
 and sha256, the model folder, the prompt and decoding settings): a rerun with another --data,
 --model or setting is refused before anything is written (--limit may grow: rows are keyed by
 question). {out}/{name}/summary.json holds accuracy and off-target rate per language,
-recomputed from every row at the end of each run; eval/report.py reads it.
+recomputed from every row at the end of each run and merged with the languages evaluated there
+before (one job per language into one folder gives one summary; eval/common.py); eval/report.py
+reads it. It too is owned: one this command did not write, or wrote for another model or
+settings, is refused before any work.
 
 Input: a folder of {lang}.jsonl files, rows {query, response} (MGSM) or {instruction, final_answer}
 (translated GSM8K); a row missing them, or whose reference answer is not one number (`read_gold`:
@@ -58,11 +61,11 @@ import unicodedata
 from dataclasses import asdict
 from pathlib import Path
 
-from eval.common import check_langs, model_identity
+from eval.common import check_langs, claim_summary, model_identity, write_summary
 from lidr import settings
 from lidr.harness import cluster
-from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, command, from_flags, positive_int
-from lidr.harness.outputs import file_identity, read_records, write_json_atomic
+from lidr.cli import GREEDY_ONLY, add_engine_flags, add_flags, command, from_flags, positive_int, require_extra
+from lidr.harness.outputs import file_identity, read_records
 from lidr.languages import detect_language
 from lidr.languages import checked_languages
 from lidr.harness.sampled import Prompt, SampledOutput, check_outputs, open_model, too_long_reason
@@ -70,6 +73,7 @@ from lidr.settings import Decoding, derived_seed, template_text, user_turn
 from lidr.tokenizer import chat_messages
 
 MADE_BY = "eval.mgsm"
+MERGED, AVERAGED = ("languages", "dropped", "too_long"), ("accuracy", "off_target")  # summary.json, by language
 
 # -----------------------------------------------------------------------------
 # reading the last number of an answer
@@ -205,7 +209,8 @@ def summarize(rows: list[dict]) -> dict:
 def run(model, tokenizer, data: Path, langs: list[str], out: Path, decoding: Decoding, batch_size: int,
         system: str | None, limit: int | None = None, template: str = settings.MGSM.prompt_template,
         model_identity: dict | None = None) -> dict:
-    """Generate what is missing, score every row, and write {out}/summary.json; returns the summary.
+    """Generate what is missing, score every row, and merge it into {out}/summary.json; returns the summary
+    (every language evaluated into `out` so far, this run's as it scored them now).
 
     decoding: the sampler's settings (its `system` and `prompt_template` are not read: the system
     turn is `system`, the user turn `template`). template: a name or a text with {instruction} and
@@ -230,13 +235,19 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, decoding: Dec
     settings = {"system": system, "template": template_text(template), "sampling": sampling}
     identities = {lang: {"inputs": {"data": file_identity(data / f"{lang}.jsonl")}, "model": model_identity,
                          "settings": settings} for lang in langs}
-    cluster.on_rank0(lambda: check_outputs(MADE_BY, [(out / f"{lang}.jsonl", identities[lang], ()) for lang in langs]))
+    summary_identity = {"model": model_identity, "settings": settings}  # every language's, merged into one summary
+
+    def claim():  # rank 0, before any work: the outputs and the summary this run may write
+        check_outputs(MADE_BY, [(out / f"{lang}.jsonl", identities[lang], ()) for lang in langs])
+        claim_summary(out / "summary.json", MADE_BY, summary_identity, MERGED)
+
+    cluster.on_rank0(claim)
     context = model.cfg.max_seq_len
     for lang in langs:
         questions, dropped = read[lang]
+        summary["dropped"][lang] = len(dropped)  # 0 too: the merge keeps another run's count only for its languages
         if dropped:
             print(f"{lang}: dropped {len(dropped)} row(s), first: {dropped[0]}")
-            summary["dropped"][lang] = len(dropped)
         questions = questions[:limit] if limit else questions
         prompts, too_long = [], []
         for q in questions:
@@ -265,13 +276,8 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, decoding: Dec
         if s["n"]:
             print(f"{out.name} {lang}: accuracy {s['accuracy']:.3f}  off-target {s['off_target']:.3f}  "
                   f"(n={s['n']}, {generated} generated now)")
-    scored = [s for s in summary["languages"].values() if s["n"]]
-    summary["average"] = {
-        "accuracy": sum(s["accuracy"] for s in scored) / len(scored) if scored else None,
-        "off_target": sum(s["off_target"] for s in scored) / len(scored) if scored else None,
-    }
     if cluster.rank_and_world()[0] == 0:  # the other ranks of a torchrun launch hold no rows
-        write_json_atomic(out / "summary.json", summary)
+        summary = write_summary(out / "summary.json", MADE_BY, summary_identity, summary, MERGED, AVERAGED)
     return summary
 
 
@@ -288,6 +294,7 @@ def main(argv=None):
                         help="benchmark name and subfolder (default: %(default)s; gsm8k for GSM8K)")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N questions per language")
     args = parser.parse_args(argv)
+    require_extra("py3langid", "langid", "eval.mgsm's off-target rate")
 
     check_langs(parser, args.langs)
     for lang in args.langs:

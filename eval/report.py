@@ -12,17 +12,22 @@ rate, X-AlpacaEval win rate ± standard error (per judge folder) and the outputs
 and the judge's agreement with LIDR's preference pairs ± standard error.
 
 Writes {out}/report.md and one PNG per table ({out}/{section}-{metric}.png: grouped bars, one
-colour per model, error bars where there is a standard error). --paper adds the paper's numbers
+colour per model, error bars where there is a standard error). OUT is the command's own folder
+(OUT.made-from.json beside it): a rerun rewrites it, a non-empty folder it did not make is refused.
+A model name given twice is refused. --paper adds the paper's numbers
 for Meta-Llama-3-8B-Instruct (docs/method.md §1.9: MGSM accuracy, X-AlpacaEval win rate, M0-M2) as hatched
 reference rows; they were measured with the paper's judge and setup, so they compare only loosely.
 """
 
 import argparse
-import json
+import math
 from pathlib import Path
 
-from lidr.cli import command
-from lidr.harness.outputs import write_text_atomic
+from eval.common import read_summary
+from lidr.cli import command, require_extra
+from lidr.harness.outputs import check_folder, hold_lock, record_output, write_text_atomic
+
+MADE_BY = "eval.report"  # the owner of --out: OUT.made-from.json beside it
 
 # metric key in summary.json -> (title, number format, standard-error key)
 METRICS = {
@@ -49,15 +54,21 @@ PAPER = {  # docs/method.md §1.9, the paper's headline tables
 
 
 def find_summaries(folder: Path) -> dict[str, dict]:
-    """{section (path of the summary's folder relative to `folder`): summary}."""
+    """{section (path of the summary's folder relative to `folder`): summary}; a summary that does not
+    read as eval/ writes them (a hand-edited or cut file: no languages, a metric that is not a number)
+    stops with one sentence naming the file and the value."""
     found = {}
     for path in sorted([*folder.glob("*/summary.json"), *folder.glob("*/*/summary.json")]):
-        try:
-            summary = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(summary.get("languages"), dict):
+        summary = read_summary(path)
+        if "languages" not in summary:
             raise SystemExit(f"{path}: no 'languages' object; not a summary written by eval/")
+        for lang, entry in summary["languages"].items():
+            for key in (*METRICS, *(se for _, _, se in METRICS.values() if se)):
+                value = entry.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                          or not math.isfinite(value)):
+                    raise SystemExit(f"{path}: languages.{lang}.{key} is {value!r}, not a number; not a summary "
+                                     f"as eval/ writes it: fix it, or move it away")
         found[path.parent.relative_to(folder).as_posix()] = summary
     return found
 
@@ -175,6 +186,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="folder for report.md and the PNG charts")
     parser.add_argument("--paper", action="store_true", help="add the paper's numbers as reference rows")
     args = parser.parse_args(argv)
+    require_extra("matplotlib", "plot", "eval.report's charts")
     models = {}
     for spec in args.model:
         name, sep, folder = spec.partition("=")
@@ -182,8 +194,15 @@ def main(argv=None):
             parser.error(f"--model {spec!r}: expected NAME=FOLDER")
         if not Path(folder).is_dir():
             parser.error(f"--model {spec!r}: {folder} is not a folder")
+        if name in models:  # one row per name: the second would replace the first without a word
+            parser.error(f"--model {spec!r}: the name {name} is given twice (also {name}={models[name]}); give each "
+                         f"model its own name")
         models[name] = Path(folder)
-    print(f"wrote {write_report(models, Path(args.out), args.paper)}")
+    out = Path(args.out)
+    with hold_lock(out, MADE_BY):  # --out is this command's folder: a folder of the user's is refused untouched
+        check_folder(out, MADE_BY, {})
+        record_output(out, MADE_BY, {})
+        print(f"wrote {write_report(models, out, args.paper)}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 A folder holds config.json, model.safetensors (or shards with model.safetensors.index.json) and
 the tokenizer files. Loading builds the model on the meta device and fills it tensor by tensor,
 straight into the requested dtype and device (an 8B model loads in about 16 GB in bf16). A
-missing, unexpected or misshapen tensor, a shard the index names but the folder lacks, a config
-that lacks a key, a truncated safetensors file and a tokenizer that does not belong to the model
+missing, unexpected, misshapen or non-float (quantized) tensor, a shard the index names but the
+folder lacks, a folder with both one file and shards, a config that lacks a key or holds a value
+of the wrong type, a truncated safetensors file and a tokenizer that does not belong to the model
 stop the load, naming file and tensor. `check` does all of this from the files' headers without
 reading weights. What `save` writes (atomically), transformers' from_pretrained reads.
 No remote code, no hub, no quantized or pickled (.bin) weights: docs/method.md §5.11.
@@ -30,6 +31,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 DEFAULT_SHARD_BYTES = 5 * 2**30
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes a weight may be stored in
 
 
 def default_dtype(device) -> torch.dtype:
@@ -61,6 +63,9 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The safetensors files of a folder: the shards its index names, or model.safetensors."""
     folder = Path(folder)
     index = folder / INDEX_FILE
+    if index.is_file() and (folder / SINGLE_FILE).is_file():  # lidr would read one, transformers the other
+        raise ValueError(f"{folder}: holds both {SINGLE_FILE} and {INDEX_FILE} (with its shards); which are the "
+                         f"weights is ambiguous: move one of them out of the folder")
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -100,7 +105,10 @@ def weight_plan(folder, cfg: LlamaConfig) -> dict[Path, list[tuple[str, str]]]:
                         continue  # tied: the output matrix is the embedding
                     if name not in expected:
                         raise ValueError(f"{file}: unexpected tensor {key!r} for this config")
-                    shape = tuple(f.get_slice(key).get_shape())
+                    shape, dtype = tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()
+                    if dtype not in FLOAT_DTYPES:  # a quantized or integer tensor cast to float is garbage
+                        raise ValueError(f"{file}: tensor {key!r} is {dtype}; lidr reads float weights only "
+                                         f"({', '.join(FLOAT_DTYPES)}), not quantized or integer ones")
                     if shape != expected[name]:
                         raise ValueError(f"{file}: tensor {key!r} has shape {shape}, "
                                          f"the config implies {expected[name]}")

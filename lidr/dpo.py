@@ -6,7 +6,7 @@
         policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths, beta)
 
 With h the log-ratio difference above: sigmoid −log σ(β·h) (DPO, the paper's); ipo (h_ln − 1/(2β))²
-per token; robust (−(1−ε)·log σ(β·h) + ε·log σ(−β·h)) / (1−2ε); hinge max(0, 1 − β·h); each
+per token; robust (−(1−ε)·log σ(β·h) + ε·log σ(−β·h)) / (1−2ε); sigmoid with ε: cDPO; hinge max(0, 1 − β·h); each
 log-ratio divided by |y| with --length-normalize (LN-DPO). Rewards are β·log-ratio, detached.
 `hidden_sequence_logps` never makes the full [B, T, vocab] logits: it projects the response
 positions only, a chunk at a time, recomputed in backward. python train_dpo.py --loss ipo ...
@@ -88,14 +88,19 @@ def _maybe_checkpoint(fn, *args):
     return fn(*args)
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+             label_smoothing: float = 0.0):
     """Sigmoid DPO per pair: (losses, chosen_rewards, rejected_rewards), each [B]; rewards detached.
 
-    reward(y) = β·(log π(y|x) − log π_ref(y|x));  loss = −log σ(reward(y_c) − reward(y_r)).
+    reward(y) = β·(log π(y|x) − log π_ref(y|x));  loss = −log σ(reward(y_c) − reward(y_r)). With ε = label_smoothing,
+    conservative DPO (cDPO): each label flipped with probability ε, loss = −(1−ε)·log σ(β·h) − ε·log σ(−β·h).
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    logits = beta * (chosen_logratios - rejected_logratios)
+    losses = -F.logsigmoid(logits)
+    if label_smoothing:
+        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-logits)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
@@ -153,7 +158,7 @@ def preference_loss(loss: str, policy_chosen_logps, policy_rejected_logps, ref_c
         ref_rejected_logps = ref_rejected_logps / rejected_lengths
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     if loss == "sigmoid":
-        return dpo_loss(*logps, beta)
+        return dpo_loss(*logps, beta, label_smoothing)
     if loss == "ipo":
         return ipo_loss(*logps, beta, chosen_lengths, rejected_lengths)
     if loss == "robust":

@@ -58,25 +58,48 @@ class LlamaConfig:
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = rope if rope.get("rope_type", "default") != "default" else hf.get("rope_scaling")
         if scaling is not None:
+            if not isinstance(scaling, dict):
+                raise ValueError(f"{source}: rope_scaling is {scaling!r}; expected an object or null")
             scaling = dict(scaling)
             scaling.setdefault("rope_type", scaling.pop("type", None))
             if scaling["rope_type"] == "default":
                 scaling = None
             elif scaling["rope_type"] != "llama3":
                 raise ValueError(f"{source}: rope scaling {scaling['rope_type']!r} is not supported (only 'llama3')")
-        n_heads = hf["num_attention_heads"]
+            needs = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            if any(key not in scaling for key in needs):
+                raise ValueError(f"{source}: rope_scaling lacks {', '.join(k for k in needs if k not in scaling)} "
+                                 f"(llama3 scaling needs {', '.join(needs)})")
+            for key in needs:
+                number(source, f"rope_scaling.{key}", scaling[key], above=0)
+
+        def whole(key, default=None):  # a count or a size: a JSON integer above 0 (null or absent: `default`)
+            value = hf[key] if default is None else default if hf.get(key) is None else hf[key]
+            return number(source, key, value, kind=int, above=0)
+
+        n_heads = whole("num_attention_heads")
+        n_kv_heads, dim = whole("num_key_value_heads", n_heads), whole("hidden_size")
+        if n_heads % n_kv_heads or (hf.get("head_dim") is None and dim % n_heads):
+            raise ValueError(f"{source}: {n_heads} attention heads do not split into {n_kv_heads} key-value heads "
+                             f"or a hidden size of {dim}")
+        eos = hf.get("eos_token_id")
+        ids = [hf.get("bos_token_id"), *(eos if isinstance(eos, list) else [eos])]
+        if any(i is not None and (isinstance(i, bool) or not isinstance(i, int)) for i in ids):
+            raise ValueError(f"{source}: bos_token_id and eos_token_id must be token ids (whole numbers)")
+        if not isinstance(hf.get("tie_word_embeddings", False), bool):
+            raise ValueError(f"{source}: tie_word_embeddings is {hf['tie_word_embeddings']!r}; expected true or false")
         return cls(
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
+            vocab_size=whole("vocab_size"),
+            dim=dim,
+            n_layers=whole("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            ffn_dim=hf["intermediate_size"],
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=float(theta),
+            n_kv_heads=n_kv_heads,
+            ffn_dim=whole("intermediate_size"),
+            head_dim=whole("head_dim", dim // n_heads),
+            norm_eps=number(source, "rms_norm_eps", hf.get("rms_norm_eps", 1e-5), above=0),
+            rope_theta=number(source, "rope_theta", theta, above=0),
             rope_scaling=scaling,
-            max_seq_len=hf.get("max_position_embeddings", 8192),
+            max_seq_len=whole("max_position_embeddings", 8192),
             tie_embeddings=hf.get("tie_word_embeddings", False),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
@@ -106,6 +129,15 @@ class LlamaConfig:
             "eos_token_id": self.eos_token_id,
             "torch_dtype": str(dtype).removeprefix("torch."),
         }
+
+
+def number(source: str, key: str, value, kind=float, above=None):
+    """A config value checked to be a JSON number (an integer for kind int) above `above`; a sentence naming it else."""
+    types = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, types) or (above is not None and not value > above):
+        wanted = ("a whole number" if kind is int else "a number") + (f" above {above}" if above is not None else "")
+        raise ValueError(f"{source}: {key} is {value!r}; expected {wanted}")
+    return kind(value)
 
 
 # -----------------------------------------------------------------------------

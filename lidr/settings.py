@@ -132,12 +132,21 @@ def out_of_range(value, meta) -> str | None:
     return None
 
 
+class SettingsError(ValueError):
+    """A setting out of its range, or two settings that do not go together: `flag` names the first
+    (lidr.cli's `command` says it in one sentence, a flag's name in place of the field's)."""
+
+    def __init__(self, values, name: str, problem: str):
+        super().__init__(f"{type(values).__name__}.{name}: {problem}")
+        self.flag, self.problem = "--" + name.replace("_", "-"), problem
+
+
 def check_settings(values):
-    """ValueError naming the first setting of the dataclass `values` that is out of its range."""
+    """SettingsError naming the first setting of the dataclass `values` that is out of its range."""
     for f in fields(values):
         problem = out_of_range(getattr(values, f.name), f.metadata)
         if problem:
-            raise ValueError(f"{type(values).__name__}.{f.name}: {problem}")
+            raise SettingsError(values, f.name, problem)
 
 
 def provenance(values) -> dict:
@@ -232,28 +241,40 @@ class Training:
                                       "and gradient reduction stay float32 (None: bfloat16 on CUDA, float32 on CPU)",
                                 choices=DTYPES)
     chat_format: str | None = setting(None, "None: read from the model folder", choices=tuple(CHAT_FORMATS))
+    plain_text: str = setting("chat", "rows of texts (not message lists): chat = the prompt is the chat template's "
+                                      "user turn and each response ends with its end-of-turn token (lidr's rows, the "
+                                      "paper's); raw = no template, prompt + response as they are (TRL's standard "
+                                      "format); message lists always take the template (lidr/train_data.py)",
+                              choices=("chat", "raw"))
     loss: str = setting("sigmoid", "the preference loss (lidr/dpo.py): sigmoid is DPO, the paper's; ipo, robust "
                                    "(label-smoothed) and hinge are the common variants", choices=LOSSES)
     length_normalize: bool = setting(False, "divide each log-ratio by its response's token count (LN-DPO; "
                                             "sigmoid, robust, hinge; ipo is per token already)")
-    label_smoothing: float = setting(0.0, "ε of the robust loss: the assumed share of flipped preferences, below 0.5",
+    label_smoothing: float = setting(0.0, "ε, the assumed share of flipped preferences, below 0.5: with the sigmoid "
+                                          "loss conservative DPO (cDPO), with robust robust DPO; TRL's label_smoothing",
                                      low=0.0, high=0.49)
     eval_split: float = setting(0.0, "share of the prompt ids held out (every row of an id on the same side, drawn "
                                      "with --seed) and scored before, during and after training; 0 = none",
                                 low=0.0, high=0.5)
     eval_every: int = setting(0, "steps between scorings of the held-out pairs (besides before and after "
                                  "training); 0 = before and after only", low=0, provenance=False)
+    eval_data: str | None = setting(None, "a file (or save_to_disk folder) of held-out pairs, in any format --data "
+                                          "takes, scored as --eval-split's are (with them, when both are given); its "
+                                          "identity is in the run's record", provenance=False)
     report_to: str = setting("none", "mirror every logged number to TensorBoard (OUT/tensorboard) or Weights & "
                                      "Biases (optional extras: pip install 'lidr[tensorboard]' / 'lidr[wandb]')",
                              choices=REPORT_TO, provenance=False)
 
     def __post_init__(self):
         check_settings(self)
-        if self.label_smoothing and self.loss != "robust":
-            raise ValueError(f"Training.label_smoothing: {self.label_smoothing} is the robust loss's; the {self.loss} "
-                             f"loss has none")
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
+            raise SettingsError(self, "label_smoothing", f"{self.label_smoothing} is for the sigmoid (cDPO) and robust "
+                                                         f"losses; the {self.loss} loss has none")
         if self.length_normalize and self.loss == "ipo":
-            raise ValueError("Training.length_normalize: the ipo loss is per token already")
+            raise SettingsError(self, "length_normalize", "the ipo loss is per token already")
+        if self.eval_every and not (self.eval_split or self.eval_data):
+            raise SettingsError(self, "eval_every", f"{self.eval_every} scores the held-out pairs every so many "
+                                                    f"steps, but none are held out: give --eval-split or --eval-data")
 
 
 TRAINING = Training()

@@ -2,19 +2,16 @@
 
     python train_dpo.py --model M0 --data pairs.jsonl --out runs/M1   # the commands: lidr/cli/train.py
 
-Rows become token sequences (`load_examples`), packed into rows (`pack`); the sharded policy (`build_model`)
+Rows become token sequences (lidr/train_data.py), packed into rows (`pack`); the sharded policy (`build_model`)
 scores every pair once as the reference (`reference_logps`); `steps` is the loop (`train_step`, `step_losses`,
 lidr/dpo.py). The run folder around it: lidr/harness/training.py. Departures from the paper: docs/method.md §5.7.
 """
 
 import inspect
 import math
-import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -23,77 +20,16 @@ from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lidr.checkpoint import check, load_model, read_config
+from lidr.checkpoint import load_model, read_config
 from lidr.dpo import hidden_sequence_logps, preference_loss
-from lidr.harness.outputs import read_records
+from lidr.harness.cluster import init_group, launch
 from lidr.harness.progress import Progress
 from lidr.kernels.attention import Documents
 from lidr.kernels.hardware import datasheet_peak, training_flops
 from lidr.model import Llama, rope_inv_freq
 from lidr.settings import Training, derived_seed
-from lidr.tokenizer import Tokenizer, chat_messages
-
-
-@dataclass
-class Example:
-    line: int  # line of the row in the data file
-    prompt: list[int]
-    responses: list[list[int]]  # [chosen, rejected] for DPO, [response] for SFT
-    group: str = ""  # the row's prompt "id" (every pair of one prompt shares it), else its line
-    lang: str | None = None  # the row's "lang", for the held-out scores per language
-
-
-def load_examples(path, tokenizer: Tokenizer, objective: str, max_len: int):
-    """(examples, counts): the usable rows tokenized, and how many rows went where."""
-    fields = ("chosen", "rejected") if objective == "dpo" else ("response",)
-    header_len = len(tokenizer.encode_chat([])) - len(tokenizer.encode_chat([], add_generation_prompt=False))
-    rows, bad = read_records(path)
-    counts = Counter({"read": len(rows) + len(bad), "unreadable": len(bad)})
-    examples = []
-    for line, row in rows:
-        texts = [row.get(k) for k in ("prompt", *fields)]
-        if not all(isinstance(t, str) and t.strip() for t in texts):
-            counts["missing or empty field"] += 1
-            continue
-        if objective == "dpo" and row["chosen"].strip() == row["rejected"].strip():
-            counts["chosen == rejected"] += 1
-            continue
-        system = row.get("system")
-        prompt = tokenizer.encode_chat(chat_messages(row["prompt"], system if isinstance(system, str) else None))
-        responses = [tokenizer.encode(row[k]) + [tokenizer.end_of_turn_id] for k in fields]
-        room = max_len - max(map(len, responses))  # prompt tokens that fit
-        if room < header_len:
-            counts["too long"] += 1
-            continue
-        if len(prompt) > room:
-            prompt = prompt[-room:]
-            counts["prompt truncated"] += 1
-        row_id, lang = row.get("id"), row.get("lang")
-        group = str(row_id) if isinstance(row_id, (str, int)) else f"line {line}"
-        examples.append(Example(line, prompt, responses, group, lang if isinstance(lang, str) else None))
-    counts["kept"] = len(examples)
-    return examples, counts
-
-
-def read_examples(model_dir: Path, data: Path, options: Training):
-    """(tokenizer, usable examples, counts), or one sentence and exit; the model folder is checked, no weights read."""
-    try:
-        _, tokenizer = check(model_dir, options.chat_format)
-        examples, counts = load_examples(data, tokenizer, options.objective, options.max_len)
-    except (OSError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    return tokenizer, examples, counts
-
-
-def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(training indices, held-out indices), both in the file's order: round(fraction × prompt ids) ids (at least
-    one when fraction > 0), drawn with `seed`, are held out with every pair they have (any direction, language)."""
-    groups = sorted({ex.group for ex in examples})
-    n_held_out = max(1, round(fraction * len(groups))) if fraction > 0 else 0
-    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
-    held_out = {groups[i] for i in order[:n_held_out]}
-    train = [i for i, ex in enumerate(examples) if ex.group not in held_out]
-    return train, [i for i, ex in enumerate(examples) if ex.group in held_out]
+# the rows as tokens (lidr/train_data.py), also named here: lidr.train is the trainer's one door
+from lidr.train_data import Example, load_examples, read_examples, split_held_out  # noqa: F401
 
 
 def global_batch_size(options: Training, world: int) -> int:
@@ -180,6 +116,19 @@ def step_indices(step: int, n_examples: int, options: Training, world: int) -> l
     return epoch_order(n_examples, options.seed, epoch)[k * global_batch : (k + 1) * global_batch]
 
 
+def micro_batches(step: int, n_examples: int, options: Training, world: int, rank: int) -> list[list[int]]:
+    """This rank's micro-batches of global step `step`: its share of the step's slice (`step_indices`)."""
+    indices, size = step_indices(step, n_examples, options, world), options.batch_size
+    return [indices[(rank * options.grad_accum + micro) * size :][:size] for micro in range(options.grad_accum)]
+
+
+def rank_slices(n_examples: int, batch_size: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's batches when each rank scores a slice (every world-th example): as many on every rank (so the
+    collectives keep in step), the last ones empty where a rank has fewer examples."""
+    mine, n_batches = list(range(rank, n_examples, world)), math.ceil(math.ceil(n_examples / world) / batch_size)
+    return [mine[b * batch_size : (b + 1) * batch_size] for b in range(n_batches)]
+
+
 class Ranks(NamedTuple):
     """This process in the group: its rank, how many ranks there are, its device."""
     rank: int
@@ -194,15 +143,10 @@ RANK0_ALONE_TIMEOUT = timedelta(hours=1)
 
 def setup_distributed() -> Ranks:
     """torchrun's group, or a one-rank group for a plain `python` launch; timeout RANK0_ALONE_TIMEOUT."""
-    cuda, torchrun = torch.cuda.is_available(), "RANK" in os.environ
-    backend = "nccl" if cuda else "gloo"
-    local_rank = int(os.environ["LOCAL_RANK"]) if torchrun else 0
+    cuda, (_, _, local_rank) = torch.cuda.is_available(), launch()  # torchrun's variables, checked
     if cuda:
         torch.cuda.set_device(local_rank)
-    if torchrun:
-        dist.init_process_group(backend, timeout=RANK0_ALONE_TIMEOUT)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=RANK0_ALONE_TIMEOUT)
+    init_group("nccl" if cuda else "gloo", RANK0_ALONE_TIMEOUT)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Ranks(dist.get_rank(), dist.get_world_size(), device)
 
@@ -239,20 +183,36 @@ def forward_logps(model: Llama, batch: Packed):
     return hidden_sequence_logps(hidden, model.lm_head.weight, batch.labels, batch.sequence_ids, batch.n_sequences)
 
 
-def reference_logps(model, examples: list[Example], pad_id: int, options: Training, ranks: Ranks) -> torch.Tensor:
-    """[N, 2] (log π_ref(y_c|x), log π_ref(y_r|x)) of every pair: the policy, still M_t, scores
-    each rank's slice in micro-batches; the table is summed over ranks."""
+def reference_batches(n_examples: int, held_out: list[int], options: Training, world: int, rank: int):
+    """This rank's batches of the reference pass, packed as the run will pack them, so that where the policy is
+    still the reference (step 1, the first held-out scoring) every margin is exactly 0, not float noise (a
+    sequence's log-prob moves in its last bits with what it is packed beside): the first epoch's micro-batches,
+    the training rows it leaves out, then the held-out rows (indices `held_out`) as `evaluate` slices them."""
+    held = set(held_out)
+    train = [i for i in range(n_examples) if i not in held]
+    n_steps = len(train) // global_batch_size(options, world)  # the first epoch's
+    batches = [micro for step in range(n_steps) for micro in micro_batches(step, len(train), options, world, rank)]
+    left = sorted(epoch_order(len(train), options.seed, 0)[n_steps * global_batch_size(options, world):])
+    batches += [[left[i] for i in idx] for idx in rank_slices(len(left), options.batch_size, world, rank)]
+    return ([[train[i] for i in idx] for idx in batches]
+            + [[held_out[i] for i in idx] for idx in rank_slices(len(held_out), options.batch_size, world, rank)])
+
+
+def reference_logps(model, examples: list[Example], pad_id: int, options: Training, ranks: Ranks,
+                    held_out: list[int] = ()) -> torch.Tensor:
+    """[N, 2] (log π_ref(y_c|x), log π_ref(y_r|x)) of every pair: the policy, still M_t, scores each rank's
+    share in the batches of `reference_batches` (held_out: the held-out rows' indices); summed over ranks."""
     rank, world, device = ranks
-    mine = list(range(rank, len(examples), world))
-    n_batches = math.ceil(math.ceil(len(examples) / world) / options.batch_size)  # equal on every rank
+    batches = reference_batches(len(examples), list(held_out), options, world, rank)
     table = torch.zeros(len(examples), 2)
-    progress = Progress(n_batches, "reference log-probs", enabled=rank == 0)
+    progress = Progress(len(batches), "reference log-probs", enabled=rank == 0)
     model.eval()
     with torch.no_grad():
-        for b in range(n_batches):
-            idx = mine[b * options.batch_size : (b + 1) * options.batch_size] or mine[-1:]  # keep collectives in step
-            logps, _ = forward_logps(model, pack([examples[i] for i in idx], pad_id, options.max_len, device))
-            table[idx] = logps.view(2, len(idx)).T.cpu()
+        for idx in batches:
+            scored = idx or [0]  # a rank with nothing left still runs the forward (collectives in step), unrecorded
+            logps, _ = forward_logps(model, pack([examples[i] for i in scored], pad_id, options.max_len, device))
+            if idx:
+                table[idx] = logps.view(2, len(idx)).T.cpu()
             progress.update(1)
     progress.close()
     model.reshard()  # the root stays unsharded after a forward with no backward
@@ -293,7 +253,9 @@ def step_losses(model, batch: list[Example], reference: torch.Tensor | None, opt
         options.beta, options.length_normalize, options.label_smoothing)
     metrics = {"dpo": dpo.detach(), "nll": nll.detach(), "chosen_reward": chosen_rewards,
                "rejected_reward": rejected_rewards, "margin": chosen_rewards - rejected_rewards,
-               "reward_accuracy": (chosen_rewards > rejected_rewards).float()}
+               "reward_accuracy": (chosen_rewards > rejected_rewards).float(),  # a tie is no win, as TRL's
+               "logps/chosen": policy_chosen.detach(), "logps/rejected": policy_rejected.detach(),  # TRL's names
+               "ref_logps/chosen": ref_chosen, "ref_logps/rejected": ref_rejected}
     return dpo + options.alpha * nll, metrics, real_tokens
 
 
@@ -303,10 +265,8 @@ def train_step(model, scheduler, examples: list[Example], reference: torch.Tenso
     {"loss", "dpo", "nll", ... averaged over the global batch, "grad_norm", "lr", "tokens" (real, every
     rank's)}. Sums stay on the device until one all_reduce and one read (inputs: `to_device`)."""
     rank, world, device = ranks
-    sums, n_real_tokens, indices = {}, 0, step_indices(step, len(examples), options, world)
-    for micro in range(options.grad_accum):  # this rank's micro-batches: its share of the step's slice
-        start = (rank * options.grad_accum + micro) * options.batch_size
-        idx = indices[start : start + options.batch_size]
+    sums, n_real_tokens = {}, 0
+    for idx in micro_batches(step, len(examples), options, world, rank):
         reference_rows = None if reference is None else reference[idx]
         losses, metrics, n_tokens = step_losses(model, [examples[i] for i in idx], reference_rows, options, pad_id,
                                                 device)
@@ -329,8 +289,9 @@ def train_step(model, scheduler, examples: list[Example], reference: torch.Tenso
 def steps(model, optimizer, scheduler, examples: list[Example], reference: torch.Tensor | None, options: Training,
           pad_id: int, ranks: Ranks, start: int, total_steps: int):
     """The training loop: (step, record) after each optimizer step, steps start + 1 .. total_steps; record:
-    train_step's, with "step", "tokens_per_s", "seconds" and on CUDA "mfu" (the step's training_flops over every
-    GPU's datasheet peak). A NaN/inf loss or gradient norm raises FloatingPointError before the optimizer step."""
+    train_step's, with "step", "epoch" (fractional, as TRL's), "tokens_per_s", "seconds" and on CUDA "mfu" (the
+    step's training_flops over every GPU's datasheet peak). A NaN/inf loss or gradient norm raises
+    FloatingPointError before the optimizer step."""
     rank, world, device = ranks
     peak_flops = None
     if device.type == "cuda":
@@ -350,7 +311,8 @@ def steps(model, optimizer, scheduler, examples: list[Example], reference: torch
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         n_tokens = record.pop("tokens")
-        record = {"step": step + 1, **record, "tokens_per_s": n_tokens / seconds, "seconds": seconds}
+        record = {"step": step + 1, "epoch": (step + 1) / (len(examples) // global_batch_size(options, world)),
+                  **record, "tokens_per_s": n_tokens / seconds, "seconds": seconds}
         if peak_flops is not None:  # every rank's sequences of the step (one epoch order, not one per micro-batch)
             lengths = [(len(examples[i].prompt), len(r)) for i in step_indices(step, len(examples), options, world)
                        for r in examples[i].responses]
@@ -362,17 +324,16 @@ def evaluate(model, examples: list[Example], reference: torch.Tensor | None, opt
              ranks: Ranks) -> dict:
     """The held-out rows scored by the policy as it is now (DPO: against their reference log-probs [N, 2]):
     {"eval/loss" (dpo + α·nll; SFT: nll), "eval/dpo", "eval/nll", "eval/reward_accuracy", "eval/margin",
-    "eval/pairs"}, and per "lang" as "eval/{lang}/...". Each rank scores a slice; sums all-reduced, read once."""
+    "eval/logps/chosen", "eval/logps/rejected", "eval/pairs"}, and per "lang" as "eval/{lang}/...". Each rank
+    scores a slice; sums all-reduced, read once."""
     rank, world, device = ranks
-    columns = ("dpo", "nll", "reward_accuracy", "margin") if options.objective == "dpo" else ("nll",)
+    columns = (("dpo", "nll", "reward_accuracy", "margin", "logps/chosen", "logps/rejected")
+               if options.objective == "dpo" else ("nll",))
     langs = sorted({ex.lang for ex in examples if ex.lang is not None})
     sums = torch.zeros(1 + len(langs), len(columns) + 1, dtype=torch.float64, device=device)  # row 0: all
-    mine = list(range(rank, len(examples), world))
-    n_batches = math.ceil(math.ceil(len(examples) / world) / options.batch_size)  # equal on every rank
     model.eval()
     with torch.no_grad():
-        for b in range(n_batches):
-            idx = mine[b * options.batch_size : (b + 1) * options.batch_size]
+        for idx in rank_slices(len(examples), options.batch_size, world, rank):
             scored = idx or [0]  # a rank with nothing left still runs the forward (collectives in step), uncounted
             _, metrics, _ = step_losses(model, [examples[i] for i in scored],
                                         None if reference is None else reference[scored], options, pad_id, device)

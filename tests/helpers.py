@@ -5,9 +5,11 @@ paths, JSONL files, the trainer's reference arguments and the subprocess helpers
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -147,3 +149,18 @@ def assert_same_weights(a: dict, b: dict, atol: float):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def free_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999): a port the kernel handed out could be
+    handed again, as a client socket's own port, to another test's process before the agents bind it."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")

@@ -2,10 +2,11 @@
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
-from helpers import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint, run_subprocess
 from safetensors.torch import load_file, save_file
 
 from lidr.checkpoint import INDEX_FILE, SINGLE_FILE, load, load_model, save
@@ -171,3 +172,77 @@ def test_folder_identity_follows_the_files_and_not_the_path_spelling(reference, 
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
     assert folder_identity(copy)["files"]["config.json"] != identity["files"]["config.json"]
+
+
+# -----------------------------------------------------------------------------
+# one reading of a folder: no two sets of weights, no quantized tensors, a config whose values are what they say
+
+
+def test_a_folder_with_both_single_file_and_sharded_weights_is_refused_naming_both(broken, tmp_path):
+    """transformers reads one of the two sets, lidr would read the other: neither may be chosen silently."""
+    single, sharded = broken
+    both = shutil.copytree(sharded, tmp_path / "both")
+    shutil.copy(single / SINGLE_FILE, both / SINGLE_FILE)
+    with pytest.raises(ValueError, match=rf"both: holds both {SINGLE_FILE} and {INDEX_FILE} \(with its shards\); "
+                                         r"which are the weights is ambiguous"):
+        load(both)
+    result = run_subprocess([sys.executable, "-m", "lidr.cli.generate", "--model", str(both), "--prompt", "Hi",
+                             "--max-new-tokens", "2"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("move one of them out of the folder")
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.int8, "I8"), (torch.uint8, "U8"), (torch.float8_e4m3fn, "F8_E4M3"),
+                                        (torch.int64, "I64")])
+def test_a_quantized_or_integer_tensor_is_refused_naming_it(broken, dtype, name):
+    folder, _ = broken
+    key = "model.layers.0.mlp.down_proj.weight"
+
+    def quantize(tensors):
+        tensors[key] = tensors[key].clamp(-1, 1).to(dtype)
+
+    rewrite(folder, quantize)
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{key}' is {name}; lidr reads float weights "
+                                         r"only"):
+        load(folder)
+
+
+@torch.no_grad()
+def test_floats_of_other_widths_load_as_transformers_loads_them(reference, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    single, _, _ = reference
+    half = tmp_path / "half"
+    LlamaForCausalLM.from_pretrained(single, dtype=torch.float32).to(torch.float16).save_pretrained(half)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(single / name, half / name)
+    expected = LlamaForCausalLM.from_pretrained(half, dtype=torch.float32).eval()(TOKENS).logits
+    model, _ = load(half)
+    assert torch.allclose(model(TOKENS), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("edit,message", [
+    (dict(num_hidden_layers="2"), "num_hidden_layers is '2'; expected a whole number above 0"),
+    (dict(hidden_size=64.5), "hidden_size is 64.5; expected a whole number above 0"),
+    (dict(vocab_size=None), "vocab_size is None; expected a whole number above 0"),
+    (dict(rms_norm_eps="1e-5"), "rms_norm_eps is '1e-5'; expected a number above 0"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings is 'false'; expected true or false"),
+    (dict(eos_token_id=["128009"]), "bos_token_id and eos_token_id must be token ids"),
+    (dict(num_key_value_heads=3), "4 attention heads do not split into 3 key-value heads"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+     "rope_scaling lacks low_freq_factor, high_freq_factor, original_max_position_embeddings"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": "8", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 32}), "rope_scaling.factor is '8'; expected a number"),
+    (dict(rope_scaling=[8.0]), r"rope_scaling is \[8.0\]; expected an object or null"),
+])
+def test_a_config_value_of_the_wrong_type_is_named(broken, edit, message):
+    folder, _ = broken
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError, match=rf"config\.json: {message}"):
+        load(folder)
+    if "num_hidden_layers" in edit:  # and a command says it in one line (it was a TypeError deep in the model)
+        result = run_subprocess([sys.executable, "-m", "lidr.cli.generate", "--model", str(folder), "--prompt", "Hi",
+                                 "--max-new-tokens", "2"])
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines() == [f"{folder / 'config.json'}: {message}"]

@@ -7,15 +7,13 @@ paths): every rank stops with the sentence, and neither folder holds anything af
 
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, free_port
 from safetensors.torch import load_file
 from helpers import assert_same_weights, pairs, train_args, write_jsonl
 
@@ -23,21 +21,6 @@ from lidr.cli.generate import main as generate_main
 from lidr.cli.train import main as train_main
 
 pytestmark = pytest.mark.slow  # every test runs two torchrun agents
-
-
-def free_port() -> int:
-    """A free port below Linux's ephemeral range (32768-60999): a port the kernel handed out could be
-    handed again, as a client socket's own port, to another test's process before the agents bind it."""
-    rng = random.Random()
-    for _ in range(100):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 def finish(processes: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:

@@ -63,10 +63,11 @@ def test_the_group_waits_out_rank0_alone(monkeypatch):
 
     def as_gloo(backend, **kwargs):  # the nccl call recorded, then made as a one-rank gloo group
         calls.append((backend, kwargs))
-        init("gloo", store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+        init("gloo", **kwargs)
 
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29500")):  # torchrun --nproc_per_node=1
+        monkeypatch.setenv(name, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(dist, "init_process_group", as_gloo)

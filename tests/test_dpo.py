@@ -66,6 +66,8 @@ def trl_loss(loss_type: str, logps: torch.Tensor, lengths: torch.Tensor, beta: f
 VARIANTS = [  # (lidr's --loss, --length-normalize, --label-smoothing, TRL's loss_type)
     ("sigmoid", False, 0.0, "sigmoid"), ("ipo", False, 0.0, "ipo"), ("robust", False, 0.2, "robust"),
     ("robust", False, 0.0, "sigmoid"), ("hinge", False, 0.0, "hinge"), ("sigmoid", True, 0.0, "sigmoid_norm"),
+    # cDPO: TRL 1.16's sigmoid ignores label_smoothing; its aot loss of a single pair is −(1−ε)·log σ(β·h) − ε·log σ(−β·h)
+    ("sigmoid", False, 0.2, "aot"),
 ]
 
 

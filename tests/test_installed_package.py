@@ -1,8 +1,10 @@
-"""The installed package: a wheel holds lidr/, eval/ and the judge's protocol files, and `eval` imports
-and runs from any folder after `pip install .` or `pip install -e .`, from a copy of the sources, nothing
-fetched. Everything is built with the running environment's own tools (its pip and setuptools: the dev
-extra), and the nested virtual environment sees the running environment's packages (its site-packages
-folders, listed in a .pth file), whether the tests run in a virtual environment or in a base interpreter."""
+"""The installed package: the wheel holds lidr/ alone (eval/, world/ and demo.py stay in the clone, so no
+top-level `eval` or `world` clashes with other projects), and after `pip install .` or `pip install -e .`
+the `lidr` command and `python -m lidr.cli.*` (what torchrun launches) run from any folder, from a copy of
+the sources, nothing fetched; eval runs from the clone. Everything is built with the running environment's
+own tools (its pip and setuptools: the dev extra), and the nested virtual environment sees the running
+environment's packages (its site-packages folders, listed in a .pth file), whether the tests run in a
+virtual environment or in a base interpreter."""
 
 import json
 import os
@@ -19,28 +21,20 @@ from helpers import ROOT
 
 pytestmark = pytest.mark.slow  # every test here builds or installs the package
 
-PROTOCOL_FILES = ["LICENSE", "README.md", "alpaca_eval_clf.txt", "configs.yaml"]
+STAGES = ["generate", "translate", "pairs", "sdrrl", "train", "iterate"]  # `lidr STAGE`: lidr/cli/STAGE.py
 
 PROBE = """
-import contextlib, io, json
-import eval.alpacaeval, eval.judge, eval.mgsm, lidr, torch
+import importlib.util, json
+import lidr, torch
 
-def usage(main, argv):  # what `python -m eval.<module> ARGV` prints
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        main(argv)
-    return out.getvalue()
-
-print(json.dumps({"eval": eval.mgsm.__file__, "lidr": lidr.__file__, "torch": torch.__file__,
-                  "prompt": str(eval.judge.TEMPLATE_PATH),
-                  "messages": eval.judge.judge_messages("Q?", "a", "b"),
-                  "help": [usage(eval.mgsm.main, ["--help"]), usage(eval.alpacaeval.main, ["judge", "--help"])]}))
+print(json.dumps({"lidr": lidr.__file__, "torch": torch.__file__,
+                  "clashing": [name for name in ("eval", "world", "demo") if importlib.util.find_spec(name)]}))
 """
 
 
 def source_copy(folder: Path) -> Path:
     """What `pip install .` reads from the repository, without its caches, builds or tests."""
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "demo.py"):
         shutil.copy(ROOT / name, folder / name)
     for package in ("lidr", "eval", "world"):
         shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -76,22 +70,26 @@ def run_elsewhere(python: Path, args: list[str], cwd: Path) -> subprocess.Comple
     return subprocess.run([str(python), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_the_wheel_holds_every_eval_module_and_the_judge_prompt(tmp_path):
+def test_the_wheel_holds_lidr_alone_and_the_lidr_command(tmp_path):
     (tmp_path / "src").mkdir()
     source = source_copy(tmp_path / "src")
     pip("wheel", "-w", str(tmp_path / "wheels"), str(source), cwd=tmp_path)
     [wheel] = (tmp_path / "wheels").glob("lidr-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"eval/{p.name}" for p in (ROOT / "eval").glob("*.py")}
-    expected |= {f"eval/weighted_alpaca_eval_gpt4_turbo_multilingual/{name}" for name in PROTOCOL_FILES}
-    expected |= {f"lidr/{p.name}" for p in (ROOT / "lidr").glob("*.py")}
+    assert {name.split("/")[0] for name in names} == {"lidr", "lidr-0.1.0.dist-info"}
+    expected = {str(p.relative_to(ROOT)) for p in (ROOT / "lidr").rglob("*.py")}  # the method, cli, harness, kernels
     assert expected <= names, sorted(expected - names)
-    prompt = "eval/weighted_alpaca_eval_gpt4_turbo_multilingual/alpaca_eval_clf.txt"
-    assert zipfile.ZipFile(wheel).read(prompt) == (ROOT / prompt).read_bytes()
+    entry_points = zipfile.ZipFile(wheel).read("lidr-0.1.0.dist-info/entry_points.txt").decode()
+    assert "[console_scripts]\nlidr = lidr.cli.main:main" in entry_points
+
+
+def help_body(text: str) -> str:
+    """A --help text less its usage lines (argparse wraps them after the program's name, which differs)."""
+    return text.split("\n\n", 1)[1]
 
 
 @pytest.mark.parametrize("editable", [False, True], ids=["pip-install", "pip-install-e"])
-def test_eval_imports_and_runs_from_another_folder(tmp_path, editable):
+def test_lidr_runs_from_another_folder_and_eval_from_the_clone(tmp_path, editable):
     (tmp_path / "src").mkdir()
     source = source_copy(tmp_path / "src")
     env_dir = tmp_path / "venv"
@@ -105,17 +103,23 @@ def test_eval_imports_and_runs_from_another_folder(tmp_path, editable):
     found = json.loads(probe.stdout)
     home = source if editable else env_dir
     assert found["torch"] == torch.__file__  # the running environment's packages, a virtual environment's included
-    for key in ("eval", "lidr", "prompt"):
-        assert Path(found[key]).resolve().is_relative_to(home.resolve()), (key, found[key])
-    assert Path(found["prompt"]).read_bytes() == (ROOT / "eval" / "weighted_alpaca_eval_gpt4_turbo_multilingual"
-                                                  / "alpaca_eval_clf.txt").read_bytes()
-    [system, user] = found["messages"]
-    assert system["role"] == "system" and system["content"].startswith("You are a highly efficient assistant")
-    assert user["role"] == "user" and '"instruction": """Q?""",' in user["content"]
+    assert Path(found["lidr"]).resolve().is_relative_to(home.resolve()), found["lidr"]
+    assert found["clashing"] == []  # no top-level eval, world or demo on the path
 
-    assert all(text.startswith("usage:") for text in found["help"]), found["help"]
-    script = run_elsewhere(python, [str(source / "eval" / "mgsm.py"), "--help"], elsewhere)
-    assert script.returncode == 0 and script.stdout.startswith("usage: mgsm.py"), script.stderr[-2000:]
-    for module in ("lidr.cli.generate", "lidr.cli.translate", "lidr.cli.train"):  # what iterate.py launches under torchrun
-        command = run_elsewhere(python, ["-m", module, "--help"], elsewhere)
-        assert command.returncode == 0 and command.stdout.startswith("usage: "), (module, command.stderr[-2000:])
+    lidr = env_dir / "bin" / "lidr"  # the console script pip made
+    listing = run_elsewhere(lidr, ["--help"], elsewhere)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    assert [line.split()[0] for line in listing.stdout.split("commands:\n")[1].splitlines()] == STAGES
+    for stage in STAGES:
+        command = run_elsewhere(lidr, [stage, "--help"], elsewhere)
+        assert command.returncode == 0 and command.stdout.startswith(f"usage: lidr {stage} "), command.stderr[-2000:]
+        module = run_elsewhere(python, ["-m", f"lidr.cli.{stage}", "--help"], elsewhere)  # what torchrun launches
+        assert module.returncode == 0 and help_body(module.stdout) == help_body(command.stdout), stage
+    unknown = run_elsewhere(lidr, ["mgsm"], elsewhere)
+    assert unknown.returncode == 1 and unknown.stderr == (f"lidr: 'mgsm' is not a command; the commands are "
+                                                          f"{', '.join(STAGES)} (lidr --help)\n")
+
+    gone = run_elsewhere(python, ["-m", "eval.mgsm", "--help"], elsewhere)
+    assert gone.returncode == 1 and "No module named 'eval'" in gone.stderr
+    clone = run_elsewhere(python, ["-m", "eval.mgsm", "--help"], source)  # eval runs from the clone
+    assert clone.returncode == 0 and clone.stdout.startswith("usage: "), clone.stderr[-2000:]

@@ -148,7 +148,7 @@ def iterate_case(tiny_dir, tmp_path, **answers):
         write_rows(prompts / f"{lang}.jsonl", [{"id": "1", "instruction": "Q"}])
     recipe = Recipe(langs=("fr",), answers=replace(settings.ANSWERS, max_new_tokens=2))
     work = tmp_path / "work"
-    identities = stage_identities(tiny_dir, prompts, recipe, train_nproc=1)
+    identities = stage_identities(tiny_dir, prompts, recipe, 1)
     write_marker(work / "iter1", "generate", identities["generate"])
     return work, prompts, recipe
 
@@ -348,7 +348,7 @@ def test_a_parent_path_that_is_a_file_a_full_disk_and_ctrl_c_are_one_line(tmp_pa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lidr.cli.pairs, "pairs_from_dir", interrupted)
+    monkeypatch.setattr(lidr.harness.stage_files, "pairs_from_dir", interrupted)  # lidr.cli.pairs imports it in main
     with pytest.raises(SystemExit) as stop:
         lidr.cli.pairs.main(["--dir", str(folder), "--langs", "fr"])
     assert stop.value.code == 130 and "interrupted (Ctrl-C); rerun the same command" in capsys.readouterr().err

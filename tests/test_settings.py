@@ -21,8 +21,8 @@ CHANGED = [  # a value other than the default for every field
     Training(objective="sft", beta=0.5, alpha=0.0, lr=3e-5, adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-6,
              weight_decay=0.1, lr_scheduler="cosine", warmup_ratio=0.2, grad_clip=2.0, epochs=3, batch_size=2,
              grad_accum=4, max_len=512, seed=7, save_every=9, activation_checkpointing=True, dtype="bfloat16",
-             chat_format="chatml", loss="robust", length_normalize=True, label_smoothing=0.2, eval_split=0.1,
-             eval_every=5, report_to="tensorboard"),
+             chat_format="chatml", plain_text="raw", loss="robust", length_normalize=True, label_smoothing=0.2,
+             eval_split=0.1, eval_every=5, eval_data="held.jsonl", report_to="tensorboard"),
     PairOptions(dominant="de", dominant_pairs="one", drop_identical=False, check_language=True, check_numbers=True,
                 drop_same_answer=True, min_chars=2, max_chars=100, failed_translation="drop-one", seed=4),
     SDRRLOptions(dominant="fr", include_english=False, reference_field="answer", code_switch_rows=0.25,
@@ -73,7 +73,8 @@ def test_a_flag_out_of_range_is_refused_naming_it(argv, message, capsys):
 @pytest.mark.parametrize("build, message", [
     (lambda: Training(lr=math.inf), "Training.lr: inf is not a finite number"),
     (lambda: Training(objective="ppo"), "Training.objective: 'ppo' is not one of 'dpo', 'sft'"),
-    (lambda: Training(label_smoothing=0.1), "Training.label_smoothing: 0.1 is the robust loss's; the sigmoid loss has none"),
+    (lambda: Training(loss="hinge", label_smoothing=0.1),
+     "Training.label_smoothing: 0.1 is for the sigmoid (cDPO) and robust losses; the hinge loss has none"),
     (lambda: Training(loss="robust", label_smoothing=0.5), "Training.label_smoothing: 0.5 is above its greatest value 0.49"),
     (lambda: Training(loss="ipo", length_normalize=True), "Training.length_normalize: the ipo loss is per token already"),
     (lambda: Decoding(max_new_tokens=10, repetition_penalty=0.0),
@@ -93,7 +94,7 @@ def test_a_value_out_of_range_is_refused_from_python_too(build, message):
 def test_the_run_record_holds_every_setting_that_changes_the_result():
     record = settings.provenance(settings.TRAINING)
     assert set(record) == {f.name for f in fields(Training)} - {"save_every", "activation_checkpointing", "eval_every",
-                                                                "report_to"}
+                                                                "eval_data", "report_to"}
     assert record["loss"] == "sigmoid" and record["length_normalize"] is False  # the paper's loss, recorded
 
 
@@ -114,3 +115,24 @@ def test_iterate_takes_the_stages_own_flags():
     assert replace(from_flags(args, PairOptions(), "pairs-"), dominant="de") == CHANGED[3]
     assert replace(from_flags(args, SDRRLOptions(), "sdrrl-"), dominant="fr") == CHANGED[4]
     assert training == CHANGED[2]
+
+
+@pytest.mark.parametrize("command, argv, sentence", [
+    ("train", ["--model", "M", "--data", "D", "--out", "O", "--loss", "ipo", "--length-normalize"],
+     "--length-normalize: the ipo loss is per token already"),
+    ("train", ["--model", "M", "--data", "D", "--out", "O", "--eval-every", "3"],
+     "--eval-every: 3 scores the held-out pairs every so many steps, but none are held out: give --eval-split or "
+     "--eval-data"),
+    ("iterate", ["--model", "M", "--work", "W", "--prompts", "P", "--langs", "fr", "--no-translation-tasks", "--",
+                 "--loss", "hinge", "--label-smoothing", "0.1"],
+     "--label-smoothing: 0.1 is for the sigmoid (cDPO) and robust losses; the hinge loss has none"),
+])
+def test_settings_that_do_not_go_together_end_a_command_in_one_sentence_naming_the_flag(command, argv, sentence,
+                                                                                       tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(f"lidr.cli.{command}").main(argv)
+    assert stopped.value.code == sentence
+    assert list(tmp_path.iterdir()) == []  # refused before anything was read or written

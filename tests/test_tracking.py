@@ -75,3 +75,54 @@ def test_a_missing_package_is_one_sentence(report_to, extra, tmp_path, monkeypat
         Tracker(report_to, tmp_path, config={})
     Tracker("none", tmp_path, config={}).log({"loss": 1.0}, 1)  # none mirrors nothing and needs nothing
     assert list(tmp_path.iterdir()) == []
+
+
+def missing_trackers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+
+
+def test_the_trainer_refuses_a_missing_tracker_before_any_work(tiny_dir, data, tmp_path, monkeypatch):
+    """Found missing when the first step is logged, it cost the reference pass over every pair."""
+    from helpers import train_args
+
+    import lidr.harness.training
+    from lidr.cli.train import main
+
+    missing_trackers(monkeypatch)
+    monkeypatch.setattr(lidr.harness.training, "reference_logps", lambda *a, **k: pytest.fail("the reference pass ran"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"--report-to wandb needs the wandb package: pip install 'lidr\[wandb\]'"):
+        main(train_args(tiny_dir, data, out, "--report-to", "wandb"))
+    assert list(tmp_path.iterdir()) == []  # not even the run folder
+
+
+def test_iterate_refuses_a_missing_tracker_before_the_first_stage(tiny_dir, tmp_path, monkeypatch):
+    """Found missing at the train stage, it cost an iteration's generation and translation."""
+    from helpers import write_jsonl
+
+    from lidr.cli.iterate import main
+
+    missing_trackers(monkeypatch)
+    for lang in ("en", "fr"):
+        write_jsonl(tmp_path / "prompts" / f"{lang}.jsonl", [{"id": 1, "instruction": "Say hi."}])
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match=r"--report-to tensorboard needs the tensorboard package"):
+        main(["--model", str(tiny_dir), "--work", str(work), "--prompts", str(tmp_path / "prompts"), "--langs", "fr",
+              "--no-translation-tasks", "--max-new-tokens", "2", "--translate-max-new-tokens", "2", "--",
+              "--report-to", "tensorboard"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts"]  # no WORK, no lock beside it
+
+
+def test_iterate_refuses_a_missing_eval_data_file_before_the_first_stage(tiny_dir, tmp_path):
+    from helpers import write_jsonl
+
+    from lidr.cli.iterate import main
+
+    for lang in ("en", "fr"):
+        write_jsonl(tmp_path / "prompts" / f"{lang}.jsonl", [{"id": 1, "instruction": "Say hi."}])
+    with pytest.raises(SystemExit, match=r"held-out\.jsonl: no such file or folder \(the trainer's --eval-data\)"):
+        main(["--model", str(tiny_dir), "--work", str(tmp_path / "work"), "--prompts", str(tmp_path / "prompts"),
+              "--langs", "fr", "--no-translation-tasks", "--max-new-tokens", "2", "--",
+              "--eval-data", str(tmp_path / "held-out.jsonl")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts"]

@@ -60,9 +60,9 @@ def test_held_out_ids_keep_every_pair_on_one_side(tiny_dir, tmp_path):
     train, held_out = split_held_out(examples, 0.25, seed=0)
     assert sorted(train + held_out) == list(range(len(examples)))
     held_out_ids = {examples[i].group for i in held_out}
-    assert len(held_out_ids) == round(0.25 * (12 + 2))  # the rows without an id are a group each (their line)
+    assert len(held_out_ids) == round(0.25 * (12 + 1))  # the rows without an id: a group per prompt text
     assert not held_out_ids & {examples[i].group for i in train}
-    for group in held_out_ids - {"line 25", "line 26"}:  # both languages of a held-out prompt are held out
+    for group in held_out_ids - {"prompt 'no id'"}:  # both languages of a held-out prompt are held out
         assert sorted(examples[i].lang for i in held_out if examples[i].group == group) == sorted(LANGS)
     assert split_held_out(examples, 0.25, seed=0) == (train, held_out)  # seeded
     assert {examples[i].group for i in split_held_out(examples, 0.25, seed=1)[1]} != held_out_ids

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lidr.checkpoint import save
-from lidr.cli import command
+from lidr.cli import command, require_extra
 from lidr.model import LlamaConfig
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -183,6 +183,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(DEFAULT_DIR), help="folder to write (default: %(default)s)")
     args = parser.parse_args()
+    require_extra("gguf", "demo", "reading the embedded SmolLM2-135M-Instruct")
     print(f"converting {gguf_path()} -> {convert(args.out)}")
 
 

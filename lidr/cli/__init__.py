@@ -13,21 +13,21 @@ the dataclass, and `flags_argv` is the inverse of both, for iterate's torchrun l
 setting is one new field, and every command that takes that dataclass has its flag. Commands turn
 their flags into plain values here, at the door: nothing below a command line reads a Namespace.
 Every command's `main` is decorated with `command()`: an operating-system error (a read-only
-folder, a full disk, a parent path that is a file) or Ctrl-C ends in one line, not a traceback.
+folder, a full disk, a parent path that is a file), Ctrl-C, SIGTERM or settings that do not go
+together end in one line, not a traceback.
 """
 
 import argparse
 import errno
 import functools
+import importlib.util
 import os
+import signal
 import sys
+import threading
 from dataclasses import fields, replace
 
-import torch
-
-from lidr.harness.sampled import Engine
-from lidr.harness.stage_files import read_translation_task_ids
-from lidr.settings import DTYPES
+from lidr.settings import DTYPES, SettingsError
 from lidr.settings import out_of_range
 from lidr.tokenizer import CHAT_FORMATS
 
@@ -59,8 +59,8 @@ positive_int = setting_type(int, {"low": 1})  # argparse type for counts that mu
 def add_engine_flags(parser, batch_size: int, model_help: str = "HF checkpoint folder"):
     """--model, --device, --dtype, --chat-format, --batch-size, --compile."""
     parser.add_argument("--model", required=True, help=model_help)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="default: %(default)s; under torchrun, cuda is each rank's own GPU")
+    parser.add_argument("--device", help="default: cuda on a machine with a GPU, else cpu; under torchrun, cuda is "
+                                         "each rank's own GPU")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: bfloat16 on CUDA, "
                                                                       "float32 on CPU)")
     parser.add_argument("--chat-format", choices=tuple(CHAT_FORMATS), default=None,
@@ -70,8 +70,11 @@ def add_engine_flags(parser, batch_size: int, model_help: str = "HF checkpoint f
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
-def engine_from(args) -> Engine:
-    return Engine(args.model, args.device, args.dtype, args.chat_format, args.batch_size, args.compile)
+def engine_from(args):
+    """The Engine the flags give (imported here: --help never imports torch)."""
+    from lidr.harness.sampled import Engine
+
+    return Engine(args.model, args.device or Engine.device, args.dtype, args.chat_format, args.batch_size, args.compile)
 
 
 def add_flags(parser, defaults, prefix: str = "", skip=(), title: str | None = None):
@@ -137,6 +140,8 @@ def parse_iteration_rows(argv, doc: str, defaults, title: str, langs_help: str, 
     parser.add_argument("--translation-task-ids", help="JSONL with the ids of prompts that are translation requests")
     parser.add_argument("--out", help=out_help)
     args = parser.parse_args(argv)
+    from lidr.harness.stage_files import read_translation_task_ids
+
     try:
         task_ids = read_translation_task_ids(args.translation_task_ids)
     except (OSError, ValueError) as e:
@@ -172,23 +177,52 @@ def os_error_sentence(error: OSError, resume: str) -> str:
     return f"{path}: {what}{again} ({error.strerror or type(error).__name__})"
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's kill, torchrun stopping its workers), raised where the command was, so
+    that what it holds (locks, the process group) is released on the way out."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
+
+
 def command(resume: str = "rerun the same command to resume"):
     """Decorate a command's `main`: an OSError (a read-only folder, a full disk, a parent path that
     is a file, a missing permission) ends in one line naming the path and what to do, Ctrl-C in one
-    line and exit status 130; `resume` says what a rerun does (every lidr command writes its
-    outputs resumably or atomically). A traceback is left for lidr's own bugs."""
+    line and exit status 130, SIGTERM in one line and exit status 143, settings that do not go
+    together (lidr.settings.SettingsError) in one line naming the flag; `resume` says what a rerun
+    does (every lidr command writes its outputs resumably or atomically). A traceback is left for
+    lidr's own bugs."""
 
     def wrap(main):
         @functools.wraps(main)
         def door(*args, **kwargs):
+            main_thread = threading.current_thread() is threading.main_thread()  # where signals are handled
+            previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
             try:
                 return main(*args, **kwargs)
+            except Terminated:
+                print(f"stopped by SIGTERM; {resume}", file=sys.stderr)
+                raise SystemExit(128 + signal.SIGTERM) from None
             except KeyboardInterrupt:
                 print(f"interrupted (Ctrl-C); {resume}", file=sys.stderr)
                 raise SystemExit(130) from None
+            except SettingsError as e:
+                raise SystemExit(f"{e.flag}: {e.problem}") from None
             except OSError as e:
                 raise SystemExit(os_error_sentence(e, resume)) from None
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
 
         return door
 
     return wrap
+
+
+def require_extra(module: str, extra: str, what: str):
+    """Stop in one line, before any work, when the optional package `module` (installed by lidr's extra
+    `extra`, pyproject.toml) is missing: `what` says what needs it."""
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"{what} needs {module}, which is not installed: pip install 'lidr[{extra}]' "
+                         f"(in a clone: pip install -e '.[{extra}]')")

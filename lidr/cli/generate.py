@@ -19,7 +19,6 @@ import argparse
 
 from lidr import settings
 from lidr.cli import add_engine_flags, add_flags, command, engine_from, from_flags
-from lidr.harness.sampled import answer, generate_file
 from lidr.settings import user_turn
 
 
@@ -53,6 +52,8 @@ def parse_args(argv=None):
 @command()
 def main(argv=None):
     args = parse_args(argv)
+    from lidr.harness.sampled import answer, generate_file  # torch: after the flags, so --help is quick
+
     engine, decoding = engine_from(args), from_flags(args, settings.ANSWERS)
     if args.prompt is not None:
         print(answer(engine, args.prompt, decoding, args.stop, args.lang))

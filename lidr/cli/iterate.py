@@ -33,10 +33,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from lidr import settings
-from lidr.cli import add_flags, command, from_flags, positive_int
+from lidr.cli import add_flags, command, from_flags, positive_int, require_extra
 from lidr.cli.train import add_training_flags, options_from
-from lidr.harness.stages import Nodes
-from lidr.iterate import Recipe, run
 from lidr.pairs import PairOptions
 from lidr.sdrrl import SDRRLOptions
 
@@ -100,8 +98,10 @@ def parse_args(argv=None):
     return args, options_from(trainer.parse_args(argv[split + 1:]))
 
 
-def recipe_from(args, training) -> Recipe:
+def recipe_from(args, training):
     """The Recipe the flags give (what `run` is called with)."""
+    from lidr.iterate import Recipe  # torch: after the flags, so --help is quick
+
     return Recipe(
         langs=tuple(args.langs.split(",")), method=args.method,
         answers=from_flags(args, settings.ANSWERS), translation=from_flags(args, settings.TRANSLATION, "translate-"),
@@ -113,6 +113,11 @@ def recipe_from(args, training) -> Recipe:
 @command()
 def main(argv=None):
     args, training = parse_args(argv)
+    if args.method == "lidr" and args.pairs_check_language:
+        require_extra("py3langid", "langid", "--pairs-check-language")
+    from lidr.harness.stages import Nodes
+    from lidr.iterate import run
+
     nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id or Path(args.work).resolve().name)
     return run(args.model, args.prompts.split(","), args.work, recipe_from(args, training), args.iterations,
                args.batch_size, args.nproc, args.train_nproc or args.nproc, nodes, args.redo_from)

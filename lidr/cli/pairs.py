@@ -14,9 +14,7 @@ where they depart from the reference repository: docs/method.md §5.5.
 
 from pathlib import Path
 
-from lidr.cli import command, parse_iteration_rows
-from lidr.harness.outputs import file_identity
-from lidr.harness.stage_files import pairs_from_dir, write_pairs
+from lidr.cli import command, parse_iteration_rows, require_extra
 from lidr.pairs import PairOptions
 
 
@@ -25,6 +23,11 @@ def main(argv=None):
     args, options, task_ids = parse_iteration_rows(
         argv, __doc__, PairOptions(), "pair rules", "non-dominant languages, comma-separated (e.g. es,ru,de,fr)",
         "pairs JSONL (default: DIR/pairs.jsonl; the report goes beside it)")
+    if options.check_language:
+        require_extra("py3langid", "langid", "--check-language")
+    from lidr.harness.outputs import file_identity  # torch: after the flags, so --help is quick
+    from lidr.harness.stage_files import pairs_from_dir, write_pairs
+
     out = Path(args.out or Path(args.dir) / "pairs.jsonl")
     try:
         pairs, report = pairs_from_dir(args.dir, args.langs.split(","), options, task_ids)

@@ -17,8 +17,6 @@ paper: docs/method.md §5.6.
 from pathlib import Path
 
 from lidr.cli import command, parse_iteration_rows
-from lidr.harness.outputs import file_identity
-from lidr.harness.stage_files import sdrrl_from_dir, write_rows
 from lidr.sdrrl import SDRRLOptions
 
 
@@ -27,6 +25,9 @@ def main(argv=None):
     args, options, task_ids = parse_iteration_rows(argv, __doc__, SDRRLOptions(), "SDRRL rows",
                                                    "target languages, comma-separated",
                                                    "default: DIR/sdrrl.jsonl (report beside it)")
+    from lidr.harness.outputs import file_identity  # torch: after the flags, so --help is quick
+    from lidr.harness.stage_files import sdrrl_from_dir, write_rows
+
     try:
         rows, report = sdrrl_from_dir(args.dir, args.langs.split(","), options, task_ids)
     except (OSError, ValueError) as e:

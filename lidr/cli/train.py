@@ -9,7 +9,7 @@
     python train_dpo.py ... --plan --gpus 8 --gpu-memory 80   # will it fit? the per-GPU peak (lidr/harness/memory.py)
 
 `python train_dpo.py` is `python -m lidr.cli.train`. Rows: {"prompt", "chosen", "rejected"} (DPO)
-or {"prompt", "response"} (SFT), optional "system", "id", "lang". The flags set lidr/settings.py's
+or {"prompt", "response"} (SFT), optional "system", "id", "lang", or TRL's formats (lidr/train_data.py). The flags set lidr/settings.py's
 Training (defaults: the paper's β and α, lidr's choices for the rest). Rerunning the same command
 resumes from OUT/checkpoint. The run, step by step, and its folder: lidr/harness/training.py; the
 method: lidr/train.py; the loss: lidr/dpo.py; departures from the paper: docs/method.md §5.7.
@@ -18,14 +18,16 @@ method: lidr/train.py; the loss: lidr/dpo.py; departures from the paper: docs/me
 import argparse
 
 from lidr.cli import add_flags, command, flags_argv, from_flags, positive_int, setting_type
-from lidr.harness.training import plan_run, run
 from lidr.settings import TRAINING, Training
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder of M_t (policy and reference)")
-    p.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected} (dpo) or {prompt, response} (sft)")
+    p.add_argument("--data", required=True, help="the rows: JSONL, a JSON list, Parquet or a datasets save_to_disk "
+                                                 "folder of {prompt, chosen, rejected} (dpo; or TRL's implicit-prompt "
+                                                 "and conversational formats) or {prompt, response} (sft); README: "
+                                                 "'Data and flags for TRL users'")
     p.add_argument("--out", help="run folder: checkpoint, reference log-probs, log, exported model (required but "
                                  "with --plan)")
     add_training_flags(p)
@@ -59,6 +61,8 @@ def options_argv(options: Training) -> list[str]:
 @command()
 def main(argv=None):
     args = parse_args(argv)
+    from lidr.harness.training import plan_run, run  # torch: after the flags, so --help is quick
+
     if args.plan:
         plan_run(args.model, args.data, options_from(args), args.gpus, args.gpu_memory)
     else:

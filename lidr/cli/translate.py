@@ -17,7 +17,6 @@ import argparse
 
 from lidr import settings
 from lidr.cli import add_engine_flags, add_flags, command, engine_from, from_flags
-from lidr.harness.sampled import translate_file
 from lidr.languages import LANGUAGES
 
 
@@ -38,6 +37,8 @@ def parse_args(argv=None):
 @command()
 def main(argv=None):
     args = parse_args(argv)
+    from lidr.harness.sampled import translate_file  # torch: after the flags, so --help is quick
+
     translate_file(engine_from(args), args.source, args.out, args.to, from_flags(args, settings.TRANSLATION),
                    args.field, args.out_field)
 

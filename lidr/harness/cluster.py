@@ -29,6 +29,10 @@ nodes refuse.
 
 Processes of one group: the trainer's (nccl on GPU, gloo on CPU, lidr/train.py), or, for the
 sampling commands, a gloo group made by `join` on first use and kept until the process exits.
+Both are made by `init_group`, after `launch` has checked torchrun's variables (all of RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, consistent, or none: some left in a shell stop
+with one sentence naming which); the other processes must come within RENDEZVOUS_TIMEOUT (a
+launch nobody else joined stops in a sentence, instead of waiting out the group's day-long timeout).
 """
 
 import atexit
@@ -45,11 +49,66 @@ import torch.distributed as dist
 from lidr.harness.outputs import folder_identity
 
 PROBE_PREFIX = ".lidr-shared-probe-"
+# what torchrun sets for each process: all of them, or none (a plain launch)
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+RENDEZVOUS_TIMEOUT = timedelta(minutes=10)  # torchrun starts every process of a launch at once
+
+
+def launch() -> tuple[int, int, int]:
+    """(rank, world, local rank) as torchrun set them, (0, 1, 0) for a plain launch. Some of
+    TORCHRUN_VARIABLES without the others (left in a shell), or values that cannot be one
+    launch's, stop with one sentence naming what is set and what is missing."""
+    present = [name for name in TORCHRUN_VARIABLES if os.environ.get(name, "") != ""]
+    if not present:
+        return 0, 1, 0
+    shown = ", ".join(f"{name}={os.environ[name]}" for name in present)
+    missing = [name for name in TORCHRUN_VARIABLES if name not in present]
+    if missing:
+        raise SystemExit(f"torchrun's variables are set only in part ({shown}; {', '.join(missing)} not set): "
+                         f"launch with torchrun, or unset {', '.join(present)} for a one-process run")
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "LOCAL_WORLD_SIZE"):  # the last: 0 when unset
+        try:
+            values[name] = int(os.environ.get(name, "0"))
+        except ValueError:
+            values[name] = -1  # not a whole number
+    rank, world, local_rank, port, local_world = values.values()
+    checks = [(min(values.values()) < 0, "each of them a whole number"), (world < 1, "WORLD_SIZE at least 1"),
+              (rank >= world, "RANK below WORLD_SIZE"),
+              (local_rank >= world or 0 < local_world <= local_rank, "LOCAL_RANK below its node's processes"),
+              (not 0 < port < 2**16, "MASTER_PORT a port (1 .. 65535)")]
+    problem = next((why for bad, why in checks if bad), None)
+    if problem is not None:
+        raise SystemExit(f"torchrun's variables do not describe one launch ({shown}); torchrun sets {problem}: "
+                         f"launch with torchrun, or unset them for a one-process run")
+    return rank, world, local_rank
 
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, the number of processes): torchrun's, or (0, 1) for a plain launch."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return launch()[:2]
+
+
+def init_group(backend: str, timeout: timedelta):
+    """Make this process's group: torchrun's, met within RENDEZVOUS_TIMEOUT (a launch whose other
+    processes never come, e.g. torchrun's variables copied into a plain shell, stops with one
+    sentence instead of waiting `timeout`), then waiting up to `timeout` in every collective; a
+    one-rank group for a plain launch or a WORLD_SIZE of 1."""
+    rank, world, _ = launch()
+    if world == 1:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:  # what init_process_group does with env://, but for the wait for the other processes
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=RENDEZVOUS_TIMEOUT))
+    except (RuntimeError, ValueError, OSError) as e:  # torch's DistStoreError is a RuntimeError
+        raise SystemExit(f"rank {rank} of {world} found no process group at {where} within "
+                         f"{RENDEZVOUS_TIMEOUT.total_seconds():.0f} s ({str(e).splitlines()[0][:160]}): were all "
+                         f"{world} processes launched (torchrun)? For a one-process run unset "
+                         f"{', '.join(TORCHRUN_VARIABLES)}") from None
+    store.set_timeout(timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
+                            timeout=timeout)
 
 
 def join() -> tuple[int, int]:
@@ -57,7 +116,7 @@ def join() -> tuple[int, int]:
     and barriers travel), made on first use and destroyed at exit, unless one exists already."""
     rank, world = rank_and_world()
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(days=1))
+        init_group("gloo", timedelta(days=1))
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return rank, world
 

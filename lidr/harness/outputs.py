@@ -7,9 +7,9 @@
 - `ResumableWriter(path, key)`: appends one JSON line per finished row and flushes it. Reopening
   the same path reads what is already there and tells the caller which keys are done (compared
   as text: the id 3 and the id "3" are one key), so a rerun never redoes or duplicates a row. A
-  complete last row without its newline is a row; a torn last line (a crash mid-write) is cut off
-  and redone. Nothing is cut before the writer is opened, that is before the caller has decided
-  to go on.
+  complete last row without its newline is a row; a torn last line (a crash mid-write) is cut off,
+  said, and redone (`cut_torn_tail`, also for the training log); a torn line before the last is
+  corruption, refused naming the line. Nothing is cut before the writer is opened.
 - Outputs bound to their inputs: `check_output(out, made_by, identity)` refuses, naming the file
   and what changed, to resume or overwrite an output that another command wrote, or that was
   made from other inputs (`file_identity`: resolved path, size, sha256), another model folder or
@@ -19,22 +19,27 @@
   decides whether a rerun may go on.
   `check_folder` is the same for a folder a command fills (a training run): a user's non-empty
   folder is refused, naming what is there. `remove_own_output` deletes an output only when its
-  record proves which command wrote it (iterate.py --redo-from).
-- One process per output: `hold_lock(out, command)` creates OUT.lock atomically (O_EXCL) with the
-  holder's pid, host and command; a second process is refused in a sentence, a lock whose
-  process is dead on this host is taken over, one from another host is reported, never broken.
+  record proves which command wrote it (iterate.py --redo-from), and lists each removal.
+- Names are text: the files that belong to OUT (OUT.rank<r>.partial, OUT.tmp<pid>) are found by
+  listing the folder and comparing names exactly (`numbered`), never through a glob or a regular
+  expression, so a name may hold any character, and a look-alike (OUT.tmp, OUT.tmpl) is left.
+- One process per output: `hold_lock(out, command)` puts OUT.lock in place whole (written aside,
+  then linked: never seen empty) with the holder's pid, host, boot and process start time; a
+  second process is refused, naming the holder and the file to delete; a lock no process can
+  hold (empty or unreadable for seconds, a dead pid, a pid reused by a later process, an earlier
+  boot) is taken over; one from another host is reported, never broken.
 - `write_json_atomic(path, obj)`: small reports and configs, replaced in one rename; the
   temporaries a killed writer left beside it (PATH.tmp<pid> of a dead process) go with the next
   successful write (`remove_stale_temporaries`).
 """
 
 import atexit
-import glob
 import hashlib
 import json
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +53,7 @@ RENAMED_OWNERS = {"generate.py": "lidr.cli.generate", "translate.py": "lidr.cli.
                   "iterate.py": "lidr.cli.iterate"}
 BOM = "\ufeff".encode()
 LOCK_SUFFIX = ".lock"
+UNREADABLE_LOCK_S = 5  # a lock still empty or unreadable this long after it was written has no live writer
 
 
 def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
@@ -131,7 +137,8 @@ def read_output_rows(path: Path) -> tuple[list[dict], int | None]:
                 row = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 if not last:
-                    raise SystemExit(f"{path}:{n}: corrupt line inside an output file; remove it to resume") from None
+                    raise SystemExit(f"{path}:{n}: corrupt line before the last one (a stopped run can tear only the "
+                                     f"last); repair or remove line {n} to resume") from None
                 row, torn_at = None, offset
             if row is not None and not isinstance(row, dict):
                 raise SystemExit(f"{path}:{n}: not a JSON object; {path} is not a JSONL output of lidr")
@@ -144,6 +151,21 @@ def read_output_rows(path: Path) -> tuple[list[dict], int | None]:
 def read_complete_lines(path: Path) -> list[dict]:
     """The complete rows of an output file (a torn last line left out), without changing the file."""
     return read_output_rows(Path(path))[0]
+
+
+def cut_torn_tail(path: Path, torn_at: int | None):
+    """Cut the torn last line of an appended file at byte `torn_at` (read_output_rows), saying what was cut."""
+    if torn_at is None:
+        return
+    with open(path, "r+b") as f:
+        f.seek(torn_at)
+        torn = f.read()
+        f.truncate(torn_at)
+    line = path.read_bytes().count(b"\n") + 1
+    shown = torn.decode("utf-8", "replace")
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    print(f"{path}:{line}: cut a torn last line ({len(torn)} bytes, written when a run was stopped): {shown!r}",
+          file=sys.stderr, flush=True)
 
 
 class ResumableWriter:
@@ -159,9 +181,7 @@ class ResumableWriter:
         if missing is not None:
             raise SystemExit(f"{self.path}: row {missing} has no {key!r}; is this an output of this command?")
         self.done = {str(row[key]) for row in self.rows}
-        if torn_at is not None:
-            with open(self.path, "r+b") as f:
-                f.truncate(torn_at)
+        cut_torn_tail(self.path, torn_at)
         needs_newline = False
         if self.path.exists() and self.path.stat().st_size > 0:
             with open(self.path, "rb") as f:
@@ -231,8 +251,19 @@ def owner(made_by: str) -> str:
     return RENAMED_OWNERS.get(made_by, made_by)
 
 
-def record_path(out: str | os.PathLike) -> Path:
+def named(out: str | os.PathLike) -> Path:
+    """OUT as a path that ends in its own name: a folder given as '.', '..' or 'runs/..' made absolute (its
+    record and lock go beside it, which needs a name), and '/' refused in a sentence."""
     out = Path(out)
+    if out.name in ("", ".."):
+        out = Path(os.path.abspath(out))
+    if not out.name:
+        raise SystemExit(f"{out}: has no name to put a record or a lock beside it; choose a folder below it")
+    return out
+
+
+def record_path(out: str | os.PathLike) -> Path:
+    out = named(out)
     return out.with_name(out.name + RECORD_SUFFIX)
 
 
@@ -317,28 +348,59 @@ def check_folder(out: str | os.PathLike, made_by: str, identity: dict) -> bool:
     return False
 
 
-def remove_own_output(out: str | os.PathLike, made_by: str, companions=()) -> bool:
-    """Delete OUT (a file or a folder), its record, its partial and temporary files and its
-    `companions`, when its record proves that `made_by` wrote it; True when it did. An output
-    without that record is left as it is, and so are its companions."""
+def numbered(path: Path, infix: str, suffix: str = "") -> list[tuple[Path, int]]:
+    """(sibling, n) for each PATH{infix}{n}{suffix} beside PATH, n written in the digits 0-9: the
+    folder listed and each name compared as text, never read as a pattern."""
+    path = Path(path)
+    head, found = path.name + infix, []
+    for sibling in (path.parent.iterdir() if path.parent.is_dir() else ()):
+        n = sibling.name[len(head):len(sibling.name) - len(suffix)]
+        if sibling.name.startswith(head) and sibling.name.endswith(suffix) and n.isascii() and n.isdigit():
+            found.append((sibling, int(n)))
+    return sorted(found)
+
+
+def stale_temporaries(path: Path) -> list[Path]:
+    """The PATH.tmp<pid> files and folders (what `write_text_atomic` and lidr.checkpoint.save build
+    before their rename) of processes of this host that no longer run, or of this one."""
+    return [tmp for tmp, pid in numbered(path, ".tmp") if pid == os.getpid() or not process_alive(pid)]
+
+
+def remove_path(path: Path):
+    """A file, a link or a folder with what it holds."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_own_output(out: str | os.PathLike, made_by: str, companions=(), contents=None) -> list[Path]:
+    """Delete OUT, its record, its partial files (OUT.rank<r>.partial), the temporaries of ended
+    processes (`stale_temporaries`) and its `companions`, when OUT's record proves that `made_by`
+    wrote it, under OUT's lock; the removed paths, in order ([] when the record does not prove it).
+    contents: for a folder OUT, the names in it that `made_by` writes: those go, and OUT itself
+    only when nothing else is left in it. A name that merely looks like one of these stays."""
     out = Path(out)
     record = record_path(out)
     try:
         recorded_by = owner(json.loads(record.read_text(encoding="utf-8"))["made_by"])
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        return False
+        return []
     if recorded_by != made_by:
-        return False
-    leftovers = [*out.parent.glob(glob.escape(out.name) + ".rank*.partial"),
-                 *out.parent.glob(glob.escape(out.name) + ".tmp*")]
-    for path in (out, *companions, *leftovers):
-        path = Path(path)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    record.unlink()
-    return True
+        return []
+    with hold_lock(out, f"removing what {made_by} wrote"):
+        paths = [out / name for name in contents] if contents is not None and out.is_dir() else [out]
+        paths += [Path(p) for p in companions]
+        paths += [p for path in (*paths, record) for p in stale_temporaries(path)]
+        paths += [p for p, _ in numbered(out, ".rank", ".partial")]
+        removed = [path for path in paths if path.exists() or path.is_symlink()]
+        for path in removed:
+            remove_path(path)
+        if contents is not None and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+            removed.append(out)
+        record.unlink()
+    return [*removed, record]
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +408,7 @@ def remove_own_output(out: str | os.PathLike, made_by: str, companions=()) -> bo
 
 
 def lock_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
+    out = named(out)
     return out.with_name(out.name + LOCK_SUFFIX)
 
 
@@ -361,17 +423,60 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-class OutputLock:
-    """This process's hold on an output (OUT.lock); released by `release`, on leaving a `with`, or at exit."""
+def boot_id() -> str | None:
+    """This boot of this host (Linux); a lock from an earlier boot has no live holder."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
-    def __init__(self, path: Path):
-        self.path = path
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (field 22 of /proc/PID/stat); None where
+    it does not run or there is no /proc. A pid given again to a later process has a later start."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def started_after(pid: int, when: float) -> bool:
+    """Whether process `pid` started after the time `when` (seconds since the epoch), by more than
+    /proc/stat's btime, rounded to a second, can blur."""
+    start = process_start(pid)
+    try:
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return start is not None and btime + start / os.sysconf("SC_CLK_TCK") > when + 2
+
+
+def command_line(pid: int) -> str | None:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    return argv if len(argv) <= 100 else argv[:97] + "..."
+
+
+class OutputLock:
+    """This process's hold on an output (OUT.lock, holding `record`); released by `release`, on
+    leaving a `with`, or at exit: the file goes only while it still holds this record."""
+
+    def __init__(self, path: Path, record: bytes):
+        self.path, self.record = path, record
         atexit.register(self.release)
 
     def release(self):
         atexit.unregister(self.release)
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            try:
+                if self.path.read_bytes() == self.record:
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
             self.path = None
 
     def __enter__(self):
@@ -383,67 +488,126 @@ class OutputLock:
 
 def hold_lock(out: str | os.PathLike, command: str) -> OutputLock:
     """Take the advisory lock of the output (file or folder) `out` for this process, or refuse in a
-    sentence naming the process that holds it. The lock is OUT.lock, created atomically (O_EXCL)
-    and holding {pid, host, command}. A lock whose process no longer runs on this host is stale and
-    taken over; a lock from another host is reported and never broken (its process may still run).
+    sentence naming the process that holds it and the file to delete once it has ended. The lock
+    is OUT.lock, put in place whole (`place_lock`) and holding {pid, host, boot_id, started,
+    command, since}. A lock that no process can hold (`stale_reason`) is taken over, saying why; a
+    lock from another host is reported and never broken (its process may still run).
     Under torchrun only rank 0 calls this."""
     out = Path(out)
     lock = lock_path(out)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "boot_id": boot_id(), "started": process_start(os.getpid()),
+          "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record = json.dumps(me).encode()
     for _ in range(5):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = read_lock(lock)
-            if holder is None:
-                continue  # released meanwhile
-            if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
-                return OutputLock(lock)  # this process's own (a call that stopped before releasing it)
-            if holder.get("host") != me["host"]:
-                raise SystemExit(f"{out}: in use by process {holder.get('pid')} on {holder.get('host')} "
-                                 f"({holder.get('command')}), says {lock}; if that process has ended, delete {lock} "
-                                 f"and rerun") from None
-            if process_alive(holder.get("pid", -1)):
-                raise SystemExit(f"{out}: in use by process {holder['pid']} on this host ({holder.get('command')}); "
-                                 f"wait for it to end, or stop it, then rerun") from None
-            take_over_stale(lock, holder)
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(me, f)
-        return OutputLock(lock)
+        if place_lock(lock, record):
+            remove_stale_temporaries(lock)  # what a writer killed before its link left
+            return OutputLock(lock, record)
+        found = read_lock(lock)
+        if found is None:
+            continue  # released meanwhile
+        raw, holder, mtime = found
+        why = stale_reason(holder, mtime, me)
+        if why is not None:
+            print(f"{lock}: taken over: {why}", file=sys.stderr, flush=True)
+            take_over_stale(lock, raw)
+        elif holder.get("host", me["host"]) != me["host"]:
+            raise SystemExit(f"{out}: in use by process {holder['pid']} on {holder['host']} ({holder.get('command')}), "
+                             f"says {lock}; this host cannot see that host's processes: check on {holder['host']} "
+                             f"(ps -p {holder['pid']}), and if it has ended, delete {lock} and rerun")
+        elif holder["pid"] == me["pid"]:
+            return OutputLock(lock, raw)  # this process's own (a call that stopped before releasing it)
+        else:
+            pid, running = holder["pid"], command_line(holder["pid"])
+            raise SystemExit(f"{out}: in use by process {pid} on this host ({holder.get('command')})"
+                             + (f", running `{running}`" if running else "")
+                             + (f" since {holder['since']}" if holder.get("since") else "")
+                             + f"; wait for it to end, or stop it (kill {pid}), then rerun; if that process is not "
+                             f"lidr's (its pid reused), delete {lock} and rerun")
     raise SystemExit(f"{out}: its lock {lock} keeps changing hands; another process is starting on it, rerun later")
 
 
-def read_lock(lock: Path) -> dict | None:
-    """The holder a lock file names; None when it is gone. A lock still empty or unreadable after
-    a few seconds (its writer died between creating and filling it) names a dead process."""
+def place_lock(lock: Path, record: bytes) -> bool:
+    """Put `record` in LOCK whole or not at all: written to LOCK.tmp<pid>, then linked to LOCK (a link,
+    like O_EXCL, fails where LOCK exists), so no reader finds a live holder's lock empty; False when
+    LOCK exists. Where the filesystem has no hard links, LOCK is created (O_EXCL), then filled."""
+    tmp = lock.with_name(f"{lock.name}.tmp{os.getpid()}")
     try:
-        text = lock.read_text(encoding="utf-8")
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    try:
-        holder = json.loads(text)
-        if isinstance(holder, dict) and isinstance(holder.get("pid"), int):
-            return holder
-    except json.JSONDecodeError:
-        pass
-    if age < 5:
+        with open(tmp, "wb") as f:
+            f.write(record)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, lock)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here: readers wait UNREADABLE_LOCK_S for an empty lock to fill
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(record)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_lock(lock: Path) -> tuple[bytes, dict | None, float] | None:
+    """(its bytes, the holder it names, its modification time) of a lock file; None when it is gone.
+    holder is None for a lock that stays empty or unreadable for UNREADABLE_LOCK_S (read again meanwhile)."""
+    for _ in range(int(UNREADABLE_LOCK_S / 0.2)):
+        try:
+            raw, mtime = lock.read_bytes(), lock.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            holder = None
+        pid = holder.get("pid") if isinstance(holder, dict) else None
+        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+            return raw, holder, mtime
+        if time.time() - mtime >= UNREADABLE_LOCK_S:
+            break
         time.sleep(0.2)
-        return read_lock(lock)
-    return {"pid": -1, "host": socket.gethostname(), "command": "unreadable lock"}
+    return raw, None, mtime
 
 
-def take_over_stale(lock: Path, holder: dict):
+def stale_reason(holder: dict | None, mtime: float, me: dict) -> str | None:
+    """Why no process can hold a lock naming `holder` (written at `mtime`), or None when one may."""
+    if holder is None:
+        return f"it stayed empty or unreadable for {UNREADABLE_LOCK_S} s (its writer stopped before filling it)"
+    pid = holder["pid"]
+    if holder.get("host", me["host"]) != me["host"]:
+        return None  # another host's processes cannot be seen from here
+    if holder.get("boot_id") and me["boot_id"] and holder["boot_id"] != me["boot_id"]:
+        return "it was written before this host last started"
+    if not process_alive(pid):
+        return f"process {pid} ({holder.get('command')}) no longer runs"
+    started = process_start(pid)
+    if isinstance(holder.get("started"), int) and started is not None and started != holder["started"]:
+        return f"process {pid} is not the one that wrote it (that one started at tick {holder['started']}, " \
+               f"this one at {started}): its pid was reused"
+    if holder.get("started") is None:  # an older lidr's lock: no start time to compare
+        if started_after(pid, mtime):
+            return f"process {pid} started after the lock was written: its pid was reused"
+        try:
+            program = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return None
+        if not any(name in Path(program).name for name in ("python", "pypy")):
+            return f"process {pid} runs {program}, not Python: its pid was reused"
+    return None
+
+
+def take_over_stale(lock: Path, raw: bytes):
     """Move a stale lock aside, unless another process took it over between our read and the move."""
     aside = lock.with_name(f"{lock.name}.stale{os.getpid()}")
     try:
         os.rename(lock, aside)
     except FileNotFoundError:
         return
-    moved = read_lock(aside) if aside.exists() else None
-    if moved is not None and moved != holder and moved.get("pid") != -1:  # a live lock: put it back
+    if aside.read_bytes() != raw:  # not the lock judged stale: put it back
         try:
             os.link(aside, lock)
         except FileExistsError:
@@ -452,13 +616,11 @@ def take_over_stale(lock: Path, holder: dict):
 
 
 def remove_stale_temporaries(path: str | os.PathLike):
-    """Delete the PATH.tmp<pid> files and folders (what `write_text_atomic` and lidr.checkpoint.save
-    build before their rename) left by processes of this host that no longer run."""
-    path = Path(path)
-    for tmp in path.parent.glob(glob.escape(path.name) + ".tmp*"):
-        pid = tmp.name[len(path.name) + 4:]
-        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
-            shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+    """Delete, and name, the PATH.tmp<pid> left by processes of this host that no longer run (`stale_temporaries`)."""
+    for tmp in stale_temporaries(Path(path)):
+        remove_path(tmp)
+        if tmp.name != f"{Path(path).name}.tmp{os.getpid()}":
+            print(f"removed {tmp}, left by process {tmp.name.rsplit('.tmp', 1)[1]}, which has ended", flush=True)
 
 
 def write_json_atomic(path: str | os.PathLike, obj, indent: int = 2):

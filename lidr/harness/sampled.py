@@ -48,8 +48,8 @@ from lidr import generation, sampler, settings, translation
 from lidr.checkpoint import check, default_dtype, load
 from lidr.harness import cluster
 from lidr.harness.outputs import (
-    ResumableWriter, check_output, file_identity, folder_identity, hold_lock, lock_path, read_complete_lines, read_records,
-    record_output, usable_records, write_text_atomic,
+    ResumableWriter, check_output, file_identity, folder_identity, hold_lock, lock_path, numbered, read_complete_lines,
+    read_records, record_output, usable_records, write_text_atomic,
 )
 from lidr.harness.progress import Progress
 from lidr.sampler import Completion
@@ -109,8 +109,10 @@ def open_model(folder, device: str, dtype: str | None = None, chat_format: str |
     """(model, tokenizer), the one way a command loads a checkpoint to sample or score with.
 
     device "cuda" is this process's GPU (torchrun's LOCAL_RANK); dtype None is bfloat16 on CUDA,
-    float32 elsewhere. A folder that is not a usable checkpoint stops with the sentence naming it.
+    float32 elsewhere; device None (a command's --device unset) is Engine's default, cuda when there is one.
+    A folder that is not a usable checkpoint stops with the sentence naming it.
     """
+    device = device or Engine.device
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     torch_dtype = getattr(torch, dtype) if dtype else default_dtype(device)
@@ -179,8 +181,8 @@ def answer(engine: Engine, text: str, decoding: Decoding = settings.ANSWERS, sto
 
 
 def partial_files(out: Path) -> list[Path]:
-    return sorted(p for p in out.parent.iterdir() if p.name.startswith(out.name + ".rank")
-                  and p.name.endswith(".partial")) if out.parent.is_dir() else []
+    """OUT.rank<r>.partial, r a number: names compared as text (another output's OUT.rank0.x.partial is not OUT's)."""
+    return [path for path, _ in numbered(out, ".rank", ".partial")]
 
 
 def merge(out: Path, key: str, order: dict) -> list[dict]:

@@ -11,14 +11,16 @@ whitespace-only answer or translation is none; a bad row, a row without an id or
 twice is an error naming the file and line. The report records each input's path, size and sha256.
 An existing output is written over only when the same command (PAIRS, SDRRL) made it from the same
 inputs and options (OUT.made-from.json); another command's file, a file of unknown origin or other
-inputs are refused, naming the file and what changed.
+inputs are refused, naming the file and what changed. A translation whose record says it was made
+from other answers than the generate/ file holds now is refused (`check_translated_from`).
 """
 
 import json
 from pathlib import Path
 
 from lidr.harness.outputs import (
-    check_output, file_identity, hold_lock, read_records, record_output, write_json_atomic, write_text_atomic,
+    RECORD_SUFFIX, check_output, file_identity, hold_lock, read_records, record_output, record_path,
+    write_json_atomic, write_text_atomic,
 )
 from lidr.languages import checked_languages
 from lidr.pairs import PairOptions, build_pairs
@@ -100,6 +102,50 @@ def read_translation_task_ids(path) -> set:
     return {str(row["id"]) for _, row in rows}
 
 
+def translated_from(translation: Path) -> tuple[str, str, str] | None:
+    """(the answers file's name, its sha256, the field) that a translation's made-from record (lidr.cli.translate's)
+    says it translated; None for a translation without a record (a file of the user's: nothing to check)."""
+    record = record_path(translation)
+    if not record.exists():
+        return None
+    try:
+        made_from = json.loads(record.read_text(encoding="utf-8"))["identity"]
+        source = made_from["inputs"]["prompts"]
+        return Path(source["path"]).name, source["sha256"], made_from["settings"]["field"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise SystemExit(f"{record}: not a record of what {translation} was made from; move both away") from None
+
+
+def check_translated_from(translation: Path, source: Path, source_identity: dict, field: str):
+    """Refuse, in one sentence, a translation that its record says translated another text than `field`
+    of `source` (file_identity `source_identity`) as it is now: the answers were made again after they
+    were translated, and a pair would join a new answer to an old one's translation."""
+    made = translated_from(translation)
+    if made is None:
+        return
+    redo = (f"translate it again (delete {translation} and {record_path(translation).name}, or rerun iterate.py "
+            f"with --redo-from translate)")
+    if made[2] != field:
+        raise SystemExit(f"{translation}: translates the field {made[2]!r} of {source}, not {field!r}; {redo}")
+    if made[1] != source_identity["sha256"]:
+        raise SystemExit(f"{translation}: was translated from another version of {source} (sha256 {made[1][:12]}, "
+                         f"now {source_identity['sha256'][:12]}): the answers were made again since; {redo}")
+
+
+def stale_translations(folder: Path) -> list[str]:
+    """What changed under the iteration folder's translations: one line for each translate/ output whose
+    record names a generate/ file that holds other answers now (lidr.harness.stages.plan redoes or refuses)."""
+    changes, place = [], Path(folder) / "translate"
+    records = sorted(p for p in place.iterdir() if p.name.endswith(RECORD_SUFFIX)) if place.is_dir() else []
+    for record in records:
+        translation = record.with_name(record.name.removesuffix(RECORD_SUFFIX))
+        name, sha256, _ = translated_from(translation)
+        source = Path(folder) / "generate" / name
+        if source.is_file() and file_identity(source)["sha256"] != sha256:
+            changes.append(f"translate/{translation.name}: translated another version of generate/{name}")
+    return changes
+
+
 def stage_files(folder: Path, langs, en: str) -> dict:
     """name -> path of every stage output the pairs are built from."""
     files = {f"generate/{lang}": folder / "generate" / f"{lang}.jsonl" for lang in (en, *langs)}
@@ -117,6 +163,11 @@ def pairs_from_dir(folder, langs, options=PairOptions(), translation_task_ids=fr
     langs = checked_languages(langs, dominant=en)
     files = stage_files(folder, langs, en)
     identities = {name: file_identity(path) for name, path in files.items()}  # before reading: a missing one is named
+    for lang in langs:  # each translation made from the answers as they are now
+        check_translated_from(files[f"translate/{en}-{lang}"], files[f"generate/{en}"], identities[f"generate/{en}"],
+                              field)
+        check_translated_from(files[f"translate/{lang}-{en}"], files[f"generate/{lang}"],
+                              identities[f"generate/{lang}"], field)
     prompts = {lang: {k: v for k, v in read_user_turns(files[f"generate/{lang}"], lang, prompt_field, field).items()
                       if v} for lang in (en, *langs)}
     answers = {lang: {k: v for k, v in read_texts(files[f"generate/{lang}"], field).items() if v}
@@ -141,6 +192,12 @@ def sdrrl_from_dir(folder, langs, options=SDRRLOptions(), translation_task_ids=f
         files.update({f"translate/{en}-{lang}.reference": reference_translation_file(folder, en, lang)
                       for lang in langs})
     identities = {name: file_identity(path) for name, path in files.items()}
+    for lang in langs:  # each translation made from the answers as they are now
+        check_translated_from(files[f"translate/{en}-{lang}"], files[f"generate/{en}"], identities[f"generate/{en}"],
+                              field)
+        if options.reference_field:
+            check_translated_from(files[f"translate/{en}-{lang}.reference"], files[f"generate/{en}"],
+                                  identities[f"generate/{en}"], options.reference_field)
     prompts = {lang: {k: v for k, v in read_user_turns(files[f"generate/{lang}"], lang, prompt_field, field).items()
                       if v} for lang in (en, *langs)}
     answers = {en: {k: v for k, v in read_texts(files[f"generate/{en}"], field).items() if v}}

@@ -41,10 +41,12 @@ from lidr.harness.outputs import (
     remove_own_output, write_json_atomic,
 )
 from lidr.harness.sampled import GENERATE, TRANSLATE, Engine, check_model, generate_file, translate_file
-from lidr.harness.stage_files import PAIRS, SDRRL, read_translation_task_ids
+from lidr.harness.stage_files import PAIRS, SDRRL, read_translation_task_ids, stale_translations
 from lidr.cli.train import options_argv
 from lidr.harness.training import MADE_BY as TRAIN
+from lidr.harness.training import RUN_CONTENTS
 from lidr.harness.training import run as train_run
+from lidr.harness.tracking import tracker_package
 from lidr.languages import checked_languages
 from lidr.settings import Decoding, Training, provenance
 from lidr.train import global_batch_size, read_examples, split_held_out
@@ -78,12 +80,19 @@ def torchrun_argv(module: str, argv: list, nproc: int, nodes: Nodes, out) -> lis
 
 
 def torchrun(module: str, argv: list, nproc: int, nodes: Nodes, out):
-    """Run one of lidr's command-line modules under torchrun; a failure stops the iteration."""
+    """Run one of lidr's command-line modules under torchrun; a failure stops the iteration. Stopped itself
+    (SIGTERM, Ctrl-C), iterate.py passes SIGTERM on: torchrun stops its workers, each in its sentence."""
     cmd = torchrun_argv(module, argv, nproc, nodes, out)
     print("  $ " + shlex.join(cmd), flush=True)
-    result = subprocess.run(cmd)
-    if result.returncode != 0:
-        raise SystemExit(f"{module} failed (exit {result.returncode}); rerun the same command to resume")
+    with subprocess.Popen(cmd) as process:
+        try:
+            returncode = process.wait()
+        except BaseException:
+            process.terminate()  # not subprocess.run's SIGKILL, which would leave torchrun's workers running
+            process.wait()
+            raise
+    if returncode != 0:
+        raise SystemExit(f"{module} failed (exit {returncode}); rerun the same command to resume")
 
 
 def train(model, data, out, options: Training, nproc: int = 1, nodes: Nodes = Nodes()) -> Path:
@@ -108,10 +117,12 @@ def training_options(recipe) -> Training:
     return replace(recipe.training, objective="sft") if recipe.method == "sdrrl" else recipe.training
 
 
-def stage_identities(model, prompts, recipe, train_nproc: int, model_identity: dict | None = None) -> dict[str, dict]:
+def stage_identities(model, prompts, recipe, train_processes: int,
+                     model_identity: dict | None = None) -> dict[str, dict]:
     """{stage: what it is made from}, known before any stage runs: M_t (folder_identity), the prompt
-    files, the languages and each stage's settings; each stage's identity holds the one before it,
-    so a change anywhere shows in every stage after it."""
+    files, the languages and each stage's settings (the trainer's global batch over train_processes,
+    every node's: --train-nproc × --nnodes); each stage's identity holds the one before it, so a
+    change anywhere shows in every stage after it."""
     en, langs = recipe.pairs.dominant, list(recipe.langs)
     generate = {"model": model_identity or folder_identity(model), "languages": [en, *langs],
                 "answers": provenance(recipe.answers),
@@ -125,7 +136,7 @@ def stage_identities(model, prompts, recipe, train_nproc: int, model_identity: d
     else:
         rows = {"translate": translate, "sdrrl": provenance(replace(recipe.sft_rows, dominant=en))}
     options = training_options(recipe)
-    train = {"rows": rows, "training": provenance(options), "global_batch": global_batch_size(options, train_nproc)}
+    train = {"rows": rows, "training": provenance(options), "global_batch": global_batch_size(options, train_processes)}
     return dict(zip(stage_names(recipe), (generate, translate, rows, train)))
 
 
@@ -181,7 +192,7 @@ class Runner:
         self.nproc, self.train_nproc, self.batch_size = nproc, train_nproc, batch_size
         self.local = nproc == 1 and nodes.count == 1  # generation and translation in this process
         self.engine = Engine(model, batch_size=batch_size)
-        self.identities = stage_identities(model, prompts, recipe, train_nproc, self.engine.identity())
+        self.identities = stage_identities(model, prompts, recipe, train_nproc * nodes.count, self.engine.identity())
         self.started = 0.0
 
     def marker(self, name: str) -> Path:
@@ -275,6 +286,9 @@ def check_inputs(model, prompt_dirs: list, recipe, redo_from: str | None = None)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None
     check_model(model, recipe.training.chat_format)
+    tracker_package(recipe.training.report_to)  # the trainer's --report-to, before hours of generation
+    if recipe.training.eval_data and not Path(recipe.training.eval_data).exists():
+        raise SystemExit(f"{recipe.training.eval_data}: no such file or folder (the trainer's --eval-data)")
     for folder in prompt_dirs:
         for lang in (recipe.pairs.dominant, *recipe.langs):
             if not (Path(folder) / f"{lang}.jsonl").is_file():
@@ -295,32 +309,37 @@ def claim_work(model, prompt_dirs: list, work: Path, recipe, iterations: int, tr
         yield
         return
     with hold_lock(work, ITERATE):
-        plan(model, prompt_dirs, work, recipe, iterations, train_nproc, redo_from)
+        plan(model, prompt_dirs, work, recipe, iterations, train_nproc * nodes.count, redo_from)
         yield
 
 
 def remove_stage_outputs(folder: Path, name: str) -> list[Path]:
     """Delete what stage `name` of the iteration folder wrote and can prove it wrote (each output's
-    made-from record names the stage's command), and its done-marker; anything else is left, for
-    the stage to refuse by name. The removed outputs, in order."""
+    made-from record names the stage's command; in the run folder, only what the trainer writes),
+    and its done-marker; anything else is left, for the stage to refuse by name. Every removed
+    path, in order."""
     removed = []
     if name == "train":
-        removed += [p for p in (folder / "train",) if remove_own_output(p, TRAIN)]
-        removed += [p for p in (folder / "train" / "unchanged.json",) if remove_own_output(p, ITERATE)]
+        removed += remove_own_output(folder / "train" / "unchanged.json", ITERATE)
+        removed += remove_own_output(folder / "train", TRAIN, contents=RUN_CONTENTS)
     else:
-        made_by, places = {"generate": (GENERATE, ["generate"]), "translate": (TRANSLATE, ["translate"]),
-                           "pairs": (PAIRS, ["."]), "sdrrl": (SDRRL, ["."])}[name]
-        for place in places:
-            for record in sorted((folder / place).glob("*" + RECORD_SUFFIX)):
-                out = record.with_name(record.name.removesuffix(RECORD_SUFFIX))
-                reports = [out.with_name(out.stem + "_report.json")] if name in ("pairs", "sdrrl") else []
-                if remove_own_output(out, made_by, companions=reports):
-                    removed.append(out)
-    (folder / "done" / name).unlink(missing_ok=True)
+        made_by, place = {"generate": (GENERATE, "generate"), "translate": (TRANSLATE, "translate"),
+                          "pairs": (PAIRS, "."), "sdrrl": (SDRRL, ".")}[name]
+        records = sorted(p for p in (folder / place).iterdir() if p.name.endswith(RECORD_SUFFIX)) \
+            if (folder / place).is_dir() else []
+        for record in records:
+            out = record.with_name(record.name.removesuffix(RECORD_SUFFIX))
+            reports = [out.with_name(out.stem + "_report.json")] if name in ("pairs", "sdrrl") else []
+            removed += remove_own_output(out, made_by, companions=reports)
+    marker = folder / "done" / name
+    if marker.exists():
+        marker.unlink()
+        removed.append(marker)
     return removed
 
 
-def plan(model, prompt_dirs: list, work: Path, recipe, iterations: int, train_nproc: int, redo_from: str | None):
+def plan(model, prompt_dirs: list, work: Path, recipe, iterations: int, train_processes: int,
+         redo_from: str | None):
     """Before any work: compare every done-marker of WORK with what this command would make. Nothing
     differs: go on (done stages are skipped). Something differs: refuse, naming the first marker and
     what changed; or, with redo_from, delete that stage's outputs (and every later stage's, in
@@ -332,10 +351,12 @@ def plan(model, prompt_dirs: list, work: Path, recipe, iterations: int, train_np
         present = [name for name in names if (folder / "done" / name).exists()]
         if not present:
             return
-        identities = stage_identities(model, prompts, recipe, train_nproc) if Path(model).is_dir() else None
+        identities = stage_identities(model, prompts, recipe, train_processes) if Path(model).is_dir() else None
         for i, name in enumerate(names):
             changes = (marker_changes(folder / "done" / name, identities[name]) if identities
                        else [f"M{t - 1} ({model}) is not there"] if name in present else [])
+            if name == "translate" and name in present:  # answers made again after they were translated
+                changes += stale_translations(folder)
             if not changes and name in present:
                 continue
             if name not in present and not any(later in present for later in names[i:]):
@@ -362,5 +383,8 @@ def redo(work: Path, folder: Path, stages, t: int, iterations: int, names):
     todo = [(folder, name) for name in reversed(stages)]
     todo = [(work / f"iter{u}", name) for u in range(iterations, t, -1) for name in reversed(names)] + todo
     for place, name in todo:
-        for out in remove_stage_outputs(place, name):
-            print(f"--redo-from: removed {out}", flush=True)
+        for path in remove_stage_outputs(place, name):
+            print(f"--redo-from: removed {path}", flush=True)
+        if name == "train" and (place / "train").is_dir() and any((place / "train").iterdir()):
+            kept = ", ".join(sorted(p.name for p in (place / "train").iterdir()))
+            print(f"--redo-from: left {place / 'train'} and what it holds ({kept}): lidr did not write it", flush=True)

@@ -9,6 +9,7 @@ SummaryWriter; needs `pip install 'lidr[tensorboard]'`); a resumed run first dro
 first_step on, which it logs again. "wandb" logs to the run named after OUT (`pip install
 'lidr[wandb]'`; WANDB_PROJECT, WANDB_MODE=offline and the rest of wandb's environment apply),
 with the same id on a resume, so the redone steps land in the same run. log.jsonl stays the record.
+`tracker_package` imports what --report-to needs: the trainer and iterate.py call it before any work.
 """
 
 import hashlib
@@ -18,28 +19,39 @@ from pathlib import Path
 from lidr.settings import REPORT_TO
 
 
+def tracker_package(report_to: str):
+    """What `report_to` mirrors through, imported (SummaryWriter, the wandb module; None for "none"), or
+    one sentence when it is not installed. The trainer and iterate.py call it before any work: a
+    missing package found when the first step is logged costs the reference pass, or an iteration."""
+    if report_to not in REPORT_TO:
+        raise ValueError(f"report_to {report_to!r} is not one of {', '.join(REPORT_TO)}")
+    try:
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter
+        if report_to == "wandb":
+            import wandb
+
+            return wandb
+    except ImportError as e:
+        raise SystemExit(f"--report-to {report_to} needs the {report_to} package: pip install 'lidr[{report_to}]', "
+                         f"or leave --report-to out ({e})") from None
+    return None
+
+
 class Tracker:
     """The scalars of a run, mirrored to `report_to` (one of REPORT_TO); call it on rank 0 only."""
 
     def __init__(self, report_to: str, out: Path, config: dict, first_step: int = 1):
         self.report_to, self.writer = report_to, None
+        package = tracker_package(report_to)
         if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SystemExit("--report-to tensorboard needs the tensorboard package: "
-                                 "pip install 'lidr[tensorboard]'") from None
-            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=first_step)
+            self.writer = package(log_dir=str(out / "tensorboard"), purge_step=first_step)
         elif report_to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("--report-to wandb needs the wandb package: pip install 'lidr[wandb]'") from None
             run_id = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]  # a rerun of OUT continues its run
-            self.writer = wandb.init(project=os.environ.get("WANDB_PROJECT", "lidr"), name=out.name, id=run_id,
-                                     dir=str(out), config=config, resume="allow")
-        elif report_to != "none":
-            raise ValueError(f"report_to {report_to!r} is not one of {', '.join(REPORT_TO)}")
+            self.writer = package.init(project=os.environ.get("WANDB_PROJECT", "lidr"), name=out.name, id=run_id,
+                                       dir=str(out), config=config, resume="allow")
 
     def log(self, scalars: dict, step: int):
         if self.report_to == "tensorboard":

@@ -8,7 +8,8 @@ lidr/train.py; this module is what keeps a run safe around it, on every rank of 
 
 One run, in order:
 1. Inputs are checked before anything is written: the model folder (config, weights, tokenizer)
-   and the data. Rows are read and tokenized; bad rows are dropped and counted per reason
+   and the data. Rows are read (JSONL, Parquet, a save_to_disk folder; lidr's or TRL's formats:
+   lidr/harness/pair_data.py) and tokenized (lidr/train_data.py); bad rows are dropped and counted per reason
    (unreadable, missing or empty fields, chosen == rejected, too long; printed and written to
    OUT/data_report.json). A prompt that does not fit beside its longer response in --max-len
    keeps its last tokens (the end of the question and the assistant header the reply follows);
@@ -29,8 +30,9 @@ One run, in order:
    memory plan (lidr/harness/memory.py) says the largest micro-batch does not fit without it (printed).
    A plain `python` launch makes a one-rank process group, so every launch runs the same code.
 3. Reference log-probs (DPO): the policy, still M_t, scores every pair once (the held-out ones
-   too), each rank a slice; the table is gathered and saved as OUT/reference_logps.pt and reused
-   on resume. During training only the policy is in memory.
+   too), each rank its share, packed as training and evaluation will pack them (so the margins
+   are exactly 0 until the first update); the table is gathered and saved as OUT/reference_logps.pt
+   and reused on resume. During training only the policy is in memory.
 4. Training: AdamW (fused on CUDA), a linear warmup (none by default) then a linear (or cosine)
    fall to 0, gradient clipping, gradient accumulation (LLaMA-Factory's defaults, lidr/settings.py
    Training). loss per pair = −log σ(β·Δ) + α·(−log π(y_c|x)/|y_c|) (lidr/dpo.py; --loss picks a
@@ -39,14 +41,16 @@ One run, in order:
    all_reduce and one read per step. Each step appends a JSON line to OUT/log.jsonl (mirrored to
    TensorBoard or wandb with --report-to); the console shows one progress bar (plain lines every
    30 s or 10% when it is not a terminal, lidr/harness/progress.py). --eval-split F holds out a share F of
-   the prompt ids (every row of an id, drawn with --seed) and scores them before training, every
+   the prompt ids (every row of an id, drawn with --seed), --eval-data FILE the rows of another
+   file, and scores them before training, every
    --eval-every steps and at the end: loss, reward accuracy and margin, overall and per "lang",
    as "eval/..." lines in OUT/log.jsonl, on the console and in the curves.
 5. Every --save-every steps before the last: OUT/checkpoint (sharded model and optimizer state
    through torch.distributed.checkpoint, scheduler, step, per-rank RNG) built in
-   OUT/checkpoint.tmp and renamed into place, so a crash leaves the previous checkpoint whole.
-   Rerunning the same command resumes from it. A NaN/inf loss or gradient norm stops the run
-   before the optimizer step and before any save.
+   OUT/checkpoint.tmp and renamed into place, so a crash leaves the previous checkpoint whole;
+   a save stopped between any two of its steps is recovered by the next (`complete_checkpoint`).
+   Rerunning the same command resumes from it (a torn last line of OUT/log.jsonl cut, and said).
+   A NaN/inf loss or gradient norm stops the run before the optimizer step and before any save.
 6. Export, in place of a last checkpoint: OUT/model, an HF folder (lidr.checkpoint.save,
    gathered on rank 0, built beside its place and renamed into it) in the compute dtype, and
    OUT/curves.png (the other ranks wait at a barrier, as they wait for rank 0's read in step 2:
@@ -56,10 +60,10 @@ One run, in order:
    from the last checkpoint; an OUT/model without its record is refused, never replaced.
 """
 
+import importlib.util
 import json
 import math
 import os
-import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -79,11 +83,12 @@ from lidr.checkpoint import default_dtype, read_config, save
 from lidr.harness import cluster
 from lidr.harness.memory import GB, fits, largest_micro_batch, plan, training_peak
 from lidr.harness.outputs import (
-    OutputLock, check_folder, file_identity, folder_identity, hold_lock, owner, record_output, record_path,
-    remove_stale_temporaries, write_json_atomic,
+    OutputLock, check_folder, cut_torn_tail, folder_identity, hold_lock, owner, read_output_rows,
+    record_output, record_path, remove_path, remove_stale_temporaries, write_json_atomic, write_text_atomic,
 )
+from lidr.harness.pair_data import data_identity
 from lidr.harness.progress import Progress
-from lidr.harness.tracking import Tracker
+from lidr.harness.tracking import Tracker, tracker_package
 from lidr.kernels.attention import flex_documents
 from lidr.settings import TRAINING, Training, provenance
 from lidr.tokenizer import Tokenizer
@@ -93,7 +98,11 @@ from lidr.train import (
 )
 
 MADE_BY = "lidr.cli.train"  # the owner named in OUT.made-from.json: the command's module
-REFERENCE_KEYS = ("model", "data", "max_len", "dtype")  # what the reference log-probs are computed from
+# what the trainer writes in OUT: what --redo-from may delete there (lidr/harness/stages.py), and nothing else
+RUN_CONTENTS = ("run.json", "data_report.json", "reference_logps.pt", "reference_logps.tmp", "log.jsonl", "checkpoint",
+                "checkpoint.tmp", "checkpoint.old", "curves.png", "model", "model.made-from.json", "tensorboard", "wandb")
+# what the reference log-probs are computed from
+REFERENCE_KEYS = ("model", "data", "eval_data", "max_len", "dtype", "chat_format", "plain_text")
 
 
 def run(model_dir, data, out, options: Training = TRAINING):
@@ -101,6 +110,7 @@ def run(model_dir, data, out, options: Training = TRAINING):
 
     The module docstring's steps 1-6, run by every rank under torchrun, or in one process (a one-rank group).
     """
+    tracker_package(options.report_to)  # --report-to's package, before any work
     ranks = setup_distributed()
     if options.dtype is None:
         options = replace(options, dtype=str(default_dtype(ranks.device)).removeprefix("torch."))
@@ -109,7 +119,8 @@ def run(model_dir, data, out, options: Training = TRAINING):
         model_dir, data, out = Path(model_dir), Path(data), Path(out)
         rank, world, device = ranks
         torch.manual_seed(options.seed)
-        tokenizer, examples, counts, identity = read_inputs(model_dir, data, options, world)
+        tokenizer, examples, counts, eval_counts, (train_indices, held_out_indices), identity = read_inputs(
+            model_dir, data, options, world)
 
         def same_run():  # a folder of the user's, or a run on other inputs: refused untouched
             check_run_folder(out, identity)
@@ -118,16 +129,21 @@ def run(model_dir, data, out, options: Training = TRAINING):
         identity = cluster.on_rank0(same_run)  # rank 0's view: resolved paths and file times differ across nodes
         options, why = cluster.on_rank0(lambda: checkpointing_where_needed(model_dir, examples, options, world, device))
         global_batch = global_batch_size(options, world)
-        train_indices, held_out_indices = split_held_out(examples, options.eval_split, options.seed)
         total_steps = len(train_indices) // global_batch * options.epochs
         dist.barrier()
         locks = []  # rank 0's hold on OUT
+        # the curves are a report, not the run's result: without matplotlib (the extra `plot`) it trains and says so
+        can_plot = importlib.util.find_spec("matplotlib") is not None
         cluster.on_rank0(lambda: locks.append(claim_run_folder(out, identity)))  # every rank refuses alike
         if rank == 0:
             write_json_atomic(out / "run.json", identity)
-            write_json_atomic(out / "data_report.json", dict(counts))
+            report = {**counts, "eval_data": eval_counts} if eval_counts else counts  # --eval-data's rows beside
+            write_json_atomic(out / "data_report.json", dict(report))
             print(f"{data}: {counts['read']} rows read, {counts['kept']} kept ({format_counts(counts)}); "
                   f"counts in {out / 'data_report.json'}")
+            if eval_counts:
+                print(f"{options.eval_data}: {eval_counts['read']} rows read, {eval_counts['kept']} kept and held out "
+                      f"({format_counts(eval_counts)})")
             attention = "through a dense mask"
             if not dense_mask_default(device):
                 attention = ("through flex attention's document mask" if flex_documents(device)
@@ -137,6 +153,9 @@ def run(model_dir, data, out, options: Training = TRAINING):
                   f"{world}; {total_steps} steps")
             if why:
                 print(why)
+            if not can_plot:
+                print(f"{out / 'curves.png'} will not be drawn: matplotlib is not installed (pip install 'lidr[plot]'); "
+                      f"the numbers are in {out / 'log.jsonl'}")
         dist.barrier()
         if cluster.on_rank0(lambda: exported(out)):  # the run is complete
             if rank == 0:
@@ -153,7 +172,7 @@ def run(model_dir, data, out, options: Training = TRAINING):
             fingerprint = {k: identity[k] for k in REFERENCE_KEYS}
             reference = saved_reference_logps(reference_path, fingerprint)
             if reference is None:
-                reference = reference_logps(model, examples, tokenizer.pad_id, options, ranks)
+                reference = reference_logps(model, examples, tokenizer.pad_id, options, ranks, held_out_indices)
                 if rank == 0:
                     save_reference_logps(reference_path, fingerprint, reference)
         held_out = [examples[i] for i in held_out_indices]
@@ -162,8 +181,10 @@ def run(model_dir, data, out, options: Training = TRAINING):
         reference = None if reference is None else reference[train_indices]
         if rank == 0 and held_out:
             every = f"every {options.eval_every} steps, " if options.eval_every else ""
-            print(f"{len(held_out)} pairs of {len({ex.group for ex in held_out})} prompt ids held out (--eval-split "
-                  f"{options.eval_split}), scored before training, {every}and at the end")
+            given = [f"--eval-split {options.eval_split}"] * bool(options.eval_split) + [
+                f"--eval-data {options.eval_data}"] * bool(options.eval_data)
+            print(f"{len(held_out)} pairs of {len({ex.group for ex in held_out})} prompt ids held out "
+                  f"({' and '.join(given)}), scored before training, {every}and at the end")
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay,
                                       betas=(options.adam_beta1, options.adam_beta2), eps=options.adam_eps,
@@ -191,9 +212,9 @@ def run(model_dir, data, out, options: Training = TRAINING):
             for step, record in steps(model, optimizer, scheduler, examples, reference, options, tokenizer.pad_id,
                                       ranks, start, total_steps):
                 log_line(log_path, tracker, record)
-                progress.update(1, loss=record["loss"], **{name: record[k] for name, k in
-                                                           (("acc", "reward_accuracy"), ("margin", "margin"))
-                                                           if k in record})
+                progress.update(1, loss=record["loss"], **{name: record[k] for name, k in  # dpo: the term alone
+                                                           (("dpo", "dpo"), ("acc", "reward_accuracy"),
+                                                            ("margin", "margin")) if k in record})
                 if held_out and ((options.eval_every and step % options.eval_every == 0) or step == total_steps):
                     scores = evaluate(model, held_out, held_out_reference, options, tokenizer.pad_id, ranks)
                     log_line(log_path, tracker, {"step": step, **scores})
@@ -209,11 +230,12 @@ def run(model_dir, data, out, options: Training = TRAINING):
         del optimizer, scheduler  # free AdamW's state (twice the weights) before gathering the full weights
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
-            plot_curves(log_path, out / "curves.png")  # before the export: once OUT/model exists a rerun stops
+            if can_plot:
+                plot_curves(log_path, out / "curves.png")  # before the export: once OUT/model exists a rerun stops
             save(out / "model", model.cfg, {k: v.to(compute_dtype) for k, v in full.items()}, tokenizer_from=model_dir)
             record_output(out / "model", MADE_BY, {"run": str(out.resolve()), "steps": total_steps})
             remove_temporaries(out)
-            print(f"wrote {out / 'model'} and {out / 'curves.png'}")
+            print(f"wrote {out / 'model'}" + (f" and {out / 'curves.png'}" if can_plot else ""))
             for lock in locks:
                 lock.release()
         dist.barrier()
@@ -222,10 +244,18 @@ def run(model_dir, data, out, options: Training = TRAINING):
 
 
 def forget_steps_after(log_path: Path, start: int):
-    """OUT/log.jsonl without the lines of the steps after `start` (a resumed run redoes them)."""
-    lines = log_path.read_text().splitlines() if log_path.exists() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start]
-    log_path.write_text("".join(line + "\n" for line in kept))
+    """OUT/log.jsonl without the lines of the steps after `start` (a resumed run redoes them), replaced
+    in one rename. A torn last line (a run stopped mid-write) is cut, saying so; a line before it
+    that does not parse, or a line without a step, is refused, naming the line."""
+    rows, torn_at = read_output_rows(log_path)
+    cut_torn_tail(log_path, torn_at)
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
+            raise SystemExit(f"{log_path}: record {n} has no whole-number 'step'; this is not a log of lidr's "
+                             f"trainer: move it away to resume")
+    text = "".join(json.dumps(row) + "\n" for row in rows if row["step"] <= start)
+    if log_path.exists() and log_path.read_text(encoding="utf-8") != text:  # a line of a later step, or one without its newline
+        write_text_atomic(log_path, text)
 
 
 def log_line(log_path: Path, tracker: Tracker | None, record: dict):
@@ -242,22 +272,34 @@ def log_line(log_path: Path, tracker: Tracker | None, record: dict):
 
 
 def read_inputs(model_dir: Path, data: Path, options: Training, world: int):
-    """(tokenizer, examples, counts, identity): the model folder and data checked and read, or one sentence and exit.
+    """(tokenizer, examples, counts, eval counts, (training indices, held-out indices), identity): the model
+    folder and data checked and read, or one sentence and exit.
 
-    identity names what the run is made from: the settings, the data file (resolved path, size,
-    sha256) and the model folder (resolved path, config and tokenizer hashes, weight file sizes
-    and modification times). Nothing is written here.
+    examples are --data's usable rows, then --eval-data's (eval counts: None without it); held out are
+    --eval-split's share of --data's prompts and every row of --eval-data. identity names what the run
+    is made from: the settings, the data (resolved path, size, sha256; `data_identity`) and the model
+    folder (resolved path, config and tokenizer hashes, weight file sizes and modification times).
+    Nothing is written here.
     """
     model_identity = folder_identity(model_dir)  # a missing folder or config.json: one sentence
     tokenizer, examples, counts = read_examples(model_dir, data, options)
+    train, held_out = split_held_out(examples, options.eval_split, options.seed)
+    eval_counts, eval_identity = None, None
+    if options.eval_data:
+        _, eval_examples, eval_counts = read_examples(model_dir, Path(options.eval_data), options)
+        if not eval_examples:
+            raise SystemExit(f"{options.eval_data}: no usable row of {eval_counts['read']} "
+                             f"({format_counts(eval_counts)}) to hold out (--eval-data)")
+        held_out += range(len(examples), len(examples) + len(eval_examples))
+        examples, eval_identity = examples + eval_examples, data_identity(options.eval_data)
     global_batch = global_batch_size(options, world)
-    n_train = len(split_held_out(examples, options.eval_split, options.seed)[0])
-    if n_train < global_batch:
-        held_out = f", {len(examples) - n_train} of them held out," if n_train < len(examples) else ""
-        raise SystemExit(f"{data}: {len(examples)} usable rows of {counts['read']} ({format_counts(counts)}){held_out} "
+    if len(train) < global_batch:
+        n_data = counts["kept"]
+        held = f", {n_data - len(train)} of them held out," if len(train) < n_data else ""
+        raise SystemExit(f"{data}: {n_data} usable rows of {counts['read']} ({format_counts(counts)}){held} "
                          f"do not fill one global batch of {global_batch}")
-    identity = {**provenance(options), "model": model_identity, "data": file_identity(data)}
-    return tokenizer, examples, counts, identity
+    identity = {**provenance(options), "model": model_identity, "data": data_identity(data), "eval_data": eval_identity}
+    return tokenizer, examples, counts, eval_counts, (train, held_out), identity
 
 
 def checkpointing_where_needed(model_dir: Path, examples: list[Example], options: Training, world: int, device):
@@ -325,10 +367,11 @@ def exported(out: Path) -> bool:
 
 
 def remove_temporaries(out: Path):
-    """What an interrupted save or export left in OUT, once the run has succeeded."""
-    for folder in (out / "checkpoint.tmp", out / "checkpoint.old"):
-        shutil.rmtree(folder, ignore_errors=True)
-    (out / "reference_logps.tmp").unlink(missing_ok=True)
+    """What an interrupted save or export left in OUT, once the run has succeeded, each named."""
+    for path in (out / "checkpoint.tmp", out / "checkpoint.old", out / "reference_logps.tmp"):
+        if path.exists():
+            remove_checkpoint(path) if path.is_dir() else path.unlink()
+            print(f"removed {path}, left by an interrupted save")
     remove_stale_temporaries(out / "model")
 
 
@@ -354,10 +397,11 @@ def save_reference_logps(path: Path, fingerprint: dict, table: torch.Tensor):
 
 
 def save_checkpoint(model, optimizer, scheduler, step: int, out: Path, rank: int):
-    """OUT/checkpoint, replaced atomically: built in checkpoint.tmp, renamed once complete."""
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    """OUT/checkpoint, replaced atomically: built in checkpoint.tmp, complete once its trainer.pt
+    is in place, then rotated in (`complete_checkpoint`)."""
+    tmp = out / "checkpoint.tmp"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_checkpoint(tmp)  # an interrupted save's
         tmp.mkdir(parents=True)
     dist.barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
@@ -366,16 +410,39 @@ def save_checkpoint(model, optimizer, scheduler, step: int, out: Path, rank: int
     torch.save(rng, tmp / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer.pt")  # written last
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        complete_checkpoint(out, {"step": step, "scheduler": scheduler.state_dict()})
     dist.barrier()
 
 
+def complete_checkpoint(out: Path, trainer_state: dict):
+    """Rank 0, once every rank has saved into OUT/checkpoint.tmp: its trainer.pt (last, in one rename:
+    the folder is whole once it is there), then the rotation: checkpoint.tmp in the place of
+    OUT/checkpoint, which stays whole until then (as checkpoint.old once moved aside). Killed
+    between any two steps, it leaves a state where `latest_checkpoint` finds a whole checkpoint and
+    the next save goes through (a leftover checkpoint.old, whole or half removed, is removed first)."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    torch.save(trainer_state, tmp / "trainer.pt.tmp")
+    os.replace(tmp / "trainer.pt.tmp", tmp / "trainer.pt")
+    if (final / "trainer.pt").is_file():
+        remove_checkpoint(old)
+        final.rename(old)
+    else:  # absent, or half removed: the whole previous checkpoint, if any, is checkpoint.old
+        remove_checkpoint(final)
+    tmp.rename(final)
+    remove_checkpoint(old)
+
+
+def remove_checkpoint(folder: Path):
+    """A checkpoint folder removed, its trainer.pt first: one half removed is never taken for whole."""
+    if folder.is_dir() and not folder.is_symlink():
+        (folder / "trainer.pt").unlink(missing_ok=True)
+    if folder.exists() or folder.is_symlink():
+        remove_path(folder)
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    """OUT/checkpoint, or checkpoint.old when a crash came between the two renames of a save."""
+    """OUT/checkpoint, or checkpoint.old when a save was stopped in the middle of its rotation; a
+    checkpoint is whole when its trainer.pt (written last, in one rename) is there."""
     for folder in (out / "checkpoint", out / "checkpoint.old"):
         if (folder / "trainer.pt").is_file():
             return folder
@@ -424,6 +491,7 @@ def plot_curves(log_path: Path, png_path: Path):
     train_rows = [r for r in records if "loss" in r]
     eval_rows = [r for r in records if "eval/loss" in r]
     panels = [("loss", ["loss", "dpo", "nll"]), ("rewards", ["chosen_reward", "rejected_reward", "margin"]),
+              ("log-probs", ["logps/chosen", "logps/rejected", "ref_logps/chosen", "ref_logps/rejected"]),
               ("reward accuracy", ["reward_accuracy"]), ("grad norm", ["grad_norm"]), ("learning rate", ["lr"])]
     panels = [(title, train_rows, keys) for title, keys in panels]
     if eval_rows:  # the held-out pairs: overall, and accuracy and margin per language
@@ -465,7 +533,7 @@ def plan_run(model_dir, data, options: Training, gpus: int | None, gpu_memory_gb
     try:
         cfg = read_config(model_dir)
         tokenizer = Tokenizer.from_folder(model_dir, chat_format=options.chat_format)
-        examples, counts = load_examples(data, tokenizer, options.objective, options.max_len)
+        examples, counts = load_examples(data, tokenizer, options.objective, options.max_len, options.plain_text)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None
     if not examples:
