@@ -40,6 +40,7 @@ instead of reading the verb (bench/RESULTS.md has the evidence). The paper's oth
 """
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -47,10 +48,10 @@ from pathlib import Path
 
 import torch
 
-from lidr.cli import command
+from lidr.cli import command, require_extra
 from lidr.settings import Training
-from world.arms import Arms, Size, recipe, run_lidr, run_world
-from world.corpus import WorldSettings
+from world.arms import ARMS, Arms, Size, recipe, run_lidr, run_world
+from world.corpus import SPLITS, WorldSettings
 from world.report import evaluate, finish_report, learning_summary
 
 # the world's sizes and its two training jobs (pretraining M0; one LIDR/SDRRL step), overriding the paper's
@@ -60,8 +61,18 @@ PRETRAIN = Training(objective="sft", lr=3e-3, batch_size=32, epochs=2, warmup_ra
                     save_every=100000, **WORLD_OPTIMIZER)
 LIDR_STEP = Training(lr=1e-4, batch_size=16, epochs=2, beta=1.0, alpha=4, max_len=256, save_every=100000,
                      warmup_ratio=0.1, **WORLD_OPTIMIZER)
+# each arm's settings, chosen on dev over tuning seeds 0 and 1 (bench/world_study.py --tune, 2026-12-07; the grid
+# and every point's dev accuracy: bench/RESULTS.md); the LIDR step above is the base each changes
+TUNED = {"lidr": dict(lr=3e-4, beta=1.0, alpha=4.0), "dpo-only": dict(lr=1e-4, beta=0.1),
+         "nll-only": dict(lr=3e-4, epochs=4), "sdrrl": dict(lr=3e-4), "gold-sft": dict(lr=1e-3)}
 WORLD = {
-    "default": Size(world=WorldSettings(), pretrain=PRETRAIN, train=LIDR_STEP),
+    # half the corpus and the splits of "large" (the world until issue 27), M0 pretrained 3 epochs: a seed in about
+    # half the time, so the study runs ten fresh test seeds (bench/world_study.py)
+    "default": Size(world=WorldSettings(n_english=2500, n_other=150, n_translation=300, n_dev=100, n_test=100,
+                                        n_ood=50, n_prompts=100),
+                    pretrain=replace(PRETRAIN, epochs=3), train=LIDR_STEP,
+                    tuned={arm: replace(LIDR_STEP, **setting) for arm, setting in TUNED.items()}),
+    "large": Size(world=WorldSettings(), pretrain=PRETRAIN, train=LIDR_STEP),
     # a smoke test of every stage: its M0 translates too poorly for the sign check to leave a batch of pairs
     "quick": Size(world=WorldSettings(n_english=1500, n_other=60, n_translation=150, n_dev=8, n_test=8, n_ood=8,
                                       n_prompts=8),
@@ -105,6 +116,53 @@ def run_smollm2(args, size: dict, work: Path):
     finish_report(models, {"test": work / "eval"}, work, learned, {}, {"iterations": data})
 
 
+def run_part(work: Path, size: Size, arms: Arms, train_nproc: int, part: str, log: Path, threads: int):
+    """One part of world.arms.run_world in this (spawned) process with `threads` threads, its output in `log`."""
+    import os
+
+    torch.set_num_threads(threads)
+    with open(log, "a") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        run_world(work, size, arms, train_nproc, part)
+
+
+def run_parts_side_by_side(work: Path, size: Size, arms: Arms, train_nproc: int, threads: int):
+    """The world's prefix (M0, LIDR's iteration 1) here, then LIDR and the baselines in two processes at once;
+    the caller's run_world then finds every model trained and evaluated and writes the report."""
+    import multiprocessing
+
+    run_world(work, size, arms, train_nproc, "prefix")
+    context = multiprocessing.get_context("spawn")
+    parts = {part: (work / f"{part}.log", context.Process(target=run_part, args=(work, size, arms, train_nproc, part,
+                                                                               work / f"{part}.log", threads)))
+             for part in ("lidr", "baselines")}
+    for part, (log, process) in parts.items():
+        print(f"[demo] {part} in a process of its own; its output: {log}", flush=True)
+        process.start()
+    for part, (log, process) in parts.items():
+        process.join()
+        print(f"[demo] {part}: {'finished' if process.exitcode == 0 else f'failed (exit {process.exitcode})'}",
+              flush=True)
+    failed = [f"{part} (see {log})" for part, (log, process) in parts.items() if process.exitcode]
+    if failed:
+        raise SystemExit(f"demo: {', '.join(failed)} failed; the same command resumes where they stopped")
+
+
+def read_tuned(path: Path, parser) -> dict:
+    """{arm: {setting: value}} from bench/world_study.py --tune's tuned.json ({"chosen": {arm: {"setting": ...}}})."""
+    try:
+        chosen = json.loads(path.read_text())["chosen"]
+        tuned = {arm: dict(c["setting"]) for arm, c in chosen.items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        parser.error(f"--tuned {path}: not a tuned.json of bench/world_study.py --tune ({e})")
+    unknown = set(tuned) - set(ARMS)
+    bad = [f"{arm}.{key}" for arm, setting in tuned.items() for key in setting if key not in Training.__dataclass_fields__]
+    if unknown or bad:
+        parser.error(f"--tuned {path}: unknown arms {sorted(unknown)} or settings {bad}; arms: {', '.join(ARMS)}")
+    return tuned
+
+
 @command()
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,40 +171,90 @@ def main(argv=None):
     parser.add_argument("--controls", action="store_true", help="(world) also broken translation and swapped pairs")
     parser.add_argument("--pair-noise", type=float, nargs="+", default=[], metavar="SHARE",
                         help="(world) one LIDR iteration per SHARE on its iteration-1 pairs with that share swapped")
+    parser.add_argument("--noise-split", action="store_true",
+                        help="(world) at each --pair-noise share also DPO only on the swapped pairs and NLL only on "
+                             "their chosen answers: which term the swapped pairs hurt")
+    parser.add_argument("--ablations-only", action="store_true",
+                        help="(world) M0, one LIDR iteration (M1), DPO only and NLL only: the ablation alone")
+    parser.add_argument("--eval-splits", nargs="+", choices=SPLITS, default=["test", "ood"],
+                        help="(world) the splits every model is evaluated on (default: test and ood; dev is where "
+                             "bench/world_study.py --tune chose the settings; its test seeds: test alone)")
     parser.add_argument("--only-lidr", action="store_true",
                         help="(world) M0, M1, M2 only: no SDRRL, DPO only, NLL only or gold-SFT")
     parser.add_argument("--english-error-rate", type=float, default=0.0,
                         help="(world) share of English (object, operation) cells misread in the corpus (default: 0)")
+    parser.add_argument("--english-slip-rate", type=float, default=0.0,
+                        help="(world) share of English (object, operation) cells whose answers slip: the operation "
+                             "right, the result one too many, so LIDR's chosen answers there are better than the "
+                             "rejected and still wrong (default: 0)")
+    parser.add_argument("--tuned", type=Path, default=None, metavar="TUNED_JSON",
+                        help="(world) each arm's trainer settings chosen on dev (bench/world_study.py --tune writes "
+                             "it); default: demo.py's TUNED, the study's choice")
     parser.add_argument("--translation-fidelity", type=float, default=1.0,
                         help="(world) share of the corpus's translation examples that keep their numbers (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="(world) draws the corpus, the splits and M0's init")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every stage")
+    parser.add_argument("--size", choices=("default", "large"), default="default",
+                        help="(world) default: 2,500 English problems, 100 prompts per iteration and language, 100 "
+                             "dev and test problems; large: the world until issue 27 (6,000; 200; 200)")
     parser.add_argument("--work", default=None,
                         help="work folder (default: runs/demo, runs/demo-quick, runs/demo-smollm2[-quick])")
+    parser.add_argument("--jobs", type=int, choices=(1, 2), default=2,
+                        help="(world) processes of one thread each: 2 runs LIDR and the baselines side by side once "
+                             "M0 and LIDR's iteration 1 exist, the same numbers as 1 (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="(world) torch threads per process (default: 1, the study's: digits follow the thread "
+                             "count, the conclusions should not)")
     parser.add_argument("--train-nproc", type=int, default=1,
                         help="training processes (torchrun, FSDP over gloo, when > 1; default: %(default)s); "
                              "generation runs in this process")
     args = parser.parse_args(argv)
     world_flags = (args.controls, args.pair_noise, args.only_lidr, args.seed, args.english_error_rate,
-                   args.translation_fidelity != 1.0)
+                   args.translation_fidelity != 1.0, args.english_slip_rate, args.noise_split, args.tuned,
+                   args.ablations_only, args.size != "default", args.eval_splits != ["test", "ood"],
+                   args.threads != 1)
     if args.model == "smollm2" and any(world_flags):
         parser.error("--controls, --pair-noise, --only-lidr, --seed and the dials belong to the controlled world")
-    if not all(0.0 <= x <= 1.0 for x in (*args.pair_noise, args.english_error_rate, args.translation_fidelity)):
-        parser.error("--pair-noise, --english-error-rate and --translation-fidelity are shares between 0 and 1")
-    size_name = "quick" if args.quick else "default"
-    default_work = "runs/demo" + ("-smollm2" if args.model == "smollm2" else "") + ("-quick" if args.quick else "")
+    shares = (*args.pair_noise, args.english_error_rate, args.translation_fidelity, args.english_slip_rate)
+    if not all(0.0 <= x <= 1.0 for x in shares):
+        parser.error("--pair-noise, --english-error-rate, --english-slip-rate and --translation-fidelity are shares "
+                     "between 0 and 1")
+    if args.english_error_rate + args.english_slip_rate > 1.0:
+        parser.error("--english-error-rate and --english-slip-rate share the twelve cells: their sum is at most 1")
+    if args.ablations_only and (args.only_lidr or args.controls):
+        parser.error("--ablations-only runs M1, DPO only and NLL only; --only-lidr and --controls ask for other arms")
+    if "test" not in args.eval_splits:
+        parser.error("--eval-splits: the report is on test; give test (and dev or ood beside it)")
+    if args.jobs == 2 and args.train_nproc > 1:
+        parser.error("--jobs 2 runs two one-thread processes; with --train-nproc > 1 use --jobs 1")
+    if args.noise_split and not args.pair_noise:
+        parser.error("--noise-split splits the --pair-noise arms: give --pair-noise SHARE too")
+    tuned = read_tuned(args.tuned, parser) if args.tuned else {}
+    require_extra("matplotlib", "demo", "the demo's report charts")
+    require_extra("py3langid", "demo", "the demo's scores (off-target rates, eval/mgsm.py)")
+    if args.model == "smollm2":
+        require_extra("gguf", "demo", "the embedded SmolLM2-135M-Instruct (world/demo_model.py)")
+    size_name = "quick" if args.quick else args.size
+    default_work = ("runs/demo" + ("-smollm2" if args.model == "smollm2" else "") + ("-quick" if args.quick else "")
+                    + ("-large" if args.size == "large" else ""))
     work = Path(args.work or default_work)
     torch.manual_seed(0)
     start = time.time()
     if args.model == "world":
-        # one thread: the world's 1M-parameter model gains ~6% of wall time from a second (12.9 vs 13.7 min here),
-        # and its digits follow the thread count (float reductions); one thread is what bench/world_study.py runs
-        torch.set_num_threads(1)
+        # one thread per process: the world's 1M-parameter model gains ~6% of wall time from a second thread, and
+        # its digits follow the thread count (float reductions); one thread is what bench/world_study.py runs
+        torch.set_num_threads(args.threads)
         size = WORLD[size_name]
         world = replace(size.world, seed=args.seed, english_error_rate=args.english_error_rate,
-                        translation_fidelity=args.translation_fidelity)
-        arms = Arms(baselines=not args.only_lidr, pair_noise=tuple(args.pair_noise), controls=args.controls)
-        run_world(work, replace(size, world=world), arms, args.train_nproc)
+                        translation_fidelity=args.translation_fidelity, english_slip_rate=args.english_slip_rate)
+        arms = Arms(baselines=not args.only_lidr, pair_noise=tuple(args.pair_noise), controls=args.controls,
+                    noise_split=args.noise_split, ablations_only=args.ablations_only,
+                    splits=tuple(s for s in SPLITS if s in args.eval_splits))
+        tuned = {**size.tuned, **{arm: replace(size.train, **setting) for arm, setting in tuned.items()}}
+        size = replace(size, world=world, tuned=tuned)
+        if args.jobs == 2:
+            run_parts_side_by_side(work, size, arms, args.train_nproc, args.threads)
+        run_world(work, size, arms, args.train_nproc)
     else:
         run_smollm2(args, SMOLLM2[size_name], work)
     print(f"demo finished in {(time.time() - start) / 60:.1f} min; report: {work / 'report'}", file=sys.stderr)

@@ -1,25 +1,21 @@
-"""The controlled world as a study: every arm over seeds with 95% intervals, the gain against pair accuracy, and a
-world whose English is imperfect too.
+"""The controlled world as a study: every arm tuned on dev, fresh test seeds, intervals and exact tests.
 
-    python bench/world_study.py                          # seeds 0-4, two demo runs at a time (OMP_NUM_THREADS=1)
-    python bench/world_study.py --seeds 0 1 2 3 4 5 6 --jobs 1
+    python bench/world_study.py --tune                   # tune on seeds 0, 1 (dev), then test seeds 100-109
     python bench/world_study.py --summarize-only         # the tables and the plot again from finished runs
+    python bench/world_study.py --seeds 0 1 2 3 4 --all-arms --pair-noise 0.1 0.2 0.3 0.4   # the earlier study
 
-For each seed, two runs of demo.py, each its own process (OMP_NUM_THREADS=1, --jobs at a time):
-- WORK/seedN: the default arms (M0, LIDR's M1 and M2, SDRRL-1/-2, DPO-only-1, NLL-only-1, gold-SFT) and one LIDR
-  iteration per --pair-noise share (that share of its iteration-1 pairs swapped);
-- WORK/english-imperfect/seedN: M0, M1, M2 in a world whose English corpus misreads the verb in
-  --english-error-rate of its (object, operation) cells.
-A run whose report/results.json exists is skipped; an interrupted one resumes (the demo skips finished stages),
-so rerunning the same command continues the study. Then, on test (dev beside it, and OOD):
-- each arm: mean and 95% t-interval over seeds of English and of the non-dominant average;
-- paired differences, seed by seed: M1 − M0, M2 − M1, LIDR − NLL only, LIDR − DPO only, LIDR − SDRRL (one and two
-  iterations), gold-SFT − M2;
-- the gain of one iteration over M0 against the agreement of its pairs with gold (WORK/noise.png, the paper's
-  57–79% agreement of its pairs with a GPT-4 judge shaded);
-- the English-imperfect world's M0 → M1 → M2 in English and the other languages.
-Written to WORK/summary.md, WORK/summary.json and WORK/noise.png; bench/RESULTS.md has a run of it. Absolute
-numbers differ between machines (M0 itself does: float reductions differ between CPUs); the effects should not.
+--tune first runs `python -m world.tune` per tuning seed (the world, M0, LIDR's iteration-1 pairs, then one
+iteration of every arm at every point of its grid, on dev only) and writes WORK/tuned.json: per arm the
+setting with the best mean dev accuracy over the tuning seeds. Then, per test seed, demo.py runs (one thread,
+--jobs seeds at a time; `--tuned WORK/tuned.json` when it exists):
+- WORK/seedN: M0, M1 (one LIDR iteration), DPO only, NLL only on test (--all-arms: every arm on every split),
+  and at each --pair-noise share LIDR, DPO only and NLL only on the same swapped pairs (--noise-split);
+- WORK/slip/seedN: the same arms in a world whose English slips in --slip-rate of its cells;
+- WORK/english-imperfect/seedN (--english-error-rate > 0): M0, M1, M2 in a world whose English misreads.
+A run whose report/results.json exists is skipped; an interrupted one resumes. Then, on test: each arm's mean
+and 95% t-interval over seeds; paired differences with the two-sided exact sign-flip test and the seeds won,
+lost and tied; the noise split; the slip world; the gain against pair agreement (WORK/noise.png). Written to
+WORK/summary.md and WORK/summary.json; bench/RESULTS.md holds the decision rule, written before the runs.
 """
 
 import argparse
@@ -58,8 +54,31 @@ def interval(values: list[float]) -> dict:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values), "values": values}
 
 
+def sign_flip_p(differences: list[float]) -> float:
+    """Two-sided exact sign-flip test of a zero mean paired difference: the share of the 2^n ways to flip the
+    signs of the n differences whose |sum| is at least the observed one (a zero difference flips to itself)."""
+    import numpy as np
+
+    if len(differences) > 20:
+        raise ValueError(f"{len(differences)} seeds: the exact test enumerates 2^n sign flips, n <= 20 here")
+    d = np.asarray(differences, dtype=np.float64)
+    signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+    sums = np.abs(signs @ d)
+    return float(np.mean(sums >= abs(d.sum()) - 1e-12))
+
+
+def paired(values: list[float]) -> dict:
+    """A paired difference over seeds: its t-interval, the exact sign-flip p and the seeds it won, lost, tied."""
+    return {**interval(values), "p": sign_flip_p(values), "wins": sum(v > 0 for v in values),
+            "losses": sum(v < 0 for v in values), "ties": sum(v == 0 for v in values)}
+
+
 def show(cell: dict) -> str:
     return f"{cell['mean']:+.3f} [{cell['low']:+.3f}, {cell['high']:+.3f}]"
+
+
+def show_paired(cell: dict) -> str:
+    return f"{show(cell)}, p = {cell['p']:.3g} ({cell['wins']}+/{cell['losses']}−/{cell['ties']}=)"
 
 
 def show_level(cell: dict) -> str:
@@ -75,24 +94,41 @@ def non_dominant(accuracy: dict) -> float:
 
 
 def jobs_for(args) -> list[tuple[Path, list[str]]]:
-    noise = ["--pair-noise", *map(str, args.pair_noise)] if args.pair_noise else []
-    jobs = []
-    for seed in args.seeds:
-        jobs.append((args.work / f"seed{seed}", ["--seed", str(seed), *noise]))
-        jobs.append((args.work / "english-imperfect" / f"seed{seed}",
-                     ["--seed", str(seed), "--only-lidr", "--english-error-rate", str(args.english_error_rate)]))
+    """The test runs, every seed's main run first (the primary comparisons), then the dials' worlds: per seed
+    M0, M1, DPO only and NLL only (at the tuned settings when --tune ran) with the noise arms; the slip world
+    with the same arms; the English-imperfect world, LIDR only."""
+    noise = ["--pair-noise", *map(str, args.pair_noise), "--noise-split"] if args.pair_noise else []
+    # one process per seed (--jobs 1: the study runs --jobs seeds at a time); --all-arms adds M2, SDRRL, gold-SFT
+    # and the dev and OOD evaluations to each seed
+    common = ["--jobs", "1", *(["--tuned", str(args.work / "tuned.json")] if (args.work / "tuned.json").exists() else [])]
+    arms = [] if args.all_arms else ["--ablations-only", "--eval-splits", "test"]
+    jobs = [(args.work / f"seed{seed}", ["--seed", str(seed), *common, *arms, *noise]) for seed in args.seeds]
+    if args.slip_rate:
+        jobs += [(args.work / "slip" / f"seed{seed}",
+                  ["--seed", str(seed), *common, *arms, "--english-slip-rate", str(args.slip_rate)])
+                 for seed in args.seeds]
+    if args.english_error_rate:
+        jobs += [(args.work / "english-imperfect" / f"seed{seed}",
+                  ["--seed", str(seed), *common, "--only-lidr", "--english-error-rate", str(args.english_error_rate)])
+                 for seed in args.seeds]
     return jobs
 
 
-def run_all(jobs: list[tuple[Path, list[str]]], parallel: int):
-    """Each unfinished job as `demo.py ... --work FOLDER`, `parallel` at a time, its log in FOLDER.log."""
-    waiting = [(work, flags) for work, flags in jobs if not (work / "report" / "results.json").exists()]
+def tune_jobs(args) -> list[tuple[Path, list[str]]]:
+    return [(args.work / "tune" / f"seed{seed}", ["-m", "world.tune", "--seed", str(seed)]) for seed in args.tune_seeds]
+
+
+def run_all(jobs: list[tuple[Path, list[str]]], parallel: int, done: str = "report/results.json"):
+    """Each unfinished job as `demo.py ... --work FOLDER` (or the module its flags name), `parallel` at a time,
+    its log in FOLDER.log; a job is finished when FOLDER/done exists."""
+    waiting = [(work, flags) for work, flags in jobs if not (work / done).exists()]
     running, failed = [], []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     while waiting or running:
         while waiting and len(running) < parallel:
             work, flags = waiting.pop(0)
-            cmd = [sys.executable, str(ROOT / "demo.py"), *flags, "--work", str(work)]
+            program = [] if flags[:1] == ["-m"] else [str(ROOT / "demo.py")]
+            cmd = [sys.executable, *program, *flags, "--work", str(work)]
             work.parent.mkdir(parents=True, exist_ok=True)
             print(f"$ {' '.join(cmd)}   # log: {work}.log", flush=True)
             log = open(f"{work}.log", "a")
@@ -114,21 +150,44 @@ def run_all(jobs: list[tuple[Path, list[str]]], parallel: int):
 # the summary
 
 
-def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_error_rate: float) -> tuple[str, dict]:
+def row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def differences_table(results: dict[int, dict], pairs: list[tuple[str, str]], splits=("test", "en", "dev", "ood")
+                      ) -> tuple[list[str], dict]:
+    """Markdown rows and data of paired differences a − b, seed by seed: interval, exact sign-flip p, wins."""
+    lines, data = [], {}
+    splits = [s for s in splits if s == "en" or all(s in r for r in results.values())]  # dev, ood: where evaluated
+    for a, b in pairs:
+        if not all(a in r["test"] and b in r["test"] for r in results.values()):
+            continue
+        cells = {}
+        for split in splits:
+            table = "test" if split == "en" else split
+            score = (lambda acc: acc["en"]) if split == "en" else non_dominant
+            cells[split] = paired([score(r[table][a]) - score(r[table][b]) for r in results.values()])
+        data[f"{a} - {b}"] = cells
+        lines.append(row([f"{a} − {b}", f"**{show_paired(cells[splits[0]])}**", *(show(cells[s]) for s in splits[1:])]))
+    return lines, data
+
+
+def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_error_rate: float,
+              slip: dict[int, dict] | None = None, slip_rate: float = 0.0) -> tuple[str, dict]:
     seeds = list(results)
+    splits = ["test", *(s for s in ("dev", "ood") if all(s in r for r in results.values()))]
     lines = [f"Seeds {', '.join(map(str, seeds))}: mean and 95% t-interval over seeds. avg: the four non-dominant "
-             "languages. Test is reported, dev beside it (settings were chosen on dev); ood: people and objects the "
-             "corpus never names.", "", "### Each arm", "",
-             "| arm | en (test) | avg (test) | avg (dev) | avg (ood) |", "| --- | --- | --- | --- | --- |"]
+             "languages. Test is reported (dev beside it where the runs were evaluated there; ood: people and objects "
+             "the corpus never names).", "", "### Each arm", "",
+             row(["arm", "en (test)", *(f"avg ({s})" for s in splits)]), row(["---"] * (len(splits) + 2))]
     data = {"seeds": seeds, "arms": {}, "pairs": {}, "differences": {}, "noise": [], "english_imperfect": {}}
     arms = [a for a in ARMS if all(a in r["test"] for r in results.values())]
     for arm in arms:
         cells = {"en": interval([r["test"][arm]["en"] for r in results.values()]),
-                 **{split: interval([non_dominant(r[split][arm]) for r in results.values()])
-                    for split in ("test", "dev", "ood")}}
+                 **{split: interval([non_dominant(r[split][arm]) for r in results.values()]) for split in splits}}
         data["arms"][arm] = cells
-        lines.append(f"| {arm} | {show_level(cells['en'])} | **{show_level(cells['test'])}** | "
-                     f"{show_level(cells['dev'])} | {show_level(cells['ood'])} |")
+        lines.append(row([arm, show_level(cells["en"]), f"**{show_level(cells['test'])}**",
+                          *(show_level(cells[s]) for s in splits[1:])]))
     lines += ["", "### LIDR's own pairs against gold", "",
               "accuracy: chosen right and rejected wrong, of all pairs; agreement: of the pairs gold tells apart, the "
               "share whose chosen answer is the right one (the paper's agreement of its pairs with a GPT-4 judge: "
@@ -143,17 +202,11 @@ def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_erro
         lines.append(f"| {t} | {cells['n']['mean']:.0f} [{cells['n']['low']:.0f}, {cells['n']['high']:.0f}] | "
                      f"{show_level(cells['accuracy'])} | **{show_level(cells['agreement'])}** |")
     lines += ["", "### Paired differences (seed by seed, then over seeds)", "",
-              "| difference | avg (test) | en (test) | avg (dev) | avg (ood) |", "| --- | --- | --- | --- | --- |"]
-    for a, b in DIFFERENCES:
-        if a not in arms or b not in arms:
-            continue
-        cells = {"test": interval([non_dominant(r["test"][a]) - non_dominant(r["test"][b]) for r in results.values()]),
-                 "en": interval([r["test"][a]["en"] - r["test"][b]["en"] for r in results.values()]),
-                 "dev": interval([non_dominant(r["dev"][a]) - non_dominant(r["dev"][b]) for r in results.values()]),
-                 "ood": interval([non_dominant(r["ood"][a]) - non_dominant(r["ood"][b]) for r in results.values()])}
-        data["differences"][f"{a} - {b}"] = cells
-        lines.append(f"| {a} − {b} | **{show(cells['test'])}** | {show(cells['en'])} | {show(cells['dev'])} | "
-                     f"{show(cells['ood'])} |")
+              "Mean [95% t-interval]; p: two-sided exact sign-flip test over the seeds; wins+/losses−/ties=.", "",
+              row(["difference", "avg (test)", "en (test)", *(f"avg ({s})" for s in splits[1:])]),
+              row(["---"] * (len(splits) + 2))]
+    rows, data["differences"] = differences_table(results, DIFFERENCES)
+    lines += rows
     lines += ["", "### One iteration's gain against the agreement of its pairs with gold", "",
               "Pairs: LIDR's iteration-1 pairs with a seeded share swapped (0: LIDR's own, M1). Agreement: of the "
               "pairs gold tells apart, the share whose chosen answer is the right one.", "",
@@ -171,6 +224,31 @@ def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_erro
         agreement, gain = (interval([p[k] for p in points]) for k in ("agreement", "gain"))
         lines.append(f"| {share:.0%} | {show_level(agreement)} | **{show(gain)}** | "
                      f"{show(interval([p['gain_en'] for p in points]))} |")
+    shares = sorted({share for r in results.values() for share in r.get("pair_noise", {})}, key=float)
+    split_pairs = [pair for share in shares for pair in (
+        (f"pair-noise-{share}-dpo-only", f"pair-noise-{share}-nll-only"),
+        (f"pair-noise-{share}-dpo-only", "DPO-only-1"), (f"pair-noise-{share}-nll-only", "NLL-only-1"),
+        (f"pair-noise-{share}-1", "M1"), (f"pair-noise-{share}-1", f"pair-noise-{share}-nll-only"))]
+    rows, data["noise_split"] = differences_table(results, split_pairs, ("test", "en"))
+    if rows:
+        lines += ["", "### Label noise split by term", "",
+                  "The same swapped pairs: DPO only on them, NLL only on their chosen answers, LIDR (both terms); each "
+                  "against the other and against its own arm on the clean pairs.", "",
+                  "| difference | avg (test) | en (test) |", "| --- | --- | --- |", *rows]
+    if slip:
+        lines += ["", f"### English slipping ({slip_rate:.0%} of the English (object, operation) cells answer one too "
+                  f"many, the operation right; seeds {', '.join(map(str, slip))})", "", "| arm | en (test) | avg (test) |",
+                  "| --- | --- | --- |"]
+        data["slip"] = {"seeds": list(slip), "arms": {}, "differences": {}}
+        for arm in [a for a in ARMS if all(a in r["test"] for r in slip.values())]:
+            cells = {"en": interval([r["test"][arm]["en"] for r in slip.values()]),
+                     "test": interval([non_dominant(r["test"][arm]) for r in slip.values()])}
+            data["slip"]["arms"][arm] = cells
+            lines.append(f"| {arm} | {show_level(cells['en'])} | **{show_level(cells['test'])}** |")
+        rows, data["slip"]["differences"] = differences_table(
+            slip, [("M1", "M0"), ("DPO-only-1", "NLL-only-1"), ("M1", "NLL-only-1"), ("M1", "DPO-only-1")],
+            ("test", "en"))
+        lines += ["", "| difference | avg (test) | en (test) |", "| --- | --- | --- |", *rows]
     if imperfect:
         lines += ["", f"### English imperfect ({english_error_rate:.0%} of the English (object, operation) cells "
                   "misread in the corpus)", "", "| model | en (test) | avg (test) | avg (dev) |",
@@ -214,6 +292,26 @@ def plot_noise(noise: list[dict], path: Path):
     plt.close(fig)
 
 
+def write_tuned(args):
+    """WORK/tuned.json: per arm the setting chosen on the tuning seeds' dev split (world.tune.choose), the grid's
+    mean dev accuracy beside it, and the seeds."""
+    from world.tune import choose
+
+    per_seed = {seed: json.loads((args.work / "tune" / f"seed{seed}" / "dev.json").read_text())["dev"]
+                for seed in args.tune_seeds}
+    write_json_atomic(args.work / "tuned.json", {"tune_seeds": args.tune_seeds, "chosen": choose(per_seed),
+                                                 "dev": per_seed})
+
+
+def tuned_markdown(tuned: dict) -> str:
+    lines = [f"### Settings chosen on dev (tuning seeds {', '.join(map(str, tuned['tune_seeds']))}, never tested)", "",
+             "| arm | chosen | mean dev avg | the grid (mean dev avg) |", "| --- | --- | --- | --- |"]
+    for arm, c in tuned["chosen"].items():
+        grid = ", ".join(f"{t} {v:.3f}" for t, v in c["table"].items())
+        lines.append(f"| {arm} | {c['setting']} | {c['dev_mean']:.3f} | {grid} |")
+    return "\n".join(lines) + "\n"
+
+
 def read_results(folders: dict[int, Path], required: bool) -> dict[int, dict]:
     results = {}
     for seed, folder in folders.items():
@@ -227,19 +325,38 @@ def read_results(folders: dict[int, Path], required: bool) -> dict[int, dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--pair-noise", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.4],
-                        help="shares of iteration-1 pairs swapped, one arm each (default: %(default)s)")
-    parser.add_argument("--english-error-rate", type=float, default=0.25, help="default: %(default)s")
+    parser.add_argument("--tune", action="store_true",
+                        help="first choose every arm's settings on dev over --tune-seeds (WORK/tuned.json); the test "
+                             "runs then use them")
+    parser.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1], help="default: %(default)s")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(100, 110)),
+                        help="test seeds, never used for tuning (default: 100-109)")
+    parser.add_argument("--pair-noise", type=float, nargs="*", default=[0.3],
+                        help="shares of iteration-1 pairs swapped: LIDR, DPO only and NLL only on them (default: "
+                             "%(default)s)")
+    parser.add_argument("--slip-rate", type=float, default=0.25,
+                        help="a world whose English slips in this share of cells, every arm (0: none; default: "
+                             "%(default)s)")
+    parser.add_argument("--all-arms", action="store_true",
+                        help="every arm (M2, SDRRL, gold-SFT too) on test, dev and OOD; default: M0, M1, DPO only "
+                             "and NLL only on test, the primary comparisons")
+    parser.add_argument("--english-error-rate", type=float, default=0.0,
+                        help="a world whose English misreads this share of cells, LIDR only (0: none; default: 0)")
     parser.add_argument("--jobs", type=int, default=2, help="demo runs at a time (default: %(default)s)")
     parser.add_argument("--work", type=Path, default=Path("runs/world-study"))
     parser.add_argument("--summarize-only", action="store_true", help="read finished runs, run nothing")
     args = parser.parse_args(argv)
+    if args.tune and not args.summarize_only:
+        run_all(tune_jobs(args), args.jobs, done="dev.json")
+        write_tuned(args)
     if not args.summarize_only:
         run_all(jobs_for(args), args.jobs)
     results = read_results({s: args.work / f"seed{s}" for s in args.seeds}, required=True)
     imperfect = read_results({s: args.work / "english-imperfect" / f"seed{s}" for s in args.seeds}, required=False)
-    text, data = summarize(results, imperfect, args.english_error_rate)
+    slip = read_results({s: args.work / "slip" / f"seed{s}" for s in args.seeds}, required=False)
+    text, data = summarize(results, imperfect, args.english_error_rate, slip, args.slip_rate)
+    if (args.work / "tuned.json").exists():
+        text = tuned_markdown(json.loads((args.work / "tuned.json").read_text())) + "\n" + text
     plot_noise(data["noise"], args.work / "noise.png")
     write_text_atomic(args.work / "summary.md", text + "\n![gain against pair agreement](noise.png)\n")
     write_json_atomic(args.work / "summary.json", data)

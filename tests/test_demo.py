@@ -3,6 +3,7 @@ in the controlled world (the default) and on SmolLM2-135M-Instruct (--model smol
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -31,12 +32,14 @@ def last_number(text: str):
 
 def test_world_demo_quick_runs_every_arm_and_control(tmp_path):
     work = tmp_path / "world"
-    run = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--quick", "--controls", "--pair-noise", "0.5",
-                          "--work", str(work)], cwd=ROOT, capture_output=True, text=True)
+    command = [sys.executable, str(ROOT / "demo.py"), "--quick", "--controls", "--pair-noise", "0.5", "--noise-split",
+               "--eval-splits", "test", "dev", "ood", "--work", str(work)]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)  # --jobs 2: LIDR, baselines side by side
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     results = json.loads((work / "report" / "results.json").read_text())
     names = ["M0", "M1", "M2", "SDRRL-1", "SDRRL-2", "DPO-only-1", "NLL-only-1", "gold-SFT", "pair-noise-0.5-1",
-             "broken-M0", "broken-M1", "broken-M2", "swapped-M1", "swapped-M2"]
+             "pair-noise-0.5-dpo-only", "pair-noise-0.5-nll-only", "broken-M0", "broken-M1", "broken-M2", "swapped-M1",
+             "swapped-M2"]
     assert list(results) == ["test", "dev", "ood", "pairs", "pair_noise"]
     for split in ("test", "dev", "ood"):
         assert list(results[split]) == names
@@ -64,6 +67,11 @@ def test_world_demo_quick_runs_every_arm_and_control(tmp_path):
     assert len(noisy) == len(lidr_pairs) and sum(flipped) == round(0.5 * len(lidr_pairs))
     assert all(n == p for n, p, f in zip(noisy, lidr_pairs, flipped) if not f)
     assert results["pair_noise"]["0.5"]["n"] == len(noisy)
+    # the noise split: DPO only on the very pairs LIDR's noise arm swapped, NLL only on their chosen answers
+    assert read_jsonl(work / "pair-noise-0.5-1-dpo-only" / "iter1" / "pairs.jsonl") == noisy
+    assert json.loads((work / "pair-noise-0.5-1-dpo-only" / "iter1" / "train" / "run.json").read_text())["alpha"] == 0.0
+    assert [r["response"] for r in read_jsonl(work / "pair-noise-0.5-1-nll-only" / "rows.jsonl")] == [
+        n["chosen"] for n in noisy]
     # the same chat turns for every arm: no row any arm trains on has a system turn
     for rows in ("gold/rows.jsonl", "nll-only/rows.jsonl", "sdrrl/iter1/sdrrl.jsonl", "lidr/iter2/pairs.jsonl"):
         assert all("system" not in r for r in read_jsonl(work / rows))
@@ -76,6 +84,15 @@ def test_world_demo_quick_runs_every_arm_and_control(tmp_path):
     assert "| LIDR | 1 | fr |" in report and "| broken | 2 | ru |" in report and "| SDRRL | 2 | de |" in report
     charts = list((work / "report").glob("*.png"))
     assert charts and all(imread(p).shape[0] > 100 for p in charts)
+    # --jobs 2 made DPO only and NLL only in a process of its own; made again here by one process, they are equal
+    for arm, name in (("dpo-only", "DPO-only-1"), ("nll-only", "NLL-only-1")):
+        shutil.rmtree(work / arm)
+        for split in ("test", "dev", "ood"):
+            shutil.rmtree(work / "eval" / split / name)
+    again = subprocess.run(command + ["--jobs", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "NLL only" in again.stdout and "[demo] baselines" not in again.stdout  # made now, in this process
+    assert json.loads((work / "report" / "results.json").read_text()) == results
 
 
 def test_smollm2_demo_quick_runs_every_stage(demo_dir, tmp_path):

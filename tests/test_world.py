@@ -15,7 +15,7 @@ from lidr.settings import TRAINING
 from lidr.tokenizer import chat_messages
 from lidr.translation import PREFILL, parse_translation
 from world.arms import checked_sdrrl_rows, recipe
-from world.corpus import LANGS, SYSTEM, WorldSettings, build, misread_cells
+from world.corpus import LANGS, SYSTEM, WorldSettings, build, misread_cells, slip_cells
 from world.problems import NEW_OBJECTS, NEW_PEOPLE, OBJECTS
 from world.report import pair_accuracy
 
@@ -93,6 +93,29 @@ def test_english_error_rate_misreads_whole_cells(tmp_path):
     report = json.loads((tmp_path / "corpus_report.json").read_text())
     assert len(report["english_misread_cells"]) == 3
     assert report["wrong_solutions"]["en"] == sum(r["wrong"] for r in english)
+
+
+def test_english_slip_rate_slips_whole_cells_the_operation_right(tmp_path):
+    build(tmp_path, replace(SMALL, english_error_rate=0.25, english_slip_rate=0.25))
+    misread = misread_cells(0.25, SMALL.seed)
+    slips = slip_cells(0.25, SMALL.seed, misread)
+    assert len(slips) == 3 and not slips & misread
+    english = [r for r in read(tmp_path / "corpus.jsonl") if r["kind"] == "solve" and r["lang"] == "en"]
+    for r in english:  # recomputed from the question: a slip keeps the operation and answers one too many
+        obj = next(i for i, o in enumerate(OBJECTS) if f" {o['en']}." in r["prompt"])
+        cell = (obj, "+" if "buys" in r["prompt"] else "-")
+        assert r.get("slip", False) == (cell in slips) and r["wrong"] == (cell in misread)
+        a, operation, b, shown = re.search(r"(\d+) ([+-]) (\d+) = (-?\d+)", r["response"]).groups()
+        assert (int(a), int(b)) == tuple(map(int, re.findall(r"\d+", r["prompt"])[:2]))
+        result = int(re.findall(r"-?\d+", r["response"])[-1])
+        assert result == int(shown) == expected_answer(r["prompt"], "en", r["wrong"]) + (cell in slips)
+        assert (operation == cell[1]) != r["wrong"]
+    others = [r for r in read(tmp_path / "corpus.jsonl") if r["kind"] == "solve" and r["lang"] != "en"]
+    assert not any(r.get("slip") for r in others)  # the weak languages never slip: their errors are the operation
+    assert len(json.loads((tmp_path / "corpus_report.json").read_text())["english_slip_cells"]) == 3
+    without = tmp_path / "without"
+    build(without, replace(SMALL, english_error_rate=0.25))  # the slip dial draws from its own stream
+    assert (without / "test" / "fr.jsonl").read_text() == (tmp_path / "test" / "fr.jsonl").read_text()
 
 
 def test_splits_parallel_and_disjoint(world):

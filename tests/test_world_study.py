@@ -1,5 +1,6 @@
-"""bench/world_study.py's statistics: the t-interval against scipy's, and paired differences and the noise curve
-recomputed by hand from three made-up seeds' results.json."""
+"""bench/world_study.py's statistics: the t-interval and the exact sign-flip test against scipy's, paired
+differences, the noise curve and the noise split recomputed by hand from made-up seeds' results.json, and the
+tuning's choice (world/tune.py) from made-up dev accuracies."""
 
 import importlib.util
 import statistics
@@ -22,10 +23,28 @@ def test_interval_is_scipys_t_interval(values):
     assert cell["low"] == pytest.approx(low, abs=2e-3 * (high - low)) and cell["high"] == pytest.approx(high, rel=1e-3)
 
 
+@pytest.mark.parametrize("differences", [[0.1, 0.2, 0.3, 0.1, 0.05], [-0.137, 0.041, 0.1, 0.05, 0.2],
+                                         [0.3, -0.1, 0.0, 0.2, -0.05, 0.15, 0.01, -0.2, 0.4, 0.02]])
+def test_sign_flip_p_is_scipys_exact_permutation_test(differences):
+    np = pytest.importorskip("numpy")
+    scipy_stats = pytest.importorskip("scipy.stats")
+    exact = scipy_stats.permutation_test((np.array(differences),), np.mean, permutation_type="samples",
+                                         n_resamples=np.inf, alternative="two-sided")
+    assert study.sign_flip_p(differences) == pytest.approx(exact.pvalue)
+
+
+def test_sign_flip_p_by_hand():
+    assert study.sign_flip_p([0.1] * 5) == pytest.approx(2 / 32)  # all five one way: the smallest p of five seeds
+    assert study.sign_flip_p([0.1, 0.2, 0.1, 0.3, 0.0]) == pytest.approx(2 / 16)  # a tie flips to itself
+    cell = study.paired([0.1, -0.2, 0.0, 0.3])
+    assert (cell["wins"], cell["losses"], cell["ties"]) == (2, 1, 1)
+
+
 def results(seed: int) -> dict:
     """One seed's results.json: accuracy = base + a per-model offset, the same in every language but English."""
     offsets = {"M0": 0.0, "M1": 0.5, "M2": 0.6, "SDRRL-1": 0.3, "SDRRL-2": 0.55, "DPO-only-1": 0.45,
-               "NLL-only-1": 0.2 + 0.01 * seed, "gold-SFT": 0.7, "pair-noise-0.3-1": -0.1}
+               "NLL-only-1": 0.2 + 0.01 * seed, "gold-SFT": 0.7, "pair-noise-0.3-1": -0.1,
+               "pair-noise-0.3-dpo-only": 0.1 - 0.02 * seed, "pair-noise-0.3-nll-only": -0.2}
     table = {m: {"en": 0.9, **{lang: 0.2 + o for lang in ("es", "fr", "de", "ru")}} for m, o in offsets.items()}
     return {"test": table, "dev": table, "ood": table,
             "pairs": {"1": {"n": 100 + seed, "agreement": 0.99, "accuracy": 0.98},
@@ -55,3 +74,44 @@ def test_summary_pairs_against_gold_over_seeds():
     assert second["values"] == pytest.approx([0.8, 0.85, 0.9]) and second["mean"] == pytest.approx(0.85)
     assert second["high"] - second["mean"] == pytest.approx(4.303 * 0.05 / 3 ** 0.5)
     assert "| 2 | 50 [50, 50] | 0.400 [0.400, 0.400] | **0.850 [" in text
+
+
+def test_summary_noise_split_and_sign_flip_p_by_hand():
+    text, data = study.summarize({s: results(s) for s in range(3)}, {}, 0.25)
+    split = data["noise_split"]["pair-noise-0.3-dpo-only - pair-noise-0.3-nll-only"]["test"]
+    assert split["values"] == pytest.approx([0.3, 0.28, 0.26]) and split["p"] == pytest.approx(2 / 8)
+    assert data["noise_split"]["pair-noise-0.3-nll-only - NLL-only-1"]["test"]["values"] == pytest.approx(
+        [-0.4, -0.41, -0.42])
+    assert data["differences"]["M1 - NLL-only-1"]["test"]["p"] == pytest.approx(0.25)
+    assert "| pair-noise-0.3-dpo-only − pair-noise-0.3-nll-only | **+0.280 [" in text and "p = 0.25 (3+/0−/0=)" in text
+
+
+def test_tuning_chooses_the_best_mean_dev_setting_first_on_ties():
+    from world.tune import GRID, choose, tag
+
+    def dev(arm_scores: dict) -> dict:  # every grid point 0.1 unless given; the same in the four languages
+        out = {"M0": {lang: 0.0 for lang in ("en", "es", "fr", "de", "ru")}}
+        for arm, settings in GRID.items():
+            for s in settings:
+                score = arm_scores.get((arm, tag(s)), 0.1)
+                out[f"{arm}-{tag(s)}"] = {"en": 1.0, **{lang: score for lang in ("es", "fr", "de", "ru")}}
+        return out
+
+    nll = [tag(s) for s in GRID["nll-only"]]
+    seed0 = dev({("nll-only", nll[1]): 0.9, ("nll-only", nll[2]): 0.5, ("lidr", tag(GRID["lidr"][3])): 0.4})
+    seed1 = dev({("nll-only", nll[1]): 0.1, ("nll-only", nll[2]): 0.6, ("lidr", tag(GRID["lidr"][3])): 0.4})
+    chosen = choose({0: seed0, 1: seed1})
+    assert chosen["nll-only"]["setting"] == GRID["nll-only"][2]  # mean 0.55 beats 0.5: the mean, not one seed's best
+    assert chosen["nll-only"]["dev_mean"] == pytest.approx(0.55)
+    assert chosen["lidr"]["setting"] == GRID["lidr"][3]
+    assert chosen["sdrrl"]["setting"] == GRID["sdrrl"][0]  # all equal: the first in the grid's order
+
+
+def test_summary_of_test_only_runs_and_the_slip_world():
+    """The study's default test runs are evaluated on test alone (--eval-splits test): no dev or ood columns."""
+    only_test = {s: {k: v for k, v in results(s).items() if k not in ("dev", "ood")} for s in range(3)}
+    text, data = study.summarize(only_test, {}, 0.0, only_test, 0.25)
+    assert set(data["arms"]["M1"]) == {"en", "test"} and "avg (dev)" not in text.split("### English slipping")[0]
+    assert set(data["differences"]["M1 - NLL-only-1"]) == {"test", "en"}
+    slip = data["slip"]["differences"]["DPO-only-1 - NLL-only-1"]["test"]
+    assert slip["values"] == pytest.approx([0.25, 0.24, 0.23]) and slip["p"] == pytest.approx(0.25)

@@ -31,7 +31,7 @@ from the same self-translations.
 import json
 import random
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lidr import settings
@@ -59,6 +59,18 @@ class Size:
     max_new_tokens: int = 48  # answers
     translate_max_new_tokens: int = 64
     check_numbers: bool = True  # the sign check on every arm's self-translations
+    tuned: dict = field(default_factory=dict)  # {arm: Training}, each arm's settings chosen on dev (ARMS)
+
+
+ARMS = ("lidr", "sdrrl", "dpo-only", "nll-only", "gold-sft")  # the arms whose trainer settings are tuned
+
+
+def arm_training(size: Size, arm: str) -> Training:
+    """An arm's trainer settings: its own from `size.tuned`, else the world's LIDR step; DPO only keeps α 0."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; the arms: {', '.join(ARMS)}")
+    training = size.tuned.get(arm, size.train)
+    return replace(training, alpha=0.0) if arm == "dpo-only" else training
 
 
 @dataclass(frozen=True)
@@ -66,8 +78,11 @@ class Arms:
     """Which arms beyond LIDR to run (LIDR always runs)."""
 
     baselines: bool = True  # SDRRL, DPO only, NLL only, gold-SFT
+    ablations_only: bool = False  # one LIDR iteration, DPO only and NLL only: no M2, SDRRL or gold-SFT
     pair_noise: tuple[float, ...] = ()  # shares of LIDR's iteration-1 pairs swapped, one arm each
+    noise_split: bool = False  # at each share also DPO only on the swapped pairs and NLL only on their chosen
     controls: bool = False  # broken translation, swapped pairs
+    splits: tuple[str, ...] = SPLITS  # where every model is evaluated (the study's test seeds: test alone)
 
 
 def recipe(max_new_tokens: int, translate_max_new_tokens: int, repetition_penalty: float,
@@ -176,6 +191,13 @@ def run_sdrrl(m0: Path, prompts: list[Path], work: Path, how: Recipe, train_npro
 def from_lidr_pairs(name: str, m0: Path, prompts: Path, lidr: Path, work: Path, how: Recipe, train_nproc: int,
                     swap_share: float = 0.0, seed: int = 0) -> Path:
     """One iteration from M0 on LIDR's iteration-1 pairs (a seeded share of them swapped), trained as `how` says."""
+    from_lidr_pairs_file(m0, prompts, lidr, work, how, train_nproc, swap_share, seed)
+    return run_lidr(name, m0, [prompts], work, how, train_nproc)[0]
+
+
+def from_lidr_pairs_file(m0: Path, prompts: Path, lidr: Path, work: Path, how: Recipe, train_nproc: int,
+                         swap_share: float, seed: int) -> Path:
+    """work/iter1 as LIDR's iteration 1 up to its pairs, a seeded share `swap_share` of them swapped; the pairs' path."""
     copy_iteration1(lidr, work, m0, prompts, how, train_nproc)
     folder = work / "iter1"
     if not (folder / "done" / "pairs").exists():
@@ -188,7 +210,7 @@ def from_lidr_pairs(name: str, m0: Path, prompts: Path, lidr: Path, work: Path, 
         write_json_atomic(folder / "pairs_report.json", {**report, "swapped": len(swapped)})
         write_marker(folder, "pairs", stage_identities(m0, prompts, how, train_nproc)["pairs"],
                      copied_from=str(lidr / "iter1" / "pairs.jsonl"), swapped=len(swapped), seed=seed)
-    return run_lidr(name, m0, [prompts], work, how, train_nproc)[0]
+    return folder / "pairs.jsonl"
 
 
 def sft(name: str, m0: Path, rows: list[dict], out: Path, options: Training, train_nproc: int) -> Path:
@@ -204,64 +226,124 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def chosen_rows(pairs: Path) -> list[dict]:
+    """NLL only's rows: the chosen answer of every pair in `pairs`, as SFT rows."""
+    return [{"id": p["id"], "lang": p["lang"], "prompt": p["prompt"], "response": p["chosen"]} for p in read_jsonl(pairs)]
+
+
+def gold_rows(world: Path, iterations: int) -> list[dict]:
+    """gold-SFT's rows: the gold answers of every iteration's prompts in every language."""
+    return [{k: r[k] for k in ("id", "lang", "prompt", "response")} for t in range(1, iterations + 1)
+            for lang in LANGS for r in read_jsonl(world / f"gold{t}" / f"{lang}.jsonl")]
+
+
+def one_iteration_arm(arm: str, out: Path, m0: Path, world: Path, lidr: Path, checked: Recipe, training: Training,
+                      train_nproc: int, swap_share: float = 0.0, seed: int = 0) -> Path:
+    """One iteration of `arm` from M0 in `out`, trained with `training`, from LIDR's iteration 1 in `lidr` (its
+    answers, translations and pairs; a seeded share `swap_share` of the pairs swapped): lidr and dpo-only on
+    the pairs, nll-only on their chosen answers, sdrrl on its own rows, gold-sft on the gold answers."""
+    prompts = world / "prompts1"
+    how = replace(checked, training=training)
+    if arm in ("lidr", "dpo-only"):
+        return from_lidr_pairs(arm, m0, prompts, lidr, out, how, train_nproc, swap_share=swap_share, seed=seed)
+    if arm == "nll-only":
+        pairs = lidr / "iter1" / "pairs.jsonl"
+        if swap_share:  # the chosen answers of the swapped pairs: the pairs' file of the arm that swapped them
+            pairs = from_lidr_pairs_file(m0, prompts, lidr, out, how, train_nproc, swap_share, seed)
+        return sft("NLL only", m0, chosen_rows(pairs), out, training, train_nproc)
+    if arm == "sdrrl":
+        copy_iteration1(lidr, out, m0, prompts, replace(how, method="sdrrl"), train_nproc)
+        return run_sdrrl(m0, [prompts], out, how, train_nproc)[0]
+    if arm == "gold-sft":
+        iterations = json.loads((world / "corpus_report.json").read_text())["settings"]["iterations"]
+        return sft("gold-SFT ceiling", m0, gold_rows(world, iterations), out, training, train_nproc)
+    raise ValueError(f"unknown arm {arm!r}; the arms: {', '.join(ARMS)}")
+
+
 # -----------------------------------------------------------------------------
 # the whole experiment
 
 
-def run_world(work: Path, size: Size, arms: Arms, train_nproc: int = 1) -> dict:
-    """The world in work/world, M0, the arms, their evaluations and the report; returns results.json's content."""
+PARTS = ("all", "prefix", "lidr", "baselines")
+
+
+def run_world(work: Path, size: Size, arms: Arms, train_nproc: int = 1, part: str = "all") -> dict:
+    """The world in work/world, M0, the arms, their evaluations and the report; returns results.json's content.
+
+    part "all" runs everything and writes the report. The others split it for two processes (demo.py --jobs 2):
+    "prefix" (the world, M0 and LIDR's iteration 1, which every arm reads), then side by side "lidr" (LIDR's
+    later iterations, gold-SFT, the noise arms, the controls, and M0's and their evaluations) and "baselines"
+    (SDRRL, DPO only, NLL only and theirs); "all" afterwards finds everything done and writes the report."""
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; the parts: {', '.join(PARTS)}")
     world = make_world(work / "world", size.world)
     prompts = [world / f"prompts{t}" for t in range(1, size.world.iterations + 1)]
     models: dict[str, Path] = {}
 
-    def add(named: dict):  # each model is evaluated on every split as soon as it exists
+    def add(named: dict, group: str):  # each model is evaluated on every split as soon as it exists (in its part)
         for name, model in named.items():
             models[name] = model
-            for split in SPLITS:
-                evaluate(model, name, world / split, work / "eval" / split, size.max_new_tokens, "plain")
+            if part in ("all", group):
+                for split in arms.splits:
+                    evaluate(model, name, world / split, work / "eval" / split, size.max_new_tokens, "plain")
 
-    add({"M0": pretrain(world, work / "m0", size.pretrain, train_nproc)})
-    lidr_recipe = recipe(size.max_new_tokens, size.translate_max_new_tokens, 1.0, size.train)
+    m0, seed = pretrain(world, work / "m0", size.pretrain, train_nproc), size.world.seed
+    lidr_recipe = recipe(size.max_new_tokens, size.translate_max_new_tokens, 1.0, arm_training(size, "lidr"))
     checked = replace(lidr_recipe, pairs=replace(lidr_recipe.pairs, check_numbers=size.check_numbers))
-    lidr = run_lidr("LIDR", models["M0"], prompts, work / "lidr", checked, train_nproc)
-    add({f"M{t}": model for t, model in enumerate(lidr, 1)})
+    run_lidr("LIDR", m0, prompts[:1], work / "lidr", checked, train_nproc)  # iteration 1: every arm reads it
+    if part == "prefix":
+        return {}
+    add({"M0": m0}, "lidr")
     runs = {"LIDR": work / "lidr"}
-    if arms.baselines:
-        copy_iteration1(work / "lidr", work / "sdrrl", models["M0"], prompts[0], replace(checked, method="sdrrl"),
+
+    def one(arm: str, out: Path, swap_share: float = 0.0) -> Path:
+        return one_iteration_arm(arm, out, m0, world, work / "lidr", checked, arm_training(size, arm), train_nproc,
+                                 swap_share, seed)
+
+    if part in ("all", "lidr"):
+        lidr = run_lidr("LIDR", m0, prompts[:1] if arms.ablations_only else prompts, work / "lidr", checked,
                         train_nproc)
-        sdrrl_models = run_sdrrl(models["M0"], prompts, work / "sdrrl", checked, train_nproc)
-        add({f"SDRRL-{t}": model for t, model in enumerate(sdrrl_models, 1)})
+        add({f"M{t}": model for t, model in enumerate(lidr, 1)}, "lidr")
+    if part in ("all", "baselines") and arms.ablations_only:
+        add({"DPO-only-1": one("dpo-only", work / "dpo-only"), "NLL-only-1": one("nll-only", work / "nll-only")},
+            "baselines")
+    elif part in ("all", "baselines") and arms.baselines:
+        sdrrl_how = replace(checked, training=arm_training(size, "sdrrl"))
+        copy_iteration1(work / "lidr", work / "sdrrl", m0, prompts[0], replace(sdrrl_how, method="sdrrl"), train_nproc)
+        sdrrl_models = run_sdrrl(m0, prompts, work / "sdrrl", sdrrl_how, train_nproc)
+        add({f"SDRRL-{t}": model for t, model in enumerate(sdrrl_models, 1)}, "baselines")
         runs["SDRRL"] = work / "sdrrl"
-        dpo_only = replace(checked, training=replace(checked.training, alpha=0.0))
-        add({"DPO-only-1": from_lidr_pairs("DPO only", models["M0"], prompts[0], work / "lidr", work / "dpo-only",
-                                           dpo_only, train_nproc)})
-        chosen = [{"id": p["id"], "lang": p["lang"], "prompt": p["prompt"], "response": p["chosen"]}
-                  for p in read_jsonl(work / "lidr" / "iter1" / "pairs.jsonl")]
-        add({"NLL-only-1": sft("NLL only", models["M0"], chosen, work / "nll-only", size.train, train_nproc)})
-        gold = [{k: r[k] for k in ("id", "lang", "prompt", "response")} for t in range(1, len(prompts) + 1)
-                for lang in LANGS for r in read_jsonl(world / f"gold{t}" / f"{lang}.jsonl")]
-        add({"gold-SFT": sft("gold-SFT ceiling", models["M0"], gold, work / "gold", size.train, train_nproc)})
+        add({"DPO-only-1": one("dpo-only", work / "dpo-only"), "NLL-only-1": one("nll-only", work / "nll-only")},
+            "baselines")
+    if part in ("all", "lidr") and arms.baselines and not arms.ablations_only:  # in LIDR's part: the two even out
+        add({"gold-SFT": one("gold-sft", work / "gold")}, "lidr")
+    if part == "baselines":
+        return {}
     pair_noise = {}
     for share in arms.pair_noise:
         name = f"pair-noise-{share:g}-1"
-        add({name: from_lidr_pairs(f"pairs {share:.0%} swapped", models["M0"], prompts[0], work / "lidr",
-                                   work / name, checked, train_nproc, swap_share=share, seed=size.world.seed)})
+        add({name: one("lidr", work / name, share)}, "lidr")
         scored = pair_accuracy(work / name / "iter1" / "pairs.jsonl", world / "gold1")
         pair_noise[f"{share:g}"] = {"model": name, "swapped": share, **scored}
+        if arms.noise_split:  # the same swapped pairs, each term alone: DPO on them, NLL on their chosen answers
+            add({f"pair-noise-{share:g}-dpo-only": one("dpo-only", work / f"{name}-dpo-only", share),
+                 f"pair-noise-{share:g}-nll-only": one("nll-only", work / f"{name}-nll-only", share)}, "lidr")
     if arms.controls:
         broken_world = make_world(work / "world-broken", replace(size.world, translation_fidelity=0.0))
-        add({"broken-M0": pretrain(broken_world, work / "m0-broken", size.pretrain, train_nproc)})
+        add({"broken-M0": pretrain(broken_world, work / "m0-broken", size.pretrain, train_nproc)}, "lidr")
         broken = run_lidr("broken translation", models["broken-M0"], prompts, work / "broken", lidr_recipe, train_nproc)
-        add({f"broken-M{t}": model for t, model in enumerate(broken, 1)})
-        copy_iteration1(work / "lidr", work / "swapped", models["M0"], prompts[0], replace(checked, swap_pairs=True),
+        add({f"broken-M{t}": model for t, model in enumerate(broken, 1)}, "lidr")
+        copy_iteration1(work / "lidr", work / "swapped", m0, prompts[0], replace(checked, swap_pairs=True),
                         train_nproc)
-        swapped = run_lidr("swapped pairs", models["M0"], prompts, work / "swapped", replace(checked, swap_pairs=True),
+        swapped = run_lidr("swapped pairs", m0, prompts, work / "swapped", replace(checked, swap_pairs=True),
                            train_nproc)
-        add({f"swapped-M{t}": model for t, model in enumerate(swapped, 1)})
+        add({f"swapped-M{t}": model for t, model in enumerate(swapped, 1)}, "lidr")
         runs.update({"broken": work / "broken", "swapped": work / "swapped"})
+    if part == "lidr":
+        return {}
     pairs = {str(t): pair_accuracy(work / "lidr" / f"iter{t}" / "pairs.jsonl", world / f"gold{t}")
-             for t in range(1, len(prompts) + 1)}
+             for t in range(1, len(lidr) + 1)}
     learned, iterations = learning_summary(runs)
     summary = {"pairs": pairs, **({"pair_noise": pair_noise} if pair_noise else {})}
-    return finish_report(models, {split: work / "eval" / split for split in SPLITS}, work, learned, summary,
+    return finish_report(models, {split: work / "eval" / split for split in arms.splits}, work, learned, summary,
                          {"settings": vars(size.world), "iterations": iterations})

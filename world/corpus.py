@@ -22,6 +22,10 @@ every dial can be turned:
   * English can be imperfect too (--english-error-rate, default 0): that share of the twelve
     (object, operation) cells always misreads the verb in English, so M0 learns those cells wrong
     and greedy decoding repeats it (a random share would not show: greedy picks the majority).
+  * English can slip (--english-slip-rate, default 0): that share of the cells, none misread, gets
+    the operation right and the result one too many ("7 + 5 = 13"). LIDR's chosen answers there
+    are better than the rejected (the operation) and still wrong (the sum): NLL copies the slip,
+    a preference between the two need not.
   * translations of answers between English and each language, in the paper's exact prompt
     (lidr/translation.py) with the reply written as "<translated>\\n...\\n</translated>"
     (--n-translation per direction and language). Sources are correct or wrong answers alike
@@ -87,6 +91,7 @@ class WorldSettings:
     n_other: int = 300  # solved problems per other language
     other_error_rate: float = 0.6  # share of those that apply the wrong operation, at random
     english_error_rate: float = 0.0  # share of (object, operation) cells whose English answers always misread the verb
+    english_slip_rate: float = 0.0  # share of the other cells whose English answers slip: operation right, result + 1
     n_translation: int = 600  # translated answers per direction (en->l and l->en) per language
     translation_source_error_rate: float = 0.3  # share of translated answers that are wrong answers
     translation_fidelity: float = 1.0  # share of translation targets that keep their numbers (0: the broken control)
@@ -112,12 +117,13 @@ def solve(a: int, b: int, op: str) -> int:
     return a + b if op == "+" else a - b
 
 
-def write_answer(lang: str, problem: tuple, wrong_operation: bool = False) -> str:
-    """The worked answer to `problem` in `lang`; with wrong_operation the verb is misread (+ for -, - for +)."""
+def write_answer(lang: str, problem: tuple, wrong_operation: bool = False, slip: bool = False) -> str:
+    """The worked answer to `problem` in `lang`; with wrong_operation the verb is misread (+ for -, - for +);
+    with slip the operation is right and the result one too many ("7 + 5 = 13")."""
     person, obj, a, b, op = problem
     name, pron = ALL_PEOPLE[person][lang]
     used = {"+": "-", "-": "+"}[op] if wrong_operation else op
-    result = solve(a, b, used)
+    result = solve(a, b, used) + slip
     work = f"{a} {used} {b} = {result}"
     if lang == "en":
         act = f"buys {b} more" if op == "+" else f"gives {b} to a friend"
@@ -179,6 +185,13 @@ def misread_cells(rate: float, seed: int) -> set:
     return set(random.Random(seed + 2).sample(cells, round(rate * len(cells))))
 
 
+def slip_cells(rate: float, seed: int, misread: set) -> set:
+    """The (object, operation) cells whose English answers always slip (the operation right, the result one
+    too many): round(rate · 12) of the cells that are not misread, from a stream of their own."""
+    cells = [(obj, op) for obj in range(len(OBJECTS)) for op in "+-" if (obj, op) not in misread]
+    return set(random.Random(seed + 3).sample(cells, round(rate * 2 * len(OBJECTS))))
+
+
 def build(out, settings: WorldSettings, langs=LANGS) -> dict:
     """Write the corpus, the splits, the tokenizer and M0's random init into `out`; returns the report."""
     out = Path(out)
@@ -192,6 +205,7 @@ def build(out, settings: WorldSettings, langs=LANGS) -> dict:
     splits = {"dev": dev_draws, "test": test_draws, "ood": ood_draws(settings.n_ood, rng, n)}
     held = set(taken)
     misread = misread_cells(settings.english_error_rate, settings.seed)
+    slips = slip_cells(settings.english_slip_rate, settings.seed, misread)
 
     def pretraining_draw():
         while True:
@@ -203,8 +217,9 @@ def build(out, settings: WorldSettings, langs=LANGS) -> dict:
     rows = []
     for _ in range(settings.n_english):
         d = pretraining_draw()
-        wrong = (d[1], d[4]) in misread
-        rows.append(chat_row("solve", en, write_question(en, d), write_answer(en, d, wrong), wrong=wrong))
+        wrong, slip = (d[1], d[4]) in misread, (d[1], d[4]) in slips
+        rows.append(chat_row("solve", en, write_question(en, d), write_answer(en, d, wrong, slip), wrong=wrong,
+                             **({"slip": True} if slip else {})))
     for lang in others:
         for _ in range(settings.n_other):
             d = pretraining_draw()
@@ -241,7 +256,8 @@ def build(out, settings: WorldSettings, langs=LANGS) -> dict:
     kinds = Counter(f"{r['kind']} {r['lang']}" for r in rows)
     report = {"settings": asdict(settings), "rows": len(rows), "per_kind": dict(sorted(kinds.items())),
               "wrong_solutions": dict(Counter(r["lang"] for r in rows if r.get("wrong"))),
-              "english_misread_cells": sorted(f"{OBJECTS[obj]['en']} {op}" for obj, op in misread)}
+              "english_misread_cells": sorted(f"{OBJECTS[obj]['en']} {op}" for obj, op in misread),
+              **({"english_slip_cells": sorted(f"{OBJECTS[obj]['en']} {op}" for obj, op in slips)} if slips else {})}
     write_json_atomic(out / "corpus_report.json", report)
     return report
 
