@@ -210,13 +210,13 @@ def splits_markdown(accuracy: dict) -> str:
     """One table: per model and language "test (dev)", the non-dominant averages, and OOD's where measured."""
     splits = [s for s in ("test", "dev", "ood") if s in accuracy]
     models = list(accuracy[splits[0]])
-    lines = ["## Accuracy: test (dev)", "",
+    lines = ["## Accuracy: test" + (" (dev)" if "dev" in splits else ""), "",
              "Settings were chosen on dev; test is reported. avg: the four non-dominant languages."
              + (" ood: problems about people and objects the corpus never names." if "ood" in splits else ""), "",
              "| model | " + " | ".join(LANGS) + " | avg | " + ("ood en | ood avg |" if "ood" in splits else ""),
              "| --- " * (len(LANGS) + 2 + 2 * ("ood" in splits)) + "|"]
     for name in models:
-        test, dev = accuracy["test"][name], accuracy["dev"].get(name)
+        test, dev = accuracy["test"][name], accuracy.get("dev", {}).get(name)
         cells = [f"{test[lang]:.3f} ({dev[lang]:.3f})" if dev else f"{test[lang]:.3f}" for lang in LANGS]
         cells.append(f"**{non_dominant(test):.3f}**" + (f" ({non_dominant(dev):.3f})" if dev else ""))
         if "ood" in splits:
@@ -235,7 +235,7 @@ def finish_report(models: dict, results: dict[str, Path], work: Path, learned: s
     accuracy = {split: accuracy_table(folder, [n for n in models if (folder / n / "mgsm" / "summary.json").exists()])
                 for split, folder in results.items()}
     parts = [report.read_text()]
-    if "dev" in accuracy:
+    if len(accuracy) > 1:  # test and dev or ood beside it
         parts.append(splits_markdown(accuracy))
     if "pairs" in summary:
         parts.append(pairs_markdown(summary["pairs"]))
