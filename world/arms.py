@@ -288,7 +288,10 @@ def run_world(work: Path, size: Size, arms: Arms, train_nproc: int = 1, part: st
                 for split in arms.splits:
                     evaluate(model, name, world / split, work / "eval" / split, size.max_new_tokens, "plain")
 
-    m0, seed = pretrain(world, work / "m0", size.pretrain, train_nproc), size.world.seed
+    # the prefix trains M0; the two parts side by side take its folder as done (claiming its run folder at once,
+    # one of them would find the other's lock and stop)
+    m0 = pretrain(world, work / "m0", size.pretrain, train_nproc) if part in ("all", "prefix") else work / "m0" / "model"
+    seed = size.world.seed
     lidr_recipe = recipe(size.max_new_tokens, size.translate_max_new_tokens, 1.0, arm_training(size, "lidr"))
     checked = replace(lidr_recipe, pairs=replace(lidr_recipe.pairs, check_numbers=size.check_numbers))
     run_lidr("LIDR", m0, prompts[:1], work / "lidr", checked, train_nproc)  # iteration 1: every arm reads it
