@@ -34,7 +34,6 @@ def dead_pid() -> int:
 def sleeper():
     """A live process of this host that is not this one, started now."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    time.sleep(0.1)
     yield proc.pid
     proc.kill()
     proc.wait()
@@ -160,8 +159,7 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_taken_over(tmp_path,
         assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
     # an older lidr's lock naming a process that is not Python at all
     not_python = subprocess.Popen(["sleep", "60"])
-    try:
-        time.sleep(0.1)
+    try:  # Popen returns once the child has exec'd: its command line is already `sleep`
         lock_path(out).write_text(lock_of(not_python.pid))
         with hold_lock(out, "test"):
             assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
