@@ -85,32 +85,34 @@ WORLD = {
 # SmolLM2-135M-Instruct, the earlier demo
 
 SMOLLM2 = {
-    # training prompts per iteration and language, held-out problems per language, token limits, trainer
-    "default": dict(n_train=16, n_eval=30, max_new_tokens=96, translate_max_new_tokens=144,
+    # LIDR iterations, training prompts per iteration and language, held-out problems per language, token limits,
+    # trainer; quick: one iteration (the second is the same code from M1, which the world's --quick runs)
+    "default": dict(iterations=2, n_train=16, n_eval=30, max_new_tokens=96, translate_max_new_tokens=144,
                     train=Training(epochs=1, batch_size=4, lr=1e-5, beta=0.1, alpha=1.0, warmup_ratio=0.1,
                                    **WORLD_OPTIMIZER)),
-    "quick": dict(n_train=4, n_eval=4, max_new_tokens=32, translate_max_new_tokens=48,
+    "quick": dict(iterations=1, n_train=4, n_eval=4, max_new_tokens=32, translate_max_new_tokens=48,
                   train=Training(epochs=1, batch_size=2, lr=1e-5, beta=0.1, alpha=1.0, warmup_ratio=0.1,
                                  **WORLD_OPTIMIZER)),
 }
 
 
 def run_smollm2(args, size: dict, work: Path):
-    """Two LIDR iterations on SmolLM2-135M-Instruct over world/problems.py's word problems (numbers <= 20,
-    asked plainly: MGSM's template makes this model describe the task instead of solving it). Answers
-    <= 96 tokens, translations <= 144 with the repetition penalty 1.1 (greedy SmolLM2 loops on the
-    pre-filled tag without it). The result, no gain at 135M, and why: README and bench/RESULTS.md."""
+    """LIDR iterations (two; --quick: one) on SmolLM2-135M-Instruct over world/problems.py's word problems
+    (numbers <= 20, asked plainly: MGSM's template makes this model describe the task instead of solving
+    it). Answers <= 96 tokens, translations <= 144 with the repetition penalty 1.1 (greedy SmolLM2 loops on
+    the pre-filled tag without it). The result, no gain at 135M, and why: README and bench/RESULTS.md."""
     from world.demo_model import DEFAULT_DIR, ensure
     from world.problems import write_sets
 
     m0 = ensure(DEFAULT_DIR)
-    for t in (1, 2):  # fresh training prompts per iteration, the same held-out set
+    iterations = range(1, size["iterations"] + 1)
+    for t in iterations:  # fresh training prompts per iteration, the same held-out set
         write_sets(work / f"problems{t}", size["n_train"], size["n_eval"], train_seed=t, eval_seed=100)
-    prompts = [work / f"problems{t}" / "train" for t in (1, 2)]
+    prompts = [work / f"problems{t}" / "train" for t in iterations]
     # the repetition penalty 1.1 in translation too: greedy SmolLM2 loops on the pre-filled tag without it
     how = recipe(size["max_new_tokens"], size["translate_max_new_tokens"], 1.1, size["train"])
     lidr = run_lidr("LIDR", m0, prompts, work, how, args.train_nproc)
-    models = {"M0": m0, "M1": lidr[0], "M2": lidr[1]}
+    models = {"M0": m0, **{f"M{t}": model for t, model in enumerate(lidr, 1)}}
     for name, model in models.items():
         evaluate(model, name, work / "problems1" / "eval", work / "eval", size["max_new_tokens"], "plain")
     learned, data = learning_summary({"LIDR": work})

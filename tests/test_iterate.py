@@ -25,7 +25,7 @@ def test_iteration_end_to_end_and_resume_after_sigkill(demo_dir, tmp_path):
            "--translate-repetition-penalty", "1.1",  # SmolLM2 loops on the pre-filled tag without a penalty
            # most of SmolLM2's back-translations fail: the reference's rule (drop both pairs) would leave none
            "--pairs-failed-translation", "drop-one",
-           "--", "--batch-size", "2", "--max-len", "256", "--lr", "1e-5", "--save-every", "1"]
+           "--", "--batch-size", "2", "--max-len", "256", "--lr", "1e-5"]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True)
