@@ -49,10 +49,14 @@ from pathlib import Path
 import torch
 
 from lidr.cli import command, require_extra
+from lidr.harness.outputs import write_text_atomic
 from lidr.settings import Training
 from world.arms import ARMS, Arms, Size, recipe, run_lidr, run_world
 from world.corpus import SPLITS, WorldSettings
-from world.report import evaluate, finish_report, learning_summary
+from world.report import evaluate, finish_report, learning_summary, study_markdown
+
+ROOT = Path(__file__).resolve().parent
+STUDY = ROOT / "bench" / "world_study" / "summary.json"  # the study's ten fresh seeds, beside which a run is read
 
 # the world's sizes and its two training jobs (pretraining M0; one LIDR/SDRRL step), overriding the paper's
 # (the world keeps its own optimizer and schedule: AdamW β2 0.95 and a cosine fall, not LLaMA-Factory's)
@@ -150,6 +154,18 @@ def run_parts_side_by_side(work: Path, size: Size, arms: Arms, train_nproc: int,
     failed = [f"{part} (see {log})" for part, (log, process) in parts.items() if process.exitcode]
     if failed:
         raise SystemExit(f"demo: {', '.join(failed)} failed; the same command resumes where they stopped")
+
+
+def beside_the_study(results: dict, work: Path):
+    """Appends this seed's differences beside the study's (STUDY) to WORK/report/report.md and prints them: the
+    demo's world, arms and settings are the study's, so the study says what one seed can and cannot show."""
+    if not STUDY.is_file():
+        print(f"[demo] {STUDY} not found: the report does not compare this seed with the study", flush=True)
+        return
+    text = study_markdown(results["test"], json.loads(STUDY.read_text()), str(STUDY.relative_to(ROOT)))
+    report = work / "report" / "report.md"
+    write_text_atomic(report, report.read_text() + "\n" + text)
+    print(text, flush=True)
 
 
 def read_tuned(path: Path, parser) -> dict:
@@ -257,7 +273,10 @@ def main(argv=None):
         size = replace(size, world=world, tuned=tuned)
         if args.jobs == 2:
             run_parts_side_by_side(work, size, arms, args.train_nproc, args.threads)
-        run_world(work, size, arms, args.train_nproc)
+        results = run_world(work, size, arms, args.train_nproc)
+        if size_name == "default" and not any((args.english_error_rate, args.english_slip_rate, args.tuned,
+                                               args.translation_fidelity != 1.0)):
+            beside_the_study(results, work)
     else:
         run_smollm2(args, SMOLLM2[size_name], work)
     print(f"demo finished in {(time.time() - start) / 60:.1f} min; report: {work / 'report'}", file=sys.stderr)

@@ -8,11 +8,11 @@
 iteration of every arm at every point of its grid, on dev only) and writes WORK/tuned.json: per arm the
 setting with the best mean dev accuracy over the tuning seeds. Then, per test seed, demo.py runs (one thread,
 --jobs seeds at a time; `--tuned WORK/tuned.json` when it exists):
-- WORK/seedN: M0, M1 (one LIDR iteration), DPO only, NLL only on test (--all-arms: every arm on every split),
+- WORK/seedN: M0, M1 (one LIDR iteration), DPO only, NLL only on test (--all-arms adds every arm, and OOD),
   and at each --pair-noise share LIDR, DPO only and NLL only on the same swapped pairs (--noise-split);
 - WORK/slip/seedN: the same arms in a world whose English slips in --slip-rate of its cells;
 - WORK/english-imperfect/seedN (--english-error-rate > 0): M0, M1, M2 in a world whose English misreads.
-A run whose report/results.json exists is skipped; an interrupted one resumes. Then, on test: each arm's mean
+A run whose report/results.json holds its arms is skipped; an interrupted one resumes. Then, on test: each arm's mean
 and 95% t-interval over seeds; paired differences with the two-sided exact sign-flip test and the seeds won,
 lost and tied; the noise split; the slip world; the gain against pair agreement (WORK/noise.png). Written to
 WORK/summary.md and WORK/summary.json; bench/RESULTS.md holds the decision rule, written before the runs.
@@ -93,35 +93,48 @@ def non_dominant(accuracy: dict) -> float:
 # running the seeds
 
 
-def jobs_for(args) -> list[tuple[Path, list[str]]]:
-    """The test runs, every seed's main run first (the primary comparisons), then the dials' worlds: per seed
-    M0, M1, DPO only and NLL only (at the tuned settings when --tune ran) with the noise arms; the slip world
-    with the same arms; the English-imperfect world, LIDR only."""
+def jobs_for(args) -> list[tuple[Path, list[str], str]]:
+    """The test runs as (folder, demo.py's flags, the arm whose results mark it finished), every seed's main run
+    first (the primary comparisons), then the dials' worlds: per seed M0, M1, DPO only and NLL only (at the tuned
+    settings when --tune ran) with the noise arms; the slip world with the same arms; the English-imperfect world,
+    LIDR only. --all-arms adds M2, SDRRL, gold-SFT and the OOD evaluations to each seed's main run, in its own
+    folder: what is finished there is kept (the demo resumes), so the primary comparisons do not change."""
     noise = ["--pair-noise", *map(str, args.pair_noise), "--noise-split"] if args.pair_noise else []
-    # one process per seed (--jobs 1: the study runs --jobs seeds at a time); --all-arms adds M2, SDRRL, gold-SFT
-    # and the dev and OOD evaluations to each seed
+    # one process per seed (--jobs 1: the study runs --jobs seeds at a time)
     common = ["--jobs", "1", *(["--tuned", str(args.work / "tuned.json")] if (args.work / "tuned.json").exists() else [])]
-    arms = [] if args.all_arms else ["--ablations-only", "--eval-splits", "test"]
-    jobs = [(args.work / f"seed{seed}", ["--seed", str(seed), *common, *arms, *noise]) for seed in args.seeds]
+    ablation = ["--ablations-only", "--eval-splits", "test"]
+    main_arms, last = ([], "gold-SFT") if args.all_arms else (ablation, "NLL-only-1")
+    jobs = [(args.work / f"seed{seed}", ["--seed", str(seed), *common, *main_arms, *noise], last)
+            for seed in args.seeds]
     if args.slip_rate:
         jobs += [(args.work / "slip" / f"seed{seed}",
-                  ["--seed", str(seed), *common, *arms, "--english-slip-rate", str(args.slip_rate)])
+                  ["--seed", str(seed), *common, *ablation, "--english-slip-rate", str(args.slip_rate)], "NLL-only-1")
                  for seed in args.seeds]
     if args.english_error_rate:
         jobs += [(args.work / "english-imperfect" / f"seed{seed}",
-                  ["--seed", str(seed), *common, "--only-lidr", "--english-error-rate", str(args.english_error_rate)])
+                  ["--seed", str(seed), *common, "--only-lidr", "--english-error-rate", str(args.english_error_rate)],
+                  "M2")
                  for seed in args.seeds]
     return jobs
 
 
-def tune_jobs(args) -> list[tuple[Path, list[str]]]:
-    return [(args.work / "tune" / f"seed{seed}", ["-m", "world.tune", "--seed", str(seed)]) for seed in args.tune_seeds]
+def tune_jobs(args) -> list[tuple[Path, list[str], str]]:
+    return [(args.work / "tune" / f"seed{seed}", ["-m", "world.tune", "--seed", str(seed)], "")
+            for seed in args.tune_seeds]
 
 
-def run_all(jobs: list[tuple[Path, list[str]]], parallel: int, done: str = "report/results.json"):
+def finished(work: Path, arm: str) -> bool:
+    """A tuning job (arm ""): WORK/dev.json exists; a demo run: its report/results.json has `arm` on test."""
+    if not arm:
+        return (work / "dev.json").is_file()
+    results = work / "report" / "results.json"
+    return results.is_file() and arm in json.loads(results.read_text())["test"]
+
+
+def run_all(jobs: list[tuple[Path, list[str], str]], parallel: int):
     """Each unfinished job as `demo.py ... --work FOLDER` (or the module its flags name), `parallel` at a time,
-    its log in FOLDER.log; a job is finished when FOLDER/done exists."""
-    waiting = [(work, flags) for work, flags in jobs if not (work / done).exists()]
+    its log appended to FOLDER.log."""
+    waiting = [(work, flags) for work, flags, arm in jobs if not finished(work, arm)]
     running, failed = [], []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     while waiting or running:
@@ -338,8 +351,9 @@ def main(argv=None):
                         help="a world whose English slips in this share of cells, every arm (0: none; default: "
                              "%(default)s)")
     parser.add_argument("--all-arms", action="store_true",
-                        help="every arm (M2, SDRRL, gold-SFT too) on test, dev and OOD; default: M0, M1, DPO only "
-                             "and NLL only on test, the primary comparisons")
+                        help="every arm (M2, SDRRL, gold-SFT too) on test and OOD, added to each seed's main run "
+                             "(what is finished there is kept); default: M0, M1, DPO only and NLL only on test, the "
+                             "primary comparisons")
     parser.add_argument("--english-error-rate", type=float, default=0.0,
                         help="a world whose English misreads this share of cells, LIDR only (0: none; default: 0)")
     parser.add_argument("--jobs", type=int, default=2, help="demo runs at a time (default: %(default)s)")
@@ -347,13 +361,14 @@ def main(argv=None):
     parser.add_argument("--summarize-only", action="store_true", help="read finished runs, run nothing")
     args = parser.parse_args(argv)
     if args.tune and not args.summarize_only:
-        run_all(tune_jobs(args), args.jobs, done="dev.json")
+        run_all(tune_jobs(args), args.jobs)
         write_tuned(args)
     if not args.summarize_only:
         run_all(jobs_for(args), args.jobs)
     results = read_results({s: args.work / f"seed{s}" for s in args.seeds}, required=True)
     imperfect = read_results({s: args.work / "english-imperfect" / f"seed{s}" for s in args.seeds}, required=False)
-    slip = read_results({s: args.work / "slip" / f"seed{s}" for s in args.seeds}, required=False)
+    slip = {} if not args.slip_rate else read_results({s: args.work / "slip" / f"seed{s}" for s in args.seeds},
+                                                      required=False)
     text, data = summarize(results, imperfect, args.english_error_rate, slip, args.slip_rate)
     if (args.work / "tuned.json").exists():
         text = tuned_markdown(json.loads((args.work / "tuned.json").read_text())) + "\n" + text

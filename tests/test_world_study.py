@@ -1,6 +1,7 @@
 """bench/world_study.py's statistics: the t-interval and the exact sign-flip test against scipy's, paired
 differences, the noise curve and the noise split recomputed by hand from made-up seeds' results.json, and the
-tuning's choice (world/tune.py) from made-up dev accuracies."""
+tuning's choice (world/tune.py) from made-up dev accuracies; the demo's table of one seed beside the committed
+study (world/report.py study_markdown)."""
 
 import importlib.util
 import statistics
@@ -115,3 +116,67 @@ def test_summary_of_test_only_runs_and_the_slip_world():
     assert set(data["differences"]["M1 - NLL-only-1"]) == {"test", "en"}
     slip = data["slip"]["differences"]["DPO-only-1 - NLL-only-1"]["test"]
     assert slip["values"] == pytest.approx([0.25, 0.24, 0.23]) and slip["p"] == pytest.approx(0.25)
+
+
+def test_a_demo_seed_beside_the_study_is_the_studys_own_difference_for_that_seed():
+    """The demo's "this seed beside the study" table (world.report.study_markdown) for seed 100 of the committed
+    study gives, in its "this run" column, the paired differences the study computed for seed 100, and the
+    study's cells as the study wrote them."""
+    import json
+
+    from world.report import study_markdown
+
+    summary = json.loads((ROOT / "bench" / "world_study" / "summary.json").read_text())
+    seed = summary["seeds"].index(100)
+    test = json.loads((ROOT / "bench" / "world_study" / "seed100" / "report" / "results.json").read_text())["test"]
+    rows = [line.split(" | ") for line in study_markdown(test, summary, "s").splitlines() if line.startswith("| M")]
+    assert [row[0].strip("| ") for row in rows] == ["M1 − M0", "M1 − NLL-only-1", "M1 − DPO-only-1"]
+    for row, cells in zip(rows, summary["differences"].values()):
+        cell = cells["test"]
+        assert row[1] == f"{cell['values'][seed]:+.3f}"  # the same sum, so the same float
+        assert row[2] == f"{cell['mean']:+.3f} [{cell['low']:+.3f}, {cell['high']:+.3f}]"
+        assert row[4].rstrip(" |") == f"{cell['wins']} / {cell['losses']} of {cell['n']}"
+    del test["DPO-only-1"]  # an arm this run did not make: its row is left out
+    assert "DPO-only-1" not in study_markdown(test, summary, "s")
+
+
+def test_the_demo_appends_the_table_to_its_report_and_says_when_the_study_is_missing(tmp_path, monkeypatch, capsys):
+    import json
+
+    import demo
+    from world.report import study_markdown
+
+    summary = json.loads(demo.STUDY.read_text())
+    test = json.loads((ROOT / "bench" / "world_study" / "seed101" / "report" / "results.json").read_text())["test"]
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.md").write_text("# the run's report\n")
+    demo.beside_the_study({"test": test}, tmp_path)
+    table = study_markdown(test, summary, "bench/world_study/summary.json")
+    assert (tmp_path / "report" / "report.md").read_text() == "# the run's report\n\n" + table
+    assert table in capsys.readouterr().out
+    monkeypatch.setattr(demo, "STUDY", tmp_path / "no-study" / "summary.json")  # a clone without the study's files
+    demo.beside_the_study({"test": test}, tmp_path)
+    assert (tmp_path / "report" / "report.md").read_text() == "# the run's report\n\n" + table
+    assert "not found: the report does not compare" in capsys.readouterr().out
+
+
+def test_all_arms_resumes_each_main_run_in_its_folder_and_waits_for_gold_sft(tmp_path):
+    """--all-arms adds every arm to each seed's main run in the same folder (the finished arms are kept), so a
+    main run that has only the ablation is not finished for it; the slip world keeps the ablation."""
+    import argparse
+    import json
+
+    args = argparse.Namespace(work=tmp_path, seeds=[100, 101], pair_noise=[0.3], slip_rate=0.25, all_arms=True,
+                              english_error_rate=0.0)
+    jobs = study.jobs_for(args)
+    assert [(work.relative_to(tmp_path).as_posix(), arm) for work, _, arm in jobs] == [
+        ("seed100", "gold-SFT"), ("seed101", "gold-SFT"), ("slip/seed100", "NLL-only-1"), ("slip/seed101", "NLL-only-1")]
+    assert "--ablations-only" not in jobs[0][1] and "--noise-split" in jobs[0][1]
+    assert "--ablations-only" in jobs[2][1] and "--english-slip-rate" in jobs[2][1]
+    report = tmp_path / "seed100" / "report"
+    report.mkdir(parents=True)
+    (report / "results.json").write_text(json.dumps({"test": {"M0": {}, "M1": {}, "NLL-only-1": {}}}))
+    assert study.finished(tmp_path / "seed100", "NLL-only-1") and not study.finished(tmp_path / "seed100", "gold-SFT")
+    assert not study.finished(tmp_path / "seed101", "NLL-only-1")
+    ablation = study.jobs_for(argparse.Namespace(**{**vars(args), "all_arms": False}))
+    assert [arm for _, _, arm in ablation] == ["NLL-only-1"] * 4 and "--ablations-only" in ablation[0][1]

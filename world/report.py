@@ -8,6 +8,7 @@ learned from.
   the counterpart of the paper's agreement of its pairs with a GPT-4 judge (docs/method.md §1.9).
 - `learning_summary`, `plot_learning`: self-translation fidelity, pairs or SFT rows, and training, per run and
   iteration.
+- `study_markdown`: one run's differences beside those of bench/world_study.py's fresh seeds.
 - `finish_report`: WORK/report/report.md with its charts, and results.json:
   {"test": {model: {lang: accuracy}}, "dev": ..., "ood": ..., "pairs": {"1": {"n", "accuracy", ...}, ...}}.
 
@@ -223,6 +224,23 @@ def splits_markdown(accuracy: dict) -> str:
             ood = accuracy["ood"].get(name)
             cells += [f"{ood['en']:.3f}", f"{non_dominant(ood):.3f}"] if ood else ["—", "—"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def study_markdown(test: dict, study: dict, source: str) -> str:
+    """This run's paired differences on test beside the study's over its fresh seeds (bench/world_study.py's
+    summary.json, `source`): one seed is one draw from the spread the study measured."""
+    lines = [f"## This seed beside the study ({len(study['seeds'])} fresh seeds, {source})", "",
+             "avg (test): the four non-dominant languages. One run is one draw from the spread across seeds: the "
+             "sign of a difference is the study's to settle, not this run's.", "",
+             "| difference | this run | the study: mean [95% interval] | p (exact sign-flip) | study seeds + / − |",
+             "| --- | --- | --- | --- | --- |"]
+    for key, cells in study["differences"].items():
+        a, b = key.split(" - ")
+        if a in test and b in test:
+            this, cell = non_dominant(test[a]) - non_dominant(test[b]), cells["test"]
+            lines.append(f"| {a} − {b} | {this:+.3f} | {cell['mean']:+.3f} [{cell['low']:+.3f}, {cell['high']:+.3f}] "
+                         f"| {cell['p']:.3g} | {cell['wins']} / {cell['losses']} of {cell['n']} |")
     return "\n".join(lines) + "\n"
 
 
