@@ -47,6 +47,27 @@ def test_reply_fields():
     assert fields(ended, "translation") == {"translation": None, "translation_error": "empty translation", "translation_reply": "  "}
 
 
+def test_the_failure_count_names_only_failures(tiny_dir, tmp_path, capsys, monkeypatch):
+    """One reply of two closes (made so here: random weights never close): one failure, counted by its reason
+    alone (the closed one is no reason; the line once said "{'no </translated> ...': 1, None: 1}")."""
+    from lidr import translation
+
+    parse, calls = translation.parse_translation, []
+
+    def first_closes(reply):
+        calls.append(reply)
+        return ("x", None) if len(calls) == 1 else parse(reply)
+
+    monkeypatch.setattr(translation, "parse_translation", first_closes)
+    source = tmp_path / "en.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "response": "The cat sleeps."}) + "\n" for i in "ab"))
+    translate.main(["--model", str(tiny_dir), "--in", str(source), "--to", "fr", "--out", str(tmp_path / "fr.jsonl"),
+                    "--max-new-tokens", "4"])
+    rows = [json.loads(line) for line in (tmp_path / "fr.jsonl").read_text().splitlines()]
+    assert [r["translation_error"] for r in rows] == [None, "no </translated> before the reply ended"]
+    assert "fr.jsonl: 1 failed translations ({'no </translated> before the reply ended': 1})" in capsys.readouterr().out
+
+
 def test_unclosed_replies_are_marked_failed_and_a_rerun_adds_nothing(tiny_dir, tmp_path, capsys):
     source = tmp_path / "en.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in [

@@ -428,7 +428,7 @@ def translate_file(engine: Engine, source, out, to: str, decoding: Decoding = se
             output.write(job.row(prompt, completion, translation.fields(completion, out_field)))
     job.report(output)
     if output.rows:
-        errors = Counter(row.get(out_field + "_error") for row in output.rows)
-        failed = sum(n for reason, n in errors.items() if reason)
+        errors = Counter(row[out_field + "_error"] for row in output.rows if row.get(out_field + "_error"))
+        failed = sum(errors.values())
         print(f"{out}: {failed} failed translations" + (f" ({dict(errors)})" if failed else ""))
     return output.rows
