@@ -173,15 +173,17 @@ def differences_table(results: dict[int, dict], pairs: list[tuple[str, str]], sp
     lines, data = [], {}
     splits = [s for s in splits if s == "en" or all(s in r for r in results.values())]  # dev, ood: where evaluated
     for a, b in pairs:
-        if not all(a in r["test"] and b in r["test"] for r in results.values()):
+        both = {seed: r for seed, r in results.items() if a in r["test"] and b in r["test"]}  # a run can end early
+        if len(both) < 2:
             continue
         cells = {}
         for split in splits:
             table = "test" if split == "en" else split
             score = (lambda acc: acc["en"]) if split == "en" else non_dominant
-            cells[split] = paired([score(r[table][a]) - score(r[table][b]) for r in results.values()])
-        data[f"{a} - {b}"] = cells
-        lines.append(row([f"{a} − {b}", f"**{show_paired(cells[splits[0]])}**", *(show(cells[s]) for s in splits[1:])]))
+            cells[split] = paired([score(r[table][a]) - score(r[table][b]) for r in both.values()])
+        data[f"{a} - {b}"] = {**cells, **({"seeds": list(both)} if len(both) < len(results) else {})}
+        label = f"{a} − {b}" + (f" ({len(both)} of {len(results)} seeds)" if len(both) < len(results) else "")
+        lines.append(row([label, f"**{show_paired(cells[splits[0]])}**", *(show(cells[s]) for s in splits[1:])]))
     return lines, data
 
 
@@ -194,12 +196,13 @@ def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_erro
              "the corpus never names).", "", "### Each arm", "",
              row(["arm", "en (test)", *(f"avg ({s})" for s in splits)]), row(["---"] * (len(splits) + 2))]
     data = {"seeds": seeds, "arms": {}, "pairs": {}, "differences": {}, "noise": [], "english_imperfect": {}}
-    arms = [a for a in ARMS if all(a in r["test"] for r in results.values())]
-    for arm in arms:
-        cells = {"en": interval([r["test"][arm]["en"] for r in results.values()]),
-                 **{split: interval([non_dominant(r[split][arm]) for r in results.values()]) for split in splits}}
+    for arm in [a for a in ARMS if any(a in r["test"] for r in results.values())]:
+        made = [r for r in results.values() if arm in r["test"]]  # a LIDR or SDRRL run can end before M2
+        cells = {"en": interval([r["test"][arm]["en"] for r in made]),
+                 **{split: interval([non_dominant(r[split][arm]) for r in made]) for split in splits}}
         data["arms"][arm] = cells
-        lines.append(row([arm, show_level(cells["en"]), f"**{show_level(cells['test'])}**",
+        label = arm + (f" ({len(made)} of {len(results)} seeds)" if len(made) < len(results) else "")
+        lines.append(row([label, show_level(cells["en"]), f"**{show_level(cells['test'])}**",
                           *(show_level(cells[s]) for s in splits[1:])]))
     lines += ["", "### LIDR's own pairs against gold", "",
               "accuracy: chosen right and rejected wrong, of all pairs; agreement: of the pairs gold tells apart, the "

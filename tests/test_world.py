@@ -223,3 +223,31 @@ def test_init_folder_loads_in_transformers_with_equal_logits(world):
     tokens = torch.tensor([ids])
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), reference(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("failing, made, ends", [(2, 0, True), (2, 5, False), (1, 0, False)])
+def test_a_lidr_run_ends_at_m1_only_when_a_later_iteration_makes_no_pairs(failing, made, ends, tmp_path, monkeypatch,
+                                                                            capsys):
+    """An M1 that no longer closes its translations gives iteration 2 no pairs (two of the study's seeds): the
+    world's LIDR run ends at M1 and says so. Any other stop, and iteration 1 making none, stays an error."""
+    import world.arms as arms
+    from world.report import learning_summary
+
+    def iteration(runner, prompts, folder, how):
+        if folder.name != f"iter{failing}":
+            return folder / "train" / "model"
+        folder.mkdir(parents=True)
+        (folder / "pairs_report.json").write_text(json.dumps({"pairs": made, "per_language": {}}))
+        raise SystemExit(f"{folder / 'pairs_report.json'}: no pairs were made; see the report")
+
+    monkeypatch.setattr(arms, "Runner", lambda *args: None)
+    monkeypatch.setattr(arms, "run_iteration", iteration)
+    work = tmp_path / "lidr"
+    if not ends:
+        with pytest.raises(SystemExit, match="pairs_report.json"):
+            arms.run_lidr("LIDR", tmp_path / "m0", [tmp_path / "p1", tmp_path / "p2"], work, None, 1)
+        return
+    assert arms.run_lidr("LIDR", tmp_path / "m0", [tmp_path / "p1", tmp_path / "p2"], work, None, 1) == [
+        work / "iter1" / "train" / "model"]
+    assert "== LIDR: iteration 2 made nothing to train on" in capsys.readouterr().out
+    assert "- LIDR, iteration 2: nothing to train on" in learning_summary({"LIDR": work})[0]

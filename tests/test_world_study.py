@@ -108,6 +108,21 @@ def test_tuning_chooses_the_best_mean_dev_setting_first_on_ties():
     assert chosen["sdrrl"]["setting"] == GRID["sdrrl"][0]  # all equal: the first in the grid's order
 
 
+def test_a_run_that_ended_before_m2_leaves_m2_to_the_seeds_that_made_it():
+    """A seed whose LIDR run ended at M1 (iteration 2 made no pairs) has no M2: M2's cells and its differences
+    are over the other seeds, said in the row; every other arm and difference is over all seeds."""
+    runs = {s: results(s) for s in range(4)}
+    for table in ("test", "dev", "ood"):
+        runs[3][table] = {m: acc for m, acc in runs[3][table].items() if m not in ("M2", "SDRRL-2")}
+    runs[3]["test"]["M1"] = {lang: 0.5 for lang in ("en", "es", "fr", "de", "ru")}  # what M2 − M1 must not see
+    text, data = study.summarize(runs, {}, 0.25)
+    assert data["arms"]["M2"]["test"]["n"] == 3 and data["arms"]["M1"]["test"]["n"] == 4
+    assert data["differences"]["M2 - M1"]["test"]["values"] == pytest.approx([0.1] * 3)
+    assert data["differences"]["M2 - M1"]["seeds"] == [0, 1, 2] and "seeds" not in data["differences"]["M1 - M0"]
+    assert "| M2 (3 of 4 seeds) |" in text and "| M2 − M1 (3 of 4 seeds) | **+0.100 [" in text
+    assert "| M1 − M0 | " in text
+
+
 def test_summary_of_test_only_runs_and_the_slip_world():
     """The study's default test runs are evaluated on test alone (--eval-splits test): no dev or ood columns."""
     only_test = {s: {k: v for k, v in results(s).items() if k not in ("dev", "ood")} for s in range(3)}
@@ -127,12 +142,13 @@ def test_a_demo_seed_beside_the_study_is_the_studys_own_difference_for_that_seed
     from world.report import study_markdown
 
     summary = json.loads((ROOT / "bench" / "world_study" / "summary.json").read_text())
-    seed = summary["seeds"].index(100)
     test = json.loads((ROOT / "bench" / "world_study" / "seed100" / "report" / "results.json").read_text())["test"]
-    rows = [line.split(" | ") for line in study_markdown(test, summary, "s").splitlines() if line.startswith("| M")]
-    assert [row[0].strip("| ") for row in rows] == ["M1 − M0", "M1 − NLL-only-1", "M1 − DPO-only-1"]
+    rows = [line.split(" | ") for line in study_markdown(test, summary, "s").splitlines()
+            if line.startswith(("| M", "| gold"))]
+    assert [row[0].strip("| ") for row in rows][:4] == ["M1 − M0", "M2 − M1", "M1 − NLL-only-1", "M1 − DPO-only-1"]
+    assert len(rows) == len(summary["differences"]) == 7  # seed 100 made every arm
     for row, cells in zip(rows, summary["differences"].values()):
-        cell = cells["test"]
+        cell, seed = cells["test"], cells.get("seeds", summary["seeds"]).index(100)  # M2: 8 seeds made it
         assert row[1] == f"{cell['values'][seed]:+.3f}"  # the same sum, so the same float
         assert row[2] == f"{cell['mean']:+.3f} [{cell['low']:+.3f}, {cell['high']:+.3f}]"
         assert row[4].rstrip(" |") == f"{cell['wins']} / {cell['losses']} of {cell['n']}"

@@ -44,7 +44,7 @@ from lidr.pairs import PairOptions, arithmetic
 from lidr.sdrrl import SDRRLOptions
 from lidr.settings import Training
 from world.corpus import LANGS, SPLITS, SYSTEM, WorldSettings, build
-from world.report import evaluate, finish_report, learning_summary, pair_accuracy
+from world.report import evaluate, finish_report, learning_summary, made_nothing, pair_accuracy
 
 OTHERS = tuple(LANGS[1:])
 BATCH_SIZE = 200  # prompts decoded together: the world's model is tiny
@@ -137,14 +137,28 @@ def copy_iteration1(source: Path, target: Path, m0: Path, prompts: Path, how: Re
 
 
 def run_lidr(name: str, m0: Path, prompts: list[Path], work: Path, how: Recipe, train_nproc: int) -> list[Path]:
-    """lidr/iterate.py's iterations from m0 (one prompt folder each) in work; returns [M1, M2, ...]."""
+    """lidr/iterate.py's iterations from m0 (one prompt folder each) in work; returns [M1, M2, ...], fewer when an
+    iteration after the first makes no pairs (its model no longer closes its translations: `stopped`)."""
     print(f"== {name}: {len(prompts)} iterations", flush=True)
     models = []
     for t, folder in enumerate(prompts, 1):
         runner = Runner(models[-1] if models else m0, folder, work / f"iter{t}", how, f"{name} {t}", BATCH_SIZE, 1,
                         train_nproc, Nodes())
-        models.append(run_iteration(runner, folder, work / f"iter{t}", how))
+        try:
+            models.append(run_iteration(runner, folder, work / f"iter{t}", how))
+        except SystemExit:
+            if t == 1 or not made_nothing(work / f"iter{t}" / "pairs_report.json"):
+                raise
+            stopped(name, t, work / f"iter{t}" / "pairs_report.json")
+            break
     return models
+
+
+def stopped(name: str, t: int, report: Path):
+    """After iteration 1 a model can lose what the method needs (M_{t-1} no longer closes its translations): there is
+    nothing to train on, so the run ends at M_{t-1}, said here and in the study's counts (M_t missing)."""
+    print(f"== {name}: iteration {t} made nothing to train on ({report}); the run ends at iteration {t - 1}",
+          flush=True)
 
 
 def checked_sdrrl_rows(folder: Path, how: Recipe) -> tuple[list, dict]:
@@ -185,6 +199,9 @@ def run_sdrrl(m0: Path, prompts: list[Path], work: Path, how: Recipe, train_npro
         if runner.begin("sdrrl"):
             write_rows(*checked_sdrrl_rows(folder, how), folder / "sdrrl.jsonl")
             runner.done("sdrrl")
+        if t > 1 and made_nothing(folder / "sdrrl_report.json"):
+            stopped("SDRRL", t, folder / "sdrrl_report.json")
+            break
         models.append(run_iteration(runner, folder_in, folder, how))  # trains: the stages before are done
     return models
 

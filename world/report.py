@@ -142,6 +142,14 @@ def made_rows(folder: Path) -> dict:
             for lang, c in per_lang.items()}
 
 
+def made_nothing(report: Path) -> bool:
+    """Whether an iteration's pairs report (or SDRRL rows report) counts none."""
+    if not report.is_file():
+        return False
+    counts = json.loads(report.read_text())
+    return counts.get("pairs", counts.get("rows")) == 0
+
+
 def learning_summary(runs: dict[str, Path]) -> tuple[str, dict]:
     """Markdown and JSON: self-translation fidelity, pairs and training, per run and iteration."""
     lines = ["## What each iteration learned from", "",
@@ -153,9 +161,12 @@ def learning_summary(runs: dict[str, Path]) -> tuple[str, dict]:
     training, data = [], {}
     for run, work in runs.items():
         for folder in sorted(work.glob("iter*"), key=lambda f: int(f.name[4:])):
-            if not (folder / "done" / "train").exists():
-                continue
             t = folder.name[4:]
+            if not (folder / "done" / "train").exists():
+                if any(made_nothing(folder / f"{kind}_report.json") for kind in ("pairs", "sdrrl")):
+                    training.append(f"- {run}, iteration {t}: nothing to train on (M{int(t) - 1}'s translations "
+                                    f"made no pairs or rows): the run ends at M{int(t) - 1}")
+                continue
             fidelity, made = translation_fidelity(folder), made_rows(folder)
             for lang in OTHERS:
                 f = fidelity[lang]
