@@ -5,6 +5,8 @@ No test imports another."""
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,12 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     no_skip_in_ci(outcome.get_result())
+
+
+@pytest.fixture
+def sleeper():
+    """A live process of this host that is not this one, started now (a second command, for the locks)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import write_jsonl
+from helpers import dead_pid, write_jsonl
 
 import lidr.harness.outputs
 from lidr.harness.outputs import ResumableWriter, hold_lock, lock_path, record_output, record_path, remove_own_output
@@ -22,21 +22,6 @@ from lidr.harness.sampled import GENERATE, merge
 # every character that a glob or a regular expression reads as more than itself
 SPECIAL = "[]*?{}+().^$|\\"
 NAMES = [f"a{c}b.jsonl" for c in SPECIAL] + ["[ab].jsonl", "*.jsonl", "?.jsonl", "a.b.jsonl", ".jsonl"]
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-@pytest.fixture
-def sleeper():
-    """A live process of this host that is not this one, started now."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
 
 
 def files_of(folder: Path) -> dict:

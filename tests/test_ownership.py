@@ -11,7 +11,7 @@ import sys
 from dataclasses import replace
 
 import pytest
-from helpers import pairs, write_jsonl
+from helpers import dead_pid, pairs, write_jsonl
 
 import lidr.cli.pairs
 import lidr.harness.stage_files
@@ -27,21 +27,6 @@ def snapshot(folder):
     """Every file under `folder`, and beside it under its name (its record, its lock), by path: its bytes."""
     files = [*folder.rglob("*"), *folder.parent.glob(folder.name + ".*")]
     return {str(p.relative_to(folder.parent)): p.read_bytes() for p in files if p.is_file()}
-
-
-@pytest.fixture
-def sleeper():
-    """A live process of this host that is not this one (a second command, for the locks)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def write_stage_outputs(folder, answers=("A", "B"), translations=("A-fr", "B-fr")):
