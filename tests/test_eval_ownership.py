@@ -5,12 +5,10 @@ the judge's flags and failures end in one sentence; interrupted evaluations chan
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import write_jsonl
+from helpers import dead_pid, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -310,12 +308,6 @@ STEP = st.one_of(
     st.tuples(st.just("user file"), st.sampled_from(["notes.txt", "summary.json", "ru.jsonl"])),
     st.tuples(st.just("remove user file"), st.sampled_from(["notes.txt", "summary.json", "ru.jsonl"])),
 )
-
-
-def dead_pid() -> int:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    return dead.pid
 
 
 @pytest.mark.slow

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from lidr.cli import command
-from lidr.settings import Training
 from world.arms import ARMS, Size, arm_training, make_world, one_iteration_arm, pretrain, recipe, run_lidr
 from world.report import evaluate, non_dominant
 
