@@ -89,6 +89,19 @@ def non_dominant(accuracy: dict) -> float:
     return sum(accuracy[lang] for lang in OTHERS) / len(OTHERS)
 
 
+def english_pairs(pairs: dict) -> dict:
+    """Accuracy and agreement with gold of the dominant pairs alone (en<-l: y_en chosen over y_l→en, the pairs
+    that train English), from world/report.py's per-direction kinds."""
+    kinds = {}
+    for direction, scored in pairs["per_language"].items():
+        if direction.startswith("en<-"):
+            for kind, count in scored["kinds"].items():
+                kinds[kind] = kinds.get(kind, 0) + count
+    n, right, wrong = sum(kinds.values()), kinds.get("right>wrong", 0), kinds.get("wrong>right", 0)
+    return {"n": n, "accuracy": right / n if n else None,
+            "agreement": right / (right + wrong) if right + wrong else None}
+
+
 # -----------------------------------------------------------------------------
 # running the seeds
 
@@ -208,15 +221,23 @@ def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_erro
               "accuracy: chosen right and rejected wrong, of all pairs; agreement: of the pairs gold tells apart, the "
               "share whose chosen answer is the right one (the paper's agreement of its pairs with a GPT-4 judge: "
               f"{PAPER_AGREEMENT[0]:.0%}–{PAPER_AGREEMENT[1]:.0%}).", "",
-              "| iteration | pairs | accuracy | agreement |", "| --- | --- | --- | --- |"]
+              "English pairs: the dominant ones alone (y_en chosen over y_l→en), which train English.", "",
+              "| iteration | pairs | accuracy | agreement | English pairs: accuracy | English pairs: agreement |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for t in ("1", "2"):
         runs = [r["pairs"][t] for r in results.values() if t in r["pairs"]]
         if len(runs) < len(results) or any(run.get("agreement") is None for run in runs):
             continue
         cells = {key: interval([float(run[key]) for run in runs]) for key in ("n", "accuracy", "agreement")}
+        english = [english_pairs(run) for run in runs if "per_language" in run]
+        for key in ("accuracy", "agreement"):
+            if len(english) == len(runs) and all(e[key] is not None for e in english):
+                cells[f"english_{key}"] = interval([e[key] for e in english])
         data["pairs"][t] = cells
         lines.append(f"| {t} | {cells['n']['mean']:.0f} [{cells['n']['low']:.0f}, {cells['n']['high']:.0f}] | "
-                     f"{show_level(cells['accuracy'])} | **{show_level(cells['agreement'])}** |")
+                     f"{show_level(cells['accuracy'])} | **{show_level(cells['agreement'])}** | "
+                     + " | ".join(show_level(cells[k]) if k in cells else "—"
+                                  for k in ("english_accuracy", "english_agreement")) + " |")
     lines += ["", "### Paired differences (seed by seed, then over seeds)", "",
               "Mean [95% t-interval]; p: two-sided exact sign-flip test over the seeds; wins+/losses−/ties=.", "",
               row(["difference", "avg (test)", "en (test)", *(f"avg ({s})" for s in splits[1:])]),
@@ -261,6 +282,13 @@ def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_erro
                      "test": interval([non_dominant(r["test"][arm]) for r in slip.values()])}
             data["slip"]["arms"][arm] = cells
             lines.append(f"| {arm} | {show_level(cells['en'])} | **{show_level(cells['test'])}** |")
+        pairs = [r["pairs"]["1"] for r in slip.values()]
+        cells = data["slip"]["pairs"] = {
+            "all": {k: interval([run[k] for run in pairs]) for k in ("accuracy", "agreement")},
+            "english": {k: interval([english_pairs(run)[k] for run in pairs]) for k in ("accuracy", "agreement")}}
+        lines += ["", f"LIDR's iteration-1 pairs against gold: accuracy {show_level(cells['all']['accuracy'])}, "
+                  f"agreement {show_level(cells['all']['agreement'])}; English pairs: accuracy "
+                  f"{show_level(cells['english']['accuracy'])}, agreement {show_level(cells['english']['agreement'])}."]
         rows, data["slip"]["differences"] = differences_table(
             slip, [("M1", "M0"), ("DPO-only-1", "NLL-only-1"), ("M1", "NLL-only-1"), ("M1", "DPO-only-1")],
             ("test", "en"))

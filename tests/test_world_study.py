@@ -48,7 +48,11 @@ def results(seed: int) -> dict:
                "pair-noise-0.3-dpo-only": 0.1 - 0.02 * seed, "pair-noise-0.3-nll-only": -0.2}
     table = {m: {"en": 0.9, **{lang: 0.2 + o for lang in ("es", "fr", "de", "ru")}} for m, o in offsets.items()}
     return {"test": table, "dev": table, "ood": table,
-            "pairs": {"1": {"n": 100 + seed, "agreement": 0.99, "accuracy": 0.98},
+            # per direction: es a weak language's pairs, en<-es and en<-fr the English (dominant) ones
+            "pairs": {"1": {"n": 100 + seed, "agreement": 0.99, "accuracy": 0.98, "per_language": {
+                "es": {"kinds": {"right>wrong": 9, "both right": 1}},
+                "en<-es": {"kinds": {"right>wrong": 4, "wrong>right": 1, "both wrong": 1}},
+                "en<-fr": {"kinds": {"right>wrong": 2 + seed, "wrong>right": 1 - seed % 2, "both right": 1}}}},
                       "2": {"n": 50, "agreement": 0.8 + 0.05 * seed, "accuracy": 0.4}},
             "pair_noise": {"0.3": {"model": "pair-noise-0.3-1", "agreement": 0.7 - 0.01 * seed, "accuracy": 0.6}}}
 
@@ -66,6 +70,16 @@ def test_summary_differences_and_noise_curve_by_hand():
     assert [p["agreement"] for p in noise[0.3]] == pytest.approx([0.7, 0.69, 0.68])
     assert [p["gain"] for p in noise[0.0]] == pytest.approx([0.5] * 3)
     assert "| M1 − NLL-only-1 | **+0.290 [" in text
+
+
+def test_english_pairs_are_the_dominant_directions_alone():
+    english = [study.english_pairs(results(seed)["pairs"]["1"]) for seed in (0, 1)]
+    assert english[0] == {"n": 10, "accuracy": 0.6, "agreement": 0.75}  # 6 right of 10; 6 of the 8 told apart
+    assert english[1] == {"n": 10, "accuracy": 0.7, "agreement": 7 / 8}
+    text, data = study.summarize({s: results(s) for s in range(2)}, {}, 0.25, {s: results(s) for s in range(2)}, 0.25)
+    assert data["pairs"]["1"]["english_agreement"]["values"] == [0.75, 7 / 8]
+    assert data["slip"]["pairs"]["english"]["accuracy"]["mean"] == pytest.approx(0.65)
+    assert "| 1 | 100 [" in text and "| 0.650 [" in text
 
 
 def test_summary_pairs_against_gold_over_seeds():
