@@ -18,7 +18,9 @@ losses), and it translates its own answers faithfully. Then, unchanged:
    then LIDR as in 2), swapped pairs (LIDR with chosen and rejected exchanged), and gold-SFT
    (SFT of M0 on the gold answers of the same prompts in every language)
 5. WORK/report/: report.md (accuracy per language and model, self-translation fidelity, pairs per
-   iteration, training), PNG charts, and results.json ({"M0": {"en": 0.97, ...}, "M1": ...}).
+   iteration, training), PNG charts, and results.json ({"M0": {"en": 0.97, ...}, "M1": ...}). The
+   default world's report ends with this seed beside the study's ten (bench/world_study/): one seed
+   is one draw, and a difference's sign can follow the thread count.
 
 Iteration 1 of SDRRL and of the swapped control starts from the same M0 on the same prompts as
 LIDR's: greedy decoding makes their answers and translations identical to LIDR's, so they are
