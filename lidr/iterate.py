@@ -41,6 +41,14 @@ class Recipe:
     training: Training = settings.TRAINING  # step 4; the objective follows the method
 
 
+class NothingToTrain(SystemExit):
+    """Step 3 made no pairs (or SDRRL rows): the command stops, naming the report. A study that runs iterations
+    (world/arms.py) may end the run at M_t instead, since M_t can lose the skill the next step needs."""
+
+    def __init__(self, report: Path, made: str):
+        super().__init__(f"{report}: no {made} were made; see the report")
+
+
 def translation_jobs(folder: Path, recipe: Recipe) -> list[tuple[str, str, str, Path]]:
     """(source language, target language, field, output) of step 2: y_en -> l; LIDR also y_l -> en;
     SDRRL with a reference field also the prompt set's own English answers a_en -> l."""
@@ -79,7 +87,7 @@ def run_iteration(runner: Runner, prompts: Path, folder: Path, recipe: Recipe) -
         for lang, counts in report["per_language"].items():
             print(f"  {lang}: {counts}", flush=True)
         if not made:
-            raise SystemExit(f"{folder / 'pairs_report.json'}: no pairs were made; see the report")
+            raise NothingToTrain(folder / "pairs_report.json", "pairs")
         runner.done("pairs")
     if recipe.method == "sdrrl" and runner.begin("sdrrl"):  # 3. SDRRL: (x_l, y_en->l) and (x_en, y_en) as SFT rows
         rows, report = sdrrl_from_dir(folder, langs, replace(recipe.sft_rows, dominant=en), task_ids)
@@ -87,7 +95,7 @@ def run_iteration(runner: Runner, prompts: Path, folder: Path, recipe: Recipe) -
         for lang, counts in report["per_language"].items():
             print(f"  {lang}: {counts}", flush=True)
         if not rows:
-            raise SystemExit(f"{folder / 'sdrrl_report.json'}: no SFT rows were made; see the report")
+            raise NothingToTrain(folder / "sdrrl_report.json", "SFT rows")
         runner.done("sdrrl")
     if runner.begin("train"):  # 4. M_t -> M_{t+1}, M_t the reference
         data = folder / ("sdrrl.jsonl" if recipe.method == "sdrrl" else "pairs.jsonl")

@@ -233,12 +233,16 @@ def test_a_lidr_run_ends_at_m1_only_when_a_later_iteration_makes_no_pairs(failin
     import world.arms as arms
     from world.report import learning_summary
 
+    from lidr.iterate import NothingToTrain
+
     def iteration(runner, prompts, folder, how):
         if folder.name != f"iter{failing}":
             return folder / "train" / "model"
         folder.mkdir(parents=True)
         (folder / "pairs_report.json").write_text(json.dumps({"pairs": made, "per_language": {}}))
-        raise SystemExit(f"{folder / 'pairs_report.json'}: no pairs were made; see the report")
+        if made:  # another stop of the iteration
+            raise SystemExit(f"{folder / 'pairs_report.json'}: some other refusal")
+        raise NothingToTrain(folder / "pairs_report.json", "pairs")
 
     monkeypatch.setattr(arms, "Runner", lambda *args: None)
     monkeypatch.setattr(arms, "run_iteration", iteration)
@@ -251,3 +255,39 @@ def test_a_lidr_run_ends_at_m1_only_when_a_later_iteration_makes_no_pairs(failin
         work / "iter1" / "train" / "model"]
     assert "== LIDR: iteration 2 made nothing to train on" in capsys.readouterr().out
     assert "- LIDR, iteration 2: nothing to train on" in learning_summary({"LIDR": work})[0]
+
+
+@pytest.mark.parametrize("empty_at", [2, 1])
+def test_an_sdrrl_run_ends_at_sdrrl_1_only_when_a_later_iteration_makes_no_rows(empty_at, tmp_path, monkeypatch,
+                                                                                capsys):
+    """SDRRL's rows are checked in the world (world.arms.checked_sdrrl_rows): none after iteration 1 ends the run
+    there, as LIDR's pairs do; none in iteration 1 stops with lidr's sentence."""
+    import world.arms as arms
+    from lidr.iterate import NothingToTrain, Recipe
+
+    class Runner:
+        def __init__(self, *args):
+            pass
+
+        def begin(self, stage):
+            return stage == "sdrrl"
+
+        def done(self, stage):
+            pass
+
+    monkeypatch.setattr(arms, "Runner", Runner)
+    monkeypatch.setattr(arms, "checked_sdrrl_rows",
+                        lambda folder, how: ([] if folder.name == f"iter{empty_at}" else [{"id": "1"}], {}))
+    monkeypatch.setattr(arms, "write_rows", lambda rows, report, out: None)
+    monkeypatch.setattr(arms, "run_iteration", lambda runner, prompts, folder, how: folder / "train" / "model")
+
+    def run():
+        return arms.run_sdrrl(tmp_path / "m0", [tmp_path / "p1", tmp_path / "p2"], tmp_path / "sdrrl",
+                              Recipe(langs=("fr",)), 1)
+
+    if empty_at == 1:
+        with pytest.raises(NothingToTrain, match="iter1/sdrrl_report.json: no SFT rows were made"):
+            run()
+        return
+    assert run() == [tmp_path / "sdrrl" / "iter1" / "train" / "model"]
+    assert "== SDRRL: iteration 2 made nothing to train on" in capsys.readouterr().out

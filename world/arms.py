@@ -37,14 +37,14 @@ from pathlib import Path
 
 from lidr import settings
 from lidr.harness.stages import Nodes, Runner, stage_identities, train, write_marker
-from lidr.iterate import Recipe, run_iteration
+from lidr.iterate import NothingToTrain, Recipe, run_iteration
 from lidr.harness.outputs import write_json_atomic, write_text_atomic
 from lidr.harness.stage_files import read_texts, sdrrl_from_dir, write_rows
 from lidr.pairs import PairOptions, arithmetic
 from lidr.sdrrl import SDRRLOptions
 from lidr.settings import Training
 from world.corpus import LANGS, SPLITS, SYSTEM, WorldSettings, build
-from world.report import evaluate, finish_report, learning_summary, made_nothing, pair_accuracy
+from world.report import evaluate, finish_report, learning_summary, pair_accuracy
 
 OTHERS = tuple(LANGS[1:])
 BATCH_SIZE = 200  # prompts decoded together: the world's model is tiny
@@ -146,19 +146,18 @@ def run_lidr(name: str, m0: Path, prompts: list[Path], work: Path, how: Recipe, 
                         train_nproc, Nodes())
         try:
             models.append(run_iteration(runner, folder, work / f"iter{t}", how))
-        except SystemExit:
-            if t == 1 or not made_nothing(work / f"iter{t}" / "pairs_report.json"):
+        except NothingToTrain as stop:
+            if t == 1:
                 raise
-            stopped(name, t, work / f"iter{t}" / "pairs_report.json")
+            stopped(name, t, stop)
             break
     return models
 
 
-def stopped(name: str, t: int, report: Path):
+def stopped(name: str, t: int, why: NothingToTrain):
     """After iteration 1 a model can lose what the method needs (M_{t-1} no longer closes its translations): there is
     nothing to train on, so the run ends at M_{t-1}, said here and in the study's counts (M_t missing)."""
-    print(f"== {name}: iteration {t} made nothing to train on ({report}); the run ends at iteration {t - 1}",
-          flush=True)
+    print(f"== {name}: iteration {t} made nothing to train on ({why}); the run ends at iteration {t - 1}", flush=True)
 
 
 def checked_sdrrl_rows(folder: Path, how: Recipe) -> tuple[list, dict]:
@@ -197,11 +196,15 @@ def run_sdrrl(m0: Path, prompts: list[Path], work: Path, how: Recipe, train_npro
                                  lang, how.translation, "response")
             runner.done("translate")
         if runner.begin("sdrrl"):
-            write_rows(*checked_sdrrl_rows(folder, how), folder / "sdrrl.jsonl")
+            rows, report = checked_sdrrl_rows(folder, how)
+            write_rows(rows, report, folder / "sdrrl.jsonl")
+            if not rows:  # as lidr/iterate.py's own step 3
+                stop = NothingToTrain(folder / "sdrrl_report.json", "SFT rows")
+                if t == 1:
+                    raise stop
+                stopped("SDRRL", t, stop)
+                break
             runner.done("sdrrl")
-        if t > 1 and made_nothing(folder / "sdrrl_report.json"):
-            stopped("SDRRL", t, folder / "sdrrl_report.json")
-            break
         models.append(run_iteration(runner, folder_in, folder, how))  # trains: the stages before are done
     return models
 
@@ -325,15 +328,14 @@ def run_world(work: Path, size: Size, arms: Arms, train_nproc: int = 1, part: st
         lidr = run_lidr("LIDR", m0, prompts[:1] if arms.ablations_only else prompts, work / "lidr", checked,
                         train_nproc)
         add({f"M{t}": model for t, model in enumerate(lidr, 1)}, "lidr")
-    if part in ("all", "baselines") and arms.ablations_only:
-        add({"DPO-only-1": one("dpo-only", work / "dpo-only"), "NLL-only-1": one("nll-only", work / "nll-only")},
-            "baselines")
-    elif part in ("all", "baselines") and arms.baselines:
-        sdrrl_how = replace(checked, training=arm_training(size, "sdrrl"))
-        copy_iteration1(work / "lidr", work / "sdrrl", m0, prompts[0], replace(sdrrl_how, method="sdrrl"), train_nproc)
-        sdrrl_models = run_sdrrl(m0, prompts, work / "sdrrl", sdrrl_how, train_nproc)
-        add({f"SDRRL-{t}": model for t, model in enumerate(sdrrl_models, 1)}, "baselines")
-        runs["SDRRL"] = work / "sdrrl"
+    if part in ("all", "baselines") and (arms.baselines or arms.ablations_only):
+        if not arms.ablations_only:
+            sdrrl_how = replace(checked, training=arm_training(size, "sdrrl"))
+            copy_iteration1(work / "lidr", work / "sdrrl", m0, prompts[0], replace(sdrrl_how, method="sdrrl"),
+                            train_nproc)
+            sdrrl_models = run_sdrrl(m0, prompts, work / "sdrrl", sdrrl_how, train_nproc)
+            add({f"SDRRL-{t}": model for t, model in enumerate(sdrrl_models, 1)}, "baselines")
+            runs["SDRRL"] = work / "sdrrl"
         add({"DPO-only-1": one("dpo-only", work / "dpo-only"), "NLL-only-1": one("nll-only", work / "nll-only")},
             "baselines")
     if part in ("all", "lidr") and arms.baselines and not arms.ablations_only:  # in LIDR's part: the two even out

@@ -10,13 +10,13 @@ the tuning seeds (ties: the first in GRID's order). The test split is never read
 """
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from lidr.cli import command
+from lidr.harness.outputs import write_json_atomic
 from world.arms import ARMS, Size, arm_training, make_world, one_iteration_arm, pretrain, recipe, run_lidr
 from world.report import evaluate, non_dominant
 
@@ -64,11 +64,6 @@ def choose(per_seed: dict[int, dict], grid: dict = GRID) -> dict:
     return chosen
 
 
-def tuned_size(size: Size, chosen: dict) -> Size:
-    """`size` with each arm's chosen setting (bench/world_study.py --tune writes `chosen` to tuned.json)."""
-    return replace(size, tuned={arm: replace(size.train, **c["setting"]) for arm, c in chosen.items()})
-
-
 @command()
 def main(argv=None):
     import demo  # the world's sizes live beside the demo's command
@@ -83,7 +78,7 @@ def main(argv=None):
     size = replace(size, world=replace(size.world, seed=args.seed))
     result = tune_seed(Path(args.work), size)
     out = Path(args.work) / "dev.json"
-    out.write_text(json.dumps({"seed": args.seed, "dev": result}, indent=1) + "\n")
+    write_json_atomic(out, {"seed": args.seed, "dev": result})  # bench/world_study.py reads a seed as done by it
     print(f"wrote {out}")
 
 

@@ -217,13 +217,18 @@ class ResumableWriter:
 # outputs bound to their inputs
 
 
+def content_identity(path: Path) -> dict:
+    """{size, sha256} of a file's bytes."""
+    data = path.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def file_identity(path: str | os.PathLike) -> dict:
     """{path (resolved), size, sha256} of an input file."""
     path = Path(path).resolve()
     if not path.is_file():
         raise SystemExit(f"{path}: no such file")
-    data = path.read_bytes()
-    return {"path": str(path), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"path": str(path), **content_identity(path)}
 
 
 def folder_identity(folder: str | os.PathLike) -> dict:
@@ -238,8 +243,7 @@ def folder_identity(folder: str | os.PathLike) -> dict:
     files = {}
     for path in sorted(folder.iterdir()):
         if path.name in ("config.json", INDEX_FILE, *TOKENIZER_FILES):
-            data = path.read_bytes()
-            files[path.name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            files[path.name] = content_identity(path)
         elif path.suffix == ".safetensors":
             stat = path.stat()
             files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}

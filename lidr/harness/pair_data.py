@@ -13,11 +13,10 @@ whose messages are not {role, content}, stops the run with a sentence naming the
 How each format becomes tokens: lidr/train_data.py.
 """
 
-import hashlib
 from pathlib import Path
 from typing import NamedTuple
 
-from lidr.harness.outputs import file_identity, read_records
+from lidr.harness.outputs import content_identity, file_identity, read_records
 
 FORMATS = ("expected one of: lidr's rows and TRL's standard format ({\"prompt\", \"chosen\", \"rejected\"} texts), "
            "TRL's implicit prompt ({\"chosen\", \"rejected\"} texts), or TRL's conversational format (the same fields "
@@ -72,10 +71,7 @@ def data_identity(path) -> dict:
     path = Path(path)
     if not path.is_dir():
         return file_identity(path)
-    files = {}
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        data = file.read_bytes()
-        files[str(file.relative_to(path))] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    files = {str(file.relative_to(path)): content_identity(file) for file in sorted(path.rglob("*")) if file.is_file()}
     return {"path": str(path.resolve()), "files": files}
 
 
