@@ -136,7 +136,7 @@ def generate_outputs(model, tokenizer, prompts_dir: Path, langs: list[str], out:
             if too_long_reason(len(ids), context):
                 too_long.append(str(p["id"]))
             else:
-                to_answer.append(Prompt(str(p["id"]), ids, derived_seed(decoding.seed, i), p))
+                to_answer.append(Prompt(str(p["id"]), ids, derived_seed(decoding.seed, lang, i), p))
 
         with SampledOutput(out / f"{lang}.jsonl", "id", to_answer, GENERATE, identities[lang],
                            companions=[out / f"{lang}.json"]) as output:

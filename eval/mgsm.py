@@ -256,7 +256,7 @@ def run(model, tokenizer, data: Path, langs: list[str], out: Path, decoding: Dec
             if too_long_reason(len(ids), context):
                 too_long.append(q["index"])
             else:
-                prompts.append(Prompt(str(q["index"]), ids, derived_seed(decoding.seed, q["index"]), q))
+                prompts.append(Prompt(str(q["index"]), ids, derived_seed(decoding.seed, lang, q["index"]), q))
 
         with SampledOutput(out / f"{lang}.jsonl", "index", prompts, MADE_BY, identities[lang]) as output:
             for prompt, completion in output.sample(model, tokenizer, decoding, batch_size=batch_size):

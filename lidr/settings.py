@@ -9,9 +9,9 @@ paper and repository; LLaMA-Factory's defaults where the paper is silent; else l
 marked so), its help and its range. The command lines are generated from these fields
 (lidr/cli), a run records them (`provenance`), and a value out of range is refused when the
 dataclass is built. One seed rule for every random choice: an item's generator is seeded with
-`derived_seed(seed, its key)` (a row's tokens: its input line; a pair's language: its prompt id;
-SDRRL's code-switching: id, language, part; training's row order: the epoch), so no choice
-depends on the other items, the batch or the rank. Departures: docs/method.md §4 and §5.12.
+`derived_seed(seed, its key)` (a row's tokens: its language and input line; a pair's language: its
+prompt id; SDRRL's code-switching: id, language, part; training's row order: the epoch), so no
+choice depends on the other items, the batch or the rank. Departures: docs/method.md §4 and §5.12.
 """
 
 import hashlib
@@ -160,7 +160,7 @@ class Decoding:
 
     temperature 0 is greedy (top_p and top_k then do nothing); the repetition penalty has vLLM's
     meaning (prompt and generated tokens, a seen token's logit l becomes l / r if l > 0 else l * r);
-    a row samples with derived_seed(seed, its input line) (the module docstring's rule). system None
+    a row samples with derived_seed(seed, its language, its input line) (the module docstring's rule). system None
     (or "") leaves the chat template's own. The prompt template is applied before the sampler, to
     the prompt's text (`user_turn`).
     """
@@ -177,7 +177,7 @@ class Decoding:
     temperature: float = setting(0.0, "0 = greedy", low=0.0, zero_or_from=1e-5)
     top_p: float = setting(1.0, "nucleus sampling; 1 = off", above=0.0, high=1.0)
     top_k: int = setting(0, "0 = off", low=0)
-    seed: int = setting(0, "a row samples with derived_seed(seed, its input line)", low=0, high=2**62)
+    seed: int = setting(0, "a row samples with derived_seed(seed, its language, its input line)", low=0, high=2**62)
 
     def __post_init__(self):
         check_settings(self)

@@ -183,3 +183,25 @@ def test_the_mgsm_recipe_end_to_end_on_shared_gsm8k(demo_dir, tmp_path):
     assert {lang: s["n"] for lang, s in summary["languages"].items()} == {"en": 2, "de": 2}
     made_from = json.loads((tmp_path / "eval" / "mgsm" / "de.jsonl.made-from.json").read_text())
     assert json.dumps(PROMPT_TEMPLATES["alpaca"])[1:-1] in json.dumps(made_from)  # recorded in the output's identity
+
+
+def test_parallel_files_sample_with_draws_of_their_own_language(tiny_dir, tmp_path):
+    """Line i of en.jsonl and of fr.jsonl is the same problem: at a temperature above 0 the two answers are sampled
+    from generators seeded by (seed, language, line), so they are independent draws, each what the sampler gives
+    that row alone with that seed."""
+    from lidr.generation import prompt_ids
+    from lidr.sampler import generate
+
+    engine = Engine(tiny_dir, batch_size=4)
+    decoding = Decoding(max_new_tokens=12, repetition_penalty=1.0, temperature=1.0, seed=3)
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "instruction": q} for i, q in enumerate(QUESTIONS)])
+    model, tokenizer = engine.load()
+    answers = {}
+    for lang in ("en", "fr"):
+        rows = generate_file(engine, prompts, tmp_path / f"{lang}.jsonl", decoding, lang=lang)
+        answers[lang] = [r["response"] for r in rows]
+        for line, q in enumerate(QUESTIONS[:3], 1):  # the row alone, seeded by the rule (lines count from 1)
+            ids = prompt_ids(tokenizer, q, decoding, lang)
+            alone = generate(model, tokenizer, [ids], decoding, seeds=[derived_seed(3, lang, line)])[0]
+            assert answers[lang][line - 1] == alone.text
+    assert sum(a != b for a, b in zip(answers["en"], answers["fr"])) >= len(QUESTIONS) - 1  # the same prompts

@@ -23,8 +23,9 @@ over a file: what is asked and what is kept is theirs; everything else is here, 
 - One over-length policy: a prompt that fills the model's context cannot be answered (left out
   and counted: `too_long_reason`); a reply ends where the context does (finish reason "length"),
   and a max_new_tokens past that is lowered, with a warning.
-- A seed per row: derived_seed(seed, the row's input line) (lidr/settings.py), so a row samples
-  the same tokens alone or in any batch, on any rank, resumed or not.
+- A seed per row: derived_seed(seed, the language asked for, the row's input line) (lidr/settings.py),
+  so a row samples the same tokens alone or in any batch, on any rank, resumed or not, and parallel
+  files (line i in every language) sample with unrelated draws, not the same ones.
 
 Rows of an input file (JSONL or a JSON list) are keyed by `id` (as text) when every row has a
 distinct one, else by their line (`input_line`); bad rows (not JSON, not an object, no such field,
@@ -398,7 +399,7 @@ def generate_file(engine: Engine, prompts, out, decoding: Decoding = settings.AN
     job = SampledFile(engine, prompts, out, field, out_field, run, GENERATE)
     for line, row in job.rows:
         job.add(line, row, generation.prompt_ids(job.tokenizer, row[field], decoding, lang),
-                derived_seed(decoding.seed, line))
+                derived_seed(decoding.seed, lang, line))
     with job.output() as output:
         model, tokenizer = engine.load() if output.todo else (None, None)
         for prompt, completion in output.sample(model, tokenizer, decoding, stop_strings, engine.batch_size,
@@ -420,7 +421,7 @@ def translate_file(engine: Engine, source, out, to: str, decoding: Decoding = se
     job = SampledFile(engine, source, out, field, out_field, run, TRANSLATE)
     for line, row in job.rows:
         job.add(line, row, translation.prompt_ids(job.tokenizer, row[field], to, decoding.system),
-                derived_seed(decoding.seed, line))
+                derived_seed(decoding.seed, to, line))
     with job.output() as output:
         model, tokenizer = engine.load() if output.todo else (None, None)
         for prompt, completion in output.sample(model, tokenizer, decoding, (translation.CLOSING_TAG,),
