@@ -208,6 +208,17 @@ def main(argv=None):
                         help="(world) share of English (object, operation) cells whose answers slip: the operation "
                              "right, the result one too many, so LIDR's chosen answers there are better than the "
                              "rejected and still wrong (default: 0)")
+    parser.add_argument("--english-soft-error-rate", type=float, default=0.0,
+                        help="(world) share of all English answers in the corpus that misread the verb, at random in "
+                             "every cell: the weak languages' error, rarer. Greedy decoding hides it; with "
+                             "--temperature it shows in the answers LIDR pairs and in the sampled test (default: 0)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="(world) LIDR's answers (step 1) sampled at this temperature instead of greedily (the "
+                             "paper), each row with a generator of its own, so a pair joins two independent answers; "
+                             "every model is then also scored on test at it ('sampled' in the report; default: 0)")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="(world) answers per prompt and language, each pair k of a prompt joining the k-th "
+                             "answers (needs --temperature; default: 1)")
     parser.add_argument("--tuned", type=Path, default=None, metavar="TUNED_JSON",
                         help="(world) each arm's trainer settings chosen on dev (bench/world_study.py --tune writes "
                              "it); default: demo.py's TUNED, the study's choice")
@@ -233,13 +244,19 @@ def main(argv=None):
     world_flags = (args.controls, args.pair_noise, args.only_lidr, args.seed, args.english_error_rate,
                    args.translation_fidelity != 1.0, args.english_slip_rate, args.noise_split, args.tuned,
                    args.ablations_only, args.size != "default", args.eval_splits != ["test", "ood"],
-                   args.threads != 1)
+                   args.threads != 1, args.english_soft_error_rate, args.temperature, args.samples != 1)
     if args.model == "smollm2" and any(world_flags):
         parser.error("--controls, --pair-noise, --only-lidr, --seed and the dials belong to the controlled world")
-    shares = (*args.pair_noise, args.english_error_rate, args.translation_fidelity, args.english_slip_rate)
+    shares = (*args.pair_noise, args.english_error_rate, args.translation_fidelity, args.english_slip_rate,
+              args.english_soft_error_rate)
     if not all(0.0 <= x <= 1.0 for x in shares):
-        parser.error("--pair-noise, --english-error-rate, --english-slip-rate and --translation-fidelity are shares "
-                     "between 0 and 1")
+        parser.error("--pair-noise, --english-error-rate, --english-slip-rate, --english-soft-error-rate and "
+                     "--translation-fidelity are shares between 0 and 1")
+    if args.temperature != 0 and not 1e-5 <= args.temperature <= 100:
+        parser.error(f"--temperature {args.temperature:g}: 0 (greedy) or from 1e-5 to 100")
+    if args.samples < 1 or (args.samples > 1 and not args.temperature):
+        parser.error(f"--samples {args.samples}: at least 1, and above 1 only with --temperature (greedy answers to "
+                     "the same prompt are one answer)")
     if args.english_error_rate + args.english_slip_rate > 1.0:
         parser.error("--english-error-rate and --english-slip-rate share the twelve cells: their sum is at most 1")
     if args.ablations_only and (args.only_lidr or args.controls):
@@ -267,17 +284,19 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         size = WORLD[size_name]
         world = replace(size.world, seed=args.seed, english_error_rate=args.english_error_rate,
-                        translation_fidelity=args.translation_fidelity, english_slip_rate=args.english_slip_rate)
+                        translation_fidelity=args.translation_fidelity, english_slip_rate=args.english_slip_rate,
+                        english_soft_error_rate=args.english_soft_error_rate, samples=args.samples)
         arms = Arms(baselines=not args.only_lidr, pair_noise=tuple(args.pair_noise), controls=args.controls,
                     noise_split=args.noise_split, ablations_only=args.ablations_only,
                     splits=tuple(s for s in SPLITS if s in args.eval_splits))
         tuned = {**size.tuned, **{arm: replace(size.train, **setting) for arm, setting in tuned.items()}}
-        size = replace(size, world=world, tuned=tuned)
+        size = replace(size, world=world, tuned=tuned, temperature=args.temperature)
         if args.jobs == 2:
             run_parts_side_by_side(work, size, arms, args.train_nproc, args.threads)
         results = run_world(work, size, arms, args.train_nproc)
         if size_name == "default" and not any((args.english_error_rate, args.english_slip_rate, args.tuned,
-                                               args.translation_fidelity != 1.0)):
+                                               args.translation_fidelity != 1.0, args.english_soft_error_rate,
+                                               args.temperature, args.samples != 1)):
             beside_the_study(results, work)
     else:
         run_smollm2(args, SMOLLM2[size_name], work)

@@ -11,6 +11,8 @@ setting with the best mean dev accuracy over the tuning seeds. Then, per test se
 - WORK/seedN: M0, M1 (one LIDR iteration), DPO only, NLL only on test (--all-arms adds every arm, and OOD),
   and at each --pair-noise share LIDR, DPO only and NLL only on the same swapped pairs (--noise-split);
 - WORK/slip/seedN: the same arms in a world whose English slips in --slip-rate of its cells;
+- WORK/sampled/seedN: the same arms in a world whose English errs softly (--soft-rate of its answers, at random)
+  and whose answers are sampled at --temperature, --samples per prompt, every model also scored on sampled test;
 - WORK/english-imperfect/seedN (--english-error-rate > 0): M0, M1, M2 in a world whose English misreads.
 A run whose report/results.json holds its arms is skipped; an interrupted one resumes. Then, on test: each arm's mean
 and 95% t-interval over seeds; paired differences with the two-sided exact sign-flip test and the seeds won,
@@ -123,12 +125,21 @@ def jobs_for(args) -> list[tuple[Path, list[str], str]]:
         jobs += [(args.work / "slip" / f"seed{seed}",
                   ["--seed", str(seed), *common, *ablation, "--english-slip-rate", str(args.slip_rate)], "NLL-only-1")
                  for seed in args.seeds]
+    if args.temperature:
+        jobs += [(args.work / "sampled" / f"seed{seed}", ["--seed", str(seed), *common, *ablation, *sampled_flags(args)],
+                  "NLL-only-1") for seed in args.seeds]
     if args.english_error_rate:
         jobs += [(args.work / "english-imperfect" / f"seed{seed}",
                   ["--seed", str(seed), *common, "--only-lidr", "--english-error-rate", str(args.english_error_rate)],
                   "M2")
                  for seed in args.seeds]
     return jobs
+
+
+def sampled_flags(args) -> list[str]:
+    """demo.py's flags of the sampled world: soft English errors, answers at a temperature, samples per prompt."""
+    return ["--english-soft-error-rate", str(args.soft_rate), "--temperature", str(args.temperature),
+            "--samples", str(args.samples)]
 
 
 def tune_jobs(args) -> list[tuple[Path, list[str], str]]:
@@ -180,28 +191,62 @@ def row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+# what a column measures: {name: (results' table, "en" or the non-dominant "avg")}; any other name is (name, "avg")
+MEASURES = {"en": ("test", "en"), "sampled": ("test-sampled", "avg"), "sampled en": ("test-sampled", "en")}
+
+
+def measure(result: dict, key: str, model: str) -> float:
+    """One run's score of `model` under the column `key` (MEASURES): a split's non-dominant average or its English."""
+    table, what = MEASURES.get(key, (key, "avg"))
+    accuracy = result[table][model]
+    return accuracy["en"] if what == "en" else non_dominant(accuracy)
+
+
 def differences_table(results: dict[int, dict], pairs: list[tuple[str, str]], splits=("test", "en", "dev", "ood")
                       ) -> tuple[list[str], dict]:
     """Markdown rows and data of paired differences a − b, seed by seed: interval, exact sign-flip p, wins."""
     lines, data = [], {}
-    splits = [s for s in splits if s == "en" or all(s in r for r in results.values())]  # dev, ood: where evaluated
+    splits = [s for s in splits if all(MEASURES.get(s, (s,))[0] in r for r in results.values())]  # where evaluated
     for a, b in pairs:
         both = {seed: r for seed, r in results.items() if a in r["test"] and b in r["test"]}  # a run can end early
         if len(both) < 2:
             continue
         cells = {}
         for split in splits:
-            table = "test" if split == "en" else split
-            score = (lambda acc: acc["en"]) if split == "en" else non_dominant
-            cells[split] = paired([score(r[table][a]) - score(r[table][b]) for r in both.values()])
+            cells[split] = paired([measure(r, split, a) - measure(r, split, b) for r in both.values()])
         data[f"{a} - {b}"] = {**cells, **({"seeds": list(both)} if len(both) < len(results) else {})}
         label = f"{a} − {b}" + (f" ({len(both)} of {len(results)} seeds)" if len(both) < len(results) else "")
         lines.append(row([label, f"**{show_paired(cells[splits[0]])}**", *(show(cells[s]) for s in splits[1:])]))
     return lines, data
 
 
+def dial_world(title: str, runs: dict[int, dict], data: dict, key: str, columns: tuple[str, ...]) -> list[str]:
+    """A dial's world (the ablation's four arms over its seeds): each arm, LIDR's iteration-1 pairs against gold, and
+    the paired differences, in the columns `columns` (MEASURES); the numbers go to data[key]."""
+    header = [f"{'avg' if MEASURES.get(c, (c, 'avg'))[1] == 'avg' else 'en'} ({MEASURES.get(c, (c,))[0]})"
+              for c in columns]
+    lines = ["", f"### {title}", "", row(["arm", *header]), row(["---"] * (len(columns) + 1))]
+    data[key] = {"seeds": list(runs), "arms": {}, "differences": {}}
+    for arm in [a for a in ARMS if all(a in r["test"] for r in runs.values())]:
+        cells = {c: interval([measure(r, c, arm) for r in runs.values()]) for c in columns}
+        data[key]["arms"][arm] = cells
+        lines.append(row([arm, *(f"**{show_level(cells[c])}**" if c == "test" else show_level(cells[c])
+                                 for c in columns)]))
+    pairs = [r["pairs"]["1"] for r in runs.values()]
+    cells = data[key]["pairs"] = {
+        "all": {k: interval([run[k] for run in pairs]) for k in ("accuracy", "agreement")},
+        "english": {k: interval([english_pairs(run)[k] for run in pairs]) for k in ("accuracy", "agreement")}}
+    lines += ["", f"LIDR's iteration-1 pairs against gold: accuracy {show_level(cells['all']['accuracy'])}, "
+              f"agreement {show_level(cells['all']['agreement'])}; English pairs: accuracy "
+              f"{show_level(cells['english']['accuracy'])}, agreement {show_level(cells['english']['agreement'])}."]
+    rows, data[key]["differences"] = differences_table(
+        runs, [("M1", "M0"), ("DPO-only-1", "NLL-only-1"), ("M1", "NLL-only-1"), ("M1", "DPO-only-1")], columns)
+    return lines + ["", row(["difference", *header]), row(["---"] * (len(columns) + 1)), *rows]
+
+
 def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_error_rate: float,
-              slip: dict[int, dict] | None = None, slip_rate: float = 0.0) -> tuple[str, dict]:
+              slip: dict[int, dict] | None = None, slip_rate: float = 0.0, sampled: dict[int, dict] | None = None,
+              sampled_dials: str = "") -> tuple[str, dict]:
     seeds = list(results)
     splits = ["test", *(s for s in ("dev", "ood") if all(s in r for r in results.values()))]
     lines = [f"Seeds {', '.join(map(str, seeds))}: mean and 95% t-interval over seeds. avg: the four non-dominant "
@@ -273,26 +318,13 @@ def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_erro
                   "against the other and against its own arm on the clean pairs.", "",
                   "| difference | avg (test) | en (test) |", "| --- | --- | --- |", *rows]
     if slip:
-        lines += ["", f"### English slipping ({slip_rate:.0%} of the English (object, operation) cells answer one too "
-                  f"many, the operation right; seeds {', '.join(map(str, slip))})", "", "| arm | en (test) | avg (test) |",
-                  "| --- | --- | --- |"]
-        data["slip"] = {"seeds": list(slip), "arms": {}, "differences": {}}
-        for arm in [a for a in ARMS if all(a in r["test"] for r in slip.values())]:
-            cells = {"en": interval([r["test"][arm]["en"] for r in slip.values()]),
-                     "test": interval([non_dominant(r["test"][arm]) for r in slip.values()])}
-            data["slip"]["arms"][arm] = cells
-            lines.append(f"| {arm} | {show_level(cells['en'])} | **{show_level(cells['test'])}** |")
-        pairs = [r["pairs"]["1"] for r in slip.values()]
-        cells = data["slip"]["pairs"] = {
-            "all": {k: interval([run[k] for run in pairs]) for k in ("accuracy", "agreement")},
-            "english": {k: interval([english_pairs(run)[k] for run in pairs]) for k in ("accuracy", "agreement")}}
-        lines += ["", f"LIDR's iteration-1 pairs against gold: accuracy {show_level(cells['all']['accuracy'])}, "
-                  f"agreement {show_level(cells['all']['agreement'])}; English pairs: accuracy "
-                  f"{show_level(cells['english']['accuracy'])}, agreement {show_level(cells['english']['agreement'])}."]
-        rows, data["slip"]["differences"] = differences_table(
-            slip, [("M1", "M0"), ("DPO-only-1", "NLL-only-1"), ("M1", "NLL-only-1"), ("M1", "DPO-only-1")],
-            ("test", "en"))
-        lines += ["", "| difference | avg (test) | en (test) |", "| --- | --- | --- |", *rows]
+        title = (f"English slipping ({slip_rate:.0%} of the English (object, operation) cells answer one too many, the "
+                 f"operation right; seeds {', '.join(map(str, slip))})")
+        lines += dial_world(title, slip, data, "slip", ("test", "en"))
+    if sampled:
+        title = (f"Sampled answers ({sampled_dials}; seeds {', '.join(map(str, sampled))}). sampled: test, one answer "
+                 "per problem at the same temperature")
+        lines += dial_world(title, sampled, data, "sampled", ("test", "en", "sampled", "sampled en"))
     if imperfect:
         lines += ["", f"### English imperfect ({english_error_rate:.0%} of the English (object, operation) cells "
                   "misread in the corpus)", "", "| model | en (test) | avg (test) | avg (dev) |",
@@ -381,6 +413,13 @@ def main(argv=None):
     parser.add_argument("--slip-rate", type=float, default=0.25,
                         help="a world whose English slips in this share of cells, every arm (0: none; default: "
                              "%(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="a world whose answers are sampled at this temperature, English soft errors at "
+                             "--soft-rate and --samples answers per prompt, every arm (0: none; default: %(default)s)")
+    parser.add_argument("--soft-rate", type=float, default=0.3,
+                        help="the sampled world's share of English answers misread at random (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="the sampled world's answers per prompt and language (default: %(default)s)")
     parser.add_argument("--all-arms", action="store_true",
                         help="every arm (M2, SDRRL, gold-SFT too) on test and OOD, added to each seed's main run "
                              "(what is finished there is kept); default: M0, M1, DPO only and NLL only on test, the "
@@ -400,7 +439,10 @@ def main(argv=None):
     imperfect = read_results({s: args.work / "english-imperfect" / f"seed{s}" for s in args.seeds}, required=False)
     slip = {} if not args.slip_rate else read_results({s: args.work / "slip" / f"seed{s}" for s in args.seeds},
                                                       required=False)
-    text, data = summarize(results, imperfect, args.english_error_rate, slip, args.slip_rate)
+    sampled = {} if not args.temperature else read_results(
+        {s: args.work / "sampled" / f"seed{s}" for s in args.seeds}, required=False)
+    text, data = summarize(results, imperfect, args.english_error_rate, slip, args.slip_rate, sampled,
+                           " ".join(sampled_flags(args)))
     if (args.work / "tuned.json").exists():
         text = tuned_markdown(json.loads((args.work / "tuned.json").read_text())) + "\n" + text
     plot_noise(data["noise"], args.work / "noise.png")

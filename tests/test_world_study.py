@@ -197,16 +197,20 @@ def test_all_arms_resumes_each_main_run_in_its_folder_and_waits_for_gold_sft(tmp
     import json
 
     args = argparse.Namespace(work=tmp_path, seeds=[100, 101], pair_noise=[0.3], slip_rate=0.25, all_arms=True,
-                              english_error_rate=0.0)
+                              english_error_rate=0.0, temperature=1.0, soft_rate=0.3, samples=2)
     jobs = study.jobs_for(args)
     assert [(work.relative_to(tmp_path).as_posix(), arm) for work, _, arm in jobs] == [
-        ("seed100", "gold-SFT"), ("seed101", "gold-SFT"), ("slip/seed100", "NLL-only-1"), ("slip/seed101", "NLL-only-1")]
+        ("seed100", "gold-SFT"), ("seed101", "gold-SFT"), ("slip/seed100", "NLL-only-1"), ("slip/seed101", "NLL-only-1"),
+        ("sampled/seed100", "NLL-only-1"), ("sampled/seed101", "NLL-only-1")]
     assert "--ablations-only" not in jobs[0][1] and "--noise-split" in jobs[0][1]
     assert "--ablations-only" in jobs[2][1] and "--english-slip-rate" in jobs[2][1]
+    sampled = jobs[4][1]  # the sampled world: the ablation, soft English errors, answers at a temperature, 2 per prompt
+    assert "--ablations-only" in sampled and sampled[sampled.index("--english-soft-error-rate") + 1] == "0.3"
+    assert sampled[sampled.index("--temperature") + 1] == "1.0" and sampled[sampled.index("--samples") + 1] == "2"
     report = tmp_path / "seed100" / "report"
     report.mkdir(parents=True)
     (report / "results.json").write_text(json.dumps({"test": {"M0": {}, "M1": {}, "NLL-only-1": {}}}))
     assert study.finished(tmp_path / "seed100", "NLL-only-1") and not study.finished(tmp_path / "seed100", "gold-SFT")
     assert not study.finished(tmp_path / "seed101", "NLL-only-1")
     ablation = study.jobs_for(argparse.Namespace(**{**vars(args), "all_arms": False}))
-    assert [arm for _, _, arm in ablation] == ["NLL-only-1"] * 4 and "--ablations-only" in ablation[0][1]
+    assert [arm for _, _, arm in ablation] == ["NLL-only-1"] * 6 and "--ablations-only" in ablation[0][1]

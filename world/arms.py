@@ -20,8 +20,9 @@ settings (lr, epochs, batch) but its objective:
   unchecked, the check would drop them all) and swapped pairs (every pair reversed, two iterations).
 Every model is evaluated on dev, test and the out-of-distribution test; LIDR's pairs are scored against gold.
 
-Iteration 1 of every arm starts from the same M0 on the same prompts, and decoding is greedy, so its answers and
-translations are LIDR's: they are copied, not generated again (and the one-iteration arms copy LIDR's pairs).
+Iteration 1 of every arm starts from the same M0 on the same prompts, and decoding is greedy (or, at a temperature,
+seeded per row: lidr/settings.py), so its answers and translations are LIDR's: they are copied, not generated again
+(and the one-iteration arms copy LIDR's pairs).
 Everything stays in WORK; rerunning skips what is finished and resumes what is not.
 
 How this departs from the paper: see demo.py's docstring (the world's sizes, limits and trainer settings). SDRRL
@@ -47,6 +48,7 @@ from world.corpus import LANGS, SPLITS, SYSTEM, WorldSettings, build
 from world.report import evaluate, finish_report, learning_summary, pair_accuracy
 
 OTHERS = tuple(LANGS[1:])
+SAMPLED = "test-sampled"  # results.json's test accuracy of answers sampled at the world's temperature
 BATCH_SIZE = 200  # prompts decoded together: the world's model is tiny
 
 
@@ -58,6 +60,8 @@ class Size:
     pretrain: Training
     train: Training
     max_new_tokens: int = 48  # answers
+    temperature: float = 0.0  # answers (LIDR's step 1) sampled at this temperature; above 0 every model is also
+    # evaluated on test at it (results "test-sampled"): the accuracy of the answers the methods learn from
     translate_max_new_tokens: int = 64
     check_numbers: bool = True  # the sign check on every arm's self-translations
     tuned: dict = field(default_factory=dict)  # {arm: Training}, each arm's settings chosen on dev (ARMS)
@@ -87,14 +91,15 @@ class Arms:
 
 
 def recipe(max_new_tokens: int, translate_max_new_tokens: int, repetition_penalty: float,
-           training: Training) -> Recipe:
-    """LIDR over es/fr/de/ru with the demo's own decoding limits and penalty in place of the paper's, and
+           training: Training, temperature: float = 0.0) -> Recipe:
+    """LIDR over es/fr/de/ru with the demo's own decoding limits and penalty in place of the paper's (answers at
+    `temperature`, greedy by default, as the paper; translations greedy), and
     lidr's earlier failed-translation rule (drop only the failed direction's pair), under which the
     world's numbers were measured and without which SmolLM2's mostly failing back-translations leave
     no pair; real runs keep the reference's rule (drop both), lidr/pairs.py."""
     return Recipe(langs=OTHERS, training=training, pairs=PairOptions(failed_translation="drop-one"),
                   answers=replace(settings.ANSWERS, system=SYSTEM, max_new_tokens=max_new_tokens,
-                                  repetition_penalty=repetition_penalty),
+                                  repetition_penalty=repetition_penalty, temperature=temperature),
                   translation=replace(settings.TRANSLATION, system=SYSTEM, max_new_tokens=translate_max_new_tokens,
                                       repetition_penalty=repetition_penalty))
 
@@ -104,8 +109,11 @@ def recipe(max_new_tokens: int, translate_max_new_tokens: int, repetition_penalt
 
 
 def make_world(folder: Path, world: WorldSettings) -> Path:
+    """The world of these settings in folder: built, or kept when built earlier with them (a setting added since
+    then reads as its default, which is the world that was built)."""
     report = folder / "corpus_report.json"
-    if report.exists() and json.loads(report.read_text())["settings"] == json.loads(json.dumps(vars(world))):
+    built = json.loads(report.read_text())["settings"] if report.exists() else None
+    if built is not None and {**vars(WorldSettings()), **built} == json.loads(json.dumps(vars(world))):
         print(f"[world] {folder}: built earlier, kept", flush=True)
         return folder
     if folder.exists():
@@ -126,7 +134,7 @@ def pretrain(world: Path, out: Path, options: Training, train_nproc: int) -> Pat
 
 
 def copy_iteration1(source: Path, target: Path, m0: Path, prompts: Path, how: Recipe, train_nproc: int):
-    """Iteration 1's answers and translations from `source` (same M0, same prompts, greedy: identical),
+    """Iteration 1's answers and translations from `source` (same M0, same prompts, same seeds: identical),
     marked done as made from what `how` would make them from (lidr.harness.stages.stage_identities)."""
     identities = stage_identities(m0, prompts, how, train_nproc)
     for name in ("generate", "translate"):
@@ -301,18 +309,24 @@ def run_world(work: Path, size: Size, arms: Arms, train_nproc: int = 1, part: st
     prompts = [world / f"prompts{t}" for t in range(1, size.world.iterations + 1)]
     models: dict[str, Path] = {}
 
+    evaluations = {split: (split, 0.0) for split in arms.splits}  # {results' name: (split, temperature)}
+    if size.temperature:
+        evaluations[SAMPLED] = ("test", size.temperature)
+
     def add(named: dict, group: str):  # each model is evaluated on every split as soon as it exists (in its part)
         for name, model in named.items():
             models[name] = model
             if part in ("all", group):
-                for split in arms.splits:
-                    evaluate(model, name, world / split, work / "eval" / split, size.max_new_tokens, "plain")
+                for key, (split, temperature) in evaluations.items():
+                    evaluate(model, name, world / split, work / "eval" / key, size.max_new_tokens, "plain",
+                             temperature)
 
     # the prefix trains M0; the two parts side by side take its folder as done (claiming its run folder at once,
     # one of them would find the other's lock and stop)
     m0 = pretrain(world, work / "m0", size.pretrain, train_nproc) if part in ("all", "prefix") else work / "m0" / "model"
     seed = size.world.seed
-    lidr_recipe = recipe(size.max_new_tokens, size.translate_max_new_tokens, 1.0, arm_training(size, "lidr"))
+    lidr_recipe = recipe(size.max_new_tokens, size.translate_max_new_tokens, 1.0, arm_training(size, "lidr"),
+                         size.temperature)
     checked = replace(lidr_recipe, pairs=replace(lidr_recipe.pairs, check_numbers=size.check_numbers))
     run_lidr("LIDR", m0, prompts[:1], work / "lidr", checked, train_nproc)  # iteration 1: every arm reads it
     if part == "prefix":
@@ -368,5 +382,5 @@ def run_world(work: Path, size: Size, arms: Arms, train_nproc: int = 1, part: st
              for t in range(1, len(lidr) + 1)}
     learned, iterations = learning_summary(runs)
     summary = {"pairs": pairs, **({"pair_noise": pair_noise} if pair_noise else {})}
-    return finish_report(models, {split: work / "eval" / split for split in arms.splits}, work, learned, summary,
-                         {"settings": vars(size.world), "iterations": iterations})
+    return finish_report(models, {key: work / "eval" / key for key in evaluations}, work, learned, summary,
+                         {"settings": vars(size.world), "temperature": size.temperature, "iterations": iterations})

@@ -26,6 +26,11 @@ every dial can be turned:
     the operation right and the result one too many ("7 + 5 = 13"). LIDR's chosen answers there
     are better than the rejected (the operation) and still wrong (the sum): NLL copies the slip,
     a preference between the two need not.
+  * English errors can be soft (--english-soft-error-rate, default 0): that share of all English
+    answers misreads the verb at random, in every cell: the weak languages' kind of error at a
+    lower rate. Greedy decoding reads the majority and hides it; answers sampled at a temperature
+    (world/arms.py) carry it, and so do LIDR's chosen answers: English then has room to improve,
+    and its pairs (y_en over y_l→en, wrong less often than the rejected) a direction to improve in.
   * translations of answers between English and each language, in the paper's exact prompt
     (lidr/translation.py) with the reply written as "<translated>\\n...\\n</translated>"
     (--n-translation per direction and language). Sources are correct or wrong answers alike
@@ -35,7 +40,9 @@ every dial can be turned:
     is the control where the premise's second half fails.
 - Splits, all from one --seed, each problem written in every language with the same id: dev
   (--n-dev, where every setting of the demo is chosen) and test (--n-test, what is reported),
-  distinct draws from one distribution; each LIDR iteration's prompts (--n-prompts, distinct);
+  distinct draws from one distribution; each LIDR iteration's prompts (--n-prompts, distinct;
+  --samples K writes each prompt row K times, ids "{id}~{k}", so that at a temperature each prompt
+  is answered K times, and pairs k of a prompt join independent answers);
   the pretraining problems (drawn with repetition, never a dev, test or iteration draw); and an
   out-of-distribution test (--n-ood): the same arithmetic about two people and two objects that
   the corpus never names (world/problems.py NEW_PEOPLE, NEW_OBJECTS).
@@ -92,6 +99,7 @@ class WorldSettings:
     other_error_rate: float = 0.6  # share of those that apply the wrong operation, at random
     english_error_rate: float = 0.0  # share of (object, operation) cells whose English answers always misread the verb
     english_slip_rate: float = 0.0  # share of the other cells whose English answers slip: operation right, result + 1
+    english_soft_error_rate: float = 0.0  # share of all English answers that misread the verb, at random in every cell
     n_translation: int = 600  # translated answers per direction (en->l and l->en) per language
     translation_source_error_rate: float = 0.3  # share of translated answers that are wrong answers
     translation_fidelity: float = 1.0  # share of translation targets that keep their numbers (0: the broken control)
@@ -99,6 +107,7 @@ class WorldSettings:
     n_test: int = 200  # test problems per language, same distribution: what is reported
     n_ood: int = 100  # out-of-distribution problems per language: people and objects the corpus never names
     n_prompts: int = 200  # LIDR prompts per iteration and language
+    samples: int = 1  # answers per prompt: each prompt row written this many times, ids "{id}~{k}" (temperature > 0)
     iterations: int = 2
     vocab_size: int = 1024
     dim: int = 128
@@ -206,6 +215,7 @@ def build(out, settings: WorldSettings, langs=LANGS) -> dict:
     held = set(taken)
     misread = misread_cells(settings.english_error_rate, settings.seed)
     slips = slip_cells(settings.english_slip_rate, settings.seed, misread)
+    soft_rng = random.Random(settings.seed + 4)  # a stream of its own: at rate 0 the world is the one without it
 
     def pretraining_draw():
         while True:
@@ -218,6 +228,8 @@ def build(out, settings: WorldSettings, langs=LANGS) -> dict:
     for _ in range(settings.n_english):
         d = pretraining_draw()
         wrong, slip = (d[1], d[4]) in misread, (d[1], d[4]) in slips
+        if not (wrong or slip) and settings.english_soft_error_rate:
+            wrong = soft_rng.random() < settings.english_soft_error_rate
         rows.append(chat_row("solve", en, write_question(en, d), write_answer(en, d, wrong, slip), wrong=wrong,
                              **({"slip": True} if slip else {})))
     for lang in others:
@@ -244,7 +256,8 @@ def build(out, settings: WorldSettings, langs=LANGS) -> dict:
         for t, draws in enumerate(prompt_draws, 1):
             ids = [f"iter{t}-{i}" for i in range(len(draws))]
             write_jsonl(out / f"prompts{t}" / f"{lang}.jsonl",
-                        [{"id": i, "instruction": write_question(lang, d)} for i, d in zip(ids, draws)])
+                        [{"id": sample_id(i, k, settings.samples), "instruction": write_question(lang, d)}
+                         for i, d in zip(ids, draws) for k in range(settings.samples)])
             # no system turn, as in LIDR's pairs and SDRRL's rows: every arm trains on the same chat turns
             write_jsonl(out / f"gold{t}" / f"{lang}.jsonl",
                         [{"id": i, "lang": lang, "prompt": write_question(lang, d), "response": write_answer(lang, d),
@@ -260,6 +273,16 @@ def build(out, settings: WorldSettings, langs=LANGS) -> dict:
               **({"english_slip_cells": sorted(f"{OBJECTS[obj]['en']} {op}" for obj, op in slips)} if slips else {})}
     write_json_atomic(out / "corpus_report.json", report)
     return report
+
+
+def sample_id(problem_id: str, k: int, samples: int) -> str:
+    """The id of the k-th answer to a prompt: the problem's id itself with one sample per prompt, else "{id}~{k}"."""
+    return problem_id if samples == 1 else f"{problem_id}~{k}"
+
+
+def problem_id(row_id: str) -> str:
+    """The problem a prompt row (or a pair) asks: its id less the sample suffix (gold files hold one row per problem)."""
+    return str(row_id).split("~")[0]
 
 
 def write_jsonl(path: Path, rows: list[dict]):

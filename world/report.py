@@ -29,20 +29,22 @@ from lidr.harness.outputs import write_json_atomic, write_text_atomic
 from lidr.harness.stage_files import read_texts, read_translations
 from lidr.pairs import arithmetic, numbers
 from lidr.settings import Decoding
-from world.corpus import LANGS, SYSTEM
+from world.corpus import LANGS, SYSTEM, problem_id
 
 OTHERS = list(LANGS[1:])
 
 
-def evaluate(model_dir: Path, name: str, problems: Path, out: Path, max_new_tokens: int, template: str) -> dict:
-    """Accuracy per language of one model on one split's problems (eval/mgsm.py), kept in out/name."""
+def evaluate(model_dir: Path, name: str, problems: Path, out: Path, max_new_tokens: int, template: str,
+             temperature: float = 0.0) -> dict:
+    """Accuracy per language of one model on one split's problems (eval/mgsm.py), kept in out/name: greedy, or
+    one answer per problem sampled at `temperature` (seed 0, a generator per language and problem)."""
     summary_path = out / name / "mgsm" / "summary.json"
     if summary_path.exists():
         print(f"[eval] {name} on {problems.name}: done earlier, skipped", flush=True)
         return json.loads(summary_path.read_text())
     print(f"[eval] {name} on {problems.name} ...", flush=True)
     model, tokenizer = load(model_dir)
-    decoding = Decoding(max_new_tokens=max_new_tokens, repetition_penalty=1.0)  # greedy, no repetition penalty
+    decoding = Decoding(max_new_tokens=max_new_tokens, repetition_penalty=1.0, temperature=temperature)  # no penalty
     return run_mgsm(model, tokenizer, problems, list(LANGS), out / name / "mgsm", decoding, batch_size=200,
                     system=SYSTEM, template=template)
 
@@ -70,7 +72,7 @@ def last_number(text: str) -> str | None:
 
 
 def pair_accuracy(pairs_path: Path, gold_dir: Path) -> dict:
-    """Scores LIDR's pairs against the gold answer of their prompt id (gold_dir/en.jsonl: ids are parallel).
+    """Scores LIDR's pairs against the gold answer of their prompt's problem (gold_dir/en.jsonl: ids are parallel).
 
     Returns {"n", "accuracy", "agreement", "kinds": {kind: count}, "per_language": {lang/direction: {...}}};
     kinds: right>wrong, wrong>right, both right, both wrong."""
@@ -78,7 +80,7 @@ def pair_accuracy(pairs_path: Path, gold_dir: Path) -> dict:
     kinds: dict[str, Counter] = defaultdict(Counter)
     for line in pairs_path.read_text().splitlines():
         pair = json.loads(line)
-        answer = gold[str(pair["id"])]
+        answer = gold[problem_id(pair["id"])]  # several samples of a prompt: one gold answer
         chosen, rejected = last_number(pair["chosen"]) == answer, last_number(pair["rejected"]) == answer
         kind = {(True, False): "right>wrong", (False, True): "wrong>right", (True, True): "both right",
                 (False, False): "both wrong"}[chosen, rejected]
@@ -218,22 +220,29 @@ def plot_learning(data: dict, path: Path):
 # the report
 
 
+# evaluations shown beside test, en and avg each: {results' name: (column label, what it is)}
+BESIDE = {"ood": ("ood", "problems about people and objects the corpus never names"),
+          "test-sampled": ("sampled", "test, one answer per problem sampled at the world's temperature")}
+
+
 def splits_markdown(accuracy: dict) -> str:
-    """One table: per model and language "test (dev)", the non-dominant averages, and OOD's where measured."""
-    splits = [s for s in ("test", "dev", "ood") if s in accuracy]
-    models = list(accuracy[splits[0]])
-    lines = ["## Accuracy: test" + (" (dev)" if "dev" in splits else ""), "",
+    """One table: per model and language "test (dev)", the non-dominant averages, and OOD's and the sampled test's
+    where measured."""
+    beside = [key for key in BESIDE if key in accuracy]
+    models = list(accuracy["test"])
+    lines = ["## Accuracy: test" + (" (dev)" if "dev" in accuracy else ""), "",
              "Settings were chosen on dev; test is reported. avg: the four non-dominant languages."
-             + (" ood: problems about people and objects the corpus never names." if "ood" in splits else ""), "",
-             "| model | " + " | ".join(LANGS) + " | avg | " + ("ood en | ood avg |" if "ood" in splits else ""),
-             "| --- " * (len(LANGS) + 2 + 2 * ("ood" in splits)) + "|"]
+             + "".join(f" {BESIDE[key][0]}: {BESIDE[key][1]}." for key in beside), "",
+             "| model | " + " | ".join(LANGS) + " | avg | " + "".join(f"{BESIDE[k][0]} en | {BESIDE[k][0]} avg | "
+                                                                     for k in beside),
+             "| --- " * (len(LANGS) + 2 + 2 * len(beside)) + "|"]
     for name in models:
         test, dev = accuracy["test"][name], accuracy.get("dev", {}).get(name)
         cells = [f"{test[lang]:.3f} ({dev[lang]:.3f})" if dev else f"{test[lang]:.3f}" for lang in LANGS]
         cells.append(f"**{non_dominant(test):.3f}**" + (f" ({non_dominant(dev):.3f})" if dev else ""))
-        if "ood" in splits:
-            ood = accuracy["ood"].get(name)
-            cells += [f"{ood['en']:.3f}", f"{non_dominant(ood):.3f}"] if ood else ["—", "—"]
+        for key in beside:
+            other = accuracy[key].get(name)
+            cells += [f"{other['en']:.3f}", f"{non_dominant(other):.3f}"] if other else ["—", "—"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
