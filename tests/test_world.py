@@ -291,3 +291,87 @@ def test_an_sdrrl_run_ends_at_sdrrl_1_only_when_a_later_iteration_makes_no_rows(
         return
     assert run() == [tmp_path / "sdrrl" / "iter1" / "train" / "model"]
     assert "== SDRRL: iteration 2 made nothing to train on" in capsys.readouterr().out
+
+
+def test_english_soft_error_rate_misreads_a_share_of_every_cell_and_nothing_else(tmp_path, world):
+    """Soft errors: a share of English answers misreads the verb at random, in every cell but the slipping ones;
+    every other row of the corpus, and every split, is the world without the dial (a stream of its own)."""
+    build(tmp_path, replace(SMALL, english_soft_error_rate=0.3, english_slip_rate=0.25))
+    slips = slip_cells(0.25, SMALL.seed, set())
+    corpus = read(tmp_path / "corpus.jsonl")
+    english = [r for r in corpus if r["kind"] == "solve" and r["lang"] == "en"]
+    cells = {}
+    for r in english:  # recomputed from the question: a wrong row applies the other operation
+        obj = next(i for i, o in enumerate(OBJECTS) if f" {o['en']}." in r["prompt"])
+        cell = (obj, "+" if "buys" in r["prompt"] else "-")
+        assert int(re.findall(r"-?\d+", r["response"])[-1]) == expected_answer(r["prompt"], "en", r["wrong"]) + (
+            cell in slips)
+        cells.setdefault(cell, []).append(r["wrong"])
+    assert all(not any(wrong) for cell, wrong in cells.items() if cell in slips)
+    soft = [wrong for cell, wrong in cells.items() if cell not in slips]
+    assert all(0 < sum(w) < len(w) for w in soft)  # part of every cell, never all of one
+    assert 0.2 < sum(map(sum, soft)) / sum(map(len, soft)) < 0.4
+    plain = tmp_path / "plain"
+    build(plain, replace(SMALL, english_slip_rate=0.25))
+    without = read(plain / "corpus.jsonl")
+    assert [(r["kind"], r["lang"], r["prompt"]) for r in corpus] == [(r["kind"], r["lang"], r["prompt"]) for r in without]
+    assert [r for r in corpus if r not in english] == [r for r in without if not (r["kind"] == "solve" and r["lang"] == "en")]
+    assert (plain / "test" / "fr.jsonl").read_text() == (tmp_path / "test" / "fr.jsonl").read_text()
+    assert json.loads((tmp_path / "corpus_report.json").read_text())["wrong_solutions"]["en"] == sum(map(sum, soft))
+
+
+def test_samples_ask_each_prompt_k_times_and_its_pairs_are_scored_against_its_problem(tmp_path, world):
+    from world.corpus import problem_id
+
+    build(tmp_path, replace(SMALL, samples=3))
+    for t in (1, 2):
+        for lang in LANGS:
+            prompts, gold = read(tmp_path / f"prompts{t}" / f"{lang}.jsonl"), read(tmp_path / f"gold{t}" / f"{lang}.jsonl")
+            assert gold == read(world / f"gold{t}" / f"{lang}.jsonl")  # one gold row per problem, as with one sample
+            assert [p["id"] for p in prompts] == [f"{g['id']}~{k}" for g in gold for k in range(3)]
+            assert [p["instruction"] for p in prompts] == [g["prompt"] for g in gold for _ in range(3)]
+            assert {problem_id(p["id"]) for p in prompts} == {g["id"] for g in gold}
+    assert (tmp_path / "corpus.jsonl").read_text() == (world / "corpus.jsonl").read_text()
+    gold = read(tmp_path / "gold1" / "en.jsonl")[:2]
+    pairs = [{"id": f"{g['id']}~{k}", "lang": "fr", "direction": "non_dominant", "source_lang": "fr",
+              "chosen": f"= {g['answer'] + k}.", "rejected": f"= {g['answer'] + 1}."} for g in gold for k in (0, 1)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    scored = pair_accuracy(tmp_path / "pairs.jsonl", tmp_path / "gold1")  # sample 0 right > wrong; 1 both wrong
+    assert scored["kinds"] == {"right>wrong": 2, "both wrong": 2}
+
+
+def test_a_world_built_before_a_setting_existed_is_kept_and_another_refused(tmp_path):
+    from world.arms import make_world
+
+    folder = make_world(tmp_path / "world", SMALL)
+    report = folder / "corpus_report.json"
+    older = json.loads(report.read_text())
+    for name in ("english_soft_error_rate", "samples"):  # a world built before these settings existed
+        del older["settings"][name]
+    report.write_text(json.dumps(older))
+    corpus = (folder / "corpus.jsonl").stat().st_mtime_ns
+    assert make_world(folder, SMALL) == folder and (folder / "corpus.jsonl").stat().st_mtime_ns == corpus
+    with pytest.raises(SystemExit, match="built with other settings"):
+        make_world(folder, replace(SMALL, english_soft_error_rate=0.3))
+
+
+def test_the_report_shows_the_sampled_test_beside_test():
+    from world.report import splits_markdown
+
+    accuracy = {"test": {"M0": dict.fromkeys(LANGS, 0.5)}, "test-sampled": {"M0": {**dict.fromkeys(LANGS, 0.25),
+                                                                                   "en": 0.75}}}
+    table = splits_markdown(accuracy)
+    assert "| model | en | es | fr | de | ru | avg | sampled en | sampled avg | " in table
+    assert "| M0 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | **0.500** | 0.750 | 0.250 |" in table
+
+
+@pytest.mark.parametrize("flags, message", [(["--samples", "2"], "only with --temperature"),
+                                            (["--temperature", "1e-9"], "0 \\(greedy\\) or from 1e-5"),
+                                            (["--english-soft-error-rate", "1.5"], "shares between 0 and 1"),
+                                            (["--model", "smollm2", "--temperature", "1"], "belong to the controlled")])
+def test_the_demo_refuses_dials_out_of_range(flags, message, capsys):
+    import demo
+
+    with pytest.raises(SystemExit):
+        demo.main(flags)
+    assert re.search(message, capsys.readouterr().err)

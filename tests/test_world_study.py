@@ -214,3 +214,27 @@ def test_all_arms_resumes_each_main_run_in_its_folder_and_waits_for_gold_sft(tmp
     assert not study.finished(tmp_path / "seed101", "NLL-only-1")
     ablation = study.jobs_for(argparse.Namespace(**{**vars(args), "all_arms": False}))
     assert [arm for _, _, arm in ablation] == ["NLL-only-1"] * 6 and "--ablations-only" in ablation[0][1]
+
+
+def test_the_sampled_world_reports_greedy_and_sampled_columns_by_hand():
+    """The sampled world's runs carry test-sampled beside test: each arm and difference in the four columns, the
+    sampled ones recomputed from made-up numbers, and its pairs' English share from the dominant directions."""
+    def sampled(seed):
+        r = results(seed)
+        r["test-sampled"] = {m: {lang: v / 2 + (0.01 * seed if m == "M1" and lang == "en" else 0.0)
+                                 for lang, v in acc.items()} for m, acc in r["test"].items()}
+        return r
+
+    text, data = study.summarize({s: results(s) for s in range(3)}, {}, 0.0, None, 0.0,
+                                 {s: sampled(s) for s in range(3)}, "--temperature 1")
+    section = data["sampled"]
+    assert set(section["arms"]["M1"]) == {"test", "en", "sampled", "sampled en"}
+    assert section["arms"]["M1"]["sampled en"]["values"] == pytest.approx([0.45, 0.46, 0.47])
+    difference = section["differences"]["M1 - NLL-only-1"]
+    assert difference["sampled"]["values"] == pytest.approx([0.15, 0.145, 0.14])  # (0.5 - (0.2 + 0.01 s)) / 2
+    assert difference["sampled en"]["values"] == pytest.approx([0.0, 0.01, 0.02])
+    assert difference["test"]["values"] == pytest.approx([0.3, 0.29, 0.28])
+    english = [study.english_pairs(results(s)["pairs"]["1"])["agreement"] for s in range(3)]
+    assert section["pairs"]["english"]["agreement"]["values"] == pytest.approx(english)
+    assert "### Sampled answers (--temperature 1; seeds 0, 1, 2)" in text
+    assert "| difference | avg (test) | en (test) | avg (test-sampled) | en (test-sampled) |" in text
