@@ -32,30 +32,40 @@ def last_number(text: str):
 
 def test_world_demo_quick_runs_every_arm_and_control(tmp_path):
     work = tmp_path / "world"
+    # the sampled world's dials too: soft English errors, answers at temperature 1, two per prompt
     command = [sys.executable, str(ROOT / "demo.py"), "--quick", "--controls", "--pair-noise", "0.5", "--noise-split",
-               "--work", str(work)]
+               "--english-soft-error-rate", "0.3", "--temperature", "1", "--samples", "2", "--work", str(work)]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)  # --jobs 2: LIDR, baselines side by side
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     results = json.loads((work / "report" / "results.json").read_text())
     names = ["M0", "M1", "M2", "SDRRL-1", "SDRRL-2", "DPO-only-1", "NLL-only-1", "gold-SFT", "pair-noise-0.5-1",
              "pair-noise-0.5-dpo-only", "pair-noise-0.5-nll-only", "broken-M0", "broken-M1", "broken-M2", "swapped-M1",
              "swapped-M2"]
-    assert list(results) == ["test", "ood", "pairs", "pair_noise"]  # dev: where world/tune.py chooses, not the demo
-    for split in ("test", "ood"):
+    # dev: where world/tune.py chooses, not the demo; test-sampled: test again, answers sampled at temperature 1
+    assert list(results) == ["test", "ood", "test-sampled", "pairs", "pair_noise"]
+    for split in ("test", "ood", "test-sampled"):
         assert list(results[split]) == names
         for name in names:  # results.json holds what eval.mgsm scored, row by row, on that split's problems
             for lang in ("en", "es", "fr", "de", "ru"):
                 rows = read_jsonl(work / "eval" / split / name / "mgsm" / f"{lang}.jsonl")
                 assert len(rows) == 8 and results[split][name][lang] == sum(r["correct"] for r in rows) / 8
-                asked = {r["query"] for r in read_jsonl(work / "world" / split / f"{lang}.jsonl")}
-                assert {r["question"] for r in rows} == asked
-    # pairs against gold: recomputed from the English prompt of each pair's id
+                asked = read_jsonl(work / "world" / split.replace("-sampled", "") / f"{lang}.jsonl")
+                assert {r["question"] for r in rows} == {r["query"] for r in asked}
+    sampled = [(r["answer"], g["answer"]) for name in names for lang in ("en", "es", "fr", "de", "ru")
+               for r, g in zip(read_jsonl(work / "eval" / "test-sampled" / name / "mgsm" / f"{lang}.jsonl"),
+                               read_jsonl(work / "eval" / "test" / name / "mgsm" / f"{lang}.jsonl"))]
+    assert sum(s != g for s, g in sampled) > len(sampled) / 2  # sampled, not the greedy answers again
+    # pairs against gold: recomputed from the English prompt of each pair's id; two answers per prompt, so two pairs
     for t in ("1", "2"):
-        questions = {r["id"]: r["instruction"] for r in read_jsonl(work / "world" / f"prompts{t}" / "en.jsonl")}
+        prompts = read_jsonl(work / "world" / f"prompts{t}" / "en.jsonl")
+        assert [r["id"] for r in prompts] == [f"iter{t}-{i}~{k}" for i in range(8) for k in (0, 1)]
+        questions = {r["id"]: r["instruction"] for r in prompts}
         pairs = read_jsonl(work / "lidr" / f"iter{t}" / "pairs.jsonl")
         right = sum(last_number(p["chosen"]) == gold_answer(questions[p["id"]]) != last_number(p["rejected"])
                     for p in pairs)
         assert results["pairs"][t]["n"] == len(pairs) and results["pairs"][t]["accuracy"] == right / len(pairs)
+        answers = {r["id"]: r["response"] for r in read_jsonl(work / "lidr" / f"iter{t}" / "generate" / "en.jsonl")}
+        assert sum(answers[f"iter{t}-{i}~0"] != answers[f"iter{t}-{i}~1"] for i in range(8)) >= 6  # two draws each
     # every one-iteration arm learned from LIDR's iteration-1 pairs, as its objective says
     lidr_pairs = read_jsonl(work / "lidr" / "iter1" / "pairs.jsonl")
     assert read_jsonl(work / "dpo-only" / "iter1" / "pairs.jsonl") == lidr_pairs
@@ -88,7 +98,7 @@ def test_world_demo_quick_runs_every_arm_and_control(tmp_path):
     # --jobs 2 made DPO only and NLL only in a process of its own; made again here by one process, they are equal
     for arm, name in (("dpo-only", "DPO-only-1"), ("nll-only", "NLL-only-1")):
         shutil.rmtree(work / arm)
-        for split in ("test", "ood"):
+        for split in ("test", "ood", "test-sampled"):
             shutil.rmtree(work / "eval" / split / name)
     again = subprocess.run(command + ["--jobs", "1"], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
