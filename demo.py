@@ -3,6 +3,7 @@
     python demo.py                      # the world: corpus, M0 from scratch, 2 LIDR iterations, SDRRL, report
     python demo.py --controls           # + broken translation and swapped pairs
     python demo.py --seed 3             # another world: corpus, splits and M0's initialisation
+    python demo.py --english-soft-error-rate 0.3 --temperature 1 --samples 2   # the sampled world (README)
     python demo.py --quick              # toy sizes: a smoke test of every stage (CI)
     python demo.py --model smollm2      # the earlier demo: SmolLM2-135M-Instruct (no effect at 135M)
 
@@ -23,8 +24,8 @@ losses), and it translates its own answers faithfully. Then, unchanged:
    is one draw, and a difference's sign can follow the thread count.
 
 Iteration 1 of SDRRL and of the swapped control starts from the same M0 on the same prompts as
-LIDR's: greedy decoding makes their answers and translations identical to LIDR's, so they are
-copied, not generated again. Everything is kept in WORK (default runs/demo, runs/demo-quick,
+LIDR's: greedy decoding (or sampling with a generator per row, --temperature) makes their answers
+and translations identical to LIDR's, so they are copied, not generated again. Everything is kept in WORK (default runs/demo, runs/demo-quick,
 runs/demo-smollm2); rerunning the command skips what is finished.
 
 How this departs from the paper: a world of our own making instead of Meta-Llama-3-8B-Instruct and
