@@ -418,7 +418,7 @@ def main(argv=None):
                              "--soft-rate and --samples answers per prompt, every arm (0: none; default: %(default)s)")
     parser.add_argument("--soft-rate", type=float, default=0.3,
                         help="the sampled world's share of English answers misread at random (default: %(default)s)")
-    parser.add_argument("--samples", type=int, default=1,
+    parser.add_argument("--samples", type=int, default=2,
                         help="the sampled world's answers per prompt and language (default: %(default)s)")
     parser.add_argument("--all-arms", action="store_true",
                         help="every arm (M2, SDRRL, gold-SFT too) on test and OOD, added to each seed's main run "
