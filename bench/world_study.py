@@ -128,6 +128,10 @@ def jobs_for(args) -> list[tuple[Path, list[str], str]]:
     if args.temperature:
         jobs += [(args.work / "sampled" / f"seed{seed}", ["--seed", str(seed), *common, *ablation, *sampled_flags(args)],
                   "NLL-only-1") for seed in args.seeds]
+    if args.temperature and (args.work / "sampled" / "tuned.json").exists():  # --tune-sampled chose these settings
+        retuned = ["--jobs", "1", "--tuned", str(args.work / "sampled" / "tuned.json")]
+        jobs += [(args.work / "sampled" / "tuned" / f"seed{seed}",
+                  ["--seed", str(seed), *retuned, *ablation, *sampled_flags(args)], "NLL-only-1") for seed in args.seeds]
     if args.english_error_rate:
         jobs += [(args.work / "english-imperfect" / f"seed{seed}",
                   ["--seed", str(seed), *common, "--only-lidr", "--english-error-rate", str(args.english_error_rate)],
@@ -142,7 +146,12 @@ def sampled_flags(args) -> list[str]:
             "--samples", str(args.samples)]
 
 
-def tune_jobs(args) -> list[tuple[Path, list[str], str]]:
+def tune_jobs(args, sampled: bool = False) -> list[tuple[Path, list[str], str]]:
+    """world/tune.py per tuning seed; sampled: the sampled world's, its ablation arms alone, in WORK/sampled/tune."""
+    if sampled:
+        return [(args.work / "sampled" / "tune" / f"seed{seed}",
+                 ["-m", "world.tune", "--seed", str(seed), "--arms", "lidr", "dpo-only", "nll-only",
+                  *sampled_flags(args)], "") for seed in args.tune_seeds]
     return [(args.work / "tune" / f"seed{seed}", ["-m", "world.tune", "--seed", str(seed)], "")
             for seed in args.tune_seeds]
 
@@ -246,7 +255,7 @@ def dial_world(title: str, runs: dict[int, dict], data: dict, key: str, columns:
 
 def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_error_rate: float,
               slip: dict[int, dict] | None = None, slip_rate: float = 0.0, sampled: dict[int, dict] | None = None,
-              sampled_dials: str = "") -> tuple[str, dict]:
+              sampled_dials: str = "", retuned: dict[int, dict] | None = None) -> tuple[str, dict]:
     seeds = list(results)
     splits = ["test", *(s for s in ("dev", "ood") if all(s in r for r in results.values()))]
     lines = [f"Seeds {', '.join(map(str, seeds))}: mean and 95% t-interval over seeds. avg: the four non-dominant "
@@ -325,6 +334,10 @@ def summarize(results: dict[int, dict], imperfect: dict[int, dict], english_erro
         title = (f"Sampled answers ({sampled_dials}; seeds {', '.join(map(str, sampled))}). sampled: test, one answer "
                  "per problem at the same temperature")
         lines += dial_world(title, sampled, data, "sampled", ("test", "en", "sampled", "sampled en"))
+    if retuned:
+        title = (f"Sampled answers, every arm at the setting chosen on this world's dev ({sampled_dials}; seeds "
+                 f"{', '.join(map(str, retuned))})")
+        lines += dial_world(title, retuned, data, "sampled_retuned", ("test", "en", "sampled", "sampled en"))
     if imperfect:
         lines += ["", f"### English imperfect ({english_error_rate:.0%} of the English (object, operation) cells "
                   "misread in the corpus)", "", "| model | en (test) | avg (test) | avg (dev) |",
@@ -368,19 +381,20 @@ def plot_noise(noise: list[dict], path: Path):
     plt.close(fig)
 
 
-def write_tuned(args):
-    """WORK/tuned.json: per arm the setting chosen on the tuning seeds' dev split (world.tune.choose), the grid's
-    mean dev accuracy beside it, and the seeds."""
+def write_tuned(args, folder: Path):
+    """FOLDER/tuned.json: per arm the setting chosen on the tuning seeds' dev split (world.tune.choose, from
+    FOLDER/tune/seedN), the grid's mean dev accuracy beside it, and the seeds."""
     from world.tune import choose
 
-    per_seed = {seed: json.loads((args.work / "tune" / f"seed{seed}" / "dev.json").read_text())["dev"]
+    per_seed = {seed: json.loads((folder / "tune" / f"seed{seed}" / "dev.json").read_text())["dev"]
                 for seed in args.tune_seeds}
-    write_json_atomic(args.work / "tuned.json", {"tune_seeds": args.tune_seeds, "chosen": choose(per_seed),
-                                                 "dev": per_seed})
+    write_json_atomic(folder / "tuned.json", {"tune_seeds": args.tune_seeds, "chosen": choose(per_seed),
+                                              "dev": per_seed})
 
 
-def tuned_markdown(tuned: dict) -> str:
-    lines = [f"### Settings chosen on dev (tuning seeds {', '.join(map(str, tuned['tune_seeds']))}, never tested)", "",
+def tuned_markdown(tuned: dict, world: str = "the main world") -> str:
+    lines = [f"### Settings chosen on {world}'s dev (tuning seeds {', '.join(map(str, tuned['tune_seeds']))}, never "
+             "tested)", "",
              "| arm | chosen | mean dev avg | the grid (mean dev avg) |", "| --- | --- | --- | --- |"]
     for arm, c in tuned["chosen"].items():
         grid = ", ".join(f"{t} {v:.3f}" for t, v in c["table"].items())
@@ -420,6 +434,10 @@ def main(argv=None):
                         help="the sampled world's share of English answers misread at random (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=2,
                         help="the sampled world's answers per prompt and language (default: %(default)s)")
+    parser.add_argument("--tune-sampled", action="store_true",
+                        help="also choose the sampled world's own settings on its dev split (M1, DPO only and NLL "
+                             "only, over --tune-seeds: WORK/sampled/tuned.json), then run its test seeds at them "
+                             "(WORK/sampled/tuned/seedN) beside the runs at the main world's settings")
     parser.add_argument("--all-arms", action="store_true",
                         help="every arm (M2, SDRRL, gold-SFT too) on test and OOD, added to each seed's main run "
                              "(what is finished there is kept); default: M0, M1, DPO only and NLL only on test, the "
@@ -432,17 +450,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tune and not args.summarize_only:
         run_all(tune_jobs(args), args.jobs)
-        write_tuned(args)
+        write_tuned(args, args.work)
+    if args.tune_sampled and not args.summarize_only:
+        run_all(tune_jobs(args, sampled=True), args.jobs)
+        write_tuned(args, args.work / "sampled")
     if not args.summarize_only:
         run_all(jobs_for(args), args.jobs)
     results = read_results({s: args.work / f"seed{s}" for s in args.seeds}, required=True)
     imperfect = read_results({s: args.work / "english-imperfect" / f"seed{s}" for s in args.seeds}, required=False)
     slip = {} if not args.slip_rate else read_results({s: args.work / "slip" / f"seed{s}" for s in args.seeds},
                                                       required=False)
-    sampled = {} if not args.temperature else read_results(
-        {s: args.work / "sampled" / f"seed{s}" for s in args.seeds}, required=False)
+    sampled, retuned = ({}, {}) if not args.temperature else (
+        read_results({s: args.work / "sampled" / f"seed{s}" for s in args.seeds}, required=False),
+        read_results({s: args.work / "sampled" / "tuned" / f"seed{s}" for s in args.seeds}, required=False))
     text, data = summarize(results, imperfect, args.english_error_rate, slip, args.slip_rate, sampled,
-                           " ".join(sampled_flags(args)))
+                           " ".join(sampled_flags(args)), retuned)
+    if (args.work / "sampled" / "tuned.json").exists():
+        text += "\n" + tuned_markdown(json.loads((args.work / "sampled" / "tuned.json").read_text()), "the sampled world")
     if (args.work / "tuned.json").exists():
         text = tuned_markdown(json.loads((args.work / "tuned.json").read_text())) + "\n" + text
     plot_noise(data["noise"], args.work / "noise.png")

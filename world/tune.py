@@ -2,6 +2,8 @@
 
     python -m world.tune --seed 0 --work runs/world-tune/seed0      # one tuning seed: every arm at every setting
     python bench/world_study.py --tune                             # the tuning seeds two at a time, then the choice
+    python -m world.tune --seed 0 --work W --arms lidr dpo-only nll-only \
+        --english-soft-error-rate 0.3 --temperature 1 --samples 2     # the sampled world's ablation arms
 
 For one seed: the world, M0, and LIDR's iteration 1 up to its pairs (the answers, translations and pairs do
 not depend on the trainer), then one iteration of each arm from M0 at each setting of GRID, each evaluated on
@@ -34,15 +36,15 @@ def tag(setting: dict) -> str:
     return "_".join(f"{key}{value:g}" for key, value in setting.items())
 
 
-def tune_seed(work: Path, size: Size, grid: dict = GRID, train_nproc: int = 1) -> dict:
-    """{arm: {tag: dev accuracy per language}} for one world (size.world.seed), every model kept in work."""
+def tune_seed(work: Path, size: Size, grid: dict = GRID, train_nproc: int = 1, arms=ARMS) -> dict:
+    """{arm: {tag: dev accuracy per language}} for one world (size.world.seed) and `arms`, every model kept in work."""
     world = make_world(work / "world", size.world)
     m0 = pretrain(world, work / "m0", size.pretrain, train_nproc)
-    base = recipe(size.max_new_tokens, size.translate_max_new_tokens, 1.0, size.train)
+    base = recipe(size.max_new_tokens, size.translate_max_new_tokens, 1.0, size.train, size.temperature)
     checked = replace(base, pairs=replace(base.pairs, check_numbers=size.check_numbers))
     run_lidr("LIDR", m0, [world / "prompts1"], work / "lidr", checked, train_nproc)  # iteration 1: the pairs
     dev = {"M0": evaluate(m0, "M0", world / "dev", work / "eval", size.max_new_tokens, "plain")}
-    for arm in ARMS:
+    for arm in arms:
         for setting in grid[arm]:
             name = f"{arm}-{tag(setting)}"
             training = arm_training(replace(size, tuned={arm: replace(size.train, **setting)}), arm)
@@ -56,7 +58,7 @@ def choose(per_seed: dict[int, dict], grid: dict = GRID) -> dict:
     """{arm: {"setting", "dev_mean", "table": {tag: mean}}}: per arm the setting whose non-dominant dev accuracy,
     averaged over the tuning seeds, is highest (the first in the grid's order on a tie)."""
     chosen = {}
-    for arm in ARMS:
+    for arm in [a for a in ARMS if all(f"{a}-{tag(grid[a][0])}" in r for r in per_seed.values())]:  # the arms tuned
         table = {tag(s): sum(non_dominant(r[f"{arm}-{tag(s)}"]) for r in per_seed.values()) / len(per_seed)
                  for s in grid[arm]}
         best = max(grid[arm], key=lambda s: table[tag(s)])  # max keeps the first of equals
@@ -72,11 +74,16 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, required=True, help="the tuning seed: its world, splits and M0")
     parser.add_argument("--work", required=True, help="folder of this seed's runs; dev.json is written there")
     parser.add_argument("--size", choices=sorted(demo.WORLD), default="default", help="the world's size")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="the arms tuned (default: all)")
+    parser.add_argument("--english-soft-error-rate", type=float, default=0.0, help="the world's dial (demo.py --help)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="the world's dial (demo.py --help)")
+    parser.add_argument("--samples", type=int, default=1, help="the world's dial (demo.py --help)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the study's rule: one thread per process, digits that follow the seed alone
     size = demo.WORLD[args.size]
-    size = replace(size, world=replace(size.world, seed=args.seed))
-    result = tune_seed(Path(args.work), size)
+    size = replace(size, temperature=args.temperature, world=replace(
+        size.world, seed=args.seed, english_soft_error_rate=args.english_soft_error_rate, samples=args.samples))
+    result = tune_seed(Path(args.work), size, arms=args.arms)
     out = Path(args.work) / "dev.json"
     write_json_atomic(out, {"seed": args.seed, "dev": result})  # bench/world_study.py reads a seed as done by it
     print(f"wrote {out}")
