@@ -231,7 +231,8 @@ def differences_table(results: dict[int, dict], pairs: list[tuple[str, str]], sp
 
 def dial_world(title: str, runs: dict[int, dict], data: dict, key: str, columns: tuple[str, ...]) -> list[str]:
     """A dial's world (the ablation's four arms over its seeds): each arm, LIDR's iteration-1 pairs against gold, and
-    the paired differences, in the columns `columns` (MEASURES); the numbers go to data[key]."""
+    the paired differences, in the columns `columns` (MEASURES) that every run has; the numbers go to data[key]."""
+    columns = tuple(c for c in columns if all(MEASURES.get(c, (c,))[0] in r for r in runs.values()))
     header = [f"{'avg' if MEASURES.get(c, (c, 'avg'))[1] == 'avg' else 'en'} ({MEASURES.get(c, (c,))[0]})"
               for c in columns]
     lines = ["", f"### {title}", "", row(["arm", *header]), row(["---"] * (len(columns) + 1))]

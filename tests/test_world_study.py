@@ -120,6 +120,34 @@ def test_tuning_chooses_the_best_mean_dev_setting_first_on_ties():
     assert chosen["nll-only"]["dev_mean"] == pytest.approx(0.55)
     assert chosen["lidr"]["setting"] == GRID["lidr"][3]
     assert chosen["sdrrl"]["setting"] == GRID["sdrrl"][0]  # all equal: the first in the grid's order
+    ablation = {seed: {name: acc for name, acc in d.items() if not name.startswith(("sdrrl", "gold-sft"))}
+                for seed, d in ((0, seed0), (1, seed1))}  # world.tune --arms lidr dpo-only nll-only
+    assert choose(ablation) == {arm: chosen[arm] for arm in ("lidr", "dpo-only", "nll-only")}
+
+
+def test_tune_sampled_tunes_the_sampled_worlds_ablation_and_tests_at_its_choice(tmp_path):
+    """--tune-sampled: world.tune on the sampled world's dials for M1, DPO only and NLL only, then (once its
+    tuned.json exists) the test seeds at that choice in their own folders, summarized as a section of their own."""
+    import argparse
+    import json
+
+    args = argparse.Namespace(work=tmp_path, seeds=[100], tune_seeds=[0, 1], pair_noise=[], slip_rate=0.0,
+                              all_arms=False, english_error_rate=0.0, temperature=1.0, soft_rate=0.3, samples=2)
+    tune = study.tune_jobs(args, sampled=True)
+    assert [work.relative_to(tmp_path).as_posix() for work, _, _ in tune] == ["sampled/tune/seed0", "sampled/tune/seed1"]
+    flags = tune[0][1]
+    assert flags[:4] == ["-m", "world.tune", "--seed", "0"] and flags[flags.index("--arms") + 1:][:3] == [
+        "lidr", "dpo-only", "nll-only"] and flags[-6:] == study.sampled_flags(args)
+    assert [w.relative_to(tmp_path).as_posix() for w, _, _ in study.jobs_for(args)] == ["seed100", "sampled/seed100"]
+    (tmp_path / "sampled").mkdir()
+    (tmp_path / "sampled" / "tuned.json").write_text(json.dumps({"chosen": {}}))
+    jobs = study.jobs_for(args)
+    assert jobs[-1][0] == tmp_path / "sampled" / "tuned" / "seed100"
+    assert jobs[-1][1][jobs[-1][1].index("--tuned") + 1] == str(tmp_path / "sampled" / "tuned.json")
+    text, data = study.summarize({s: results(s) for s in range(2)}, {}, 0.0, None, 0.0, None, "dials",
+                                 {s: results(s) for s in range(2)})
+    assert "every arm at the setting chosen on this world's dev (dials; seeds 0, 1)" in text
+    assert data["sampled_retuned"]["differences"]["M1 - NLL-only-1"]["test"]["values"] == pytest.approx([0.3, 0.29])
 
 
 def test_a_run_that_ended_before_m2_leaves_m2_to_the_seeds_that_made_it():
