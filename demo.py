@@ -25,8 +25,9 @@ losses), and it translates its own answers faithfully. Then, unchanged:
 
 Iteration 1 of SDRRL and of the swapped control starts from the same M0 on the same prompts as
 LIDR's: greedy decoding (or sampling with a generator per row, --temperature) makes their answers
-and translations identical to LIDR's, so they are copied, not generated again. Everything is kept in WORK (default runs/demo, runs/demo-quick,
-runs/demo-smollm2); rerunning the command skips what is finished.
+and translations identical to LIDR's, so they are copied, not generated again. Everything is kept
+in WORK (default runs/demo, runs/demo-quick, runs/demo-smollm2); rerunning the command skips what
+is finished.
 
 How this departs from the paper: a world of our own making instead of Meta-Llama-3-8B-Instruct and
 AlpaGasus prompts; 100 prompts per language and iteration instead of 1,000; short generation limits

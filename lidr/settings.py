@@ -160,9 +160,9 @@ class Decoding:
 
     temperature 0 is greedy (top_p and top_k then do nothing); the repetition penalty has vLLM's
     meaning (prompt and generated tokens, a seen token's logit l becomes l / r if l > 0 else l * r);
-    a row samples with derived_seed(seed, its language, its input line) (the module docstring's rule). system None
-    (or "") leaves the chat template's own. The prompt template is applied before the sampler, to
-    the prompt's text (`user_turn`).
+    a row samples with derived_seed(seed, its language, its input line) (the module docstring's
+    rule). system None (or "") leaves the chat template's own. The prompt template is applied before
+    the sampler, to the prompt's text (`user_turn`).
     """
 
     max_new_tokens: int = setting(MISSING, "at most this many new tokens per reply; lowered, with a warning, to what the "
