@@ -93,15 +93,16 @@ def non_dominant(accuracy: dict) -> float:
 
 def english_pairs(pairs: dict) -> dict:
     """Accuracy and agreement with gold of the dominant pairs alone (en<-l: y_en chosen over y_l→en, the pairs
-    that train English), from world/report.py's per-direction kinds."""
-    kinds = {}
+    that train English), scored by world/report.py's `scores` from its per-direction kinds."""
+    from collections import Counter
+
+    from world.report import scores
+
+    kinds = Counter()
     for direction, scored in pairs["per_language"].items():
         if direction.startswith("en<-"):
-            for kind, count in scored["kinds"].items():
-                kinds[kind] = kinds.get(kind, 0) + count
-    n, right, wrong = sum(kinds.values()), kinds.get("right>wrong", 0), kinds.get("wrong>right", 0)
-    return {"n": n, "accuracy": right / n if n else None,
-            "agreement": right / (right + wrong) if right + wrong else None}
+            kinds.update(scored["kinds"])
+    return {key: scores(kinds)[key] for key in ("n", "accuracy", "agreement")}
 
 
 # -----------------------------------------------------------------------------
@@ -204,9 +205,14 @@ def row(cells) -> str:
 MEASURES = {"en": ("test", "en"), "sampled": ("test-sampled", "avg"), "sampled en": ("test-sampled", "en")}
 
 
+def column(key: str) -> tuple[str, str]:
+    """(results' table, "en" or "avg") of the column `key` (MEASURES)."""
+    return MEASURES.get(key, (key, "avg"))
+
+
 def measure(result: dict, key: str, model: str) -> float:
     """One run's score of `model` under the column `key` (MEASURES): a split's non-dominant average or its English."""
-    table, what = MEASURES.get(key, (key, "avg"))
+    table, what = column(key)
     accuracy = result[table][model]
     return accuracy["en"] if what == "en" else non_dominant(accuracy)
 
@@ -215,7 +221,7 @@ def differences_table(results: dict[int, dict], pairs: list[tuple[str, str]], sp
                       ) -> tuple[list[str], dict]:
     """Markdown rows and data of paired differences a − b, seed by seed: interval, exact sign-flip p, wins."""
     lines, data = [], {}
-    splits = [s for s in splits if all(MEASURES.get(s, (s,))[0] in r for r in results.values())]  # where evaluated
+    splits = [s for s in splits if all(column(s)[0] in r for r in results.values())]  # where evaluated
     for a, b in pairs:
         both = {seed: r for seed, r in results.items() if a in r["test"] and b in r["test"]}  # a run can end early
         if len(both) < 2:
@@ -232,9 +238,8 @@ def differences_table(results: dict[int, dict], pairs: list[tuple[str, str]], sp
 def dial_world(title: str, runs: dict[int, dict], data: dict, key: str, columns: tuple[str, ...]) -> list[str]:
     """A dial's world (the ablation's four arms over its seeds): each arm, LIDR's iteration-1 pairs against gold, and
     the paired differences, in the columns `columns` (MEASURES) that every run has; the numbers go to data[key]."""
-    columns = tuple(c for c in columns if all(MEASURES.get(c, (c,))[0] in r for r in runs.values()))
-    header = [f"{'avg' if MEASURES.get(c, (c, 'avg'))[1] == 'avg' else 'en'} ({MEASURES.get(c, (c,))[0]})"
-              for c in columns]
+    columns = tuple(c for c in columns if all(column(c)[0] in r for r in runs.values()))
+    header = [f"{column(c)[1]} ({column(c)[0]})" for c in columns]
     lines = ["", f"### {title}", "", row(["arm", *header]), row(["---"] * (len(columns) + 1))]
     data[key] = {"seeds": list(runs), "arms": {}, "differences": {}}
     for arm in [a for a in ARMS if all(a in r["test"] for r in runs.values())]:
